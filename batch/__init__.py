@@ -1,0 +1,1 @@
+"""Batch segmentation of image folders with an exported ONNX U-Net (no torch needed)."""

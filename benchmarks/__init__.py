@@ -1,0 +1,1 @@
+"""Benchmark suite: images per second, stage by stage."""

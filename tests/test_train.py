@@ -1,0 +1,151 @@
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from unet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from unet.cli import main as train_cli
+from unet.model import UNetConfig
+from unet.train import TrainConfig, Trainer, TrainingInterrupted, lr_at, train
+
+TINY = UNetConfig(width=4, depth=2)
+
+
+def tiny_config(data_dir, out_dir, **overrides) -> TrainConfig:
+    base = dict(data_dir=str(data_dir), out_dir=str(out_dir), epochs=2, batch_size=4, scale=0.5, device="cpu", val_cars=1)
+    return TrainConfig(**base | overrides)
+
+
+def read_metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_on_synthetic_cars_lowers_the_loss(kaggle_dir, tmp_path):
+    run = tmp_path / "run"
+    state = train(tiny_config(kaggle_dir, run, epochs=6, lr=1e-2, scale=1.0), UNetConfig(width=8, depth=2), progress=False)
+    metrics = read_metrics(run)
+    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    assert metrics[-1]["train_loss"] < 0.7 * metrics[0]["train_loss"]
+    assert {"epoch", "train_loss", "val_dice", "seconds", "val_loss"} <= metrics[0].keys()
+    assert state.best_val_dice == pytest.approx(max(m["val_dice"] for m in metrics), abs=1e-6)
+    assert state.best_val_dice > 0.5
+    for name in ("best.pt", "last.pt", "config.json"):
+        assert (run / name).is_file()
+
+
+def test_checkpoint_round_trip(tiny_checkpoint):
+    state = torch.load(tiny_checkpoint, weights_only=True)  # no arbitrary unpickling needed
+    assert {"model", "model_config", "train_config", "val_dice", "epoch", "input_size"} <= state.keys()
+    assert "optimizer" not in state  # best.pt carries weights only
+    model = model_from_checkpoint(load_checkpoint(tiny_checkpoint))
+    x = torch.randn(1, 3, 64, 96)
+    again = model_from_checkpoint(load_checkpoint(tiny_checkpoint))
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+    assert state["input_size"] == [64, 96]
+
+
+def test_foreign_files_are_not_checkpoints(tmp_path):
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a unet-train checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    (tmp_path / "junk.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_resume_continues_where_it_stopped(kaggle_dir, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(kaggle_dir, run, epochs=1), TINY, progress=False)
+    first = torch.load(run / "last.pt", weights_only=True)
+    state = train(tiny_config(kaggle_dir, run, epochs=3), TINY, resume=run / "last.pt", progress=False)
+    assert state.epoch == 3
+    assert [m["epoch"] for m in read_metrics(run)] == [1, 2, 3]
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert last["step"] == 3 * first["step"]
+    assert not torch.equal(last["model"]["head.weight"], first["model"]["head.weight"])
+
+
+def test_resume_needs_last_not_best(kaggle_dir, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(kaggle_dir, run, epochs=1), TINY, progress=False)
+    with pytest.raises(ValueError, match="last.pt"):
+        Trainer(tiny_config(kaggle_dir, run, epochs=2), TINY, resume=run / "best.pt", progress=False)
+
+
+def test_ctrl_c_saves_last_checkpoint(kaggle_dir, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    trainer = Trainer(tiny_config(kaggle_dir, run, epochs=5), TINY, progress=False)
+    real_epoch, calls = trainer.train_epoch, []
+
+    def interrupt_second_epoch():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch()
+
+    monkeypatch.setattr(trainer, "train_epoch", interrupt_second_epoch)
+    with pytest.raises(TrainingInterrupted):
+        trainer.run()
+    saved = torch.load(run / "last.pt", weights_only=True)
+    assert saved["epoch"] == 1 and "optimizer" in saved
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_learning_rate_warms_up_then_decays():
+    rates = [lr_at(step, 100, 10, 1e-3) for step in range(101)]
+    assert rates[0] == pytest.approx(1e-4)
+    assert max(rates) == pytest.approx(1e-3)
+    assert rates[100] == pytest.approx(1e-5)
+    assert all(a <= b for a, b in zip(rates[:10], rates[1:11]))
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
+
+
+def test_cli_writes_a_run_folder(kaggle_dir, tmp_path):
+    run = tmp_path / "run"
+    args = [str(kaggle_dir), "--out", str(run), "--epochs", "1", "--batch-size", "4", "--scale", "0.5",
+            "--width", "4", "--depth", "2", "--device", "cpu", "--val-cars", "1", "--no-progress"]
+    result = CliRunner().invoke(train_cli, args)
+    assert result.exit_code == 0, result.output
+    assert "best validation Dice" in result.output
+    config = json.loads((run / "config.json").read_text())
+    assert config["model_config"]["width"] == 4 and config["input_size"] == [32, 48]
+    assert len(config["val_images"]) == 4
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--size", "30x40"], "multiples of 4"),
+        (["--scale", "0.5", "--size", "32x48"], "not both"),
+        (["--val-cars", "9"], "--val-cars"),
+        (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "--device"),
+    ],
+)
+def test_cli_explains_bad_options(kaggle_dir, tmp_path, extra, message):
+    args = [str(kaggle_dir), "--out", str(tmp_path / "run"), "--width", "4", "--depth", "2", "--no-progress"] + extra
+    result = CliRunner().invoke(train_cli, args)
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_cli_names_a_bad_mask(kaggle_dir, tmp_path):
+    (kaggle_dir / "train_masks" / "000000000003_04_mask.gif").write_bytes(b"")
+    args = [str(kaggle_dir), "--out", str(tmp_path / "run"), "--width", "4", "--depth", "2", "--no-progress", "--val-cars", "1"]
+    result = CliRunner().invoke(train_cli, args)
+    assert result.exit_code == 2
+    assert "000000000003_04_mask.gif" in result.output
+
+
+@pytest.mark.slow
+def test_short_run_on_real_carvana_photos(carvana_dir, tmp_path):
+    run = tmp_path / "run"
+    cfg = TrainConfig(data_dir=str(carvana_dir), out_dir=str(run), epochs=1, batch_size=4, scale=0.0625, device="cpu", limit=32)
+    state = train(cfg, UNetConfig(width=4, depth=4), progress=False)
+    (record,) = read_metrics(run)
+    assert state.epoch == 1 and 0 <= record["val_dice"] <= 1
+    checkpoint = load_checkpoint(run / "best.pt")
+    assert checkpoint["input_size"] == [80, 112] and checkpoint["train_images"] == 16 and checkpoint["val_images"] == 16

@@ -1,0 +1,65 @@
+"""Checkpoints: plain dicts of tensors and primitives that ``torch.load(weights_only=True)`` reads.
+
+Keys: ``kind``, ``format``, ``model`` (state_dict), ``model_config``, ``train_config``, ``input_size``
+([H, W]), ``pixel_mean``, ``pixel_std``, ``train_images``, ``val_images``, ``val_cars``, ``val_dice``,
+``epoch`` (completed epochs) and, in ``last.pt``, ``optimizer``, ``scaler``, ``step``,
+``best_val_dice`` and ``rng`` for ``--resume``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from unet.model import UNet, UNetConfig
+
+KIND = "carvana-unet-checkpoint"
+FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable checkpoint of this project; the message names it."""
+
+
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    """Write atomically: a temp file in the same folder, then a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save({"kind": KIND, "format": FORMAT, **state}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint safely (no arbitrary unpickling) and check that it is one of ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            "Pass a best.pt or last.pt written by unet-train."
+        ) from e
+    if not isinstance(state, dict) or state.get("kind") != KIND:
+        raise CheckpointError(f"{path} is not a unet-train checkpoint: pass a best.pt or last.pt written by unet-train")
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} has checkpoint format {state.get('format')}; this version reads format {FORMAT}")
+    return state
+
+
+def model_from_checkpoint(state: dict) -> UNet:
+    """Rebuild the network from a loaded checkpoint, in eval mode."""
+    model = UNet(UNetConfig.from_dict(state["model_config"]))
+    model.load_state_dict(state["model"])
+    return model.eval()

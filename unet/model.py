@@ -1,0 +1,136 @@
+"""The U-Net (Ronneberger et al., 2015), written from scratch.
+
+Encoder: ``depth`` stages of (2x2 max-pool, two 3x3 conv-BN-ReLU), channel count doubling each time.
+Decoder: ``depth`` stages of (2x upsample halving channels, concat with the skip, two 3x3 conv-BN-ReLU).
+Head: a 1x1 conv to one channel, a logit per pixel. With ``width=64, depth=4`` this is the classic
+31M-parameter network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+Upsample = Literal["transpose", "bilinear"]
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 3  # channels of the input image (RGB)
+    out_channels: int = 1  # one logit per pixel: car vs background
+    width: int = 64  # channels of the first stage; stage k has width * 2**k
+    depth: int = 4  # number of 2x poolings; input sides must be multiples of 2**depth
+    upsample: Upsample = "transpose"  # "transpose": learned 2x2 transposed conv; "bilinear": resize + 1x1 conv
+
+    def __post_init__(self) -> None:
+        if self.in_channels < 1 or self.out_channels < 1:
+            raise ValueError("in_channels and out_channels must be positive")
+        if self.width < 1:
+            raise ValueError(f"width must be a positive channel count, got {self.width}")
+        if not 1 <= self.depth <= 8:
+            raise ValueError(f"depth must be between 1 and 8 poolings, got {self.depth}")
+        if self.upsample not in ("transpose", "bilinear"):
+            raise ValueError(f"upsample must be 'transpose' or 'bilinear', got {self.upsample!r}")
+
+    @property
+    def multiple(self) -> int:
+        """Input height and width must be multiples of this."""
+        return 2**self.depth
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UNetConfig":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+
+def check_input_size(height: int, width: int, multiple: int) -> None:
+    """Raise a ValueError naming the nearest valid sizes when a side is not a multiple of ``multiple``."""
+    if height % multiple == 0 and width % multiple == 0 and height > 0 and width > 0:
+        return
+    suggestions = sorted(
+        {f"{h}x{w}" for h in nearest_multiples(height, multiple) for w in nearest_multiples(width, multiple)}
+    )
+    raise ValueError(
+        f"input size {height}x{width} does not work: height and width must be positive multiples of "
+        f"{multiple} (2**depth). Consider resizing or padding to one of {', '.join(suggestions)}."
+    )
+
+
+def nearest_multiples(n: int, multiple: int) -> list[int]:
+    below = max(multiple, n // multiple * multiple)
+    above = max(multiple, -(-n // multiple) * multiple)
+    return sorted({below, above})
+
+
+class DoubleConv(nn.Sequential):
+    """(3x3 conv, BatchNorm, ReLU) twice; keeps the spatial size."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        )
+
+
+class Down(nn.Sequential):
+    """Halve the spatial size, then DoubleConv."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(nn.MaxPool2d(2), DoubleConv(cin, cout))
+
+
+class Up(nn.Module):
+    """Double the spatial size (halving channels), concat the skip, then DoubleConv."""
+
+    def __init__(self, cin: int, cout: int, mode: Upsample):
+        super().__init__()
+        if mode == "transpose":
+            self.up = nn.ConvTranspose2d(cin, cin // 2, kernel_size=2, stride=2)
+        else:
+            self.up = nn.Sequential(
+                nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                nn.Conv2d(cin, cin // 2, kernel_size=1),
+            )
+        self.conv = DoubleConv(cin // 2 + cout, cout)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = self.up(x)  # (B, cin/2, 2h, 2w)
+        return self.conv(torch.cat([skip, x], dim=1))  # (B, cout, 2h, 2w)
+
+
+class UNet(nn.Module):
+    def __init__(self, config: UNetConfig | None = None):
+        super().__init__()
+        self.config = config = config or UNetConfig()
+        chans = [config.width * 2**k for k in range(config.depth + 1)]  # e.g. 64, 128, 256, 512, 1024
+        self.stem = DoubleConv(config.in_channels, chans[0])
+        self.downs = nn.ModuleList(Down(chans[k], chans[k + 1]) for k in range(config.depth))
+        self.ups = nn.ModuleList(Up(chans[k + 1], chans[k], config.upsample) for k in reversed(range(config.depth)))
+        self.head = nn.Conv2d(chans[0], config.out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, in_channels, H, W) normalized float, H and W multiples of 2**depth
+        if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+            check_input_size(x.shape[-2], x.shape[-1], self.config.multiple)
+        x = self.stem(x)  # (B, w, H, W)
+        skips = []
+        for down in self.downs:
+            skips.append(x)
+            x = down(x)  # (B, 2c, h/2, w/2)
+        for up in self.ups:
+            x = up(x, skips.pop())
+        return self.head(x)  # (B, out_channels, H, W) logits
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
