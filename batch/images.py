@@ -1,32 +1,151 @@
-"""Reading photos with Pillow: the CPU decode path, shared by training and the batch runner."""
+"""Reading photos with Pillow: the CPU decode path, shared by training and the batch runner.
+
+Also the cheap checks the batch runner makes before decoding: file signature and header
+(:func:`probe_image`), so that a file named ``.jpg`` holding something else, an empty or huge file,
+or a JPEG the GPU decoder cannot take is recognised before it spoils a batch.
+"""
 
 from __future__ import annotations
 
+import io
+import struct
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+JPEG_SOI = b"\xff\xd8\xff"
+JPEG_EOI = b"\xff\xd9"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")  # one channel, 16 significant bits
+# Content that is neither JPEG nor PNG, recognised to say what the file really is.
+OTHER_SIGNATURES = {
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
+    b"BM": "BMP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+}
+# Errors Pillow raises on a broken file (its parsers use SyntaxError and struct.error too).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+
+Source = str | Path | BinaryIO
+
+
+class ImageError(ValueError):
+    """A file that cannot be segmented; the message says what is wrong with it and what to do."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    format: str  # "JPEG" or "PNG"
+    mode: str  # Pillow's mode: "RGB", "L", "CMYK", "RGBA", "P", "I;16", ...
+    height: int
+    width: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.height, self.width
 
 
 def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def load_resized_rgb(path: str | Path, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+def load_resized_rgb(path: Source, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode ``path`` as RGB resized to ``size`` = (H, W); return it (H, W, 3 uint8) and the original (H, W).
 
-    JPEGs are decoded at a reduced DCT scale (Pillow's draft mode: 1/2, 1/4 or 1/8) no smaller than
-    ``size``, so a 1918x1280 photo bound for 480x320 is decoded at 480x320 directly. The remaining
-    resize is Pillow's antialiased bilinear filter. Grayscale, CMYK, palette, 16-bit and RGBA inputs
-    become 8-bit RGB (alpha dropped).
+    JPEGs are decoded at the smallest DCT scale (Pillow's draft mode: 1/2, 1/4 or 1/8) no smaller
+    than ``size`` (:func:`draft_request`), so a 1918x1280 photo bound for 480x320 is decoded at
+    480x320 directly. The remaining resize is Pillow's antialiased bilinear filter. Grayscale,
+    CMYK, palette, 16-bit and RGBA inputs become 8-bit RGB (alpha dropped; 16-bit values keep their
+    top 8 bits). EXIF orientation is not applied: arrays follow the stored pixel grid.
     """
     height, width = size
     with Image.open(path) as im:
         original = (im.height, im.width)
-        im.draft("RGB", (width, height))
-        rgb = im.convert("RGB") if im.mode != "RGB" else im
+        im.draft("RGB", draft_request(original, size))
+        rgb = to_rgb(im)
         if rgb.size != (width, height):
             rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
         return np.asarray(rgb), original
+
+
+def draft_request(original: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
+    """The (W, H) to pass to ``Image.draft`` so that libjpeg decodes at the smallest DCT scale covering ``size``.
+
+    libjpeg scales by 1/2, 1/4 or 1/8 with rounding up (1918 px / 4 = 480 px), but Pillow picks the
+    scale by floor division of the size it is given (1918 // 480 = 3, so only 1/2): asking for
+    exactly the target would decode a 1918x1280 photo at 959x640 on its way to 480x320, three
+    times the work. Ask instead for the floor-divided size of the scale we want.
+    """
+    (full_h, full_w), (h, w) = original, size
+    for scale in (8, 4, 2):
+        if full_w // scale and full_h // scale and -(-full_w // scale) >= w and -(-full_h // scale) >= h:
+            return full_w // scale, full_h // scale
+    return full_w, full_h
+
+
+def load_rgb(path: Source) -> Image.Image:
+    """The full-size photo as an 8-bit RGB Pillow image (for overlays and cutouts)."""
+    with Image.open(path) as im:
+        im.load()
+        return to_rgb(im)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow image as 8-bit RGB; one-channel 16-bit images are scaled down, not clipped."""
+    if im.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(im).astype(np.uint32) >> 8  # (H, W), 0..255
+        im = Image.fromarray(values.astype(np.uint8), mode="L")
+    return im.convert("RGB") if im.mode != "RGB" else im
+
+
+def probe_image(data: bytes, path: Path | str, max_pixels: int | None = None) -> ImageInfo:
+    """Check an image file's bytes without decoding its pixels; raise :class:`ImageError` naming ``path``.
+
+    Accepts JPEG and PNG content whatever the file's extension. ``max_pixels`` defaults to Pillow's
+    decompression-bomb limit.
+    """
+    kind = content_type(data, path)
+    try:
+        with Image.open(io.BytesIO(data), formats=[kind]) as im:
+            info = ImageInfo(format=kind, mode=im.mode, height=im.height, width=im.width)
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{path}: too large to decode safely ({e}); downscale it") from e
+    except Exception as e:  # Pillow's parsers raise many types (OSError, SyntaxError, struct.error, ...)
+        raise ImageError(f"{path}: unreadable {kind} header ({e}); re-save the file as JPEG or PNG") from e
+    limit = max_pixels or Image.MAX_IMAGE_PIXELS
+    if info.height < 1 or info.width < 1:
+        raise ImageError(f"{path}: {kind} header gives an empty {info.width}x{info.height} image")
+    if limit and info.height * info.width > limit:
+        raise ImageError(
+            f"{path}: {info.width}x{info.height} is {info.height * info.width / 1e6:.0f} megapixels, more than the "
+            f"{limit / 1e6:.0f} MP limit; downscale it"
+        )
+    return info
+
+
+def content_type(data: bytes, path: Path | str) -> str:
+    """'JPEG' or 'PNG' from the file's first bytes; an :class:`ImageError` for anything else."""
+    if not data:
+        raise ImageError(f"{path}: empty file (0 bytes); copy it again from its source")
+    if data.startswith(JPEG_SOI):
+        return "JPEG"
+    if data.startswith(PNG_SIGNATURE):
+        return "PNG"
+    other = next((name for sig, name in OTHER_SIGNATURES.items() if data.startswith(sig)), None)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        other = "WebP"
+    elif data[4:8] == b"ftyp":
+        other = "HEIF/AVIF"
+    what = f"a {other} file" if other else f"neither JPEG nor PNG (starts with {data[:8].hex(' ')})"
+    raise ImageError(f"{path}: is {what}; convert it to JPEG or PNG")
+
+
+def has_jpeg_end(data: bytes, window: int = 4096) -> bool:
+    """Whether a JPEG's end-of-image marker is in its last ``window`` bytes (not truncated, no big trailer)."""
+    return data.rfind(JPEG_EOI, max(0, len(data) - window)) >= 0

@@ -65,3 +65,219 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     cfg = TrainConfig(data_dir=str(data), out_dir=str(root / "run"), epochs=1, batch_size=4, scale=1.0, device="cpu", val_cars=1)
     train(cfg, UNetConfig(width=4, depth=2), progress=False)
     return root / "run" / "best.pt"
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch runner (batch/, issue 4): tiny ONNX models built with onnx.helper (no torch), and folders
+# of synthetic photos.
+
+BRIGHTNESS_CUT = 160.0  # synthetic cars are darker than this, studio backgrounds brighter
+LOGIT_GAIN = 0.1  # logit per grey level away from the cut
+
+
+def make_tiny_onnx(
+    path: Path,
+    layout: str = "NHWC",
+    dtype: str = "uint8",
+    output_kind: str = "logits",
+    size: tuple[int, int] = (64, 96),
+    output_dtype: str = "float32",
+    pixel_mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
+    pixel_std: tuple[float, float, float] = (0.229, 0.224, 0.225),
+) -> Path:
+    """A 'U-Net' that finds dark cars on bright backgrounds: normalize -> 1x1 conv -> 3x3 mean conv.
+
+    logit = LOGIT_GAIN * (BRIGHTNESS_CUT - mean RGB), smoothed over 3x3; the same function for every
+    input layout and dtype (uint8 inputs are normalized inside the graph, float ones by the caller).
+    Batch, height and width are dynamic; the metadata comes from ModelContract.to_metadata().
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    from batch.contract import ModelContract
+
+    mean, std = np.array(pixel_mean), np.array(pixel_std)
+    # On normalized x_c = (p_c / 255 - m_c) / s_c: mean RGB = sum_c 255 (x_c s_c + m_c) / 3.
+    weight = (-LOGIT_GAIN * 255 * std / 3).reshape(1, 3, 1, 1)
+    bias = [LOGIT_GAIN * (BRIGHTNESS_CUT - 255 * mean.mean())]
+    elem = {"uint8": TensorProto.UINT8, "float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+    shape = ["N", "H", "W", 3] if layout == "NHWC" else ["N", 3, "H", "W"]
+    init = [
+        helper.make_tensor("w", TensorProto.FLOAT, [1, 3, 1, 1], weight.ravel().tolist()),
+        helper.make_tensor("b", TensorProto.FLOAT, [1], bias),
+        helper.make_tensor("smooth", TensorProto.FLOAT, [1, 1, 3, 3], [1 / 9] * 9),
+        helper.make_tensor("mean255", TensorProto.FLOAT, [1, 3, 1, 1], (255 * mean).tolist()),
+        helper.make_tensor("std255", TensorProto.FLOAT, [1, 3, 1, 1], (255 * std).tolist()),
+    ]
+    nodes = [helper.make_node("Cast", ["image"], ["x"], to=TensorProto.FLOAT)]
+    if layout == "NHWC":
+        nodes.append(helper.make_node("Transpose", ["x"], ["nchw"], perm=[0, 3, 1, 2]))
+    else:
+        nodes.append(helper.make_node("Identity", ["x"], ["nchw"]))
+    if dtype == "uint8":
+        nodes += [
+            helper.make_node("Sub", ["nchw", "mean255"], ["centred"]),
+            helper.make_node("Div", ["centred", "std255"], ["normalized"]),
+        ]
+    else:
+        nodes.append(helper.make_node("Identity", ["nchw"], ["normalized"]))
+    nodes += [
+        helper.make_node("Conv", ["normalized", "w", "b"], ["raw"]),
+        helper.make_node("Conv", ["raw", "smooth"], ["logits32"], pads=[1, 1, 1, 1]),
+    ]
+    last = "logits32"
+    if output_kind == "probabilities":
+        nodes.append(helper.make_node("Sigmoid", [last], ["probs32"]))
+        last = "probs32"
+    nodes.append(helper.make_node("Cast", [last], ["scores"], to=elem[output_dtype]))
+    graph = helper.make_graph(
+        nodes,
+        "tiny_segmenter",
+        [helper.make_tensor_value_info("image", elem[dtype], shape)],
+        [helper.make_tensor_value_info("scores", elem[output_dtype], ["N", 1, "H", "W"])],
+        initializer=init,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tests")
+    model.ir_version = 8
+    contract = ModelContract(
+        input_height=size[0], input_width=size[1], input_layout=layout, input_dtype=dtype, input_multiple=16,
+        pixel_mean=pixel_mean, pixel_std=pixel_std, output_kind=output_kind, threshold=0.5, precision="fp32",
+        provenance={"model_config": {"width": 0, "depth": 0}},
+    )
+    helper.set_model_props(model, contract.to_metadata())
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory) -> Path:
+    """The default tiny model: uint8 NHWC input, logits output, 64x96."""
+    return make_tiny_onnx(tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+
+
+@pytest.fixture
+def make_onnx(tmp_path: Path):
+    """Factory: make_onnx(name, **make_tiny_onnx options) -> path of a tiny model in tmp_path."""
+    return lambda name="model.onnx", **options: make_tiny_onnx(tmp_path / name, **options)
+
+
+def write_photo(path: Path, size: tuple[int, int], seed: int, fmt: str | None = None, mode: str = "RGB") -> np.ndarray:
+    """A synthetic car photo at ``path`` (format from the suffix unless ``fmt``); returns its true mask."""
+    photo, mask = synthetic_pair(np.random.default_rng(seed), *size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(photo)
+    if mode != "RGB":
+        image = image.convert(mode)
+    image.save(path, format=fmt, **({"quality": 95} if (fmt or path.suffix.lower()) in ("JPEG", ".jpg", ".jpeg") else {}))
+    return mask
+
+
+@pytest.fixture
+def photo_tree(tmp_path: Path) -> Path:
+    """A nested folder of synthetic photos of mixed sizes and formats (7 good images)."""
+    root = tmp_path / "photos"
+    write_photo(root / "a.jpg", (96, 144), seed=1)
+    write_photo(root / "b.JPEG", (120, 180), seed=2)
+    write_photo(root / "c.png", (80, 120), seed=3)
+    write_photo(root / "day1" / "d.jpg", (96, 144), seed=4)
+    write_photo(root / "day1" / "e.jpg", (64, 96), seed=5)
+    write_photo(root / "day1" / "deep" / "f.jpeg", (150, 100), seed=6)
+    write_photo(root / "day2" / "g.png", (96, 144), seed=7)
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# Export (export/, issue 3): a tiny checkpoint with real mask boundaries, its ONNX exports, photos.
+
+
+@pytest.fixture(scope="session")
+def parity_photos(tmp_path_factory) -> Path:
+    """6 synthetic photos (2 cars x 3 views) at 128x192, twice the tiny model's input size; masks in ../train_masks."""
+    root = write_kaggle_folder(tmp_path_factory.mktemp("parity"), cars=2, views=3, size=(128, 192), seed=1)
+    return root / "train"
+
+
+@pytest.fixture(scope="session")
+def sharp_checkpoint(tiny_checkpoint: Path, parity_photos: Path, tmp_path_factory) -> Path:
+    """tiny_checkpoint fine-tuned (60 full-batch steps) on the parity photos until its masks fit them (Dice ~0.99).
+
+    One epoch of unet-train leaves the tiny net's logits nearly flat (every pixel car, |logit| < 0.4);
+    FP16 parity and blank-mask checks need real boundaries on the photos they check, with logits of a
+    trained net's size (~ +-5). Same file format as unet-train's (unet.checkpoint.save_checkpoint).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from batch.images import load_resized_rgb
+    from batch.masks import read_mask
+    from unet.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+
+    state = load_checkpoint(tiny_checkpoint)
+    size = tuple(state["input_size"])  # (64, 96): half the photos' size
+    photos = sorted(parity_photos.glob("*.jpg"))
+    images = np.stack([load_resized_rgb(p, size)[0] for p in photos])  # (6, 64, 96, 3)
+    masks = np.stack([read_mask(parity_photos.parent / "train_masks" / f"{p.stem}_mask.gif")[::2, ::2] for p in photos])
+    mean, std = (torch.tensor(state[key]).view(1, 3, 1, 1) for key in ("pixel_mean", "pixel_std"))
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std  # (6, 3, 64, 96)
+    y = torch.from_numpy(masks).float()[:, None]  # (6, 1, 64, 96)
+    model = model_from_checkpoint(state).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread beats two fighting over shared cores
+    torch.manual_seed(0)
+    try:
+        for _ in range(60):
+            loss = F.binary_cross_entropy_with_logits(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    path = tmp_path_factory.mktemp("sharp") / "best.pt"
+    fields = {key: value for key, value in state.items() if key not in ("kind", "format")}
+    save_checkpoint({**fields, "model": model.eval().state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def exported_onnx(sharp_checkpoint: Path, tmp_path_factory) -> dict[str, Path]:
+    """sharp_checkpoint exported by unet-export (uint8 NHWC, 64x96, default opset): {"fp16": path, "fp32": path}."""
+    from export.onnx_export import export_checkpoint
+
+    folder = tmp_path_factory.mktemp("exported")
+    paths = {"fp16": folder / "tiny-fp16.onnx", "fp32": folder / "tiny-fp32.onnx"}
+    for precision, path in paths.items():
+        export_checkpoint(sharp_checkpoint, path, fp16=precision == "fp16")
+    return paths
+
+
+
+# ---- benchmarks (unet-bench) ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def bench_cache(tmp_path_factory) -> Path:
+    """unet-bench's model cache for the whole test session: each tiny model is exported once."""
+    return tmp_path_factory.mktemp("bench-cache")
+
+
+@pytest.fixture(scope="session")
+def bench_model(bench_cache: Path, tmp_path_factory):
+    """A random-weight width-4, depth-4 U-Net exported FP32 at 32x48 (a benchmarks.models.BenchModel).
+
+    The same file the `--suite smoke --size 32x48 --width 4 --widths 4` CLI run takes from bench_cache.
+    """
+    from benchmarks.models import random_model
+
+    return random_model(4, 4, (32, 48), fp16=False, seed=0, folder=tmp_path_factory.mktemp("bench-model"), cache_dir=bench_cache)
+
+
+@pytest.fixture(scope="session")
+def bench_photos(tmp_path_factory) -> Path:
+    """A folder of 5 synthetic studio-car JPEGs at 64x96 (benchmarks.synthetic)."""
+    from benchmarks.synthetic import write_synthetic_photos
+
+    folder = tmp_path_factory.mktemp("bench-photos")
+    write_synthetic_photos(folder, 5, size=(64, 96), seed=3)
+    return folder

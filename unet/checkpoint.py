@@ -33,6 +33,9 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     os.close(fd)
     try:
         torch.save({"kind": KIND, "format": FORMAT, **state}, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is as readable as any other file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -48,7 +51,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(
-            f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            f"{path} is not a readable checkpoint ({type(e).__name__}): it is damaged, not a PyTorch file, or holds "
+            "Python objects beyond tensors and plain values, which are never unpickled here. "
             "Pass a best.pt or last.pt written by unet-train."
         ) from e
     if not isinstance(state, dict) or state.get("kind") != KIND:

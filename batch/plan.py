@@ -1,0 +1,95 @@
+"""Discovery and planning: which photos to segment, where their outputs go, what is already done.
+
+- Inputs: ``.jpg``/``.jpeg``/``.png`` in any letter case, recursively, sorted; hidden files and
+  folders (names starting with ``.``) and the output folder, when it lies inside the input folder,
+  are not read. Symbolic links to files are followed, links to folders are not (no cycles).
+- The output tree mirrors the input tree (see :func:`batch.formats.output_paths`).
+- Two inputs that would write the same output file (``a/x.jpg`` and ``a/x.png``) are a conflict:
+  neither is segmented, both are reported.
+- A photo whose requested outputs all exist is skipped (done by an earlier run), unless
+  ``overwrite``; if only some exist, only the missing ones are written.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from batch.formats import output_paths
+from batch.images import is_image_file
+
+
+@dataclass(frozen=True)
+class Job:
+    source: Path  # the photo
+    rel: PurePosixPath  # its path relative to the input folder
+    outputs: dict[str, Path] = field(hash=False, compare=False)  # format -> file, for every requested format
+    todo: tuple[str, ...] = ()  # formats still to write
+
+    @property
+    def name(self) -> str:
+        """The ``img`` column of submission.csv: the path relative to the input folder (the file name when flat)."""
+        return self.rel.as_posix()
+
+
+@dataclass(frozen=True)
+class Plan:
+    jobs: list[Job]  # to segment, in input order
+    done: list[Job]  # every output already there (skipped)
+    conflicts: list[tuple[Job, str]]  # (job, reason): inputs that would overwrite each other's outputs
+
+    @property
+    def size(self) -> int:
+        """Every input found (after --limit)."""
+        return len(self.jobs) + len(self.done) + len(self.conflicts)
+
+    @property
+    def all_jobs(self) -> list[Job]:
+        """Every input that has outputs (to do or done), in input order."""
+        return sorted(self.jobs + self.done, key=lambda job: job.rel.parts)
+
+
+def find_images(input_dir: Path, exclude: Path | None = None) -> list[PurePosixPath]:
+    """Image files under ``input_dir`` as sorted relative paths, leaving out the folder ``exclude``."""
+    excluded = dir_identity(exclude) if exclude is not None and exclude.is_dir() else None
+    found = []
+    for folder, dirs, files in os.walk(input_dir):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and dir_identity(Path(folder, d)) != excluded]
+        rel_folder = PurePosixPath(Path(folder).relative_to(input_dir).as_posix())
+        for name in files:
+            if not name.startswith(".") and is_image_file(Path(name)) and Path(folder, name).is_file():
+                found.append(rel_folder / name)
+    return sorted(found, key=lambda rel: rel.parts)
+
+
+def dir_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def make_plan(input_dir: Path, output_dir: Path, rels: list[PurePosixPath], formats: tuple[str, ...], overwrite: bool) -> Plan:
+    candidates = [Job(input_dir.joinpath(*rel.parts), rel, output_paths(output_dir, rel, formats)) for rel in rels]
+    writers: dict[Path, list[Job]] = defaultdict(list)
+    for job in candidates:
+        for path in job.outputs.values():
+            writers[path].append(job)
+    clashing: dict[PurePosixPath, str] = {}
+    for path, jobs in writers.items():
+        if len(jobs) > 1:
+            names = " and ".join(job.name for job in jobs)
+            for job in jobs:
+                clashing.setdefault(job.rel, f"conflict: {names} would both write {path}; rename one of them")
+
+    todo, done, conflicts = [], [], []
+    for job in candidates:
+        if job.rel in clashing:
+            conflicts.append((job, clashing[job.rel]))
+            continue
+        missing = tuple(fmt for fmt, path in job.outputs.items() if overwrite or not path.exists())
+        (todo if missing else done).append(Job(job.source, job.rel, job.outputs, missing))
+    return Plan(todo, done, conflicts)

@@ -1,0 +1,79 @@
+"""What a ``segment`` run measured and reports: per-stage clocks and ``report.json``."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from batch.formats import write_atomic
+
+STAGES = ("discover", "setup", "decode", "infer", "postprocess", "write")
+
+
+class StageClock:
+    """Busy seconds per stage, summed over the threads doing it (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.lock = threading.Lock()
+
+    def add(self, stage: str, seconds: float) -> None:
+        with self.lock:
+            self.seconds[stage] += seconds
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(stage, time.perf_counter() - start)
+
+    def snapshot(self) -> dict[str, float]:
+        with self.lock:
+            return {stage: round(self.seconds.get(stage, 0.0), 4) for stage in STAGES}
+
+
+@dataclass
+class Report:
+    """The contents of report.json (docs/batch.md describes every key)."""
+
+    input_dir: str
+    output_dir: str
+    inputs: int  # images found (after --limit)
+    processed: int  # segmented by this run
+    skipped: int  # already done by an earlier run
+    failed: list[dict[str, str]]  # {"path", "reason"}
+    seconds: float  # wall time of the whole run, setup included
+    images_per_second: float  # processed / seconds
+    stages: dict[str, float]  # busy seconds per stage (stages overlap: they add up to more than seconds)
+    device: str  # "cpu" or "cuda:N"
+    provider: str  # ONNX Runtime execution provider that ran the model
+    decoder: str  # "pillow", "dali-cpu" or "dali-mixed"
+    pillow_fallbacks: int  # photos a DALI run decoded with Pillow (PNG, CMYK, refused by DALI)
+    model: dict  # path, precision, input_size [H, W], input_layout, input_dtype, output_kind, threshold
+    batch_size: int
+    formats: list[str]
+    threshold: float  # probability threshold used
+    tta: bool
+    interrupted: bool = False  # stopped by Ctrl-C before the end
+    version: str = field(default="")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode("utf-8"))
+
+    def summary(self) -> str:
+        line = (
+            f"{self.processed} segmented, {self.skipped} already done, {len(self.failed)} failed "
+            f"in {self.seconds:.1f} s ({self.images_per_second:.1f} img/s on {self.device}, decoder {self.decoder})"
+        )
+        return line + (" - interrupted" if self.interrupted else "")

@@ -1,0 +1,149 @@
+"""Decode + resize to the model's input size: Pillow (with and without JPEG draft mode) and DALI.
+
+Every decoder reads the same files (from the page cache after the first pass) and produces
+(H, W, 3) uint8 RGB at the model's input size. Pillow runs in a thread pool as wide as DALI's
+(both release the GIL while decoding), so the comparison is of decoders, not of parallelism.
+Megapixels/s counts the source photos' pixels: what a decoder had to get through.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from batch.images import load_resized_rgb
+from benchmarks.errors import first_line
+from benchmarks.timing import Stats, rates, time_calls
+
+log = logging.getLogger(__name__)
+
+DECODERS = {
+    "pillow": "Pillow + draft mode",
+    "pillow-no-draft": "Pillow, full decode",
+    "dali-cpu": "DALI CPU",
+    "dali-mixed": "DALI mixed (GPU)",
+}
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    decoder: str  # a key of DECODERS
+    label: str
+    threads: int
+    images: int  # photos per timed repeat
+    input_size: tuple[int, int]  # (H, W) decoded to
+    source_megapixels: float  # mean size of the source photos
+    status: str  # "ok", "skipped", "failed"
+    reason: str | None = None
+    images_per_second: Stats | None = None
+    megapixels_per_second: Stats | None = None
+
+
+def load_resized_rgb_no_draft(path: str | Path, size: tuple[int, int]) -> np.ndarray:
+    """Like ``batch.images.load_resized_rgb`` but decoding every pixel: what draft mode saves."""
+    height, width = size
+    with Image.open(path) as im:
+        rgb = im.convert("RGB")
+        if rgb.size != (width, height):
+            rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
+        return np.asarray(rgb)
+
+
+def source_megapixels(paths: Sequence[Path]) -> float:
+    """Mean megapixels of the photos (from their headers; nothing is decoded)."""
+    total = 0
+    for path in paths:
+        with Image.open(path) as im:
+            total += im.width * im.height
+    return total / len(paths) / 1e6
+
+
+def pillow_runner(paths: Sequence[Path], size: tuple[int, int], pool: ThreadPoolExecutor, draft: bool) -> Callable[[], list]:
+    def decode(path: Path) -> np.ndarray:
+        return load_resized_rgb(path, size)[0] if draft else load_resized_rgb_no_draft(path, size)
+
+    return lambda: list(pool.map(decode, paths))
+
+
+def dali_runner(paths: Sequence[Path], size: tuple[int, int], *, batch: int, threads: int,
+                device_id: int | None) -> tuple[Callable[[], None], int]:
+    """A function decoding ``len(paths) // batch`` DALI batches, and the photo count it covers.
+
+    ``device_id`` None: the CPU decoder; else the mixed (nvJPEG, GPU) decoder with a GPU resize. For
+    the GPU, the last batch is copied to the host, which waits for all the work queued before it.
+    """
+    from nvidia.dali import fn, pipeline_def, types
+
+    height, width = size
+    mixed = device_id is not None
+
+    @pipeline_def(batch_size=batch, num_threads=threads, device_id=device_id, prefetch_queue_depth=2)
+    def pipeline():
+        encoded, _ = fn.readers.file(files=[str(p) for p in paths], name="reader")
+        images = fn.decoders.image(encoded, device="mixed" if mixed else "cpu", output_type=types.RGB)
+        return fn.resize(images, resize_x=width, resize_y=height, interp_type=types.INTERP_LINEAR, antialias=True)
+
+    pipe = pipeline()
+    pipe.build()
+    iterations = len(paths) // batch
+
+    def run() -> None:
+        for _ in range(iterations):
+            (out,) = pipe.run()
+        if mixed:
+            out.as_cpu()
+
+    run.pipeline = pipe  # keep the pipeline alive as long as its runner
+    return run, iterations * batch
+
+
+def bench_decoders(paths: Sequence[Path], size: tuple[int, int], *, device_id: int | None, threads: int, warmup: int,
+                   repeats: int, dali_batch: int) -> tuple[list[DecodeResult], np.ndarray]:
+    """Measure every decoder; also return the photos decoded by Pillow, (N, H, W, 3) uint8, for inference."""
+    megapixels = source_megapixels(paths)
+    results = []
+    with ThreadPoolExecutor(threads) as pool:
+        decoded = np.stack(pillow_runner(paths, size, pool, draft=True)())  # (N, H, W, 3) uint8
+        for decoder, draft in (("pillow", True), ("pillow-no-draft", False)):
+            seconds = time_calls(pillow_runner(paths, size, pool, draft), warmup=warmup, repeats=repeats)
+            results.append(ok_result(decoder, threads, len(paths), size, megapixels, seconds))
+    for decoder in ("dali-cpu", "dali-mixed"):
+        results.append(bench_dali(decoder, paths, size, device_id=device_id, threads=threads, warmup=warmup,
+                                  repeats=repeats, batch=dali_batch, megapixels=megapixels))
+    for r in results:
+        if r.status == "ok":
+            log.info("decode %s: %.1f images/s", r.label, r.images_per_second.median)
+    return results, decoded
+
+
+def bench_dali(decoder: str, paths: Sequence[Path], size: tuple[int, int], *, device_id: int | None, threads: int,
+               warmup: int, repeats: int, batch: int, megapixels: float) -> DecodeResult:
+    base = dict(decoder=decoder, label=DECODERS[decoder], threads=threads, input_size=size, source_megapixels=megapixels)
+    if decoder == "dali-mixed" and device_id is None:
+        return DecodeResult(images=0, status="skipped", reason="needs a GPU: run with --device cuda", **base)
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError as e:
+        return DecodeResult(images=0, status="skipped", reason=f"nvidia-dali is not installed ({e}): pip install -e '.[gpu]'", **base)
+    try:
+        run, images = dali_runner(paths, size, batch=batch, threads=threads,
+                                  device_id=device_id if decoder == "dali-mixed" else None)
+        seconds = time_calls(run, warmup=max(warmup, 1), repeats=repeats)  # >= 1 warm-up: fills the prefetch queue
+    except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError subclasses from C++; record and go on
+        log.error("decode %s failed: %s", DECODERS[decoder], e)
+        return DecodeResult(images=0, status="failed", reason=first_line(e), **base)
+    return ok_result(decoder, threads, images, size, megapixels, seconds)
+
+
+def ok_result(decoder: str, threads: int, images: int, size: tuple[int, int], megapixels: float,
+              seconds: list[float]) -> DecodeResult:
+    rate = rates([images] * len(seconds), seconds)
+    return DecodeResult(decoder=decoder, label=DECODERS[decoder], threads=threads, images=images, input_size=size,
+                        source_megapixels=megapixels, status="ok", images_per_second=rate,
+                        megapixels_per_second=rate.scaled(megapixels))

@@ -1,0 +1,151 @@
+"""End to end: the real ``unet-batch segment`` command on real (or synthetic) photos.
+
+Each repeat is a fresh process writing PNG masks into a fresh folder, so nothing is cached in the
+runner between repeats (the page cache is warm: the decode benchmark read the same files). The
+headline is the steady rate from the runner's report.json: photos over its seconds less its one-time
+``discover`` and ``setup`` stages (finding the photos, loading the model), which a long run
+amortizes and which the inference and baseline figures leave out too. The runner's own rate
+(set-up included) and the wall-clock rate (process start included) are recorded beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.errors import BenchError
+from benchmarks.memory import run_child
+from benchmarks.models import BenchModel
+from benchmarks.timing import Stats, summarize
+
+log = logging.getLogger(__name__)
+
+REPORT_KEYS = ("processed", "seconds", "images_per_second", "stages")
+
+
+@dataclass(frozen=True)
+class EndToEndResult:
+    status: str  # "ok", "failed"
+    reason: str | None = None
+    command: list[str] = field(default_factory=list)  # the first repeat's command line
+    model: str | None = None
+    width: int | None = None
+    precision: str | None = None
+    batch_size: int | None = None
+    images: int | None = None  # photos per run
+    repeats: int = 0
+    device: str | None = None  # as the runner reported it
+    decoder: str | None = None
+    images_per_second: Stats | None = None  # steady rate: the runner's seconds less discover + setup
+    runner_images_per_second: Stats | None = None  # the report's own figure, set-up included
+    wall_images_per_second: Stats | None = None  # including process start
+    setup_seconds: Stats | None = None  # the runner's discover + setup stages
+    stage_ms_per_image: dict[str, float] = field(default_factory=dict)  # median repeat's stages
+    peak_rss_mib: float | None = None  # of the runner process, highest over repeats
+    gpu_memory_mib: float | None = None
+    gpu_memory_method: str | None = None
+    report: dict = field(default_factory=dict)  # the median repeat's report.json
+
+
+def batch_command() -> list[str]:
+    """The installed ``unet-batch`` console script (beside this interpreter first)."""
+    beside = Path(sys.executable).with_name("unet-batch")
+    if beside.is_file():
+        return [str(beside)]
+    found = shutil.which("unet-batch")
+    if found:
+        return [found]
+    raise BenchError("the unet-batch command is not installed: run `pip install -e .` in the repository")
+
+
+def run_end_to_end(images_dir: Path, model: BenchModel, *, device: str, gpu_index: int | None, batch_size: int,
+                   images: int, repeats: int, timeout_s: float) -> EndToEndResult:
+    """Run ``unet-batch segment`` ``repeats`` times on the first ``images`` photos of ``images_dir``."""
+    base = dict(model=model.name, width=model.width, precision=model.precision, batch_size=batch_size, images=images)
+    try:
+        executable = batch_command()
+    except BenchError as e:
+        return EndToEndResult(status="failed", reason=str(e), **base)
+    reports, walls, rss, gpu = [], [], [], []
+    command: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="unet-bench-e2e-") as scratch:
+        for repeat in range(repeats):
+            out_dir, report_path, stderr_path = (Path(scratch) / f"{name}{repeat}" for name in ("masks", "report.json", "stderr"))
+            command = [*executable, "segment", str(images_dir), str(out_dir), "--model", str(model.path),
+                       "--device", device, "--batch-size", str(batch_size), "--limit", str(images),
+                       "--report", str(report_path), "--overwrite", "--no-progress"]
+            log.info("end to end %d/%d: %s", repeat + 1, repeats, " ".join(command))
+            with open(stderr_path, "w") as stderr:
+                child = run_child(command, stdout=stderr, stderr=stderr, timeout_s=timeout_s, gpu_index=gpu_index)
+            if child.returncode != 0:
+                tail = " | ".join(stderr_path.read_text(errors="replace").strip().splitlines()[-3:])
+                return EndToEndResult(status="failed", command=command, **base,
+                                      reason=f"unet-batch exited with {child.returncode}: {tail}"[:1000])
+            try:
+                report = read_report(report_path)
+            except BenchError as e:
+                return EndToEndResult(status="failed", command=command, reason=str(e), **base)
+            if report["processed"] != images:
+                return EndToEndResult(status="failed", command=command, **base,
+                                      reason=f"unet-batch processed {report['processed']} of {images} photos "
+                                             f"(failed: {report.get('failed')}, skipped: {report.get('skipped')})")
+            try:
+                steady_rate(report)
+            except BenchError as e:
+                return EndToEndResult(status="failed", command=command, reason=str(e), **base)
+            reports.append(report)
+            walls.append(images / child.seconds)
+            rss.append(child.peak_rss_mib)
+            if child.gpu_memory is not None:
+                gpu.append(child.gpu_memory)
+    return summarize_runs(reports, walls, rss, gpu, command, base)
+
+
+def read_report(path: Path) -> dict:
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BenchError(f"unet-batch wrote no readable report at {path} ({e})") from e
+    missing = [key for key in REPORT_KEYS if key not in report]
+    if missing:
+        raise BenchError(f"unet-batch's report {path} lacks {', '.join(missing)}: is unet-batch older than unet-bench?")
+    return report
+
+
+ONE_TIME_STAGES = ("discover", "setup")
+
+
+def setup_seconds(report: dict) -> float:
+    return sum(float(report["stages"].get(stage, 0.0)) for stage in ONE_TIME_STAGES)
+
+
+def steady_rate(report: dict) -> float:
+    """Photos per second once the runner is set up."""
+    working = float(report["seconds"]) - setup_seconds(report)
+    if working <= 0:
+        raise BenchError(f"unet-batch reported {report['seconds']} s in all but {setup_seconds(report)} s of set-up")
+    return report["processed"] / working
+
+
+def summarize_runs(reports: list[dict], walls: list[float], rss: list[float], gpu: list, command: list[str],
+                   base: dict) -> EndToEndResult:
+    steady = [steady_rate(r) for r in reports]
+    rate = summarize(steady)
+    median_report = reports[min(range(len(reports)), key=lambda i: abs(steady[i] - rate.median))]
+    processed = median_report["processed"]
+    stages = {name: 1e3 * float(seconds) / processed for name, seconds in median_report["stages"].items()}
+    peak_gpu = max((g for g in gpu if g.mib is not None), key=lambda g: g.mib, default=gpu[0] if gpu else None)
+    return EndToEndResult(
+        status="ok", command=command, repeats=len(reports), device=median_report.get("device"),
+        decoder=median_report.get("decoder"), images_per_second=rate,
+        runner_images_per_second=summarize([r["images_per_second"] for r in reports]),
+        wall_images_per_second=summarize(walls), setup_seconds=summarize([setup_seconds(r) for r in reports]),
+        stage_ms_per_image=stages, peak_rss_mib=max(rss), report=median_report,
+        gpu_memory_mib=peak_gpu.mib if peak_gpu else None, gpu_memory_method=peak_gpu.method if peak_gpu else None,
+        **base,
+    )

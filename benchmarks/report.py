@@ -1,0 +1,260 @@
+"""Readable forms of results.json: the results.md tables, and the side-by-side comparison of two runs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.errors import BenchError
+
+SCHEMA_PREFIX = "unet-bench/"
+STAGE_NAMES = {"decode": "decode + resize", "inference": "inference alone", "end_to_end": "end to end", "baseline": "naive baseline"}
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    """A number with about ``digits`` significant digits, never in scientific notation; "—" for None."""
+    if value is None:
+        return "—"
+    if value == 0:
+        return "0"
+    if abs(value) >= 10 ** (digits - 1):
+        return f"{value:,.0f}"
+    return f"{value:.{digits}g}" if abs(value) >= 1e-3 else f"{value:.2e}"
+
+
+def spread(stats: dict | None) -> str:
+    return f"{fmt(stats['q1'])}–{fmt(stats['q3'])}" if stats else "—"
+
+
+def machine_name(results: dict) -> str:
+    facts = results["machine"]
+    if results["device"].startswith("cuda"):
+        index = int(results["device"].split(":")[1])
+        name = next((g["name"] for g in facts["gpus"] if g["index"] == index), "unknown GPU")
+        return f"{name} ({results['device']})"
+    cpu = facts["cpu"]
+    return f"{cpu['model'] or 'unknown CPU'}, {cpu['usable_cores']} cores (CPU only)"
+
+
+def load_results(path: str | Path) -> dict:
+    """Read a results.json, checking it is one; errors name the file."""
+    path = Path(path)
+    try:
+        results = json.loads(path.read_text())
+    except OSError as e:
+        raise BenchError(f"cannot read {path}: {e.strerror}") from e
+    except json.JSONDecodeError as e:
+        raise BenchError(f"{path} is not JSON ({e.msg} at line {e.lineno}): pass a results.json written by `unet-bench run`") from e
+    if not isinstance(results, dict) or not str(results.get("schema", "")).startswith(SCHEMA_PREFIX):
+        raise BenchError(f"{path} is not a unet-bench results file (no '{SCHEMA_PREFIX}…' schema): pass a results.json from `unet-bench run`")
+    return results
+
+
+# ---- results.md -------------------------------------------------------------------------------------
+
+
+def summary_rows(results: dict) -> list[list[str]]:
+    rows = []
+    for r in results["decode"]:
+        if r["status"] == "ok":
+            rows.append([STAGE_NAMES["decode"], f"{r['label']}, {r['threads']} threads", "—", fmt(r["images_per_second"]["median"]),
+                         spread(r["images_per_second"]), f"{fmt(r['megapixels_per_second']['median'])} MP/s of source photos"])
+        else:
+            rows.append([STAGE_NAMES["decode"], r["label"], "—", "—", "—", f"{r['status']}: {r['reason']}"])
+    for r in best_inference_rows(results):
+        tflops = f"{fmt(r['achieved_tflops'])} TFLOP/s" if r["achieved_tflops"] is not None else ""
+        peak = f" ({fmt(100 * r['fraction_of_peak'])} % of {fmt(r['peak_tflops'])})" if r["fraction_of_peak"] is not None else ""
+        rows.append([STAGE_NAMES["inference"], f"{r['label']}, {r['model']} (fastest batch)", str(r["batch_size"]),
+                     fmt(r["images_per_second"]["median"]), spread(r["images_per_second"]), tflops + peak])
+    e2e = results["end_to_end"]
+    if e2e["status"] == "ok":
+        rows.append([STAGE_NAMES["end_to_end"], f"unet-batch segment, {e2e['model']}", str(e2e["batch_size"]),
+                     fmt(e2e["images_per_second"]["median"]), spread(e2e["images_per_second"]),
+                     f"{e2e['images']} photos x {e2e['repeats']} runs; decoder {e2e['decoder']}, device {e2e['device']}; "
+                     f"after {fmt(e2e['setup_seconds']['median'])} s of set-up (model load): "
+                     f"{fmt(e2e['runner_images_per_second']['median'])} images/s counting it, "
+                     f"{fmt(e2e['wall_images_per_second']['median'])} counting process start too"])
+    else:
+        rows.append([STAGE_NAMES["end_to_end"], "unet-batch segment", "—", "—", "—", f"failed: {e2e['reason']}"])
+    for r in results["baselines"]:
+        if r["status"] == "ok":
+            rows.append([STAGE_NAMES["baseline"], f"{r['label']} ({r['device']})", "1", fmt(r["images_per_second"]["median"]),
+                         spread(r["images_per_second"]), f"{r['images']} photos"])
+        else:
+            rows.append([STAGE_NAMES["baseline"], r["label"], "—", "—", "—", f"{r['status']}: {r['reason']}"])
+    return rows
+
+
+def best_inference_rows(results: dict) -> list[dict]:
+    """The fastest batch of each (provider, precision, model), in sweep order."""
+    best: dict[tuple, dict] = {}
+    for r in results["inference"]:
+        if r["status"] != "ok":
+            continue
+        key = (r["label"], r["model"])
+        if key not in best or r["images_per_second"]["median"] > best[key]["images_per_second"]["median"]:
+            best[key] = r
+    return list(best.values())
+
+
+def ratio_lines(results: dict) -> list[str]:
+    ratios = results["ratios"]
+    labels = {b["baseline"]: b["label"] for b in results["baselines"]}
+    lines = [f"- end to end / naive {labels.get(name, name)}: **{fmt(value)}x**" for name, value in ratios["end_to_end_over_baseline"].items()]
+    if ratios["end_to_end_over_inference"] is not None:
+        ref = ratios["inference_reference"]
+        lines.append(f"- end to end / inference alone ({ref['label']}, {ref['model']}, batch {ref['batch_size']}): "
+                     f"**{fmt(ratios['end_to_end_over_inference'])}**")
+    return lines or ["- no ratios: the end-to-end run did not complete"]
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def inference_table(results: dict) -> str:
+    rows = []
+    for r in results["inference"]:
+        ips = r["images_per_second"]
+        rows.append([
+            r["label"], r["model"], str(r["batch_size"]), fmt(ips["median"]) if ips else "—", spread(ips),
+            fmt(1e3 * r["seconds_per_batch"]["median"]) if r["seconds_per_batch"] else "—",
+            fmt(r["gflop_per_image"]), fmt(r["achieved_tflops"]),
+            fmt(100 * r["fraction_of_peak"]) if r["fraction_of_peak"] is not None else "—",
+            fmt(r["gpu_memory_mib"]), r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}",
+        ])
+    header = ["provider", "model", "batch", "images/s", "IQR", "ms / batch", "GFLOP / image", "TFLOP/s", "% of peak",
+              "GPU MiB", "status"]
+    return table(header, rows)
+
+
+def stage_table(results: dict) -> str:
+    e2e = results["end_to_end"]
+    stages = running_stages(e2e)
+    if not stages:
+        return "_No end-to-end stages: the run did not complete._"
+    total = sum(stages.values())
+    rows = [[name, fmt(ms), f"{100 * ms / total:.0f} %" if total else "—"] for name, ms in stages.items()]
+    return table(["stage (unet-batch report)", "ms / photo", "share of stage time"], rows) + (
+        f"\n\nOne-time set-up (finding photos, loading the model) took {fmt(e2e['setup_seconds']['median'])} s per run and is "
+        "left out. Stage times are busy time summed over the runner's threads, so stages that overlap add up to more "
+        "than the wall time.")
+
+
+def running_stages(e2e: dict) -> dict[str, float]:
+    """ms per photo of each stage that runs per photo (the one-time set-up stages left out)."""
+    from benchmarks.end_to_end import ONE_TIME_STAGES
+
+    return {name: ms for name, ms in (e2e.get("stage_ms_per_image") or {}).items() if name not in ONE_TIME_STAGES}
+
+
+def memory_table(results: dict) -> str:
+    m = results["memory"]
+    rows = [["benchmark process, peak RSS", fmt(m["benchmark_peak_rss_mib"]), "resource.getrusage"],
+            ["unet-batch process, peak RSS", fmt(m["end_to_end_peak_rss_mib"]), "its own ru_maxrss (benchmarks.launch)"]]
+    if results["device"].startswith("cuda"):
+        rows += [["inference sweep, GPU", fmt(m["inference_gpu_peak_mib"]), m["inference_gpu_method"] or "—"],
+                 ["unet-batch, GPU", fmt(m["end_to_end_gpu_peak_mib"]), m["end_to_end_gpu_method"] or "—"]]
+    return table(["what", "MiB", "measured with"], rows)
+
+
+def machine_table(results: dict) -> str:
+    facts = results["machine"]
+    cpu = facts["cpu"]
+    gpus = "; ".join(f"{g['name']} (driver {g['driver']}, CUDA {g['cuda_driver_api']}, {fmt(g['memory_mib'])} MiB)"
+                     for g in facts["gpus"]) or "none"
+    packages = ", ".join(f"{name} {ver}" for name, ver in facts["packages"].items() if ver)
+    git = facts["git"]
+    revision = (git["commit"][:12] + (" (uncommitted changes)" if git["dirty"] else "")) if git["commit"] else "unknown"
+    rows = [["date (UTC)", facts["date"]], ["CPU", f"{cpu['model']}, {cpu['usable_cores']} usable of {cpu['logical_cores']} "
+            f"logical cores, {fmt(cpu['memory_gib'])} GiB"], ["GPU", gpus], ["packages", packages], ["git revision", revision],
+            ["1-min load average", f"{fmt(cpu['load_average_1min'])} at start, {fmt(facts.get('load_average_1min_at_end'))} at end"],
+            ["python / platform", f"{facts['python']} / {facts['platform']}"]]
+    return table(["", ""], rows)
+
+
+def render_markdown(results: dict) -> str:
+    settings = results["settings"]
+    photos = settings["photos"]
+    source = f"{photos['count']} real photos from `{photos['dir']}`" if photos["kind"] == "real" else f"{photos['count']} synthetic photos"
+    h, w = settings["input_size"]
+    parts = [
+        f"# unet-bench: {machine_name(results)}, {results['suite']} suite",
+        f"{results['machine']['date']} · device `{results['device']}` · {source} · model input {h}x{w} · "
+        f"{settings['threads']} CPU threads · took {results['duration_seconds']:.0f} s",
+        "\n".join(f"> {note}" for note in results["notes"]),
+        "## Summary\n\nMedian over repeats, with the interquartile range.\n\n"
+        + table(["stage", "what", "batch", "images/s", "IQR", "notes"], summary_rows(results)),
+        "\n".join(ratio_lines(results)),
+        "## Inference sweep\n\nPre-decoded batches; on a GPU, input and output stay on the device (I/O binding). "
+        "FLOPs are 2 x the convolutions' multiply-accumulates; % of peak is against the card's dense tensor-core "
+        "datasheet peak (FP16, or TF32 for FP32), and is blank for CPUs.\n\n" + inference_table(results),
+        "## End-to-end stages (median run)\n\n" + stage_table(results),
+        "## Memory\n\n" + memory_table(results),
+        "## Machine\n\n" + machine_table(results),
+    ]
+    return "\n\n".join(part for part in parts if part) + "\n"
+
+
+# ---- compare ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Metric:
+    label: str
+    unit: str
+    value: float
+
+
+def metrics(results: dict) -> dict[str, Metric]:
+    """Comparable figures of one run, keyed so that the same measurement on two machines shares a key."""
+    found: dict[str, Metric] = {}
+    for r in results["decode"]:
+        if r["status"] == "ok":
+            found[f"decode/{r['decoder']}"] = Metric(f"decode {r['label']}", "images/s", r["images_per_second"]["median"])
+    for r in results["inference"]:
+        if r["status"] == "ok":
+            key = f"inference/{r['backend']}/{r['precision']}/{r['model']}/{r['batch_size']}"
+            found[key] = Metric(f"{r['label']} {r['model']} batch {r['batch_size']}", "images/s", r["images_per_second"]["median"])
+    for r in best_inference_rows(results):
+        key = f"inference-best/{r['backend']}/{r['precision']}/{r['model']}"
+        found[key] = Metric(f"{r['label']} {r['model']} fastest batch", "images/s", r["images_per_second"]["median"])
+    e2e = results["end_to_end"]
+    if e2e["status"] == "ok":
+        found["end_to_end"] = Metric(f"end to end ({e2e['model']})", "images/s", e2e["images_per_second"]["median"])
+        found["end_to_end/rss"] = Metric("unet-batch peak RSS", "MiB", e2e["peak_rss_mib"])
+    for r in results["baselines"]:
+        if r["status"] == "ok":
+            found[f"baseline/{r['baseline']}"] = Metric(f"naive {r['label']}", "images/s", r["images_per_second"]["median"])
+    for name, value in results["ratios"]["end_to_end_over_baseline"].items():
+        found[f"ratio/baseline/{name}"] = Metric(f"end to end / naive {name}", "x", value)
+    if results["ratios"]["end_to_end_over_inference"] is not None:
+        found["ratio/inference"] = Metric("end to end / inference alone", "x", results["ratios"]["end_to_end_over_inference"])
+    return found
+
+
+def compare_rows(a: dict, b: dict) -> list[list[str]]:
+    """Rows of metric, unit, A, B and B/A, in A's order then B's extras."""
+    ma, mb = metrics(a), metrics(b)
+    rows = []
+    for key in [*ma, *(k for k in mb if k not in ma)]:
+        va, vb = ma.get(key), mb.get(key)
+        label = (va or vb).label
+        ratio = f"{vb.value / va.value:.2f}x" if va and vb and va.value else "—"
+        rows.append([label, (va or vb).unit, fmt(va.value) if va else "—", fmt(vb.value) if vb else "—", ratio])
+    return rows
+
+
+def render_comparison(a: dict, b: dict, name_a: str = "A", name_b: str = "B") -> str:
+    """Markdown: the two machines, then every metric side by side with B / A."""
+    head = [f"A: {name_a} — {machine_name(a)}, {a['suite']} suite, {a['machine']['date']}",
+            f"B: {name_b} — {machine_name(b)}, {b['suite']} suite, {b['machine']['date']}"]
+    if a["settings"]["input_size"] != b["settings"]["input_size"]:
+        head.append(f"Warning: input sizes differ ({a['settings']['input_size']} vs {b['settings']['input_size']}): "
+                    "images/s are not comparable.")
+    if a["settings"]["photos"]["kind"] != b["settings"]["photos"]["kind"]:
+        head.append("Warning: one run used real photos and the other synthetic ones.")
+    return "\n".join(head) + "\n\n" + table(["metric", "unit", "A", "B", "B / A"], compare_rows(a, b)) + "\n"

@@ -1,0 +1,246 @@
+"""Header checks, Pillow decoding of odd images, and the DALI decoder (CPU mode) against Pillow."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pytest
+from conftest import write_photo
+from PIL import Image
+
+from batch.contract import ModelContract
+from batch.decode import Batch, DaliDecoder, Failure, PillowDecoder, dali_available
+from batch.engine import CpuEngine, load_model, prepare_input
+from batch.images import ImageError, draft_request, load_resized_rgb, probe_image
+from batch.masks import dice
+from batch.plan import Job, make_plan
+
+needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed (pip install '.[dev]')")
+
+
+def jobs_in(folder: Path) -> list[Job]:
+    names = sorted(PurePosixPath(p.relative_to(folder).as_posix()) for p in folder.rglob("*") if p.is_file())
+    return make_plan(folder, folder.parent / "out", names, ("png",), overwrite=False).jobs
+
+
+def run_decoder(decoder, jobs: list[Job]) -> tuple[dict[str, np.ndarray], dict[str, str], list[str]]:
+    """(name -> model input (H, W, C), name -> failure reason, decoder name of each batch)."""
+    images, failures, kinds = {}, {}, []
+    for item in decoder.batches(jobs):
+        if isinstance(item, Failure):
+            failures[item.job.name] = item.reason
+            continue
+        kinds.append(item.decoder)
+        x = item.model_input if item.model_input is not None else item.pixels
+        images.update({job.name: x[i] for i, job in enumerate(item.jobs)})
+    return images, failures, kinds
+
+
+def full_mask(engine: CpuEngine, job: Job, pixels: np.ndarray) -> np.ndarray:
+    """The (H, W) bool mask the engine makes for one photo from its model-sized pixels."""
+    with Image.open(job.source) as im:
+        size = (im.height, im.width)
+    return engine.predict(Batch([job], [size], "test", pixels=pixels[None]))[0].mask() == 255
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height, with (almost) no pixel data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+
+
+# ---- header checks ----------------------------------------------------------------------------
+
+
+def test_probe_reads_format_mode_and_size(tmp_path: Path):
+    write_photo(tmp_path / "a.jpg", (30, 40), seed=0)
+    write_photo(tmp_path / "really_png.jpg", (20, 10), seed=0, fmt="PNG")
+    info = probe_image((tmp_path / "a.jpg").read_bytes(), "a.jpg")
+    assert (info.format, info.mode, info.size) == ("JPEG", "RGB", (30, 40))
+    assert probe_image((tmp_path / "really_png.jpg").read_bytes(), "x").format == "PNG"  # content wins over the name
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "empty file"),
+        (b"hello, this is a text file", "neither JPEG nor PNG"),
+        (b"RIFF\x10\x00\x00\x00WEBPVP8 ", "a WebP file"),
+        (b"\x00\x00\x00\x18ftypheic", "a HEIF/AVIF file"),
+        (b"GIF89a\x01\x00\x01\x00", "a GIF file"),
+        (b"\xff\xd8\xff\xe0\x00\x10JFIF", "unreadable JPEG header"),
+        (png_header_only(20000, 20000), "too large to decode safely"),
+    ],
+)
+def test_probe_rejects_bad_files_naming_them(data: bytes, message: str):
+    with pytest.raises(ImageError, match=message) as error:
+        probe_image(data, "/photos/x.jpg")
+    assert str(error.value).startswith("/photos/x.jpg: ")
+
+
+def test_probe_enforces_the_pixel_limit(tmp_path: Path):
+    write_photo(tmp_path / "a.jpg", (100, 120), seed=0)
+    data = (tmp_path / "a.jpg").read_bytes()
+    assert probe_image(data, "a.jpg", max_pixels=12_000).size == (100, 120)
+    with pytest.raises(ImageError, match="120x100 is 0 megapixels, more than the 0 MP limit; downscale it"):
+        probe_image(data, "a.jpg", max_pixels=11_999)
+
+
+# ---- Pillow: every colour mode becomes the right RGB ---------------------------------------------
+
+
+def test_jpeg_decodes_at_the_smallest_dct_scale_that_covers_the_model_size(tmp_path: Path):
+    assert draft_request((1280, 1918), (320, 480)) == (479, 320)  # libjpeg's 1/4 scale rounds up to 480x320
+    assert draft_request((1280, 1918), (160, 240)) == (239, 160)  # 1/8
+    assert draft_request((1280, 1918), (640, 960)) == (1918, 1280)  # 1/2 would give 959 < 960 columns
+    assert draft_request((5, 7), (64, 96)) == (7, 5)  # upscaling: full size
+    write_photo(tmp_path / "car.jpg", (1280, 1918), seed=0)
+    with Image.open(tmp_path / "car.jpg") as im:
+        im.draft("RGB", draft_request((1280, 1918), (320, 480)))
+        assert im.size == (480, 320)
+        im.load()
+    fast, original = load_resized_rgb(tmp_path / "car.jpg", (320, 480))
+    with Image.open(tmp_path / "car.jpg") as im:
+        full = np.asarray(im.convert("RGB").resize((480, 320), Image.Resampling.BILINEAR))
+    assert original == (1280, 1918) and fast.shape == full.shape
+    assert np.abs(fast.astype(int) - full.astype(int)).mean() < 3  # grey levels
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path: Path):
+    values = np.linspace(0, 65535, 48 * 64).reshape(48, 64).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "g16.png")
+    rgb, original = load_resized_rgb(tmp_path / "g16.png", (48, 64))
+    assert original == (48, 64)
+    np.testing.assert_array_equal(rgb[..., 0], (values >> 8).astype(np.uint8))
+    assert (rgb[..., 0] == rgb[..., 2]).all()
+
+
+@pytest.mark.parametrize("mode, fmt", [("L", "JPEG"), ("CMYK", "JPEG"), ("RGBA", "PNG"), ("P", "PNG"), ("LA", "PNG")])
+def test_odd_modes_decode_close_to_the_rgb_photo(tmp_path: Path, mode: str, fmt: str):
+    reference = tmp_path / "ref.png"
+    write_photo(reference, (64, 96), seed=3)
+    odd = tmp_path / f"odd.{fmt.lower()}"
+    write_photo(odd, (64, 96), seed=3, fmt=fmt, mode=mode)
+    expected, _ = load_resized_rgb(reference, (32, 48))
+    got, original = load_resized_rgb(odd, (32, 48))
+    assert got.shape == (32, 48, 3) and got.dtype == np.uint8 and original == (64, 96)
+    if mode in ("L", "LA"):
+        expected = np.repeat(np.asarray(Image.fromarray(expected).convert("L"))[..., None], 3, axis=2)
+    tolerance = 40 if mode == "P" else 6  # the palette quantizes colours
+    assert np.abs(got.astype(int) - expected.astype(int)).mean() < tolerance
+
+
+def test_pillow_decoder_batches_good_files_and_reports_bad_ones(tmp_path: Path):
+    folder = tmp_path / "in"
+    for i in range(5):
+        write_photo(folder / f"{i}.jpg", (40 + 8 * i, 60), seed=i)
+    (folder / "5_empty.jpg").write_bytes(b"")
+    good = (folder / "0.jpg").read_bytes()
+    (folder / "6_truncated.jpg").write_bytes(good[: len(good) // 2])
+    images, failures, kinds = run_decoder(PillowDecoder((32, 48), batch_size=2, workers=2), jobs_in(folder))
+    assert sorted(images) == [f"{i}.jpg" for i in range(5)]
+    assert all(x.shape == (32, 48, 3) for x in images.values())
+    assert set(kinds) == {"pillow"}
+    assert "empty file" in failures["5_empty.jpg"]
+    assert "truncated" in failures["6_truncated.jpg"]
+
+
+# ---- DALI (CPU backend) ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def photo_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "in"
+    for i in range(6):
+        write_photo(folder / f"{i}.jpg", (192 + 16 * (i % 2), 288), seed=10 + i)
+    return folder
+
+
+@needs_dali
+@pytest.mark.dali
+def test_dali_cpu_and_pillow_agree(photo_folder: Path, tiny_onnx: Path):
+    """Decode differently (full decode + antialiased resize vs DCT scaling), segment the same."""
+    model = load_model(tiny_onnx, "cpu")
+    contract = model.contract
+    jobs = jobs_in(photo_folder)
+    dali_images, dali_failures, kinds = run_decoder(DaliDecoder(contract, 4, 2, device_id=None, tta=False), jobs)
+    pillow_images, _, _ = run_decoder(PillowDecoder(contract.input_size, 4, 2), jobs)
+    assert not dali_failures and set(kinds) == {"dali-cpu"} and dali_images.keys() == pillow_images.keys()
+    engine = CpuEngine(model, threshold=0.5, tta=False)
+    for job in jobs:
+        dali_pixels, pillow_pixels = dali_images[job.name], pillow_images[job.name]
+        assert np.abs(dali_pixels.astype(int) - pillow_pixels.astype(int)).mean() < 4  # grey levels
+        assert dice(full_mask(engine, job, dali_pixels), full_mask(engine, job, pillow_pixels)) > 0.99
+
+
+@needs_dali
+@pytest.mark.dali
+@pytest.mark.parametrize("layout, dtype", [("NCHW", "float32"), ("NHWC", "float16"), ("NCHW", "uint8")])
+def test_dali_prepares_the_model_input_like_numpy(photo_folder: Path, layout: str, dtype: str):
+    contract = ModelContract(64, 96, input_layout=layout, input_dtype=dtype)
+    jobs = jobs_in(photo_folder)[:3]
+    decoder = DaliDecoder(contract, 3, 2, device_id=None, tta=True)
+    batch = next(item for item in decoder.batches(jobs) if isinstance(item, Batch))
+    dali_plain = DaliDecoder(ModelContract(64, 96), 3, 2, device_id=None, tta=False)
+    pixels = next(item for item in dali_plain.batches(jobs) if isinstance(item, Batch)).model_input  # (3, 64, 96, 3) uint8
+    expected = prepare_input(pixels, contract)
+    mirrored = prepare_input(np.ascontiguousarray(pixels[:, :, ::-1]), contract)
+    assert batch.model_input.dtype == expected.dtype and batch.model_input.shape == expected.shape
+    tolerance = 1 if dtype == "uint8" else 1e-2
+    np.testing.assert_allclose(batch.model_input.astype(np.float32), expected.astype(np.float32), atol=tolerance)
+    np.testing.assert_allclose(batch.model_input_flipped.astype(np.float32), mirrored.astype(np.float32), atol=tolerance)
+
+
+@needs_dali
+@pytest.mark.dali
+def test_dali_routes_odd_files_to_pillow_and_lists_bad_ones(photo_folder: Path):
+    write_photo(photo_folder / "cmyk.jpg", (96, 144), seed=1, mode="CMYK")
+    write_photo(photo_folder / "pic.png", (96, 144), seed=2)
+    good = (photo_folder / "0.jpg").read_bytes()
+    (photo_folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (photo_folder / "text.jpg").write_text("not an image")
+    decoder = DaliDecoder(ModelContract(64, 96), 4, 2, device_id=None, tta=False)
+    images, failures, kinds = run_decoder(decoder, jobs_in(photo_folder))
+    assert sorted(failures) == ["text.jpg", "truncated.jpg"]
+    assert "truncated" in failures["truncated.jpg"] and "neither JPEG nor PNG" in failures["text.jpg"]
+    assert {"cmyk.jpg", "pic.png", "0.jpg", "5.jpg"} <= images.keys()
+    assert decoder.pillow_fallbacks == 2 and set(kinds) == {"dali-cpu", "pillow"}
+
+
+@needs_dali
+@pytest.mark.dali
+def test_dali_batch_error_retries_files_one_by_one(photo_folder: Path):
+    data = bytearray((photo_folder / "0.jpg").read_bytes())
+    huffman = data.find(b"\xff\xc4")
+    data[huffman + 5 : huffman + 21] = b"\xff" * 16  # a Huffman table no decoder accepts; the header still parses
+    (photo_folder / "2_bad.jpg").write_bytes(bytes(data))
+    decoder = DaliDecoder(ModelContract(64, 96), 8, 2, device_id=None, tta=False)
+    images, failures, kinds = run_decoder(decoder, jobs_in(photo_folder))
+    assert list(failures) == ["2_bad.jpg"]  # DALI refused it alone, then Pillow too
+    assert sorted(images) == [f"{i}.jpg" for i in range(6)]
+    assert kinds == ["dali-cpu"] * 6  # the good ones of the failed batch, one by one
+
+
+@needs_dali
+@pytest.mark.dali
+def test_files_dali_refuses_go_to_pillow(photo_folder: Path, monkeypatch):
+    """What nvJPEG does with some JPEGs it cannot take, simulated: DALI errors, Pillow decodes."""
+    decoder = DaliDecoder(ModelContract(64, 96), 8, 2, device_id=None, tta=False)
+    real_run = decoder.run_pipeline
+
+    def refuse_three(encoded):
+        if any(e.job.name == "3.jpg" for e in encoded):
+            raise RuntimeError("Critical error in pipeline:\nnvJPEG: unsupported sampling\nCurrent pipeline object is no longer valid.")
+        return real_run(encoded)
+
+    monkeypatch.setattr(decoder, "run_pipeline", refuse_three)
+    images, failures, kinds = run_decoder(decoder, jobs_in(photo_folder))
+    assert not failures and sorted(images) == [f"{i}.jpg" for i in range(6)]
+    assert decoder.pillow_fallbacks == 1 and kinds.count("pillow") == 1

@@ -1,0 +1,109 @@
+"""``unet-batch evaluate`` on masks with known scores."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from batch.cli import main
+from batch.evaluate import EvaluationError, evaluate
+from batch.masks import rle_encode
+
+
+def save_png(path: Path, mask: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(mask.astype(np.uint8) * 255).save(path)
+
+
+def save_kaggle_gif(path: Path, mask: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    gif = Image.fromarray(mask.astype(np.uint8), mode="P")
+    gif.putpalette([0, 0, 0, 255, 255, 255])
+    gif.save(path)
+
+
+def block(shape: tuple[int, int], rows: slice, cols: slice) -> np.ndarray:
+    mask = np.zeros(shape, dtype=bool)
+    mask[rows, cols] = True
+    return mask
+
+
+@pytest.fixture
+def folders(tmp_path: Path) -> tuple[Path, Path]:
+    """Truth: Kaggle GIFs. Predictions (nested): one perfect, one half-overlapping, one empty."""
+    pred, truth = tmp_path / "pred", tmp_path / "truth"
+    shape = (20, 30)
+    car = block(shape, slice(0, 10), slice(0, 10))  # 100 pixels
+    save_kaggle_gif(truth / "car_01_mask.gif", car)
+    save_kaggle_gif(truth / "car_02_mask.gif", car)
+    save_kaggle_gif(truth / "car_03_mask.gif", car)
+    save_kaggle_gif(truth / "car_04_mask.gif", car)  # no prediction
+    save_png(pred / "car_01.png", car)
+    save_png(pred / "sub" / "car_02.png", block(shape, slice(0, 10), slice(5, 15)))  # 50 shared of 100 + 100
+    save_png(pred / "car_03.png", np.zeros(shape, bool))
+    save_png(pred / "car_01_cutout.png", np.ones(shape, bool))  # not a mask
+    save_png(pred / "stray.png", car)  # no truth
+    return pred, truth
+
+
+def test_scores_match_hand_computed_values(folders):
+    evaluation = evaluate(*folders)
+    scores = {row.name: (row.dice, row.iou) for row in evaluation.rows}
+    assert scores == {"car_01": (1.0, 1.0), "car_02": (0.5, pytest.approx(1 / 3)), "car_03": (0.0, 0.0)}
+    assert evaluation.mean_dice == pytest.approx(0.5)
+    assert evaluation.mean_iou == pytest.approx((1 + 1 / 3) / 3)
+    assert evaluation.missing_predictions == ["car_04"] and evaluation.unmatched_predictions == ["stray"]
+
+
+def test_cli_prints_the_means_and_writes_the_csv(folders):
+    pred, truth = folders
+    result = CliRunner().invoke(main, ["evaluate", str(pred), str(truth)])
+    assert result.exit_code == 0, result.output
+    assert "mean Dice 0.50000, mean IoU 0.44444 over 3 images" in result.output
+    assert "1 truths have no prediction" in result.output
+    with open(pred / "evaluation.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["name"], r["dice"]) for r in rows] == [("car_01", "1.000000"), ("car_02", "0.500000"), ("car_03", "0.000000")]
+    assert rows[1]["prediction"].endswith("sub/car_02.png") and rows[1]["truth"].endswith("car_02_mask.gif")
+
+
+def test_size_mismatch_is_reported_and_exits_1(folders, tmp_path: Path):
+    pred, truth = folders
+    save_png(pred / "car_01.png", np.ones((10, 10), bool))
+    result = CliRunner().invoke(main, ["evaluate", str(pred), str(truth), "--csv", str(tmp_path / "scores.csv")])
+    assert result.exit_code == 1
+    assert "car_01: prediction is 10x10, truth is 30x20" in result.output
+    assert "over 2 images" in result.output and (tmp_path / "scores.csv").exists()
+
+
+def test_submission_csv_is_read_when_there_are_no_mask_images(folders, tmp_path: Path):
+    _, truth = folders
+    pred = tmp_path / "rle_only"
+    pred.mkdir()
+    car = block((20, 30), slice(0, 10), slice(0, 10))
+    (pred / "submission.csv").write_text(f"img,rle_mask\ncar_01.jpg,{rle_encode(car)}\ncar_02.jpg,\n")
+    evaluation = evaluate(pred, truth)
+    assert {row.name: row.dice for row in evaluation.rows} == {"car_01": 1.0, "car_02": 0.0}
+
+
+def test_nothing_to_compare_exits_2(folders, tmp_path: Path):
+    pred, truth = folders
+    other = tmp_path / "other"
+    save_png(other / "unrelated.png", np.ones((2, 2), bool))
+    result = CliRunner().invoke(main, ["evaluate", str(other), str(truth)])
+    assert result.exit_code == 2 and "no prediction" in result.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert CliRunner().invoke(main, ["evaluate", str(empty), str(truth)]).exit_code == 2
+
+
+def test_two_predictions_for_one_photo_are_an_error(folders):
+    pred, truth = folders
+    save_png(pred / "other" / "car_01.png", np.ones((20, 30), bool))
+    with pytest.raises(EvaluationError, match="both give the mask of 'car_01'"):
+        evaluate(pred, truth)

@@ -1,0 +1,72 @@
+"""Discovery of inputs and the plan: mirrored outputs, conflicts, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+from batch.plan import find_images, make_plan
+
+
+def touch(root: Path, *names: str) -> None:
+    for name in names:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+
+
+def rels(*names: str) -> list[PurePosixPath]:
+    return [PurePosixPath(n) for n in names]
+
+
+def test_find_images_is_recursive_sorted_and_case_blind(tmp_path: Path):
+    touch(tmp_path, "b.JPG", "a.png", "z/y.jpeg", "m/n/o.Jpg", "notes.txt", "x.gif", ".hidden.jpg", ".cache/k.jpg")
+    (tmp_path / "dir.jpg").mkdir()  # a folder named like an image is not one
+    assert find_images(tmp_path) == rels("a.png", "b.JPG", "m/n/o.Jpg", "z/y.jpeg")
+
+
+def test_output_folder_inside_the_input_is_not_read(tmp_path: Path):
+    touch(tmp_path, "a.jpg", "masks/a.png", "masks/sub/b.png", "other/c.jpg")
+    assert find_images(tmp_path, exclude=tmp_path / "masks") == rels("a.jpg", "other/c.jpg")
+
+
+def test_symlinked_output_folder_is_recognised(tmp_path: Path):
+    touch(tmp_path, "in/a.jpg", "real_out/a.png")
+    (tmp_path / "in" / "out").symlink_to(tmp_path / "real_out")
+    # links to folders are not followed anyway; the excluded folder is matched by identity
+    assert find_images(tmp_path / "in", exclude=tmp_path / "real_out") == rels("a.jpg")
+
+
+def test_plan_mirrors_the_tree(tmp_path: Path):
+    plan = make_plan(tmp_path / "in", tmp_path / "out", rels("a.jpg", "d/b.png"), ("png", "rle"), overwrite=False)
+    assert [job.name for job in plan.jobs] == ["a.jpg", "d/b.png"]
+    assert plan.jobs[1].source == tmp_path / "in" / "d" / "b.png"
+    assert plan.jobs[1].outputs["png"] == tmp_path / "out" / "d" / "b.png"
+    assert plan.jobs[1].todo == ("png", "rle")
+    assert not plan.done and not plan.conflicts
+
+
+def test_same_stem_is_a_conflict_for_both(tmp_path: Path):
+    plan = make_plan(tmp_path / "in", tmp_path / "out", rels("a/x.jpg", "a/x.png", "a/y.jpg", "b/x.jpg"), ("png",), False)
+    assert [job.name for job in plan.jobs] == ["a/y.jpg", "b/x.jpg"]
+    assert [job.name for job, _ in plan.conflicts] == ["a/x.jpg", "a/x.png"]
+    reason = plan.conflicts[0][1]
+    assert "a/x.jpg and a/x.png" in reason and str(tmp_path / "out" / "a" / "x.png") in reason
+
+
+def test_conflicts_depend_on_the_formats(tmp_path: Path):
+    names = rels("car.jpg", "car_cutout.png")
+    assert not make_plan(tmp_path, tmp_path / "out", names, ("png",), False).conflicts
+    assert len(make_plan(tmp_path, tmp_path / "out", names, ("png", "cutout"), False).conflicts) == 2
+    # RLE files are named after the whole input name: x.jpg and x.png can both be in one CSV
+    assert not make_plan(tmp_path, tmp_path / "out", rels("x.jpg", "x.png"), ("rle",), False).conflicts
+
+
+def test_finished_photos_are_skipped_and_partial_ones_completed(tmp_path: Path):
+    out = tmp_path / "out"
+    touch(out, "a.png", "a.gif", "b.png")
+    plan = make_plan(tmp_path, out, rels("a.jpg", "b.jpg", "c.jpg"), ("png", "gif"), overwrite=False)
+    assert [job.name for job in plan.done] == ["a.jpg"]
+    assert [(job.name, job.todo) for job in plan.jobs] == [("b.jpg", ("gif",)), ("c.jpg", ("png", "gif"))]
+    assert [job.name for job in plan.all_jobs] == ["a.jpg", "b.jpg", "c.jpg"]
+    again = make_plan(tmp_path, out, rels("a.jpg", "b.jpg", "c.jpg"), ("png", "gif"), overwrite=True)
+    assert not again.done and all(job.todo == ("png", "gif") for job in again.jobs)

@@ -1,0 +1,93 @@
+"""Logits -> full-size masks: the fast numpy path, its reference, and the ONNX graph the GPU runs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from batch.postprocess import (
+    average_flipped,
+    bilinear_resize,
+    build_postprocess_model,
+    threshold_in_output_units,
+    upsample_threshold,
+)
+
+
+def smooth_scores(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """A blobby logit field with a long boundary (like a car outline) plus texture."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    field = np.sin(yy / max(shape[0], 2) * 7 + rng.uniform(0, 6)) + np.cos(xx / max(shape[1], 2) * 9 + rng.uniform(0, 6))
+    return (4 * field + rng.normal(0, 0.5, shape)).astype(np.float32)
+
+
+def run_graph(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)[0]
+
+
+def test_bilinear_reference_matches_hand_computed_half_pixel_values():
+    row = np.array([[0.0, 1.0]], dtype=np.float32)  # (1, 2) -> (1, 4): sample at -0.25, 0.25, 0.75, 1.25 (clamped)
+    np.testing.assert_allclose(bilinear_resize(row, (1, 4)), [[0.0, 0.25, 0.75, 1.0]])
+    column = np.array([[0.0], [4.0]], dtype=np.float32)  # (2, 1) -> (3, 1): -1/6, 1/2, 7/6 (clamped)
+    np.testing.assert_allclose(bilinear_resize(column, (3, 1)), [[0.0], [2.0], [4.0]], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "source, target",
+    [((80, 120), (1280, 1918)), ((32, 48), (100, 37)), ((40, 60), (40, 60)), ((64, 96), (20, 30)), ((1, 5), (3, 17)), ((16, 16), (1, 1))],
+)
+def test_fast_upsample_equals_full_bilinear_then_threshold(source, target):
+    rng = np.random.default_rng(sum(source) + sum(target))
+    scores = smooth_scores(rng, source)
+    for cut in (0.0, 1.5):
+        mask = upsample_threshold(scores, target, cut)
+        assert mask.shape == target and mask.dtype == np.uint8
+        assert set(np.unique(mask)) <= {0, 255}
+        np.testing.assert_array_equal(mask == 255, bilinear_resize(scores, target) > cut)
+
+
+def test_uniform_scores_need_no_interpolation():
+    assert (upsample_threshold(np.full((8, 12), 3.0, np.float32), (50, 70), 0.0) == 255).all()
+    assert (upsample_threshold(np.full((8, 12), -3.0, np.float32), (50, 70), 0.0) == 0).all()
+
+
+def test_thresholds_in_output_units():
+    assert threshold_in_output_units(0.5, "logits") == 0.0
+    assert threshold_in_output_units(0.8, "logits") == pytest.approx(math.log(4))
+    assert threshold_in_output_units(0.8, "probabilities") == 0.8
+
+
+def test_average_flipped_undoes_the_mirror():
+    scores = np.arange(24, dtype=np.float32).reshape(1, 1, 4, 6)
+    np.testing.assert_array_equal(average_flipped(scores, scores[..., ::-1]), scores)
+
+
+@pytest.mark.parametrize("score_type", [onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16])
+def test_postprocess_graph_agrees_with_numpy(score_type):
+    """The graph the CUDA provider runs, here on the CPU provider: same masks as upsample_threshold."""
+    rng = np.random.default_rng(0)
+    dtype = np.float16 if score_type == onnx.TensorProto.FLOAT16 else np.float32
+    scores = np.stack([smooth_scores(rng, (48, 72)) for _ in range(3)])[:, None].astype(dtype)  # (3, 1, 48, 72)
+    cut = 0.7
+    masks = run_graph(build_postprocess_model(score_type, cut, tta=False), {"scores": scores, "sizes": np.array([3, 1, 130, 201])})
+    assert masks.shape == (3, 1, 130, 201) and masks.dtype == np.uint8
+    for i in range(3):
+        expected = upsample_threshold(scores[i, 0].astype(np.float32), (130, 201), cut)
+        assert (masks[i, 0] != expected).mean() < 1e-4  # float rounding at exact ties only
+
+
+def test_postprocess_graph_averages_the_flipped_prediction():
+    rng = np.random.default_rng(1)
+    scores = smooth_scores(rng, (32, 48))[None, None]  # (1, 1, 32, 48)
+    flipped = smooth_scores(rng, (32, 48))[None, None]
+    graph = build_postprocess_model(onnx.TensorProto.FLOAT, 0.0, tta=True)
+    masks = run_graph(graph, {"scores": scores, "flipped": flipped, "sizes": np.array([1, 1, 64, 96])})
+    expected = upsample_threshold(average_flipped(scores, flipped)[0, 0], (64, 96), 0.0)
+    assert (masks[0, 0] != expected).mean() < 1e-4
+    # and the flip matters: without un-flipping, the masks would differ
+    assert not np.array_equal(expected, upsample_threshold((scores + flipped)[0, 0] / 2, (64, 96), 0.0))
