@@ -63,6 +63,14 @@ SUITES: dict[str, dict[str, SuiteConfig]] = {
                             batch_sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256), max_batch_seconds=10.0, e2e_images=1600,
                             e2e_repeats=3, baseline_images=64, dali_batch=64, tensorrt_all_widths=True),
     },
+    # The classic width-64 U-Net alone, for `--size 640x960 --width 64`: few photos, since one takes
+    # seconds on a CPU; the end-to-end / inference / naive-loop ratios are what it is for.
+    "classic": {
+        "cpu": SuiteConfig(name="classic", images=4, warmup=1, repeats=2, widths=(64,), batch_sizes=(1, 2),
+                           max_batch_seconds=120.0, e2e_images=6, e2e_repeats=1, baseline_images=3, dali_batch=4),
+        "cuda": SuiteConfig(name="classic", images=64, warmup=3, repeats=5, widths=(64,), batch_sizes=(1, 8, 32, 64),
+                            max_batch_seconds=5.0, e2e_images=1024, e2e_repeats=2, baseline_images=16, dali_batch=32),
+    },
     # Seconds: checks that every stage runs (CI). Its figures mean nothing; use it with --size 32x48.
     "smoke": {
         kind: SuiteConfig(name="smoke", images=4, warmup=0, repeats=2, widths=(4, 8), batch_sizes=(1, 2),
