@@ -149,3 +149,13 @@ def test_short_run_on_real_carvana_photos(carvana_dir, tmp_path):
     assert state.epoch == 1 and 0 <= record["val_dice"] <= 1
     checkpoint = load_checkpoint(run / "best.pt")
     assert checkpoint["input_size"] == [80, 112] and checkpoint["train_images"] == 16 and checkpoint["val_images"] == 16
+
+
+def test_last_checkpoint_keeps_adam_moments_in_bfloat16(kaggle_dir, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(kaggle_dir, run, epochs=1), TINY, progress=False)
+    moments = torch.load(run / "last.pt", weights_only=True)["optimizer"]["state"]
+    assert moments and all(slots["exp_avg"].dtype == torch.bfloat16 for slots in moments.values())
+    trainer = Trainer(tiny_config(kaggle_dir, run, epochs=2), TINY, resume=run / "last.pt", progress=False)
+    restored = trainer.optimizer.state_dict()["state"]
+    assert all(slots["exp_avg_sq"].dtype == torch.float32 for slots in restored.values())

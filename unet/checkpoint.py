@@ -62,6 +62,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
+def compact_optimizer_state(optimizer_state: dict) -> dict:
+    """The optimizer's floating-point state (Adam's moments) in bfloat16: a third smaller ``last.pt``.
+
+    ``Optimizer.load_state_dict`` casts the moments back to the parameters' dtype, so a resumed run
+    continues with moments rounded to 8 bits of mantissa: not bit-exact, harmless to training, and
+    it keeps the ``last.pt`` of a width-16 U-Net under 20 MB, small enough to carry in a repository
+    between sessions.
+    """
+    def shrink(value):
+        return value.to(torch.bfloat16) if torch.is_tensor(value) and value.is_floating_point() and value.dim() else value
+
+    state = {param: {k: shrink(v) for k, v in slots.items()} for param, slots in optimizer_state["state"].items()}
+    return {**optimizer_state, "state": state}
+
+
 def model_from_checkpoint(state: dict) -> UNet:
     """Rebuild the network from a loaded checkpoint, in eval mode."""
     model = UNet(UNetConfig.from_dict(state["model_config"]))

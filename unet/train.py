@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from unet import __version__
-from unet.checkpoint import load_checkpoint, save_checkpoint
+from unet.checkpoint import compact_optimizer_state, load_checkpoint, save_checkpoint
 from unet.data import (
     DataError,
     cache_samples,
@@ -236,7 +236,7 @@ class Trainer:
         }
         if with_optimizer:
             state |= {
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": compact_optimizer_state(self.optimizer.state_dict()),
                 "scaler": self.scaler.state_dict(),
                 "step": self.state.step,
                 "best_val_dice": self.state.best_val_dice,
