@@ -117,12 +117,20 @@ def encode(fmt: str, mask: np.ndarray, photo: Image.Image | None = None) -> byte
 # Files.
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+def write_atomic(path: Path, data: bytes, durable: bool = False) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
+
+    A process killed at any moment leaves the old file or the new one, never a partial one.
+    ``durable`` also flushes the data to disk before the rename (survives a power cut; slower).
+    """
+    path = Path(path)
     temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
     try:
         with open(temp, "wb") as f:
             f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)

@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -28,6 +27,7 @@ from torch.export import Dim
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from batch.contract import ContractError, ModelContract
+from batch.formats import write_atomic as write_file_atomic
 from unet import __version__
 from unet.checkpoint import load_checkpoint, model_from_checkpoint
 from unet.model import UNet, nearest_multiples
@@ -304,25 +304,11 @@ def finish(proto: onnx.ModelProto, contract: ModelContract) -> None:
 
 
 def write_atomic(proto: onnx.ModelProto, out: Path) -> None:
-    """Serialize to a temp file next to ``out``, then rename it into place: never a partial ``out``."""
+    """Serialize to a temp file next to ``out``, flush it to disk, then rename: never a partial ``out``."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp", dir=out.parent)
+        write_file_atomic(out, proto.SerializeToString(), durable=True)
     except OSError as e:
-        raise ExportError(f"cannot write {out}: {e.strerror}. Choose a writable -o path.") from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(proto.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a model file is as readable as any other
-        os.replace(tmp, out)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise ExportError(f"cannot write {out}: {e.strerror or e}. Choose a writable -o path.") from e
-        raise
+        raise ExportError(f"cannot write {out}: {e.strerror or e}. Choose a writable -o path.") from e
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------

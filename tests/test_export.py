@@ -321,7 +321,7 @@ def test_failed_write_leaves_no_partial_file_and_keeps_the_old_one(tmp_path, mon
     def disk_full(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("export.onnx_export.os.replace", disk_full)
+    monkeypatch.setattr("batch.formats.os.replace", disk_full)
     with pytest.raises(ExportError, match="cannot write .*m.onnx: No space left on device"):
         write_atomic(small_model_proto(), out)
     assert files_in(tmp_path) == ["m.onnx"] and out.read_bytes() == b"the previous model"
@@ -331,7 +331,7 @@ def test_interrupted_write_leaves_no_temp_file(tmp_path, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("export.onnx_export.os.fsync", interrupt)
+    monkeypatch.setattr("batch.formats.os.fsync", interrupt)
     with pytest.raises(KeyboardInterrupt):
         write_atomic(small_model_proto(), tmp_path / "m.onnx")
     assert files_in(tmp_path) == []

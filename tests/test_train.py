@@ -92,7 +92,7 @@ def test_ctrl_c_saves_last_checkpoint(kaggle_dir, tmp_path, monkeypatch):
         trainer.run()
     saved = torch.load(run / "last.pt", weights_only=True)
     assert saved["epoch"] == 1 and "optimizer" in saved
-    assert not list(run.glob(".*.tmp"))
+    assert not list(run.glob(".*"))  # no temporary file left behind
 
 
 def test_learning_rate_warms_up_then_decays():

@@ -8,14 +8,14 @@ Keys: ``kind``, ``format``, ``model`` (state_dict), ``model_config``, ``train_co
 
 from __future__ import annotations
 
-import os
+import io
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 
+from batch.formats import write_atomic
 from unet.model import UNet, UNetConfig
 
 KIND = "carvana-unet-checkpoint"
@@ -27,19 +27,10 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Write atomically: a temp file in the same folder, then a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save({"kind": KIND, "format": FORMAT, **state}, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is as readable as any other file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write atomically (a temp file in the same folder, flushed to disk, then a rename)."""
+    buffer = io.BytesIO()
+    torch.save({"kind": KIND, "format": FORMAT, **state}, buffer)
+    write_atomic(Path(path), buffer.getvalue(), durable=True)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

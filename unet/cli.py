@@ -52,6 +52,9 @@ def main(data_dir, out_dir, epochs, batch_size, scale, size, width, depth, upsam
     except TrainingInterrupted as e:
         click.echo(f"\n{e}; continue with --resume {e.checkpoint}", err=True)
         sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted before the first epoch began: nothing was saved", err=True)
+        sys.exit(130)
     except (DataError, CheckpointError, ValueError) as e:
         raise InputError(str(e)) from e
     click.echo(f"done: {state.epoch} epochs, best validation Dice {state.best_val_dice:.4f} -> {out_dir}/best.pt")
