@@ -69,6 +69,14 @@ def test_resume_continues_where_it_stopped(kaggle_dir, tmp_path):
     assert not torch.equal(last["model"]["head.weight"], first["model"]["head.weight"])
 
 
+def test_resume_into_a_new_folder_carries_the_history(kaggle_dir, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    train(tiny_config(kaggle_dir, first, epochs=1), TINY, progress=False)
+    train(tiny_config(kaggle_dir, second, epochs=2), TINY, resume=first / "last.pt", progress=False)
+    assert [m["epoch"] for m in read_metrics(second)] == [1, 2]
+    assert read_metrics(second)[0] == read_metrics(first)[0]
+
+
 def test_resume_needs_last_not_best(kaggle_dir, tmp_path):
     run = tmp_path / "run"
     train(tiny_config(kaggle_dir, run, epochs=1), TINY, progress=False)

@@ -270,10 +270,12 @@ class Trainer:
     def run(self) -> RunState:
         self.out.mkdir(parents=True, exist_ok=True)
         self.write_config()
+        metrics = self.out / "metrics.jsonl"
+        if self.state.history and not metrics.exists():  # resumed into a new folder: carry the earlier epochs over
+            metrics.write_text("".join(json.dumps(record) + "\n" for record in self.state.history))
         try:
             while self.state.epoch < self.cfg.epochs:
                 record = self.run_epoch()
-                self.state.history.append(record)
                 with open(self.out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
                 log.info("epoch %d: %s", record["epoch"], json.dumps(record))
@@ -303,6 +305,7 @@ class Trainer:
             "train_images_per_second": round(images_per_second, 2),
             "seconds": round(time.perf_counter() - start, 2),
         }
+        self.state.history.append(record)
         save_checkpoint(self.checkpoint_state(val_dice, with_optimizer=True), self.out / "last.pt")
         return record
 
