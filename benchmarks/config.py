@@ -52,7 +52,7 @@ SUITES: dict[str, dict[str, SuiteConfig]] = {
     # About two minutes on a shared 2-core CPU.
     "quick": {
         "cpu": SuiteConfig(name="quick", images=16, warmup=1, repeats=3, widths=WIDTHS, batch_sizes=(1, 2, 4),
-                           max_batch_seconds=2.5, e2e_images=8, e2e_repeats=2, baseline_images=6, dali_batch=8),
+                           max_batch_seconds=2.5, e2e_images=96, e2e_repeats=2, baseline_images=6, dali_batch=8),
         "cuda": SuiteConfig(name="quick", images=64, warmup=3, repeats=5, widths=WIDTHS, batch_sizes=(1, 8, 32, 64),
                             max_batch_seconds=5.0, e2e_images=512, e2e_repeats=2, baseline_images=16, dali_batch=32),
     },
