@@ -154,7 +154,7 @@ def augment(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, gen: torch.Gener
     return x, y
 
 
-def to_input(images: np.ndarray, cfg: TrainConfig, device: torch.device, channels_last: bool) -> torch.Tensor:
+def to_input(images: np.ndarray, device: torch.device, channels_last: bool) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [0, 1] on ``device``."""
     x = torch.from_numpy(images).to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
@@ -330,7 +330,7 @@ class Trainer:
                 lr = lr_at(self.state.step, total_steps, warmup_steps, cfg.lr)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                x = to_input(self.train_set.images[idx], cfg, self.device, self.cuda)
+                x = to_input(self.train_set.images[idx], self.device, self.cuda)
                 y = torch.from_numpy(self.train_set.targets[idx]).to(self.device)[:, None].float().div_(255)
                 x, y = augment(x, y, cfg, self.gen)
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
@@ -357,7 +357,7 @@ class Trainer:
         losses, scores = [], []
         for first in tqdm(range(0, len(data), cfg.batch_size), desc="validate", unit="batch", disable=not self.progress):
             idx = np.arange(first, min(first + cfg.batch_size, len(data)))
-            x = to_input(data.images[idx], cfg, self.device, self.cuda)
+            x = to_input(data.images[idx], self.device, self.cuda)
             y = torch.from_numpy(data.targets[idx]).to(self.device)[:, None].float().div_(255)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 logits = model(normalize(x, cfg)).float()
