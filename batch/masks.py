@@ -57,6 +57,15 @@ def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
     return flat.reshape(height, width)
 
 
+def area_fraction(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A (H, W) bool mask shrunk to ``size`` (h, w): each pixel's car fraction * 255, uint8 (soft at edges).
+
+    This is the training target at the model's input size (a box filter, so every source pixel counts once).
+    """
+    height, width = size
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.Resampling.BOX))
+
+
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     """Dice coefficient of two bool masks; 1.0 when both are empty (Kaggle's convention)."""
     check_same_shape(pred, truth)

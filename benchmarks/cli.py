@@ -13,6 +13,7 @@ from benchmarks.config import DEFAULT_WIDTH, SUITES, RunConfig
 from benchmarks.errors import BenchError
 from benchmarks.report import load_results, ratio_lines, render_comparison
 from benchmarks.suite import failures, run_suite, write_outputs
+from benchmarks.tradeoff import run_tradeoff, spread_sample, write_tradeoff
 
 CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
 CHATTY_LIBRARIES = ("onnxscript", "onnx_ir", "torch.onnx")  # the exporter's INFO lines and torchvision notices
@@ -38,6 +39,20 @@ def parse_widths(ctx, param, value: str | None) -> tuple[int, ...]:
     if min(widths) < 1:
         raise click.BadParameter("widths must be positive")
     return widths
+
+
+def parse_sizes(ctx, param, value: str) -> tuple[tuple[int, int], ...]:
+    return tuple(SIZE.convert(v, param, ctx) for v in value.split(","))
+
+
+def parse_depths(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        depths = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of depths, e.g. 4,5") from None
+    if not all(1 <= d <= 8 for d in depths):
+        raise click.BadParameter("depths must be between 1 and 8")
+    return depths
 
 
 @click.group(context_settings=CONTEXT)
@@ -97,3 +112,37 @@ def compare(a, b):
     except BenchError as e:
         raise InputError(str(e)) from e
     click.echo(render_comparison(first, second, str(a), str(b)), nl=False)
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--masks", "masks_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Ground-truth masks for the resolution ceiling, e.g. ../shared/data/carvana/train_masks.")
+@click.option("--limit", type=click.IntRange(min=1), default=160, help="Masks used, evenly spaced over the sorted folder.")
+@click.option("--sizes", callback=parse_sizes, default="160x240,256x384,320x480,480x720,640x960", help="Input sizes HxW.")
+@click.option("--widths", callback=parse_widths, default="8,16,32", help="U-Net widths.")
+@click.option("--depths", callback=parse_depths, default="4", help="U-Net depths.")
+@click.option("--run", "run_dirs", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A unet-train run folder whose best validation Dice joins the table (repeatable).")
+@click.option("--device", type=DEVICE, default="cpu", help="cpu (FP32) or cuda[:N] (FP16, I/O binding).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("unet-bench-tradeoff"),
+              help="Folder for tradeoff.json and tradeoff.md.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=default_cache_dir,
+              show_default="$XDG_CACHE_HOME/unet-bench or ~/.cache/unet-bench", help="Exported random-weight models.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@click.option("-v", "--verbose", is_flag=True)
+def tradeoff(masks_dir, limit, sizes, widths, depths, run_dirs, device, out_dir, cache_dir, no_progress, verbose):
+    """Dice/speed trade-off of input size, width and depth: each size's resolution ceiling (the Dice of a
+    perfect model), each configuration's inference speed, and trained runs' validation Dice."""
+    if device == "auto":
+        raise InputError("--device auto is ambiguous for a sizing table: pass cpu or cuda")
+    masks = spread_sample([p for p in masks_dir.iterdir() if p.is_file() and not p.name.startswith(".")], limit)
+    try:
+        with setup_logging(verbose):
+            quiet_libraries(verbose)
+            results = run_tradeoff(mask_paths=masks, sizes=sizes, widths=widths or (8, 16, 32), depths=depths,
+                                   run_dirs=run_dirs, device=device, cache_dir=cache_dir, progress=not no_progress)
+            paths = write_tradeoff(results, out_dir)
+    except (BenchError, ValueError) as e:
+        raise InputError(str(e)) from e
+    click.echo(paths["md"].read_text(), nl=False)
+    click.echo(f"wrote {paths['json']} and {paths['md']}")

@@ -69,6 +69,17 @@ def test_resume_continues_where_it_stopped(kaggle_dir, tmp_path):
     assert not torch.equal(last["model"]["head.weight"], first["model"]["head.weight"])
 
 
+def test_stop_after_pauses_on_the_full_schedule(kaggle_dir, tmp_path):
+    paused, whole = tmp_path / "paused", tmp_path / "whole"
+    state = train(tiny_config(kaggle_dir, paused, epochs=3), TINY, progress=False, stop_after=1)
+    assert state.epoch == 1
+    train(tiny_config(kaggle_dir, paused, epochs=3), TINY, resume=paused / "last.pt", progress=False)
+    train(tiny_config(kaggle_dir, whole, epochs=3), TINY, progress=False)
+    # The same learning rates as one uninterrupted run: the pause did not shorten the schedule.
+    assert [m["lr"] for m in read_metrics(paused)] == pytest.approx([m["lr"] for m in read_metrics(whole)])
+    assert [m["epoch"] for m in read_metrics(paused)] == [1, 2, 3]
+
+
 def test_resume_into_a_new_folder_carries_the_history(kaggle_dir, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     train(tiny_config(kaggle_dir, first, epochs=1), TINY, progress=False)
@@ -122,6 +133,16 @@ def test_cli_writes_a_run_folder(kaggle_dir, tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["model_config"]["width"] == 4 and config["input_size"] == [32, 48]
     assert len(config["val_images"]) == 4
+
+
+def test_cli_stop_after_says_how_to_continue(kaggle_dir, tmp_path):
+    run = tmp_path / "run"
+    args = [str(kaggle_dir), "--out", str(run), "--epochs", "3", "--stop-after", "1", "--batch-size", "4", "--scale", "0.5",
+            "--width", "4", "--depth", "2", "--device", "cpu", "--val-cars", "1", "--no-progress"]
+    result = CliRunner().invoke(train_cli, args)
+    assert result.exit_code == 0, result.output
+    assert "paused after epoch 1 of 3" in result.output and f"--resume {run / 'last.pt'}" in result.output
+    assert len(read_metrics(run)) == 1
 
 
 @pytest.mark.parametrize(

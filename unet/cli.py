@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -30,11 +31,13 @@ from unet.train import TrainConfig, TrainingInterrupted, train
 @click.option("--workers", default=2, type=click.IntRange(min=1), help="Threads that decode photos into the cache.")
 @click.option("--limit", default=None, type=click.IntRange(min=2), help="Use only the first N photo/mask pairs.")
 @click.option("--resume", default=None, type=click.Path(exists=True, dir_okay=False), help="Continue from a last.pt.")
+@click.option("--stop-after", default=None, type=click.IntRange(min=1),
+              help="Pause after this many epochs of this call; the schedule still spans --epochs (continue with --resume).")
 @click.option("--seed", default=0, type=int)
 @click.option("--no-progress", is_flag=True, help="Hide progress bars (logs still go to stderr).")
 @click.option("-v", "--verbose", is_flag=True)
 def main(data_dir, out_dir, epochs, batch_size, scale, size, width, depth, upsample, lr, val_cars, device, workers,
-         limit, resume, seed, no_progress, verbose):
+         limit, resume, stop_after, seed, no_progress, verbose):
     """Train a U-Net on DATA_DIR (train/ + train_masks/, or images/ + masks/) into the run folder --out."""
     if scale is not None and size is not None:
         raise click.UsageError("give --scale or --size, not both")
@@ -48,7 +51,7 @@ def main(data_dir, out_dir, epochs, batch_size, scale, size, width, depth, upsam
             seed=seed, device=device, workers=workers, limit=limit,
         )
         with setup_logging(verbose):
-            state = train(cfg, model_cfg, resume=resume, progress=not no_progress)
+            state = train(cfg, model_cfg, resume=resume, progress=not no_progress, stop_after=stop_after)
     except TrainingInterrupted as e:
         click.echo(f"\n{e}; continue with --resume {e.checkpoint}", err=True)
         sys.exit(130)
@@ -57,4 +60,8 @@ def main(data_dir, out_dir, epochs, batch_size, scale, size, width, depth, upsam
         sys.exit(130)
     except (DataError, CheckpointError, ValueError) as e:
         raise InputError(str(e)) from e
-    click.echo(f"done: {state.epoch} epochs, best validation Dice {state.best_val_dice:.4f} -> {out_dir}/best.pt")
+    if state.epoch < epochs:
+        click.echo(f"paused after epoch {state.epoch} of {epochs}, best validation Dice {state.best_val_dice:.4f}; "
+                   f"continue with --resume {Path(out_dir) / 'last.pt'}")
+    else:
+        click.echo(f"done: {state.epoch} epochs, best validation Dice {state.best_val_dice:.4f} -> {out_dir}/best.pt")

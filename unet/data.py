@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from batch.images import is_image_file, load_resized_rgb
-from batch.masks import MaskError, read_mask
+from batch.masks import MaskError, area_fraction, read_mask
 
 log = logging.getLogger(__name__)
 
@@ -171,9 +171,7 @@ def load_pair(sample: Sample, size: tuple[int, int]) -> tuple[np.ndarray, np.nda
             f"mask {sample.mask} is {mask.shape[1]}x{mask.shape[0]} but photo {sample.image} is "
             f"{original[1]}x{original[0]}: a mask must have its photo's size"
         )
-    height, width = size
-    target = Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.Resampling.BOX)
-    return image, np.asarray(target), mask
+    return image, area_fraction(mask, size), mask
 
 
 def cache_samples(

@@ -267,14 +267,18 @@ class Trainer:
         (self.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     # ---- loop -------------------------------------------------------------------------------
-    def run(self) -> RunState:
+    def run(self, stop_after: int | None = None) -> RunState:
+        """Train up to ``cfg.epochs``, or only ``stop_after`` more epochs of that schedule (resume later)."""
+        if stop_after is not None and stop_after < 1:
+            raise ValueError(f"stop_after must be >= 1 epoch, got {stop_after}")
+        target = self.cfg.epochs if stop_after is None else min(self.cfg.epochs, self.state.epoch + stop_after)
         self.out.mkdir(parents=True, exist_ok=True)
         self.write_config()
         metrics = self.out / "metrics.jsonl"
         if self.state.history and not metrics.exists():  # resumed into a new folder: carry the earlier epochs over
             metrics.write_text("".join(json.dumps(record) + "\n" for record in self.state.history))
         try:
-            while self.state.epoch < self.cfg.epochs:
+            while self.state.epoch < target:
                 record = self.run_epoch()
                 with open(self.out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -366,6 +370,11 @@ class Trainer:
         return sum(losses) / len(data), scores
 
 
-def train(cfg: TrainConfig, model_cfg: UNetConfig, resume: str | Path | None = None, progress: bool = True) -> RunState:
-    """Train a U-Net as ``cfg`` says; return the run's state (epochs done, best Dice, per-epoch history)."""
-    return Trainer(cfg, model_cfg, resume=resume, progress=progress).run()
+def train(cfg: TrainConfig, model_cfg: UNetConfig, resume: str | Path | None = None, progress: bool = True,
+          stop_after: int | None = None) -> RunState:
+    """Train a U-Net as ``cfg`` says; return the run's state (epochs done, best Dice, per-epoch history).
+
+    ``stop_after`` pauses after that many epochs of this call, on the schedule of ``cfg.epochs``: a
+    run spread over sessions, or several configurations compared at the same point of one schedule.
+    """
+    return Trainer(cfg, model_cfg, resume=resume, progress=progress).run(stop_after)
