@@ -14,7 +14,7 @@ import click
 
 from batch.clitypes import DEVICE, InputError, setup_logging
 from batch.engine import cpu_count
-from batch.evaluate import EvaluationError, evaluate, write_csv
+from batch.evaluate import EvaluationError, evaluate, write_csv, write_error_maps
 from batch.formats import FORMATS
 from batch.segment import DECODERS, SegmentConfig, SegmentError, segment
 
@@ -96,8 +96,12 @@ def segment_command(input_dir: Path, output_dir: Path, verbose: bool, **options)
     "--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), help="per-image scores [default: PRED_DIR/evaluation.csv]"
 )
 @click.option("--workers", type=click.IntRange(min=1), default=cpu_count(), help="reader threads")
+@click.option("--photos", "photos_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="the segmented photos: draw the worst images' errors on them into PRED_DIR/errors/")
+@click.option("--worst", type=click.IntRange(min=1), default=5, help="how many error pictures --photos draws")
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
-def evaluate_command(pred_dir: Path, gt_dir: Path, csv_path: Path | None, workers: int, verbose: bool) -> None:
+def evaluate_command(pred_dir: Path, gt_dir: Path, csv_path: Path | None, workers: int, photos_dir: Path | None,
+                     worst: int, verbose: bool) -> None:
     """Mean per-image Dice (the Kaggle metric) and IoU of the masks in PRED_DIR against GT_DIR.
 
     Files are matched by name: x.png in PRED_DIR (any sub-folder) against x.png, x.gif or Kaggle's
@@ -111,8 +115,15 @@ def evaluate_command(pred_dir: Path, gt_dir: Path, csv_path: Path | None, worker
             raise InputError(str(e)) from e
         csv_path = csv_path or pred_dir / "evaluation.csv"
         write_csv(evaluation, csv_path)
+        try:
+            pictures = write_error_maps(evaluation, pred_dir, photos_dir, pred_dir / "errors", worst) if photos_dir else []
+        except EvaluationError as e:
+            raise InputError(str(e)) from e
     click.echo(evaluation.summary())
     click.echo(f"per-image scores: {csv_path}")
+    if pictures:
+        click.echo(f"errors of the {len(pictures)} worst (green: car found, red: car missed, blue: background taken "
+                   f"for car): {pictures[0].parent}")
     if evaluation.errors:
         for row in evaluation.errors[:SHOWN_FAILURES]:
             click.echo(f"  {row.name}: {row.error}", err=True)

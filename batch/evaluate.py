@@ -20,13 +20,17 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from batch.formats import SUBMISSION_NAME, write_atomic
+from PIL import UnidentifiedImageError
+
+from batch.formats import SUBMISSION_NAME, render_errors, write_atomic
+from batch.images import load_rgb
 from batch.masks import MaskError, dice, iou, read_mask, rle_decode
 
 log = logging.getLogger(__name__)
 
 PREDICTION_SUFFIXES = (".png", ".gif")
 TRUTH_SUFFIXES = (".png", ".gif", ".jpg", ".jpeg")
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
 NOT_MASKS = ("_cutout", "_overlay")  # other outputs of unet-batch segment
 
 
@@ -133,20 +137,27 @@ def compare(name: str, prediction: str, truth: Path, load_prediction: Callable[[
     return Row(name, prediction, str(truth), dice=dice(predicted, expected), iou=iou(predicted, expected))
 
 
+Loader = tuple[str, Callable[[tuple[int, int]], np.ndarray]]  # (label, shape -> bool mask)
+
+
+def prediction_loaders(pred_dir: Path) -> dict[str, Loader]:
+    """stem -> how to read its predicted mask: the mask images under PRED_DIR, else its submission.csv."""
+    predictions = index_by_stem(pred_dir, PREDICTION_SUFFIXES, strip="_mask")
+    submission = pred_dir / SUBMISSION_NAME
+    if predictions:
+        return {stem: (str(path), partial(read_prediction, path)) for stem, path in predictions.items()}
+    if submission.is_file():
+        log.info("no mask images under %s: reading %s", pred_dir, submission)
+        rles = read_submission(submission)
+        return {stem: (f"{submission}:{stem}", partial(rle_decode, rle)) for stem, rle in rles.items()}
+    raise EvaluationError(f"no predicted masks (.png, .gif) and no {SUBMISSION_NAME} under {pred_dir}")
+
+
 def evaluate(pred_dir: Path, gt_dir: Path, workers: int = 4) -> Evaluation:
     truths = index_by_stem(gt_dir, TRUTH_SUFFIXES, strip="_mask")
     if not truths:
         raise EvaluationError(f"no mask files (.png, .gif, .jpg) under {gt_dir}")
-    predictions = index_by_stem(pred_dir, PREDICTION_SUFFIXES, strip="_mask")
-    submission = pred_dir / SUBMISSION_NAME
-    if predictions:
-        loaders = {stem: (str(path), partial(read_prediction, path)) for stem, path in predictions.items()}
-    elif submission.is_file():
-        log.info("no mask images under %s: reading %s", pred_dir, submission)
-        rles = read_submission(submission)
-        loaders = {stem: (f"{submission}:{stem}", partial(rle_decode, rle)) for stem, rle in rles.items()}
-    else:
-        raise EvaluationError(f"no predicted masks (.png, .gif) and no {SUBMISSION_NAME} under {pred_dir}")
+    loaders = prediction_loaders(pred_dir)
     names = sorted(loaders.keys() & truths.keys())
     if not names:
         raise EvaluationError(
@@ -165,6 +176,36 @@ def evaluate(pred_dir: Path, gt_dir: Path, workers: int = 4) -> Evaluation:
         missing_predictions=sorted(truths.keys() - loaders.keys()),
         unmatched_predictions=sorted(loaders.keys() - truths.keys()),
     )
+
+
+def write_error_maps(evaluation: Evaluation, pred_dir: Path, photos_dir: Path, out_dir: Path, worst: int) -> list[Path]:
+    """Draw the ``worst`` lowest-Dice images' errors on their photos (``batch.formats.render_errors``) as
+    ``out_dir/<rank>_<name>_dice<score>.jpg``; returns the files written."""
+    photos = index_by_stem(photos_dir, PHOTO_SUFFIXES, strip="")
+    ranked = sorted(evaluation.scored, key=lambda row: row.dice)[:worst]
+    missing = [row.name for row in ranked if row.name not in photos]
+    if missing:
+        raise EvaluationError(f"no photo named {', '.join(missing[:5])} (.jpg, .jpeg, .png) under {photos_dir}: "
+                              "pass the folder that was segmented as --photos")
+    loaders = prediction_loaders(pred_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for rank, row in enumerate(ranked, start=1):
+        truth = read_mask(Path(row.truth))
+        predicted = loaders[row.name][1](truth.shape)
+        try:
+            photo = load_rgb(photos[row.name])
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise EvaluationError(f"cannot read photo {photos[row.name]}: {e}") from e
+        if photo.size != (truth.shape[1], truth.shape[0]):
+            raise EvaluationError(f"photo {photos[row.name]} is {photo.size[0]}x{photo.size[1]}, its mask "
+                                  f"{truth.shape[1]}x{truth.shape[0]}: pass the photos the masks were made from")
+        buffer = io.BytesIO()
+        render_errors(photo, predicted, truth).save(buffer, format="JPEG", quality=90)
+        path = out_dir / f"{rank:02d}_{row.name}_dice{row.dice:.4f}.jpg"
+        write_atomic(path, buffer.getvalue())
+        written.append(path)
+    return written
 
 
 def write_csv(evaluation: Evaluation, path: Path) -> None:

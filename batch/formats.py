@@ -90,6 +90,23 @@ def encode_overlay(photo: Image.Image, mask: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+ERROR_COLORS = {"hit": (40, 200, 70), "missed": (255, 40, 40), "extra": (40, 120, 255)}  # RGB
+
+
+def render_errors(photo: Image.Image, predicted: np.ndarray, truth: np.ndarray) -> Image.Image:
+    """The photo, dimmed, with the car found tinted green, car missed in red and background taken for car in blue.
+
+    ``predicted`` and ``truth`` are (H, W) bool at the photo's size; the errors are drawn opaque so
+    that a one-pixel miss along a long edge stays visible when the picture is shrunk.
+    """
+    dimmed = Image.blend(photo, Image.new("RGB", photo.size, (0, 0, 0)), 0.35)
+    hit = Image.blend(dimmed, Image.new("RGB", photo.size, ERROR_COLORS["hit"]), OVERLAY_ALPHA)
+    picture = Image.composite(hit, dimmed, Image.fromarray((predicted & truth).astype(np.uint8) * 255, mode="L"))
+    for kind, where in (("missed", truth & ~predicted), ("extra", predicted & ~truth)):
+        picture.paste(ERROR_COLORS[kind], mask=Image.fromarray(where.astype(np.uint8) * 255, mode="L"))
+    return picture
+
+
 def encode_cutout(photo: Image.Image, mask: np.ndarray) -> bytes:
     """RGBA PNG: the photo where the car is, transparent elsewhere."""
     cutout = photo.copy()

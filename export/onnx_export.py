@@ -364,6 +364,7 @@ def checkpoint_provenance(state: dict, checkpoint: Path, sha256: str) -> dict[st
         "train_images": state.get("train_images"),
         "val_images": state.get("val_images"),
         "val_dice": state.get("val_dice"),
+        "val_cars": ",".join(state["val_cars"]) if state.get("val_cars") else None,
         "epoch": state.get("epoch"),
         "train_input_size": f"{size[0]}x{size[1]}" if size else None,
         "source_checkpoint": str(checkpoint.resolve()),

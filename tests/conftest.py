@@ -50,7 +50,7 @@ def kaggle_dir(tmp_path: Path) -> Path:
 def carvana_dir() -> Path:
     """The real shared Carvana photos; skips the test when the folder is absent."""
     if not (CARVANA / "train").is_dir():
-        pytest.skip(f"real Carvana data not found at {CARVANA} (see DEVELOPERS.md: ../shared/data/carvana)")
+        pytest.skip(f"real Carvana data not found at {CARVANA}: put the Kaggle train/ and train_masks/ folders there to run this test")
     return CARVANA
 
 

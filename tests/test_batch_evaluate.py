@@ -107,3 +107,32 @@ def test_two_predictions_for_one_photo_are_an_error(folders):
     save_png(pred / "other" / "car_01.png", np.ones((20, 30), bool))
     with pytest.raises(EvaluationError, match="both give the mask of 'car_01'"):
         evaluate(pred, truth)
+
+
+def test_error_pictures_show_the_worst_images_misses_and_extras(tmp_path: Path):
+    pred, truth, photos = tmp_path / "pred", tmp_path / "truth", tmp_path / "photos"
+    shape = (40, 60)
+    car = block(shape, slice(10, 30), slice(10, 50))
+    for name, predicted in (("good", car), ("bad", block(shape, slice(10, 30), slice(20, 60)))):
+        save_png(pred / f"{name}.png", predicted)
+        save_kaggle_gif(truth / f"{name}_mask.gif", car)
+        photos.mkdir(exist_ok=True)
+        Image.new("RGB", (60, 40), (128, 128, 128)).save(photos / f"{name}.jpg", quality=95)
+    result = CliRunner().invoke(main, ["evaluate", str(pred), str(truth), "--photos", str(photos), "--worst", "1"])
+    assert result.exit_code == 0, result.output
+    [picture] = sorted((pred / "errors").iterdir())
+    assert picture.name == "01_bad_dice0.7500.jpg"
+    pixels = np.asarray(Image.open(picture)).astype(int)  # (40, 60, 3)
+    missed, extra, found = pixels[20, 15], pixels[20, 55], pixels[20, 35]
+    assert missed[0] > 200 and missed[1] < 90  # red
+    assert extra[2] > 200 and extra[0] < 90  # blue
+    assert found[1] > found[0] and found[1] > found[2]  # tinted green
+    assert evaluate(pred, truth).mean_dice == pytest.approx((1 + 0.75) / 2)  # the pictures are not read as masks
+
+
+def test_error_pictures_need_the_segmented_photos(folders, tmp_path: Path):
+    pred, truth = folders
+    (tmp_path / "elsewhere").mkdir()
+    result = CliRunner().invoke(main, ["evaluate", str(pred), str(truth), "--photos", str(tmp_path / "elsewhere")])
+    assert result.exit_code == 2
+    assert "no photo named" in result.output and "--photos" in result.output

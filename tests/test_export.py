@@ -33,7 +33,7 @@ CONTRACT_KEYS = {
     "pixel_mean", "pixel_std", "output_kind", "threshold", "precision",
 }
 PROVENANCE_KEYS = {
-    "model_config", "train_images", "val_images", "val_dice", "epoch", "train_input_size", "source_checkpoint",
+    "model_config", "train_images", "val_images", "val_dice", "val_cars", "epoch", "train_input_size", "source_checkpoint",
     "source_checkpoint_sha256", "checkpoint_version", "export_date", "package_version", "torch_version", "opset",
 }
 
@@ -102,6 +102,7 @@ def test_every_metadata_key_is_written(exported_onnx, sharp_checkpoint):
     assert json.loads(meta["model_config"]) == state["model_config"]
     assert int(meta["train_images"]) == state["train_images"] and int(meta["val_images"]) == state["val_images"]
     assert float(meta["val_dice"]) == pytest.approx(state["val_dice"])
+    assert meta["val_cars"].split(",") == state["val_cars"]
     assert meta["train_input_size"] == "64x96" and int(meta["epoch"]) == state["epoch"]
     assert meta["source_checkpoint"] == str(sharp_checkpoint.resolve())
     assert meta["source_checkpoint_sha256"] == hashlib.sha256(sharp_checkpoint.read_bytes()).hexdigest()
