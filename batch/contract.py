@@ -7,13 +7,18 @@ tool (``ModelContract.from_metadata``). All values are strings; see docs/onnx-co
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Literal
+
+import numpy as np
 
 Layout = Literal["NCHW", "NHWC"]
 OutputKind = Literal["logits", "probabilities"]
 
 CONTRACT_VERSION = "1"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB normalization of the ImageNet-style inputs: (pixel / 255 - mean) / std
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ContractError(ValueError):
@@ -22,16 +27,18 @@ class ContractError(ValueError):
 
 @dataclass(frozen=True)
 class ModelContract:
+    """The defaults are also what a model whose metadata lacks the key is taken to have (docs/onnx-contract.md)."""
+
     input_height: int  # recorded input size (the graph accepts any multiple of input_multiple)
     input_width: int
     input_layout: Layout = "NHWC"  # layout of the graph input: (N, H, W, 3) or (N, 3, H, W)
     input_dtype: str = "uint8"  # "uint8": the graph normalizes itself; "float32"/"float16": feed normalized pixels
-    input_multiple: int = 16  # input height and width must be multiples of this (2**depth)
-    pixel_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # normalization: (pixel / 255 - mean) / std
-    pixel_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    input_multiple: int = 1  # input height and width must be multiples of this (2**depth for a U-Net)
+    pixel_mean: tuple[float, float, float] = IMAGENET_MEAN  # normalization: (pixel / 255 - mean) / std
+    pixel_std: tuple[float, float, float] = IMAGENET_STD
     output_kind: OutputKind = "logits"  # what the (N, 1, H, W) output holds
     threshold: float = 0.5  # probability above which a pixel is car
-    precision: str = "fp16"  # "fp16" or "fp32": the graph's weights and compute
+    precision: str = "unknown"  # "fp16" or "fp32": the graph's weights and compute
     provenance: dict[str, str] = field(default_factory=dict)  # model_config, val_dice, checkpoint SHA-256, ...
 
     def __post_init__(self) -> None:
@@ -76,42 +83,65 @@ class ModelContract:
         return meta | {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.provenance.items()}
 
     @classmethod
-    def from_metadata(cls, meta: dict[str, str], source: str = "model") -> "ModelContract":
+    def from_metadata(cls, meta: dict[str, str], source: str = "model") -> ModelContract:
         """Parse ``metadata_props``; ``source`` (the file name) goes into every error message."""
 
-        def need(key: str) -> str:
-            if key not in meta:
+        known = {}
+        for f in fields(cls):
+            if f.name == "provenance":
+                continue
+            if f.name in meta:
+                try:
+                    known[f.name] = PARSERS[f.name](meta[f.name])
+                except ValueError as e:
+                    raise ContractError(f"{source}: metadata '{f.name}' = {meta[f.name]!r} is malformed ({e})") from e
+            elif f.default is MISSING:
                 raise ContractError(
-                    f"{source} has no '{key}' in its metadata: export it with `unet-export to-onnx`, "
+                    f"{source} has no '{f.name}' in its metadata: export it with `unet-export to-onnx`, "
                     "or add the keys listed in docs/onnx-contract.md"
                 )
-            return meta[key]
-
-        def floats(key: str) -> tuple[float, ...]:
-            try:
-                return tuple(float(v) for v in need(key).split(","))
-            except ValueError as e:
-                raise ContractError(f"{source}: metadata '{key}' = {meta[key]!r} is not comma-separated numbers") from e
-
-        try:
-            known = {
-                "input_height": int(need("input_height")),
-                "input_width": int(need("input_width")),
-                "input_layout": meta.get("input_layout", "NCHW"),
-                "input_dtype": meta.get("input_dtype", "float32"),
-                "input_multiple": int(meta.get("input_multiple", "1")),
-                "pixel_mean": floats("pixel_mean"),
-                "pixel_std": floats("pixel_std"),
-                "output_kind": meta.get("output_kind", "logits"),
-                "threshold": float(meta.get("threshold", "0.5")),
-                "precision": meta.get("precision", "unknown"),
-            }
-        except ValueError as e:
-            if isinstance(e, ContractError):
-                raise
-            raise ContractError(f"{source}: malformed metadata ({e})") from e
-        provenance = {k: v for k, v in meta.items() if k not in known and k != "contract_version"}
+        provenance = {k: v for k, v in meta.items() if k not in PARSERS and k != "contract_version"}
         try:
             return cls(**known, provenance=provenance)
         except ContractError as e:
             raise ContractError(f"{source}: {e}") from e
+
+
+def floats(text: str) -> tuple[float, ...]:
+    """``"0.485,0.456,0.406"`` -> (0.485, 0.456, 0.406)."""
+    return tuple(float(v) for v in text.split(","))
+
+
+PARSERS: dict[str, Callable[[str], object]] = {  # metadata value -> field value, for every field but provenance
+    "input_height": int,
+    "input_width": int,
+    "input_layout": str,
+    "input_dtype": str,
+    "input_multiple": int,
+    "pixel_mean": floats,
+    "pixel_std": floats,
+    "output_kind": str,
+    "threshold": float,
+    "precision": str,
+}
+
+
+def probability_to_logit(probability: float | np.ndarray) -> float | np.ndarray:
+    """The logit whose sigmoid is ``probability`` (in (0, 1)): where a probability threshold cuts logits.
+
+    A float for a float; an array of the same shape and dtype for an array.
+    """
+    logit = np.log(probability / (1.0 - probability))
+    return float(logit) if np.ndim(logit) == 0 else logit
+
+
+def prepare_input(pixels: np.ndarray, contract: ModelContract) -> np.ndarray:
+    """(N, H, W, 3) uint8 RGB -> what the graph's input wants (NHWC/NCHW, uint8 or normalized float)."""
+    x = pixels
+    if contract.input_dtype != "uint8":
+        mean = np.asarray(contract.pixel_mean, dtype=np.float32) * 255.0
+        inv_std = 1.0 / (np.asarray(contract.pixel_std, dtype=np.float32) * 255.0)
+        x = ((pixels.astype(np.float32) - mean) * inv_std).astype(contract.input_dtype, copy=False)
+    if contract.input_layout == "NCHW":
+        x = x.transpose(0, 3, 1, 2)  # (N, 3, H, W)
+    return np.ascontiguousarray(x)

@@ -1,6 +1,9 @@
-"""Decode stage: image files -> batches of model-sized pixels, with bad files set aside.
+"""Decode stage: images -> batches of model-sized pixels, with the images that cannot be decoded set aside.
 
-Two decoders yield the same stream of :class:`Batch` and :class:`Failure` items:
+An :class:`Item` is one image to segment: a file to read, the bytes of one already read (the Ray
+engine reads them itself), or an image already decoded (a PIL image or an RGB array from Python).
+Every :class:`Decoder` turns a stream of items into a stream of :class:`Batch` and :class:`Failure`
+entries, each tagged with the items' positions in the input so that the caller can restore its order:
 
 - :class:`PillowDecoder`: a thread pool running :func:`batch.images.load_resized_rgb` (JPEG draft
   mode + antialiased bilinear, the preprocessing training used). Yields host uint8 NHWC pixels.
@@ -8,9 +11,10 @@ Two decoders yield the same stream of :class:`Batch` and :class:`Failure` items:
   ``"cpu"`` backend, fed file bytes through ``external_source``. Resizing and the model's own input
   preparation (layout, dtype, normalization, the mirrored copy for TTA) run inside the pipeline, on
   the decode device. Files are read and header-checked first; only plain JPEGs (RGB or grayscale,
-  with an end marker) go to DALI, anything else (PNG, CMYK, suspect files) to Pillow. DALI fails a
-  whole batch on one bad file and leaves its pipeline unusable: the pipeline is rebuilt, the batch's
-  files are retried one at a time, and the ones DALI refuses go to Pillow, which has the last word.
+  with an end marker) go to DALI, anything else (PNG, CMYK, suspect files, decoded images) to
+  Pillow. DALI fails a whole batch on one bad file and leaves its pipeline unusable: the pipeline is
+  rebuilt, the batch's files are retried one at a time, and the ones DALI refuses go to Pillow,
+  which has the last word.
 """
 
 from __future__ import annotations
@@ -23,68 +27,139 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
+from PIL import Image
 
 from batch.contract import ModelContract
-from batch.images import DECODE_ERRORS, ImageError, ImageInfo, has_jpeg_end, load_resized_rgb, probe_image
-
-if TYPE_CHECKING:
-    from batch.plan import Job
+from batch.images import DECODE_ERRORS, ImageError, ImageInfo, has_jpeg_end, load_resized_rgb, probe_image, resize_rgb
+from batch.logs import first_line
 
 log = logging.getLogger(__name__)
 
 DALI_MODES = ("RGB", "L")  # JPEG colour modes DALI decodes like Pillow; CMYK/YCCK go to Pillow
+DECODED = "decoded"  # ImageInfo.format of an image handed over already decoded
+
+
+@dataclass(frozen=True, eq=False)
+class Item:
+    """One image to segment: the name messages call it by, and exactly one of ``path``, ``data``, ``image``."""
+
+    name: str  # a path, a URI, or "image at index 3 of the list": every error about the image starts with it
+    path: Path | None = None  # a file to read
+    data: bytes | None = None  # the encoded file (JPEG or PNG), already in memory
+    image: Image.Image | np.ndarray | None = None  # already decoded: a PIL image, or an (H, W, 3) uint8 RGB array
+    tag: Any = None  # the caller's own reference (the folder runner's Job), handed back untouched
+
+    def __post_init__(self) -> None:
+        given = [source for source in (self.path, self.data, self.image) if source is not None]
+        if len(given) != 1:
+            raise ValueError(f"Item {self.name!r} needs exactly one of path, data or image, not {len(given)}")
+
+    @classmethod
+    def from_path(cls, path: str | Path, tag: Any = None) -> Item:
+        return cls(str(path), path=Path(path), tag=tag)
 
 
 @dataclass
 class Batch:
     """Decoded images ready for inference: either raw host pixels or model-ready input."""
 
-    jobs: list[Job]
-    sizes: list[tuple[int, int]]  # each photo's original (H, W)
+    items: list[Item]
+    positions: list[int]  # each item's position in the decoder's input
+    sizes: list[tuple[int, int]]  # each image's original (H, W)
     decoder: str  # "pillow", "dali-cpu" or "dali-mixed"
     pixels: np.ndarray | None = None  # (N, H, W, 3) uint8 RGB at the model's size (Pillow)
     model_input: Any = None  # model-ready input (numpy on the host, OrtValue on a GPU) (DALI)
     model_input_flipped: Any = None  # the same for the mirrored images (TTA)
 
     def __len__(self) -> int:
-        return len(self.jobs)
+        return len(self.items)
 
 
 @dataclass(frozen=True)
 class Failure:
-    job: Job
-    reason: str
+    """An item without a mask; ``error``'s message starts with the item's name and says what to do."""
+
+    item: Item
+    error: Exception  # ImageError: the image itself; batch.api.InferenceError: the batch it was in
+    position: int  # the item's position in the decoder's input
+
+    @property
+    def reason(self) -> str:
+        """The message without the leading item name (the report lists the name beside it)."""
+        return str(self.error).removeprefix(f"{self.item.name}: ")
+
+
+class Decoder(Protocol):
+    """What the inference stage reads from: batches in (near) input order, and failures."""
+
+    name: str  # "pillow", "dali-cpu" or "dali-mixed"
+    pillow_fallbacks: int  # images a DALI decoder handed to Pillow (always 0 for Pillow itself)
+
+    def batches(self, items: Iterable[Item]) -> Iterator[Batch | Failure]: ...
+
+    def close(self) -> None: ...
+
+
+class DecoderError(RuntimeError):
+    """A decoder that was asked for and cannot run here; the message says what to install or choose."""
 
 
 @dataclass
-class Encoded:
-    """A file read into memory and header-checked."""
+class Probed:
+    """An item read into memory and header-checked (or an already decoded image, checked)."""
 
-    job: Job
-    data: bytes
+    position: int
+    item: Item
     info: ImageInfo
+    data: bytes | None = None  # the encoded file
+    image: Image.Image | None = None  # the decoded image, for items that came decoded
 
 
-def read_and_probe(job: Job, max_pixels: int | None) -> Encoded:
+def probe(entry: tuple[int, Item], max_pixels: int | None) -> Probed:
+    """Read (if needed) and check one item; :class:`ImageError` naming it when it cannot be an image."""
+    position, item = entry
+    if item.image is not None:
+        image = as_pil_image(item)
+        return Probed(position, item, ImageInfo(DECODED, image.mode, image.height, image.width), image=image)
+    data = item.data if item.data is not None else read_file(item)
+    return Probed(position, item, probe_image(data, item.name, max_pixels), data=data)
+
+
+def read_file(item: Item) -> bytes:
     try:
-        data = job.source.read_bytes()
+        return item.path.read_bytes()
     except OSError as e:
-        raise ImageError(f"{job.source}: cannot read ({e.strerror or e})") from e
-    return Encoded(job, data, probe_image(data, job.source, max_pixels))
+        raise ImageError(f"{item.name}: cannot read ({e.strerror or e})") from e
 
 
-def decode_with_pillow(encoded: Encoded, size: tuple[int, int]) -> np.ndarray:
+def as_pil_image(item: Item) -> Image.Image:
+    """The item's decoded image as a PIL image; arrays must be (H, W, 3) uint8 RGB."""
+    image = item.image
+    if isinstance(image, Image.Image):
+        return image
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
+        raise ImageError(
+            f"{item.name}: a {image.dtype} array of shape {image.shape}; pass an (H, W, 3) uint8 RGB array "
+            "(or a PIL image, a path, or the encoded bytes); for several images pass a list"
+        )
+    return Image.fromarray(image)
+
+
+def decode_with_pillow(probed: Probed, size: tuple[int, int]) -> np.ndarray:
     """(H, W, 3) uint8 at ``size``; :class:`ImageError` with the reason when Pillow cannot decode it."""
     try:
-        pixels, _ = load_resized_rgb(io.BytesIO(encoded.data), size)
+        if probed.image is not None:
+            return resize_rgb(probed.image, size)
+        pixels, _ = load_resized_rgb(io.BytesIO(probed.data), size)
     except DECODE_ERRORS as e:
-        raise ImageError(f"{encoded.job.source}: cannot decode {encoded.info.format} ({e})") from e
+        raise ImageError(f"{probed.item.name}: cannot decode {probed.info.format} ({e})") from e
     except Exception as e:  # a decoder bug on one odd file must not stop the run
-        log.debug("Pillow failed on %s", encoded.job.source, exc_info=True)
-        raise ImageError(f"{encoded.job.source}: decoder error {type(e).__name__}: {e}") from e
+        log.debug("Pillow failed on %s", probed.item.name, exc_info=True)
+        raise ImageError(f"{probed.item.name}: decoder error {type(e).__name__}: {e}") from e
     return pixels
 
 
@@ -107,18 +182,25 @@ def ordered_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, window:
         yield pop()
 
 
-def pillow_batch(encoded: list[Encoded], pool: ThreadPoolExecutor, size: tuple[int, int]) -> Iterator[Batch | Failure]:
-    """Decode already-read files with Pillow; yield one host batch and a Failure per refused file."""
+def probe_all(items: Iterable[Item], pool: ThreadPoolExecutor, window: int, max_pixels: int | None) -> Iterator[Probed | Failure]:
+    """Every item read and checked in ``pool``, in input order; a :class:`Failure` for those that are not images."""
+    for (position, item), result in ordered_map(pool, partial(probe, max_pixels=max_pixels), enumerate(items), window):
+        yield Failure(item, result, position) if isinstance(result, ImageError) else result
+
+
+def pillow_batch(probed: list[Probed], pool: ThreadPoolExecutor, size: tuple[int, int]) -> Iterator[Batch | Failure]:
+    """Decode checked items with Pillow; yield a Failure per refused one, then one host batch of the others."""
     decoded = []
-    for item, result in ordered_map(pool, partial(decode_with_pillow, size=size), encoded, window=len(encoded)):
+    for item, result in ordered_map(pool, partial(decode_with_pillow, size=size), probed, window=len(probed)):
         if isinstance(result, ImageError):
-            yield Failure(item.job, str(result))
+            yield Failure(item.item, result, item.position)
         else:
             decoded.append((item, result))
     if decoded:
         yield Batch(
-            jobs=[item.job for item, _ in decoded],
-            sizes=[item.info.size for item, _ in decoded],
+            items=[p.item for p, _ in decoded],
+            positions=[p.position for p, _ in decoded],
+            sizes=[p.info.size for p, _ in decoded],
             decoder="pillow",
             pixels=np.stack([pixels for _, pixels in decoded]),  # (N, H, W, 3)
         )
@@ -135,32 +217,33 @@ class PillowDecoder:
     name: str = field(default="pillow", init=False)
     pillow_fallbacks: int = field(default=0, init=False)  # always 0: there is nothing to fall back from
 
-    def batches(self, jobs: Iterable[Job]) -> Iterator[Batch | Failure]:
+    def batches(self, items: Iterable[Item]) -> Iterator[Batch | Failure]:
+        """Reading, checking and decoding overlap in the pool; batches keep the input order."""
         with ThreadPoolExecutor(self.workers, thread_name_prefix="pillow") as pool:
-            ready: list[Encoded] = []
-            pixels: list[np.ndarray] = []
-            for job, result in ordered_map(pool, self.read_and_decode, jobs, window=2 * self.batch_size):
+            ready: list[tuple[Probed, np.ndarray]] = []
+            entries = enumerate(items)
+            for (position, item), result in ordered_map(pool, self.probe_and_decode, entries, window=2 * self.batch_size):
                 if isinstance(result, ImageError):
-                    yield Failure(job, str(result))
+                    yield Failure(item, result, position)
                     continue
-                ready.append(result[0])
-                pixels.append(result[1])
+                ready.append(result)
                 if len(ready) == self.batch_size:
-                    yield self.stack(ready, pixels)
-                    ready, pixels = [], []
+                    yield self.stack(ready)
+                    ready = []
             if ready:
-                yield self.stack(ready, pixels)
+                yield self.stack(ready)
 
-    def read_and_decode(self, job: Job) -> tuple[Encoded, np.ndarray]:
-        encoded = read_and_probe(job, self.max_pixels)
-        return encoded, decode_with_pillow(encoded, self.size)
+    def probe_and_decode(self, entry: tuple[int, Item]) -> tuple[Probed, np.ndarray]:
+        probed = probe(entry, self.max_pixels)
+        return probed, decode_with_pillow(probed, self.size)
 
-    def stack(self, encoded: list[Encoded], pixels: list[np.ndarray]) -> Batch:
+    def stack(self, ready: list[tuple[Probed, np.ndarray]]) -> Batch:
         return Batch(
-            jobs=[e.job for e in encoded],
-            sizes=[e.info.size for e in encoded],
+            items=[p.item for p, _ in ready],
+            positions=[p.position for p, _ in ready],
+            sizes=[p.info.size for p, _ in ready],
             decoder=self.name,
-            pixels=np.stack(pixels),  # (N, H, W, 3)
+            pixels=np.stack([pixels for _, pixels in ready]),  # (N, H, W, 3)
         )
 
     def close(self) -> None:
@@ -175,9 +258,9 @@ def dali_available() -> bool:
     return True
 
 
-def dali_can_decode(encoded: Encoded) -> bool:
-    """Complete RGB or grayscale JPEGs go to DALI; PNGs, CMYK/YCCK and suspect JPEGs to Pillow."""
-    return encoded.info.format == "JPEG" and encoded.info.mode in DALI_MODES and has_jpeg_end(encoded.data)
+def dali_can_decode(probed: Probed) -> bool:
+    """Complete RGB or grayscale JPEGs go to DALI; PNGs, CMYK/YCCK, suspect JPEGs and decoded images to Pillow."""
+    return probed.info.format == "JPEG" and probed.info.mode in DALI_MODES and has_jpeg_end(probed.data)
 
 
 class DaliDecoder:
@@ -241,9 +324,9 @@ class DaliDecoder:
         pipeline.build()
         return pipeline
 
-    def run_pipeline(self, encoded: list[Encoded]) -> tuple[Any, Any]:
-        """Decode one batch; (model input, mirrored input or None) in buffers that outlive the pipeline run."""
-        self.pipeline.feed_input("encoded", [np.frombuffer(e.data, dtype=np.uint8) for e in encoded])
+    def run_pipeline(self, files: list[bytes]) -> tuple[Any, Any]:
+        """Decode one batch of encoded files; (model input, mirrored input or None) in buffers that outlive the run."""
+        self.pipeline.feed_input("encoded", [np.frombuffer(data, dtype=np.uint8) for data in files])
         outputs = self.pipeline.run()
         copies = [self.copy_out(out) for out in outputs]
         return copies[0], copies[1] if self.tta else None
@@ -261,43 +344,46 @@ class DaliDecoder:
 
     # -- batches ---------------------------------------------------------------------------------
 
-    def batches(self, jobs: Iterable[Job]) -> Iterator[Batch | Failure]:
+    def batches(self, items: Iterable[Item]) -> Iterator[Batch | Failure]:
+        """Plain JPEGs in DALI batches, the rest in Pillow batches; when either group fills, both are decoded
+        (the one holding the earlier image first), so the output never strays more than a batch from input order."""
         with ThreadPoolExecutor(self.workers, thread_name_prefix="read") as pool:
-            for_dali: list[Encoded] = []
-            for_pillow: list[Encoded] = []
-            read = partial(read_and_probe, max_pixels=self.max_pixels)
-            for job, result in ordered_map(pool, read, jobs, window=2 * self.batch_size):
-                if isinstance(result, ImageError):
-                    yield Failure(job, str(result))
+            for_dali: list[Probed] = []
+            for_pillow: list[Probed] = []
+            for probed in probe_all(items, pool, window=2 * self.batch_size, max_pixels=self.max_pixels):
+                if isinstance(probed, Failure):
+                    yield probed
                     continue
-                (for_dali if dali_can_decode(result) else for_pillow).append(result)
-                if len(for_dali) == self.batch_size:
-                    yield from self.decode(for_dali, pool)
-                    for_dali = []
-                if len(for_pillow) == self.batch_size:
-                    yield from self.pillow(for_pillow, pool)
-                    for_pillow = []
-            if for_dali:
-                yield from self.decode(for_dali, pool)
-            if for_pillow:
-                yield from self.pillow(for_pillow, pool)
+                (for_dali if dali_can_decode(probed) else for_pillow).append(probed)
+                if self.batch_size in (len(for_dali), len(for_pillow)):
+                    yield from self.decode_both(for_dali, for_pillow, pool)
+                    for_dali, for_pillow = [], []
+            yield from self.decode_both(for_dali, for_pillow, pool)
 
-    def decode(self, encoded: list[Encoded], pool: ThreadPoolExecutor) -> Iterator[Batch | Failure]:
+    def decode_both(
+        self, for_dali: list[Probed], for_pillow: list[Probed], pool: ThreadPoolExecutor
+    ) -> Iterator[Batch | Failure]:
+        groups = sorted([(for_dali, self.decode), (for_pillow, self.pillow)], key=lambda g: g[0][0].position if g[0] else -1)
+        for group, decode in groups:
+            if group:
+                yield from decode(group, pool)
+
+    def decode(self, probed: list[Probed], pool: ThreadPoolExecutor) -> Iterator[Batch | Failure]:
         """One DALI batch; on an error, each file alone, and Pillow for those DALI refuses."""
         try:
-            batch = self.dali_batch(encoded)
+            batch = self.dali_batch(probed)
         except RuntimeError as e:  # DALI's pipeline errors; the pipeline is unusable afterwards
-            log.debug("DALI failed on a batch of %d (%s); retrying its files one by one", len(encoded), first_line(e))
+            log.debug("DALI failed on a batch of %d (%s); retrying its files one by one", len(probed), first_line(e))
             self.pipeline = self.build_pipeline()
         else:
             yield batch
             return
         refused = []
-        for item in encoded:
+        for item in probed:
             try:
                 single = self.dali_batch([item])
             except RuntimeError as e:
-                log.info("DALI cannot decode %s (%s); trying Pillow", item.job.source, first_line(e))
+                log.info("DALI cannot decode %s (%s); trying Pillow", item.item.name, first_line(e))
                 self.pipeline = self.build_pipeline()
                 refused.append(item)
             else:
@@ -305,21 +391,22 @@ class DaliDecoder:
         if refused:
             yield from self.pillow(refused, pool)
 
-    def dali_batch(self, encoded: list[Encoded]) -> Batch:
-        model_input, flipped = self.run_pipeline(encoded)
+    def dali_batch(self, probed: list[Probed]) -> Batch:
+        model_input, flipped = self.run_pipeline([p.data for p in probed])
         return Batch(
-            jobs=[e.job for e in encoded],
-            sizes=[e.info.size for e in encoded],
+            items=[p.item for p in probed],
+            positions=[p.position for p in probed],
+            sizes=[p.info.size for p in probed],
             decoder=self.name,
             model_input=model_input,
             model_input_flipped=flipped,
         )
 
-    def pillow(self, encoded: list[Encoded], pool: ThreadPoolExecutor) -> Iterator[Batch | Failure]:
-        for item in pillow_batch(encoded, pool, self.contract.input_size):
-            if isinstance(item, Batch):
-                self.pillow_fallbacks += len(item)
-            yield item
+    def pillow(self, probed: list[Probed], pool: ThreadPoolExecutor) -> Iterator[Batch | Failure]:
+        for entry in pillow_batch(probed, pool, self.contract.input_size):
+            if isinstance(entry, Batch):
+                self.pillow_fallbacks += len(entry)
+            yield entry
 
     def close(self) -> None:
         self.pipeline = None
@@ -340,9 +427,3 @@ def prepare_in_dali(fn, types, images, contract: ModelContract, mirror: bool):
         std=[255.0 * s for s in contract.pixel_std],
         mirror=int(mirror),
     )
-
-
-def first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    useful = [line for line in lines if not line.startswith(("Critical error", "Error in", "File ", "which was used", "encountered"))]
-    return (useful or lines or [type(error).__name__])[0]

@@ -16,49 +16,27 @@
 from __future__ import annotations
 
 import logging
-import os
-import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto
 
-from batch.contract import ContractError, ModelContract
+from batch.contract import ContractError, ModelContract, prepare_input
 from batch.decode import Batch
+from batch.devices import CPU, Device, parse_device
 from batch.postprocess import average_flipped, build_postprocess_model, threshold_in_output_units, upsample_threshold
 from batch.report import StageClock
+from batch.runtime import CUDA_PROVIDER, ModelError, device_for_precision, open_session, session_options
 
 log = logging.getLogger(__name__)
 
 ELEMENT_TYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32", "tensor(float16)": "float16"}
 NUMPY_DTYPES = {"uint8": np.uint8, "float32": np.float32, "float16": np.float16}
-
-
-class ModelError(ValueError):
-    """A model file that cannot be used; the message names the file and the fix."""
-
-
-class DeviceError(RuntimeError):
-    """A device that was asked for and cannot be used; the message says why and what to do."""
-
-
-def cpu_count() -> int:
-    """CPU cores this process may use (its affinity mask, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def parse_device(name: str) -> tuple[str, int]:
-    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` -> (kind, index)."""
-    match = re.fullmatch(r"(auto|cpu|cuda)(?::(\d+))?", name)
-    if not match or (match[2] is not None and match[1] != "cuda"):
-        raise DeviceError(f"device {name!r} is not one of auto, cpu, cuda, cuda:N")
-    return match[1], int(match[2] or 0)
 
 
 @dataclass
@@ -140,41 +118,24 @@ def check_graph_io(path: Path, contract: ModelContract, inputs: list, outputs: l
         raise ModelError(f"{path}: output '{outputs[0].name}' has shape {out_dims}; expected (N, 1, H, W)")
 
 
-def session_options(threads: int, verbose: bool) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    # Idle ORT threads would otherwise spin on the cores that decoding and writing need.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 2 if verbose else 3  # warnings with -v (why CUDA did not start), else errors
-    return options
-
-
 def load_model(path: Path, device: str = "auto", threads: int | None = None, verbose: bool = False) -> Model:
     """Open ``path`` on ``device`` (auto, cpu, cuda, cuda:N); :class:`ModelError` / :class:`DeviceError` on failure."""
-    kind, index = parse_device(device)
+    device = parse_device(device)
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist")
     contract = read_contract(path)
-    options = session_options(threads or cpu_count(), verbose)
-
-    session = None
-    if kind in ("auto", "cuda"):
-        session = open_cuda_session(path, options, index, explicit=kind == "cuda")
-    if session is None:
-        session = open_session(path, options, ["CPUExecutionProvider"])
+    device = device_for_precision(device, contract.precision, path)  # INT8: CPU only
+    session = open_session(path, device, session_options(threads, verbose))
     provider = session.get_providers()[0]
-    on_gpu = provider == "CUDAExecutionProvider"
-    image, = session.get_inputs()
+    on_gpu = provider == CUDA_PROVIDER
+    (image,) = session.get_inputs()
     output = session.get_outputs()[0]
     return Model(
         path=path,
         contract=contract,
         session=session,
-        device=f"cuda:{index}" if on_gpu else "cpu",
+        device=f"cuda:{device.index}" if on_gpu else "cpu",
         provider=provider,
         input_name=image.name,
         output_name=output.name,
@@ -182,57 +143,8 @@ def load_model(path: Path, device: str = "auto", threads: int | None = None, ver
     )
 
 
-def open_session(path: Path, options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
-    try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
-    except Exception as e:  # onnxruntime raises its own Fail / InvalidGraph / ... types
-        raise ModelError(f"{path}: ONNX Runtime cannot load this model ({e}); re-export it with `unet-export to-onnx`") from e
-
-
-def open_cuda_session(path: Path, options: ort.SessionOptions, index: int, explicit: bool) -> ort.InferenceSession | None:
-    """A session on GPU ``index``; None (with a log line saying why) when ``auto`` cannot have one."""
-
-    def unavailable(reason: str) -> None:
-        if explicit:
-            raise DeviceError(f"--device cuda:{index} cannot be used: {reason}. Use --device cpu to run on the CPU.")
-        log.info("device auto: running on the CPU (%s)", reason)
-
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return unavailable(
-            f"this onnxruntime ({ort.__version__}) has no CUDA provider; install onnxruntime-gpu (pip install '.[gpu]')"
-        )
-    if hasattr(ort, "preload_dlls"):  # onnxruntime >= 1.21: find CUDA/cuDNN from the nvidia-* wheels
-        ort.preload_dlls()
-    providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
-    try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-    except Exception as e:
-        if not explicit:
-            log.info("device auto: the CUDA provider failed (%s); running on the CPU", e)
-            return None
-        raise DeviceError(f"--device cuda:{index} cannot be used: ONNX Runtime failed to open the model there ({e})") from e
-    if session.get_providers()[0] != "CUDAExecutionProvider":
-        return unavailable(
-            "ONNX Runtime could not start its CUDA provider (no GPU visible, or CUDA/cuDNN libraries missing; -v shows its log)"
-        )
-    log.info("running on GPU %d with ONNX Runtime's CUDA provider", index)
-    return session
-
-
 # ---------------------------------------------------------------------------------------------
-# Input preparation on the host (Pillow batches): the graph's layout, dtype and normalization.
-
-
-def prepare_input(pixels: np.ndarray, contract: ModelContract) -> np.ndarray:
-    """(N, H, W, 3) uint8 RGB -> what the graph's input wants (NHWC/NCHW, uint8 or normalized float)."""
-    x = pixels
-    if contract.input_dtype != "uint8":
-        mean = np.asarray(contract.pixel_mean, dtype=np.float32) * 255.0
-        inv_std = 1.0 / (np.asarray(contract.pixel_std, dtype=np.float32) * 255.0)
-        x = ((pixels.astype(np.float32) - mean) * inv_std).astype(NUMPY_DTYPES[contract.input_dtype], copy=False)
-    if contract.input_layout == "NCHW":
-        x = x.transpose(0, 3, 1, 2)  # (N, 3, H, W)
-    return np.ascontiguousarray(x)
+# Input preparation on the host (Pillow batches): batch.contract.prepare_input, and the mirrored copy for TTA.
 
 
 def mirrored(pixels: np.ndarray) -> np.ndarray:
@@ -241,6 +153,25 @@ def mirrored(pixels: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 # Predictions: something the writer turns into a full-size uint8 mask.
+
+
+class Prediction(Protocol):
+    def mask(self) -> np.ndarray:
+        """The full-size mask: (H, W) uint8, 0 = background, 255 = car."""
+        ...
+
+
+class Engine(Protocol):
+    def predict(self, batch: Batch) -> Sequence[Prediction]:
+        """One prediction per image of ``batch``, in order; raises what ONNX Runtime raises (out of memory, ...)."""
+        ...
+
+
+def make_engine(model: Model, threshold: float, tta: bool, clock: StageClock | None = None) -> Engine:
+    """IOBinding with masks made on the device for a GPU model; host arrays and deferred post-processing on the CPU."""
+    if model.on_gpu:
+        return BoundEngine(model, threshold, tta, clock=clock)
+    return CpuEngine(model, threshold, tta, clock=clock)
 
 
 @dataclass
@@ -305,14 +236,8 @@ class BoundEngine:
         cut = threshold_in_output_units(threshold, model.contract.output_kind)
         score_type = TensorProto.FLOAT16 if model.output_dtype == "float16" else TensorProto.FLOAT
         graph = build_postprocess_model(score_type, cut, tta)
-        providers = (
-            [("CUDAExecutionProvider", {"device_id": self.device_id}), "CPUExecutionProvider"]
-            if self.device_type == "cuda"
-            else ["CPUExecutionProvider"]
-        )
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        self.post = ort.InferenceSession(graph.SerializeToString(), sess_options=options, providers=providers)
+        device = Device("cuda", self.device_id) if self.device_type == "cuda" else CPU
+        self.post = open_session(graph.SerializeToString(), device, session_options())
         self.score_dtype = NUMPY_DTYPES[model.output_dtype]
 
     def allocate(self, shape: tuple[int, ...], dtype: np.dtype) -> ort.OrtValue:
@@ -346,7 +271,9 @@ class BoundEngine:
                 masks += [FinishedMask(m[0]) for m in self.masks(scores, flipped, start, stop, batch.sizes[start])]
         return masks
 
-    def masks(self, scores: ort.OrtValue, flipped: ort.OrtValue | None, start: int, stop: int, size: tuple[int, int]) -> np.ndarray:
+    def masks(
+        self, scores: ort.OrtValue, flipped: ort.OrtValue | None, start: int, stop: int, size: tuple[int, int]
+    ) -> np.ndarray:
         """Masks of images start..stop-1 (all of ``size``): (k, 1, H, W) uint8, copied to the host."""
         _, _, h, w = scores.shape()
         k = stop - start

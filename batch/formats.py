@@ -1,36 +1,34 @@
-"""Output formats of ``unet-batch segment``: where each file goes, how it is encoded, and atomic writes.
+"""Output formats of ``unet-batch segment``: where each file goes and how it is encoded.
 
-Every file is written to a hidden temporary name beside its destination and renamed over it
-(``os.replace``), so a run killed at any moment leaves either the whole file or nothing. Leftover
-temporaries of a killed run are removed by the next run (:func:`remove_stale_temporaries`).
+Every file is written atomically (:func:`batch.files.write_atomic`); leftover temporaries of a killed
+run are removed by the next run (:func:`batch.files.remove_stale_temporaries`).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import logging
-import os
-import secrets
 import struct
 import zlib
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
+from batch.images import PNG_SIGNATURE
 from batch.masks import rle_encode
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from batch.storage import Storage
 
 FORMATS = ("png", "gif", "rle", "overlay", "cutout")
 PHOTO_FORMATS = ("overlay", "cutout")  # formats that need the full-size photo
 SUBMISSION_NAME = "submission.csv"
 RLE_DIR = ".rle"  # per-image run-length encodings, the source of truth for submission.csv
-TEMP_SUFFIX = ".unet-batch-tmp"
 OVERLAY_COLOR = (255, 0, 160)  # magenta tint: stands out on cars and on studio backgrounds alike
 OVERLAY_ALPHA = 0.45
-OVERLAY_QUALITY = 90
+JPEG_QUALITY = 90  # of the pictures the project writes as JPEG: overlays, error pictures
 
 
 def output_paths(output_dir: Path, rel: PurePosixPath, formats: tuple[str, ...]) -> dict[str, Path]:
@@ -64,7 +62,7 @@ def encode_png_mask(mask: np.ndarray) -> bytes:
     compressor = zlib.compressobj(6, zlib.DEFLATED, zlib.MAX_WBITS, 9, zlib.Z_RLE)
     pixels = compressor.compress(rows.data) + compressor.flush()
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit, grayscale, no interlace
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", pixels) + png_chunk(b"IEND", b"")
+    return PNG_SIGNATURE + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", pixels) + png_chunk(b"IEND", b"")
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -84,9 +82,12 @@ def encode_overlay(photo: Image.Image, mask: np.ndarray) -> bytes:
     """JPEG of the photo with the car tinted."""
     tint = Image.new("RGB", photo.size, OVERLAY_COLOR)
     tinted = Image.blend(photo, tint, OVERLAY_ALPHA)
-    overlay = Image.composite(tinted, photo, Image.fromarray(mask, mode="L"))
+    return encode_jpeg(Image.composite(tinted, photo, Image.fromarray(mask, mode="L")))
+
+
+def encode_jpeg(picture: Image.Image) -> bytes:
     buffer = io.BytesIO()
-    overlay.save(buffer, format="JPEG", quality=OVERLAY_QUALITY)
+    picture.save(buffer, format="JPEG", quality=JPEG_QUALITY)
     return buffer.getvalue()
 
 
@@ -131,58 +132,21 @@ def encode(fmt: str, mask: np.ndarray, photo: Image.Image | None = None) -> byte
 
 
 # ---------------------------------------------------------------------------------------------
-# Files.
+# The Kaggle submission.
 
 
-def write_atomic(path: Path, data: bytes, durable: bool = False) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
+def write_submission(output: Storage, entries: list[tuple[str, PurePosixPath]]) -> int:
+    """Rebuild ``submission.csv`` in ``output`` from the per-image RLE files there; return its row count.
 
-    A process killed at any moment leaves the old file or the new one, never a partial one.
-    ``durable`` also flushes the data to disk before the rename (survives a power cut; slower).
+    ``entries``: (img column value, RLE file relative to ``output``) in the order the rows should have;
+    those without a file are left out. The CSV is written atomically, so it is always the complete
+    list of the masks finished so far.
     """
-    path = Path(path)
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
-    try:
-        with open(temp, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
-def remove_stale_temporaries(output_dir: Path) -> int:
-    """Delete temporaries left by a killed run; return how many."""
-    removed = 0
-    for folder, _, files in os.walk(output_dir):
-        for name in files:
-            if name.startswith(".") and name.endswith(TEMP_SUFFIX):
-                Path(folder, name).unlink(missing_ok=True)
-                removed += 1
-    if removed:
-        log.info("removed %d unfinished temporary files of an earlier run in %s", removed, output_dir)
-    return removed
-
-
-def write_submission(output_dir: Path, entries: list[tuple[str, Path]]) -> int:
-    """Rebuild ``submission.csv`` from the per-image RLE files that exist; return its row count.
-
-    ``entries``: (img column value, RLE file) in the order the rows should have. The CSV is written
-    atomically, so it is always the complete list of the masks finished so far.
-    """
+    rles = output.read_many(rel for _, rel in entries)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["img", "rle_mask"])
-    rows = 0
-    for name, rle_file in entries:
-        try:
-            rle = rle_file.read_text(encoding="ascii")
-        except FileNotFoundError:
-            continue
-        writer.writerow([name, rle])
-        rows += 1
-    write_atomic(output_dir / SUBMISSION_NAME, buffer.getvalue().encode("utf-8"))
-    return rows
+    rows = [(name, rles[rel].decode("ascii")) for name, rel in entries if rel in rles]
+    writer.writerows(rows)
+    output.write(PurePosixPath(SUBMISSION_NAME), buffer.getvalue().encode("utf-8"))
+    return len(rows)

@@ -64,14 +64,19 @@ def load_resized_rgb(path: Source, size: tuple[int, int]) -> tuple[np.ndarray, t
     CMYK, palette, 16-bit and RGBA inputs become 8-bit RGB (alpha dropped; 16-bit values keep their
     top 8 bits). EXIF orientation is not applied: arrays follow the stored pixel grid.
     """
-    height, width = size
     with Image.open(path) as im:
         original = (im.height, im.width)
         im.draft("RGB", draft_request(original, size))
-        rgb = to_rgb(im)
-        if rgb.size != (width, height):
-            rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
-        return np.asarray(rgb), original
+        return resize_rgb(im, size), original
+
+
+def resize_rgb(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """Any Pillow image as 8-bit RGB resized to ``size`` = (H, W) (antialiased bilinear): (H, W, 3) uint8."""
+    height, width = size
+    rgb = to_rgb(image)
+    if rgb.size != (width, height):
+        rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(rgb)
 
 
 def draft_request(original: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:

@@ -16,16 +16,20 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from batch.formats import output_paths
 from batch.images import is_image_file
 
+if TYPE_CHECKING:
+    from batch.storage import Storage
+
 
 @dataclass(frozen=True)
 class Job:
-    source: Path  # the photo
-    rel: PurePosixPath  # its path relative to the input folder
-    outputs: dict[str, Path] = field(hash=False, compare=False)  # format -> file, for every requested format
+    source: str  # the photo, as messages and the report name it: a path, or a URI in a bucket
+    rel: PurePosixPath  # its path relative to the input location
+    outputs: dict[str, PurePosixPath] = field(hash=False, compare=False)  # format -> file relative to the output location
     todo: tuple[str, ...] = ()  # formats still to write
 
     @property
@@ -72,9 +76,10 @@ def dir_identity(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def make_plan(input_dir: Path, output_dir: Path, rels: list[PurePosixPath], formats: tuple[str, ...], overwrite: bool) -> Plan:
-    candidates = [Job(input_dir.joinpath(*rel.parts), rel, output_paths(output_dir, rel, formats)) for rel in rels]
-    writers: dict[Path, list[Job]] = defaultdict(list)
+def make_plan(source: Storage, output: Storage, rels: list[PurePosixPath], formats: tuple[str, ...], overwrite: bool) -> Plan:
+    """Jobs for the photos ``rels`` of ``source`` (a folder or a bucket) writing ``formats`` into ``output``."""
+    candidates = [Job(source.locate(rel), rel, output_paths(PurePosixPath(), rel, formats)) for rel in rels]
+    writers: dict[PurePosixPath, list[Job]] = defaultdict(list)
     for job in candidates:
         for path in job.outputs.values():
             writers[path].append(job)
@@ -83,13 +88,14 @@ def make_plan(input_dir: Path, output_dir: Path, rels: list[PurePosixPath], form
         if len(jobs) > 1:
             names = " and ".join(job.name for job in jobs)
             for job in jobs:
-                clashing.setdefault(job.rel, f"conflict: {names} would both write {path}; rename one of them")
+                clashing.setdefault(job.rel, f"conflict: {names} would both write {output.locate(path)}; rename one of them")
 
+    existing = set() if overwrite else output.existing(path for job in candidates for path in job.outputs.values())
     todo, done, conflicts = [], [], []
     for job in candidates:
         if job.rel in clashing:
             conflicts.append((job, clashing[job.rel]))
             continue
-        missing = tuple(fmt for fmt, path in job.outputs.items() if overwrite or not path.exists())
+        missing = tuple(fmt for fmt, path in job.outputs.items() if path not in existing)
         (todo if missing else done).append(Job(job.source, job.rel, job.outputs, missing))
     return Plan(todo, done, conflicts)

@@ -15,20 +15,22 @@ resize the (h, w) logits bilinearly to the photo's (H, W), then threshold. Two i
 
 from __future__ import annotations
 
-import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper
+
+from batch.contract import probability_to_logit
+from batch.extras import require
+
+if TYPE_CHECKING:
+    import onnx
 
 MASK_ON = 255  # value of a car pixel in the uint8 masks this module returns
 
 
 def threshold_in_output_units(threshold: float, output_kind: str) -> float:
     """A probability threshold as a cut on the model's output: a logit for ``logits``, else itself."""
-    if output_kind == "logits":
-        return math.log(threshold / (1.0 - threshold))
-    return threshold
+    return probability_to_logit(threshold) if output_kind == "logits" else threshold
 
 
 def source_coordinates(out_size: int, in_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -111,6 +113,8 @@ def build_postprocess_model(score_dtype: int, cut: float, tta: bool, opset: int 
     ``sizes`` is (N, 1, H, W). Values are 0 or 255. ``score_dtype`` is an ``onnx.TensorProto`` type
     (FLOAT or FLOAT16); interpolation runs in float32 either way.
     """
+    onnx = require("onnx", "cpu", what="the GPU post-processing graph")
+    TensorProto, helper = onnx.TensorProto, onnx.helper
     nodes = [helper.make_node("Cast", ["scores"], ["scores32"], to=TensorProto.FLOAT)]
     inputs = [helper.make_tensor_value_info("scores", score_dtype, ["N", 1, "h", "w"])]
     initializers = [

@@ -10,9 +10,10 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from batch.formats import write_atomic
+from batch.files import write_atomic
 
 STAGES = ("discover", "setup", "decode", "infer", "postprocess", "write")
+REPORT_NAME = "report.json"  # in OUTPUT_DIR unless --report says otherwise
 
 
 class StageClock:
@@ -61,19 +62,26 @@ class Report:
     formats: list[str]
     threshold: float  # probability threshold used
     tta: bool
-    interrupted: bool = False  # stopped by Ctrl-C before the end
+    interrupted: bool = False  # stopped by Ctrl-C or SIGTERM before the end
+    stopped: str = ""  # why the run stopped before the end on its own (inference failing batch after batch); "" if it did not
+    engine: str = "local"  # "local" (this process) or "ray" (batch.ray_engine)
+    workers: int = 1  # inference workers: Ray actors, or the local engine's one
+    per_worker: dict[str, dict] = field(default_factory=dict)  # Ray: worker -> {"device", "processed", "failed"}
     version: str = field(default="")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def to_json(self) -> bytes:
+        return (json.dumps(self.to_dict(), indent=2) + "\n").encode("utf-8")
+
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode("utf-8"))
+        write_atomic(path, self.to_json())
 
     def summary(self) -> str:
         line = (
             f"{self.processed} segmented, {self.skipped} already done, {len(self.failed)} failed "
             f"in {self.seconds:.1f} s ({self.images_per_second:.1f} img/s on {self.device}, decoder {self.decoder})"
         )
-        return line + (" - interrupted" if self.interrupted else "")
+        return line + (" - interrupted" if self.interrupted else "") + (" - stopped early" if self.stopped else "")

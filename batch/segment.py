@@ -1,169 +1,108 @@
-"""``segment``: a folder of photos -> masks, streaming through decode, inference and writer stages.
+"""``segment``: a folder of photos -> masks, on the :class:`~batch.api.Segmenter` stream, with a writer pool.
 
-    discover -> [decode thread] -> bounded queue -> [inference: main thread] -> [writer pool]
+    discover -> Segmenter.stream: [decode thread] -> queue -> [inference: main thread] -> [writer pool]
 
-The decode thread (Pillow pool or DALI) prepares the next batches while ONNX Runtime runs the
-current one; a pool of writers upsamples, encodes and writes finished masks while both go on. The
-queue and a cap on pending writes bound memory whatever the folder's size, and the slowest stage
-sets the pace. See docs/batch.md for the options, formats, report and exit codes.
+The Segmenter decodes the next batches while ONNX Runtime runs the current one (see batch/api.py);
+a pool of writers upsamples, encodes and writes finished masks while both go on. A cap on pending
+writes holds the stream back when the writers fall behind, so memory stays bounded whatever the
+folder's size and the slowest stage sets the pace. See docs/batch.md for the options, formats,
+report and exit codes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import importlib.metadata
-import importlib.resources
-import importlib.resources.abc
+import io
 import logging
-import queue
+import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
+from contextlib import closing
+from pathlib import Path, PurePosixPath
+from typing import TextIO
 
 from PIL import Image
 from tqdm import tqdm
 
-from batch.decode import Batch, DaliDecoder, Failure, PillowDecoder, dali_available
-from batch.engine import (
-    BoundEngine,
-    CpuEngine,
-    DeviceError,
-    FinishedMask,
-    LowResScores,
-    Model,
-    ModelError,
-    cpu_count,
-    load_model,
-    parse_device,
-)
-from batch.formats import FORMATS, PHOTO_FORMATS, encode, remove_stale_temporaries, write_atomic, write_submission
+from batch.api import InferenceError, Segmenter
+from batch.config import SegmentConfig
+from batch.decode import DecoderError, Failure, Item
+from batch.devices import DeviceError
+from batch.engine import Prediction
+from batch.formats import PHOTO_FORMATS, encode, write_submission
 from batch.images import ImageError, load_rgb
-from batch.plan import Job, Plan, find_images, make_plan
-from batch.report import Report, StageClock
+from batch.plan import Job, Plan, make_plan
+from batch.report import REPORT_NAME, Report, StageClock
+from batch.runtime import ModelError
+from batch.storage import LocalFolder, Storage, StorageError, open_location
+from batch.version import package_version
 
 log = logging.getLogger(__name__)
 
-DECODERS = ("auto", "dali", "pillow")
 LOCK_NAME = ".unet-batch.lock"
-DEFAULT_BATCH_SIZE = {"cpu": 8, "cuda": 32}
 
 
 class SegmentError(RuntimeError):
     """A run that cannot start (bad folders, model, device or options); the message says what to fix."""
 
 
-@dataclass(frozen=True)
-class SegmentConfig:
-    input_dir: Path
-    output_dir: Path
-    model: Path | None = None  # ONNX file from unet-export; None: the bundled default model
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    decoder: str = "auto"  # auto | dali | pillow
-    batch_size: int | None = None  # None: 32 on a GPU, 8 on the CPU
-    threshold: float | None = None  # probability; None: the model's metadata
-    tta: bool = False  # average with the prediction for the horizontally flipped photo
-    overwrite: bool = False  # redo photos whose outputs exist
-    limit: int | None = None  # only the first N photos (sorted)
-    report: Path | None = None  # None: OUTPUT_DIR/report.json
-    formats: tuple[str, ...] = ("png",)
-    workers: int | None = None  # decode and writer threads each; None: CPU cores
-    threads: int | None = None  # ONNX Runtime intra-op threads; None: CPU cores
-    progress: bool = True
-    verbose: bool = False
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "input_dir", Path(self.input_dir))
-        object.__setattr__(self, "output_dir", Path(self.output_dir))
-        formats = tuple(dict.fromkeys(self.formats or ("png",)))
-        unknown = [f for f in formats if f not in FORMATS]
-        if unknown:
-            raise ValueError(f"unknown format(s) {unknown}; choose from {', '.join(FORMATS)}")
-        object.__setattr__(self, "formats", formats)
-        try:
-            parse_device(self.device)
-        except DeviceError as e:
-            raise ValueError(str(e)) from e
-        if self.decoder not in DECODERS:
-            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, not {self.decoder!r}")
-        for name in ("batch_size", "limit", "workers", "threads"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be a positive integer, not {value}")
-        if self.threshold is not None and not 0 < self.threshold < 1:
-            raise ValueError(f"threshold must be a probability strictly between 0 and 1, not {self.threshold}")
-
-
 def segment(config: SegmentConfig) -> Report:
     """Segment every photo under ``config.input_dir``; write outputs and the report; return the report.
 
-    Raises :class:`SegmentError` for anything that prevents the run from starting. Per-photo
-    problems never stop it: they are listed in ``report.failed``. On KeyboardInterrupt the finished
-    outputs stay, the report is written with ``interrupted: true``, and the interrupt propagates.
+    Raises :class:`SegmentError` for anything that prevents the run from starting; such a run leaves
+    nothing behind (no lock file, no new empty OUTPUT_DIR). Per-photo problems never stop it: they
+    are listed in ``report.failed``, and so are the photos of a batch whose inference failed. When
+    inference fails on several batches in a row the run stops there, with ``report.stopped`` saying
+    why. On KeyboardInterrupt (or SIGTERM turned into one by the CLI) the finished outputs stay, the
+    report is written with ``interrupted: true``, and the interrupt propagates.
     """
     started = time.perf_counter()
     clock = StageClock()
-    input_dir, output_dir = check_folders(config.input_dir, config.output_dir)
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(output_lock(output_dir))
+    source, output = open_locations(config)
+    with clock("discover"):
+        inputs = find_inputs(config, source, output)
+    with open_segmenter(config, clock) as segmenter, output_folder(output):
         with clock("discover"):
-            plan = discover(input_dir, output_dir, config)
-        with clock("setup"):
-            stages = set_up(config, stack.enter_context(resolve_model(config.model)), clock)
+            plan = make_plan(source, output, inputs, config.formats, config.overwrite)
         log.info(
             "%d photos: %d to segment, %d already done, %d in conflict; %s on %s, decoder %s, batch %d",
-            plan.size, len(plan.jobs), len(plan.done), len(plan.conflicts),
-            stages.model.path.name, stages.model.device, stages.decoder.name, stages.batch_size,
+            plan.size,
+            len(plan.jobs),
+            len(plan.done),
+            len(plan.conflicts),
+            segmenter.model.path.name,
+            segmenter.device,
+            segmenter.decoder.name,
+            segmenter.batch_size,
         )
-        remove_stale_temporaries(output_dir)
-        make_folders(plan)
+        output.clean()
         results = Results()
         for job, reason in plan.conflicts:
             results.fail(job, reason)
-        interrupted = False
+        interruption: KeyboardInterrupt | None = None
+        stopped = ""
         try:
-            run_stages(plan.jobs, stages, results, clock, config.progress)
-        except KeyboardInterrupt:
-            interrupted = True
-        finally:
-            stages.decoder.close()
-        if "rle" in config.formats:
-            with clock("write"):
-                write_submission(output_dir, [(job.name, job.outputs["rle"]) for job in plan.all_jobs])
-        report = make_report(config, plan, stages, results, clock, time.perf_counter() - started, interrupted)
-        report.write(config.report or output_dir / "report.json")
-    if interrupted:
-        raise KeyboardInterrupt
+            items = [Item(job.source, path=source.file(job.rel), tag=job) for job in plan.jobs]
+            write_all(items, segmenter, output, results, config.progress)
+        except KeyboardInterrupt as e:
+            interruption = e
+        except InferenceError as e:
+            stopped = str(e)
+        interrupted = interruption is not None
+        report = finish(
+            config, plan, output, clock,
+            lambda: make_report(config, plan, segmenter, results, time.perf_counter() - started, interrupted, stopped),
+        )  # fmt: skip
+    if interruption is not None:
+        raise interruption
     return report
 
 
-@dataclass
-class Stages:
-    """What set-up resolved: the model on its device, its engine and decoder, and the run's sizes."""
-
-    model: Model
-    engine: CpuEngine | BoundEngine
-    decoder: PillowDecoder | DaliDecoder
-    threshold: float
-    batch_size: int
-    workers: int
-
-
-def set_up(config: SegmentConfig, model_path: Path, clock: StageClock) -> Stages:
-    model = open_model(model_path, config)
-    threshold = config.threshold if config.threshold is not None else model.contract.threshold
-    batch_size = config.batch_size or DEFAULT_BATCH_SIZE["cuda" if model.on_gpu else "cpu"]
-    workers = config.workers or cpu_count()
-    engine = make_engine(model, threshold, config.tta, clock)
-    decoder = make_decoder(config.decoder, model, engine, batch_size, workers, config.tta)
-    return Stages(model, engine, decoder, threshold, batch_size, workers)
-
-
 def make_report(
-    config: SegmentConfig, plan: Plan, stages: Stages, results: Results, clock: StageClock, seconds: float, interrupted: bool
+    config: SegmentConfig, plan: Plan, segmenter: Segmenter, results: Results, seconds: float, interrupted: bool, stopped: str
 ) -> Report:
     failed = sorted(results.failed, key=lambda failure: failure[0].rel.parts)
     return Report(
@@ -175,123 +114,137 @@ def make_report(
         failed=[{"path": str(job.source), "reason": reason} for job, reason in failed],
         seconds=round(seconds, 4),
         images_per_second=round(results.processed / seconds, 3),
-        stages=clock.snapshot(),
-        device=stages.model.device,
-        provider=stages.model.provider,
-        decoder=stages.decoder.name,
-        pillow_fallbacks=stages.decoder.pillow_fallbacks,
-        model=stages.model.describe(),
-        batch_size=stages.batch_size,
+        stages=segmenter.clock.snapshot(),
+        device=segmenter.device,
+        provider=segmenter.model.provider,
+        decoder=segmenter.decoder.name,
+        pillow_fallbacks=segmenter.decoder.pillow_fallbacks,
+        model=segmenter.model.describe(),
+        batch_size=segmenter.batch_size,
         formats=list(config.formats),
-        threshold=stages.threshold,
-        tta=config.tta,
+        threshold=segmenter.threshold,
+        tta=segmenter.tta,
         interrupted=interrupted,
+        stopped=stopped,
         version=package_version(),
     )
 
 
 # ---------------------------------------------------------------------------------------------
-# Set-up.
+# Set-up: everything that can refuse the run happens before OUTPUT_DIR is touched.
 
 
-def check_folders(input_dir: Path, output_dir: Path) -> tuple[Path, Path]:
-    if not input_dir.is_dir():
-        what = "is not a folder" if input_dir.exists() else "does not exist"
-        raise SegmentError(f"input folder {input_dir} {what}")
-    source, target = input_dir.resolve(), output_dir.resolve()
-    if source == target:
-        raise SegmentError(f"OUTPUT_DIR {output_dir} is the input folder; choose another folder for the masks")
-    if source.is_relative_to(target):
+def open_locations(config: SegmentConfig) -> tuple[Storage, Storage]:
+    """INPUT_DIR and OUTPUT_DIR (folders or URIs, batch.storage), checked without creating anything."""
+    try:
+        source, output = open_location(config.input_dir), open_location(config.output_dir)
+        source.check(writable=False)
+        output.check(writable=True)
+    except StorageError as e:
+        raise SegmentError(str(e)) from e
+    inside = source.relative_to(output)
+    if inside == PurePosixPath("."):
+        raise SegmentError(f"OUTPUT_DIR {output} is the input folder; choose another folder for the masks")
+    if inside is not None:
         raise SegmentError(
-            f"INPUT_DIR {input_dir} lies inside OUTPUT_DIR {output_dir}: masks would land among the photos; "
+            f"INPUT_DIR {source} lies inside OUTPUT_DIR {output}: masks would land among the photos; "
             "choose an OUTPUT_DIR outside the input folder"
         )
+    return source, output
+
+
+def find_inputs(config: SegmentConfig, source: Storage, output: Storage) -> list[PurePosixPath]:
+    """The photos under INPUT_DIR (relative paths, sorted, at most ``limit``; none inside OUTPUT_DIR)."""
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SegmentError(f"cannot create output folder {output_dir}: {e.strerror or e}") from e
-    return input_dir, output_dir
+        inputs = source.find_images(exclude=output)
+    except StorageError as e:
+        raise SegmentError(str(e)) from e
+    if not inputs:
+        raise SegmentError(f"no .jpg, .jpeg or .png files under {source}")
+    return inputs[: config.limit]
+
+
+@contextlib.contextmanager
+def open_segmenter(config: SegmentConfig, clock: StageClock) -> Iterator[Segmenter]:
+    """The Segmenter for ``config``; what keeps it from opening is a :class:`SegmentError`."""
+    try:
+        segmenter = Segmenter.from_config(config, clock)
+    except FileNotFoundError as e:  # no bundled model
+        raise SegmentError(f"no --model given, and {e}") from e
+    except (ModelError, DeviceError, DecoderError) as e:
+        raise SegmentError(str(e)) from e
+    with segmenter:
+        yield segmenter
+
+
+@contextlib.contextmanager
+def output_folder(output: Storage) -> Iterator[None]:
+    """OUTPUT_DIR, created if needed and locked for this run; on the way out the lock file goes, and so do
+    the folders made here if they are still empty (a run that could not start leaves nothing behind).
+    A bucket needs neither (there is no lock: do not point two runs at one prefix)."""
+    if not isinstance(output, LocalFolder):
+        yield
+        return
+    output_dir = output.root
+    made = missing_folders(output_dir)  # deepest first
+    try:
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SegmentError(f"cannot create output folder {output_dir}: {e.strerror or e}") from e
+        with output_lock(output_dir):
+            yield
+    finally:
+        for folder in made:
+            with contextlib.suppress(OSError):  # not empty: the run wrote something
+                folder.rmdir()
+
+
+def missing_folders(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
 
 
 @contextlib.contextmanager
 def output_lock(output_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on OUTPUT_DIR: two runs writing the same folder would spoil resume."""
+    """Hold an exclusive lock on OUTPUT_DIR (two runs writing one folder would spoil resume); the lock file
+    ``OUTPUT_DIR/.unet-batch.lock`` exists only while a run holds it."""
     path = output_dir / LOCK_NAME
-    try:
-        handle = open(path, "a")
-    except OSError as e:
-        raise SegmentError(f"cannot write to output folder {output_dir}: {e.strerror or e}") from e
+    handle = take_lock(path)
     with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
-            raise SegmentError(
-                f"another unet-batch run is writing to {output_dir}; wait for it to finish or choose another OUTPUT_DIR"
-            ) from e
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            path.unlink(missing_ok=True)  # while still holding the lock: the next run makes a fresh file
 
 
-def discover(input_dir: Path, output_dir: Path, config: SegmentConfig) -> Plan:
-    rels = find_images(input_dir, exclude=output_dir)
-    if not rels:
-        raise SegmentError(f"no .jpg, .jpeg or .png files under {input_dir}")
-    if config.limit is not None:
-        rels = rels[: config.limit]
-    return make_plan(input_dir, output_dir, rels, config.formats, config.overwrite)
+def take_lock(path: Path) -> TextIO:
+    while True:
+        try:
+            handle = open(path, "a")  # noqa: SIM115  (returned open, to be held while the run goes)
+        except OSError as e:
+            raise SegmentError(f"cannot write to output folder {path.parent}: {e.strerror or e}") from e
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            handle.close()
+            raise SegmentError(
+                f"another unet-batch run is writing to {path.parent}; wait for it to finish or choose another OUTPUT_DIR"
+            ) from e
+        if is_same_file(handle, path):
+            return handle
+        handle.close()  # the run before removed this lock file as this one took it: take the new file
 
 
-@contextlib.contextmanager
-def resolve_model(path: Path | None) -> Iterator[Path]:
-    """``path`` itself, or the bundled default model (batch/models/default.onnx) when None."""
-    if path is not None:
-        yield Path(path)
-        return
-    resource = default_model_resource()
-    if not resource.is_file():
-        raise SegmentError(
-            "no --model given, and this installation has no bundled default model (batch/models/default.onnx); "
-            "pass --model PATH to an ONNX file made by `unet-export to-onnx`"
-        )
-    with importlib.resources.as_file(resource) as file:
-        yield file
-
-
-def default_model_resource() -> importlib.resources.abc.Traversable:
-    return importlib.resources.files("batch").joinpath("models", "default.onnx")
-
-
-def open_model(path: Path, config: SegmentConfig) -> Model:
+def is_same_file(handle: TextIO, path: Path) -> bool:
     try:
-        return load_model(path, config.device, threads=config.threads, verbose=config.verbose)
-    except (ModelError, DeviceError) as e:
-        raise SegmentError(str(e)) from e
-
-
-def make_engine(model: Model, threshold: float, tta: bool, clock: StageClock) -> CpuEngine | BoundEngine:
-    if model.on_gpu:
-        return BoundEngine(model, threshold, tta, clock=clock)
-    return CpuEngine(model, threshold, tta, clock=clock)
-
-
-def make_decoder(
-    choice: str, model: Model, engine: CpuEngine | BoundEngine, batch_size: int, workers: int, tta: bool
-) -> PillowDecoder | DaliDecoder:
-    if choice == "pillow" or (choice == "auto" and not model.on_gpu):
-        return PillowDecoder(model.contract.input_size, batch_size, workers)
-    if not dali_available():
-        if choice == "dali":
-            raise SegmentError("--decoder dali: NVIDIA DALI is not installed; pip install '.[gpu]' or use --decoder pillow")
-        log.info("decoder auto: NVIDIA DALI is not installed, decoding with Pillow on the CPU (pip install '.[gpu]' for nvJPEG)")
-        return PillowDecoder(model.contract.input_size, batch_size, workers)
-    device_id = model.device_index if model.on_gpu else None
-    allocate = engine.allocate if model.on_gpu else None
-    try:
-        return DaliDecoder(model.contract, batch_size, workers, device_id, tta, allocate=allocate)
-    except RuntimeError as e:
-        raise SegmentError(f"cannot start the DALI decoder on {model.device}: {e}; use --decoder pillow") from e
+        return os.path.samestat(os.fstat(handle.fileno()), path.stat())
+    except FileNotFoundError:
+        return False
 
 
 def make_folders(plan: Plan) -> None:
@@ -300,15 +253,8 @@ def make_folders(plan: Plan) -> None:
         folder.mkdir(parents=True, exist_ok=True)
 
 
-def package_version() -> str:
-    try:
-        return importlib.metadata.version("carvana-unet")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
 # ---------------------------------------------------------------------------------------------
-# The stages.
+# The run: the Segmenter's stream into a writer pool.
 
 
 class Results:
@@ -319,124 +265,88 @@ class Results:
         self.processed = 0
         self.lock = threading.Lock()
 
-    def done(self, job: Job) -> None:
+    def done(self) -> None:
         with self.lock:
             self.processed += 1
 
     def fail(self, job: Job, reason: str) -> None:
-        """Record a failure; ``reason`` without the file name (a leading "path: " is dropped)."""
-        reason = reason.removeprefix(f"{job.source}: ")
-        log.warning("failed: %s: %s", job.source, reason)
+        """Record a failure (the CLI lists them at the end; -v logs each as it happens)."""
+        log.debug("failed: %s: %s", job.source, reason)
         with self.lock:
             self.failed.append((job, reason))
 
 
-class Prefetcher:
-    """Runs an iterator in a thread, ``depth`` items ahead, timing it as ``stage``."""
+def write_all(items: list[Item], segmenter: Segmenter, output: Storage, results: Results, progress: bool) -> None:
+    """Stream ``items`` (each tagged with its Job) through the Segmenter (decode thread, inference here)
+    into the writer pool, which writes their outputs to ``output``. The Ray engine's actors run this too."""
+    if not items:
+        return
+    pending_writes = threading.BoundedSemaphore(2 * segmenter.batch_size)
 
-    DONE = object()
+    def finished(job: Job, future: Future) -> None:
+        pending_writes.release()
+        error = future.exception()
+        if error is None:
+            results.done()
+        else:
+            log.debug("writing %s failed", job.source, exc_info=error)
+            results.fail(
+                job,
+                str(error).removeprefix(f"{job.source}: ") if isinstance(error, ImageError) else f"cannot write outputs: {error}",
+            )
+        bar.update(1)
 
-    def __init__(self, source: Iterator, depth: int, clock: StageClock, stage: str):
-        self.source, self.clock, self.stage = source, clock, stage
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.fill, name=f"{stage}-stage", daemon=True)
-        self.thread.start()
-
-    def fill(self) -> None:
-        try:
-            while not self.stop.is_set():
-                start = time.perf_counter()
-                item = next(self.source, self.DONE)
-                self.clock.add(self.stage, time.perf_counter() - start)
-                if not self.put(item) or item is self.DONE:
-                    return
-        except BaseException as e:  # handed to the consumer, which re-raises it
-            self.put(e)
-        finally:
-            close = getattr(self.source, "close", None)
-            if close is not None:
-                close()
-
-    def put(self, item) -> bool:
-        while not self.stop.is_set():
-            try:
-                self.queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
+    # Leaving the block (also on Ctrl-C) stops decoding first, then lets the writers finish what was predicted (few, bounded).
+    with (
+        tqdm(total=len(items), unit="img", desc="segment", disable=not progress, dynamic_ncols=True) as bar,
+        ThreadPoolExecutor(segmenter.workers, thread_name_prefix="write") as writers,
+        closing(segmenter.stream(items)) as stream,
+    ):
+        for item, result in stream:
+            job = item.tag
+            if isinstance(result, Failure):
+                results.fail(job, result.reason)
+                bar.update(1)
                 continue
-        return False
-
-    def __iter__(self) -> Iterator:
-        while True:
-            item = self.queue.get()
-            if item is self.DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join()
+            pending_writes.acquire()
+            future = writers.submit(write_outputs, item, result, output, segmenter.clock)
+            future.add_done_callback(lambda f, job=job: finished(job, f))
 
 
-def write_outputs(job: Job, prediction: LowResScores | FinishedMask, clock: StageClock) -> None:
+def write_outputs(item: Item, prediction: Prediction, output: Storage, clock: StageClock) -> None:
     """Make the full-size mask and write every format still to do (masks first, then photo-based ones)."""
+    job = item.tag
     with clock("postprocess"):
         mask = prediction.mask()  # (H, W) uint8, 0 or 255
     with clock("write"):
         photo = None
         for fmt in sorted(job.todo, key=lambda f: f in PHOTO_FORMATS):
             if fmt in PHOTO_FORMATS and photo is None:
-                photo = load_photo(job)
-            write_atomic(job.outputs[fmt], encode(fmt, mask, photo))
+                photo = load_photo(item)
+            output.write(job.outputs[fmt], encode(fmt, mask, photo))
 
 
-def load_photo(job: Job) -> Image.Image:
+def load_photo(item: Item) -> Image.Image:
     try:
-        return load_rgb(job.source)
-    except Exception as e:  # Pillow's many error types: the photo cannot be read at full size
-        raise ImageError(f"{job.source}: cannot decode the full-size photo for overlay/cutout ({e})") from e
+        return load_rgb(io.BytesIO(item.data if item.data is not None else item.path.read_bytes()))
+    except Exception as e:  # Pillow's many error types, or the file gone: the photo cannot be read at full size
+        raise ImageError(f"{item.name}: cannot decode the full-size photo for overlay/cutout ({e})") from e
 
 
-def run_stages(jobs: list[Job], stages: Stages, results: Results, clock: StageClock, progress: bool) -> None:
-    """Stream ``jobs`` through decode (a thread), inference (this thread) and the writer pool."""
-    if not jobs:
-        return
-    pending_writes = threading.BoundedSemaphore(2 * stages.batch_size)
-    bar = tqdm(total=len(jobs), unit="img", desc="segment", disable=not progress, dynamic_ncols=True)
-
-    def finished(job: Job, future: Future) -> None:
-        pending_writes.release()
-        error = future.exception()
-        if error is None:
-            results.done(job)
-        else:
-            log.debug("writing %s failed", job.source, exc_info=error)
-            results.fail(job, str(error) if isinstance(error, ImageError) else f"cannot write outputs: {error}")
-        bar.update(1)
-
-    batches = Prefetcher(stages.decoder.batches(jobs), depth=2, clock=clock, stage="decode")
-    writers = ThreadPoolExecutor(stages.workers, thread_name_prefix="write")
-    try:
-        for item in batches:
-            if isinstance(item, Failure):
-                results.fail(item.job, item.reason)
-                bar.update(1)
-                continue
-            for job, prediction in zip(item.jobs, predict(stages.engine, item)):
-                pending_writes.acquire()
-                future = writers.submit(write_outputs, job, prediction, clock)
-                future.add_done_callback(lambda f, job=job: finished(job, f))
-    finally:  # also on Ctrl-C: masks already predicted are few (bounded) and cheap to finish
-        batches.close()
-        writers.shutdown(wait=True)
-        bar.close()
+def finish(config: SegmentConfig, plan: Plan, output: Storage, clock: StageClock, make_report: Callable[[], Report]) -> Report:
+    """What ends a run on either engine: submission.csv from every finished photo's RLE file (--format rle), then
+    the report (made after it, so that its time counts) written to report.json."""
+    if "rle" in config.formats:
+        with clock("write"):
+            write_submission(output, [(job.name, job.outputs["rle"]) for job in plan.all_jobs])
+    report = make_report()
+    write_report(report, config, output)
+    return report
 
 
-def predict(engine: CpuEngine | BoundEngine, batch: Batch) -> list[LowResScores] | list[FinishedMask]:
-    try:
-        return engine.predict(batch)
-    except Exception as e:  # onnxruntime's error types; out of memory is the usual one
-        raise SegmentError(f"inference failed on a batch of {len(batch)} ({e}); try a smaller --batch-size") from e
+def write_report(report: Report, config: SegmentConfig, output: Storage) -> None:
+    """report.json into OUTPUT_DIR (a folder or a bucket), or where --report says."""
+    if config.report is not None:
+        report.write(config.report)
+    else:
+        output.write(PurePosixPath(REPORT_NAME), report.to_json())

@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks.errors import first_line
-from benchmarks.inference import CPU, CUDA, model_input
+from batch import runtime
+from batch.devices import Device
+from benchmarks.errors import describe_error
+from benchmarks.inference import model_input
 from benchmarks.models import BenchModel
 from benchmarks.timing import Stats, rates, summarize
 
@@ -28,7 +30,7 @@ log = logging.getLogger(__name__)
 BASELINES = {
     "torch-eager": "torch eager FP32, batch 1 loop",
     "onnxruntime": "ONNX Runtime, batch 1 loop",
-}
+}  # the GPU run adds the strong PyTorch peer (benchmarks/torch_peer.py) beside these
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,8 @@ class BaselineResult:
     reason: str | None = None
     device: str | None = None
     model: str | None = None
-    images: int = 0  # timed photos (after one warm-up photo)
+    images: int = 0  # timed photos (after the warm-up)
+    batch_size: int = 1  # photos per network call (the naive loops: one)
     images_per_second: Stats | None = None  # per photo
     seconds_per_image: Stats | None = None
 
@@ -91,12 +94,8 @@ def torch_network(model: BenchModel, checkpoint: Path | None, seed: int):
 
 
 def ort_step(model: BenchModel, device: str, device_id: int | None) -> Callable[[Path, Path], None]:
-    import onnxruntime as ort
-
-    providers = [CPU] if device == "cpu" else [(CUDA, {"device_id": device_id})]
-    session = ort.InferenceSession(str(model.path), providers=providers)
-    if session.get_providers()[0] != (CPU if device == "cpu" else CUDA):
-        raise RuntimeError(f"ONNX Runtime gave {session.get_providers()} for {device}")
+    naive = runtime.onnxruntime().SessionOptions()  # ONNX Runtime's defaults, as a first script has them
+    session = runtime.open_session(model.path, "cpu" if device == "cpu" else Device("cuda", device_id), naive)
     height, width = model.contract.input_size
 
     def step(photo: Path, mask_path: Path) -> None:
@@ -127,8 +126,8 @@ def run_baseline(name: str, paths: Sequence[Path], model: BenchModel, *, device:
         with tempfile.TemporaryDirectory(prefix="unet-bench-naive-") as out_dir:
             seconds = time_loop(step, paths, Path(out_dir))
     except Exception as e:  # noqa: BLE001 - record any failure of a baseline; the suite goes on
-        log.error("baseline %s failed: %s", BASELINES[name], first_line(e))
-        return BaselineResult(status="failed", reason=first_line(e), **base)
+        log.error("baseline %s failed: %s", BASELINES[name], describe_error(e))
+        return BaselineResult(status="failed", reason=describe_error(e), **base)
     rate = rates([1] * len(seconds), seconds)
     log.info("baseline %s: %.2f images/s", BASELINES[name], rate.median)
     return BaselineResult(status="ok", images=len(seconds), images_per_second=rate, seconds_per_image=summarize(seconds), **base)

@@ -1,28 +1,25 @@
-"""``unet-bench``: measure the segmentation pipeline on this machine, and compare two machines."""
+"""``unet-bench``: measure the segmentation pipeline on this machine, and compare two machines.
+
+The measuring modules (ONNX Runtime, torch) are imported inside the commands, so ``--help``, ``--version``
+and ``compare`` work with any extras; ``run`` and ``tradeoff`` name a missing extra before measuring.
+"""
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
 import click
 
-from batch.clitypes import DEVICE, SIZE, InputError, setup_logging
-from benchmarks.config import DEFAULT_WIDTH, SUITES, RunConfig
+from batch.clitypes import DEVICE, LOCATION, SIZE, InputError, setup_logging, version_option
+from batch.extras import require
+from batch.files import spread_evenly
+from benchmarks.config import DEFAULT_INPUT_SIZE, SUITES, RunConfig
 from benchmarks.errors import BenchError
 from benchmarks.report import load_results, ratio_lines, render_comparison
-from benchmarks.suite import failures, run_suite, write_outputs
-from benchmarks.tradeoff import run_tradeoff, spread_sample, write_tradeoff
 
 CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
-CHATTY_LIBRARIES = ("onnxscript", "onnx_ir", "torch.onnx")  # the exporter's INFO lines and torchvision notices
-
-
-def quiet_libraries(verbose: bool) -> None:
-    """Keep the exporter's libraries to errors (warnings with -v) so the benchmark's own log stays readable."""
-    for name in CHATTY_LIBRARIES:
-        logging.getLogger(name).setLevel(logging.WARNING if verbose else logging.ERROR)
+CANONICAL_SUITES = ("quick", "full")  # kept under the machine's bare name; other suites and sizes add a suffix
 
 
 def default_cache_dir() -> Path:
@@ -55,7 +52,20 @@ def parse_depths(ctx, param, value: str) -> tuple[int, ...]:
     return depths
 
 
+def keep_as(results: dict) -> str | None:
+    """The file name under benchmarks/results/ for a run worth keeping; None for a smoke run (figures meaningless)."""
+    if results["suite"] == "smoke":
+        return None
+    name = results["machine_slug"]
+    if results["suite"] not in CANONICAL_SUITES:
+        name += f"-{results['suite']}"
+    if tuple(results["settings"]["input_size"]) != DEFAULT_INPUT_SIZE:
+        name += "-{}x{}".format(*results["settings"]["input_size"])
+    return f"{name}.json"
+
+
 @click.group(context_settings=CONTEXT)
+@version_option
 def main():
     """Benchmark decode, inference, end-to-end segmentation and naive baselines on this machine."""
 
@@ -63,7 +73,8 @@ def main():
 @main.command(context_settings=CONTEXT)
 @click.option("--suite", type=click.Choice(sorted(SUITES)), default="quick",
               help="quick: about two minutes on a 2-core CPU; full: long sweeps for a GPU; smoke: seconds, figures meaningless.")
-@click.option("--device", type=DEVICE, default="auto", help="auto picks the first CUDA GPU when ONNX Runtime can use it.")
+@click.option("--device", type=DEVICE, default=RunConfig.device,
+              help="auto picks the first CUDA GPU when ONNX Runtime can use it.")
 @click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder of real photos (e.g. ../shared/data/carvana/train) [default: synthesize 1918x1280 JPEGs].")
 @click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -72,41 +83,46 @@ def main():
               help="Folder for results.json, results.md and results.png.")
 @click.option("--overwrite", is_flag=True, help="Replace results already in --out.")
 @click.option("--size", type=SIZE, default=None, help="Model input HxW [default: the model's own, else 320x480].")
-@click.option("--width", type=click.IntRange(min=1), default=DEFAULT_WIDTH, help="U-Net width run end to end without --model.")
+@click.option("--width", type=click.IntRange(min=1), default=RunConfig.width, help="U-Net width run end to end without --model.")
 @click.option("--widths", callback=parse_widths, default=None, help="Widths of the inference sweep, e.g. 16,32,64 [default: the suite's].")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=default_cache_dir,
               show_default="$XDG_CACHE_HOME/unet-bench or ~/.cache/unet-bench",
               help="Where exported random-weight models are kept between runs.")
 @click.option("--no-cache", is_flag=True, help="Export every model afresh and keep nothing.")
-@click.option("--seed", type=int, default=0, help="Seed of the synthetic photos and random weights.")
+@click.option("--seed", type=int, default=RunConfig.seed, help="Seed of the synthetic photos and random weights.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-@click.option("-v", "--verbose", is_flag=True)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def run(suite, device, images_dir, model, out_dir, overwrite, size, width, widths, cache_dir, no_cache, seed, no_progress, verbose):
     """Measure everything and write results.json, results.md and results.png into --out."""
     if out_dir.exists() and (out_dir / "results.json").exists() and not overwrite:
         raise InputError(f"{out_dir / 'results.json'} exists: choose another --out or pass --overwrite")
+    from benchmarks.suite import failures, run_suite, write_outputs
+
     try:
         config = RunConfig(suite=suite, device=device, images_dir=images_dir, model=model,
                            input_size=size, width=width, seed=seed, widths=widths)
         with setup_logging(verbose):
-            quiet_libraries(verbose)
             results = run_suite(config, cache_dir=None if no_cache else cache_dir, progress=not no_progress)
             paths = write_outputs(results, out_dir)
     except (BenchError, ValueError) as e:
         raise InputError(str(e)) from e
     click.echo("\n".join(ratio_lines(results)))
     click.echo(f"wrote {paths['json']}, {paths['md']} and {paths['png']} in {results['duration_seconds']:.0f} s")
-    click.echo(f"to keep it in the repository: cp {paths['json']} benchmarks/results/{results['machine_slug']}.json")
+    name = keep_as(results)
+    if name:
+        click.echo(f"to keep it in the repository: cp {paths['json']} benchmarks/results/{name}")
+    else:
+        click.echo("a smoke run shows that every stage runs; its figures mean nothing, so it is not one to keep")
     failed = failures(results)
     if failed:
         raise click.ClickException(f"{len(failed)} benchmark(s) failed (their reasons are in results.md):\n  " + "\n  ".join(failed))
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("a", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("b", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("a", type=click.Path(exists=True, path_type=Path))
+@click.argument("b", type=click.Path(exists=True, path_type=Path))
 def compare(a, b):
-    """Print two results.json files side by side, with B / A ratios."""
+    """Print two runs side by side, with B / A ratios: each a results.json or a run folder (--out of `run`) holding one."""
     try:
         first, second = load_results(a), load_results(b)
     except BenchError as e:
@@ -129,20 +145,52 @@ def compare(a, b):
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=default_cache_dir,
               show_default="$XDG_CACHE_HOME/unet-bench or ~/.cache/unet-bench", help="Exported random-weight models.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-@click.option("-v", "--verbose", is_flag=True)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def tradeoff(masks_dir, limit, sizes, widths, depths, run_dirs, device, out_dir, cache_dir, no_progress, verbose):
     """Dice/speed trade-off of input size, width and depth: each size's resolution ceiling (the Dice of a
     perfect model), each configuration's inference speed, and trained runs' validation Dice."""
     if device == "auto":
         raise InputError("--device auto is ambiguous for a sizing table: pass cpu or cuda")
-    masks = spread_sample([p for p in masks_dir.iterdir() if p.is_file() and not p.name.startswith(".")], limit)
+    from benchmarks.tradeoff import run_tradeoff, write_tradeoff
+
+    masks = spread_evenly(sorted(p for p in masks_dir.iterdir() if p.is_file() and not p.name.startswith(".")), limit)
     try:
         with setup_logging(verbose):
-            quiet_libraries(verbose)
-            results = run_tradeoff(mask_paths=masks, sizes=sizes, widths=widths or (8, 16, 32), depths=depths,
+            results = run_tradeoff(mask_paths=masks, sizes=sizes, widths=widths, depths=depths,
                                    run_dirs=run_dirs, device=device, cache_dir=cache_dir, progress=not no_progress)
             paths = write_tradeoff(results, out_dir)
     except (BenchError, ValueError) as e:
         raise InputError(str(e)) from e
     click.echo(paths["md"].read_text(), nl=False)
+    click.echo(f"wrote {paths['json']} and {paths['md']}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--images", required=True, type=LOCATION, help="Photos to segment: a folder or a URI (s3://bucket/prefix).")
+@click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="ONNX model [default: the bundled one].")
+@click.option("--workers", "worker_counts", type=click.IntRange(min=1), multiple=True, default=(1, 2),
+              help="Ray worker counts to measure (repeatable).")
+@click.option("--device", type=DEVICE, default="auto", help="auto: the GPUs when there are, else the CPU.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N photos [default: all].")
+@click.option("--address", help="Ray cluster [default: $RAY_ADDRESS, else a local Ray using every GPU and core here].")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("unet-bench-scaling"),
+              help="Folder for results.json and results.md.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def scaling(images, model, worker_counts, device, limit, address, out_dir, no_progress, verbose):
+    """Images/s of `unet-batch segment --engine ray` against the number of workers, beside the local engine's
+    (the same photos and model): how a host's GPUs, or a cluster's nodes, add up."""
+    require("onnxruntime", "cpu", what="unet-bench scaling")
+    require("ray", "ray", what="unet-bench scaling")
+    from batch.segment import SegmentError
+    from benchmarks.scaling import render, run_scaling, write_scaling
+
+    try:
+        with setup_logging(verbose):
+            rows = run_scaling(images, model, worker_counts, device, limit, address, progress=not no_progress)
+            paths = write_scaling(rows, out_dir)
+    except (SegmentError, ValueError) as e:
+        raise InputError(str(e)) from e
+    click.echo(render(rows), nl=False)
     click.echo(f"wrote {paths['json']} and {paths['md']}")

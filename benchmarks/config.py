@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from batch.devices import parse_device
+from batch.extras import require
+
 DEFAULT_INPUT_SIZE = (320, 480)  # (H, W): Carvana photos at scale 0.25, the project's training size
 DEFAULT_WIDTH = 16  # width of the random-weight model run end to end when no --model is given
+
+
+NEEDS = (  # (module, extra, what for): run and tradeoff need all of them, so they are checked before anything runs
+    ("onnxruntime", "cpu", "ONNX Runtime inference"),
+    ("onnx", "cpu", "reading the models' contracts"),
+    ("torch", "train", "exporting the random-weight U-Nets of the inference sweep"),
+    ("onnxscript", "train", "exporting the random-weight U-Nets of the inference sweep"),
+)
+
+
+def check_extras(command: str) -> None:
+    """:class:`~batch.extras.MissingExtra` naming the extra to install, before any measurement."""
+    for module, extra, purpose in NEEDS:
+        require(module, extra, what=f"{command} ({purpose})")
 
 
 @dataclass(frozen=True)
@@ -80,16 +96,6 @@ SUITES: dict[str, dict[str, SuiteConfig]] = {
 }
 
 
-def parse_device(device: str) -> tuple[str, int | None]:
-    """``cpu`` -> ("cpu", None); ``cuda`` / ``cuda:N`` -> ("cuda", N); ``auto`` must be resolved first."""
-    match = re.fullmatch(r"cpu|cuda(?::(\d+))?", device)
-    if not match:
-        raise ValueError(f"device {device!r} is not cpu, cuda or cuda:N")
-    if device == "cpu":
-        return "cpu", None
-    return "cuda", int(match[1] or 0)
-
-
 @dataclass(frozen=True)
 class RunConfig:
     suite: str  # a key of SUITES; the CPU or GPU preset is chosen once the device is known
@@ -105,8 +111,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.suite not in SUITES:
             raise ValueError(f"suite {self.suite!r} is not one of {', '.join(SUITES)}")
-        if self.device != "auto":
-            parse_device(self.device)
+        object.__setattr__(self, "device", str(parse_device(self.device)))  # DeviceError (a ValueError) when malformed
         if self.width < 1 or not 1 <= self.depth <= 8:
             raise ValueError(f"width must be >= 1 and depth 1..8, got width={self.width}, depth={self.depth}")
         if self.input_size is not None:

@@ -3,6 +3,8 @@
 Every decoder reads the same files (from the page cache after the first pass) and produces
 (H, W, 3) uint8 RGB at the model's input size. Pillow runs in a thread pool as wide as DALI's
 (both release the GIL while decoding), so the comparison is of decoders, not of parallelism.
+DALI is the runner's own decoder (:class:`batch.decode.DaliDecoder`: files read and header-checked,
+fed to its pipeline one batch at a time, copied out), for the uint8 NHWC input ``unet-export`` writes.
 Megapixels/s counts the source photos' pixels: what a decoder had to get through.
 """
 
@@ -17,8 +19,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from batch import runtime
+from batch.contract import ModelContract
+from batch.decode import DaliDecoder, Failure, Item
 from batch.images import load_resized_rgb
-from benchmarks.errors import first_line
+from benchmarks.errors import BenchError, describe_error
 from benchmarks.timing import Stats, rates, time_calls
 
 log = logging.getLogger(__name__)
@@ -73,34 +78,27 @@ def pillow_runner(paths: Sequence[Path], size: tuple[int, int], pool: ThreadPool
 
 def dali_runner(paths: Sequence[Path], size: tuple[int, int], *, batch: int, threads: int,
                 device_id: int | None) -> tuple[Callable[[], None], int]:
-    """A function decoding ``len(paths) // batch`` DALI batches, and the photo count it covers.
+    """A function decoding ``len(paths) // batch`` batches with the runner's DALI decoder, and the photo count.
 
-    ``device_id`` None: the CPU decoder; else the mixed (nvJPEG, GPU) decoder with a GPU resize. For
-    the GPU, the last batch is copied to the host, which waits for all the work queued before it.
+    ``device_id`` None: the CPU decoder; else the mixed (nvJPEG, GPU) decoder with a GPU resize, each
+    batch copied into an ONNX Runtime buffer on that GPU, as the runner hands it to inference.
     """
-    from nvidia.dali import fn, pipeline_def, types
+    def on_gpu(shape: tuple[int, ...], dtype) -> object:  # the buffers the runner copies each GPU batch into
+        return runtime.onnxruntime().OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, "cuda", device_id)
 
-    height, width = size
-    mixed = device_id is not None
-
-    @pipeline_def(batch_size=batch, num_threads=threads, device_id=device_id, prefetch_queue_depth=2)
-    def pipeline():
-        encoded, _ = fn.readers.file(files=[str(p) for p in paths], name="reader")
-        images = fn.decoders.image(encoded, device="mixed" if mixed else "cpu", output_type=types.RGB)
-        return fn.resize(images, resize_x=width, resize_y=height, interp_type=types.INTERP_LINEAR, antialias=True)
-
-    pipe = pipeline()
-    pipe.build()
-    iterations = len(paths) // batch
+    allocate = on_gpu if device_id is not None else None
+    decoder = DaliDecoder(ModelContract(*size), batch, threads, device_id, tta=False, allocate=allocate)
+    items = [Item.from_path(p) for p in paths[: len(paths) // batch * batch]]
 
     def run() -> None:
-        for _ in range(iterations):
-            (out,) = pipe.run()
-        if mixed:
-            out.as_cpu()
+        for entry in decoder.batches(items):
+            if isinstance(entry, Failure):
+                raise BenchError(f"DALI could not decode {entry.item.name}: {entry.reason}")
+        if decoder.pillow_fallbacks:
+            raise BenchError(f"{decoder.pillow_fallbacks} photos went to Pillow, not DALI: use plain RGB JPEGs")
 
-    run.pipeline = pipe  # keep the pipeline alive as long as its runner
-    return run, iterations * batch
+    run.decoder = decoder  # keep the pipeline alive as long as its runner
+    return run, len(items)
 
 
 def bench_decoders(paths: Sequence[Path], size: tuple[int, int], *, device_id: int | None, threads: int, warmup: int,
@@ -137,7 +135,7 @@ def bench_dali(decoder: str, paths: Sequence[Path], size: tuple[int, int], *, de
         seconds = time_calls(run, warmup=max(warmup, 1), repeats=repeats)  # >= 1 warm-up: fills the prefetch queue
     except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError subclasses from C++; record and go on
         log.error("decode %s failed: %s", DECODERS[decoder], e)
-        return DecodeResult(images=0, status="failed", reason=first_line(e), **base)
+        return DecodeResult(images=0, status="failed", reason=describe_error(e), **base)
     return ok_result(decoder, threads, images, size, megapixels, seconds)
 
 

@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from benchmarks.errors import BenchError, first_line
+from batch import runtime
+from batch.contract import prepare_input
+from batch.devices import Device, DeviceError
+from benchmarks.errors import BenchError, describe_error
 from benchmarks.machine import peak_tflops
 from benchmarks.memory import gpu_memory_of, this_process
 from benchmarks.models import BenchModel
@@ -22,7 +25,7 @@ from benchmarks.timing import Stats, rates, summarize, time_calls
 
 log = logging.getLogger(__name__)
 
-CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+CPU, CUDA, TENSORRT = runtime.CPU_PROVIDER, runtime.CUDA_PROVIDER, runtime.TENSORRT_PROVIDER
 OOM_MARKERS = ("out of memory", "failed to allocate memory", "cudaerrormemoryallocation", "bfcarena")
 
 
@@ -36,7 +39,7 @@ class Backend:
 
     name: str  # "cpu", "cuda", "tensorrt"
     provider: str
-    precision: str  # "fp16" or "fp32": of the compute (TensorRT builds FP16 kernels from an FP32 graph)
+    precision: str  # "fp16", "fp32" or "int8": of the compute (TensorRT builds FP16 kernels from an FP32 graph)
     device_id: int | None  # CUDA device; None on the CPU
     graph_precision: str  # precision of the ONNX file it runs
 
@@ -50,9 +53,12 @@ class Backend:
 
 
 def backends_for(device: str, device_id: int | None) -> list[Backend]:
-    """The providers benchmarked on ``device``: the CPU provider, or CUDA FP16/FP32 and TensorRT FP16."""
+    """The providers benchmarked on ``device``: the CPU provider (FP32, INT8), or CUDA FP16/FP32 and TensorRT FP16.
+
+    INT8 (QDQ) files are for the CPU only: ONNX Runtime runs them with integer kernels there alone.
+    """
     if device == "cpu":
-        return [Backend("cpu", CPU, "fp32", None, "fp32")]
+        return [Backend("cpu", CPU, "fp32", None, "fp32"), Backend("cpu", CPU, "int8", None, "int8")]
     return [
         Backend("cuda", CUDA, "fp16", device_id, "fp16"),
         Backend("cuda", CUDA, "fp32", device_id, "fp32"),
@@ -62,35 +68,20 @@ def backends_for(device: str, device_id: int | None) -> list[Backend]:
 
 def provider_missing(backend: Backend) -> str | None:
     """Why ``backend`` cannot run in this ONNX Runtime build, or None when it can."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if backend.provider in available:
-        return None
-    fix = {
-        CUDA: "install onnxruntime-gpu (pip install -e '.[gpu]') in place of onnxruntime",
-        TENSORRT: "install TensorRT and an onnxruntime-gpu build with its provider",
-    }.get(backend.provider, "")
-    return f"{backend.provider} is not in this ONNX Runtime build ({', '.join(available)}): {fix}"
+    return None if backend.provider == CPU else runtime.provider_missing(backend.provider)
 
 
 def make_session(model: BenchModel, backend: Backend, max_batch: int, cache_dir: str | None = None):
-    """An InferenceSession on exactly ``backend``'s provider; raises ProviderError if ORT chose another."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    if backend.provider == CPU:
-        providers = [CPU]
-    elif backend.provider == CUDA:
-        providers = [(CUDA, {"device_id": backend.device_id, "cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": 1})]
-    else:
+    """The runner's kind of session (batch.runtime) on exactly ``backend``'s provider; ProviderError if ORT cannot."""
+    if not backend.on_gpu:
+        return runtime.open_session(model.path, "cpu")
+    cuda = {"cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": 1}
+    tensorrt = None
+    if backend.provider == TENSORRT:
         height, width = model.contract.input_size
         shape = (lambda n: f"{model.input_name}:{n}x{height}x{width}x3") if model.contract.input_layout == "NHWC" else (
             lambda n: f"{model.input_name}:{n}x3x{height}x{width}")
-        trt = {
-            "device_id": backend.device_id,
+        tensorrt = {
             "trt_fp16_enable": 1,
             "trt_engine_cache_enable": 1 if cache_dir else 0,
             "trt_engine_cache_path": cache_dir or "",
@@ -98,27 +89,15 @@ def make_session(model: BenchModel, backend: Backend, max_batch: int, cache_dir:
             "trt_profile_opt_shapes": shape(max_batch),
             "trt_profile_max_shapes": shape(max_batch),
         }
-        providers = [(TENSORRT, trt), (CUDA, {"device_id": backend.device_id})]
-    session = ort.InferenceSession(str(model.path), sess_options=options, providers=providers)
-    if session.get_providers()[0] != backend.provider:
-        raise ProviderError(
-            f"asked ONNX Runtime for {backend.provider} but it gave {session.get_providers()}: "
-            "check the CUDA/cuDNN/TensorRT libraries it needs (ORT's log names the missing one)"
-        )
-    return session
+    try:
+        return runtime.open_session(model.path, Device("cuda", backend.device_id), cuda_options=cuda, tensorrt_options=tensorrt)
+    except DeviceError as e:
+        raise ProviderError(str(e)) from e
 
 
 def model_input(images: np.ndarray, model: BenchModel, batch: int) -> np.ndarray:
     """A batch in the model's contract from decoded photos (N, H, W, 3) uint8, repeating photos as needed."""
-    picked = images[np.arange(batch) % len(images)]  # (batch, H, W, 3) uint8
-    contract = model.contract
-    if contract.input_dtype != "uint8":
-        mean = np.asarray(contract.pixel_mean, np.float32)
-        std = np.asarray(contract.pixel_std, np.float32)
-        picked = ((picked.astype(np.float32) / 255 - mean) / std).astype(contract.input_dtype)
-    if contract.input_layout == "NCHW":
-        picked = picked.transpose(0, 3, 1, 2)  # (batch, 3, H, W)
-    return np.ascontiguousarray(picked)
+    return prepare_input(images[np.arange(batch) % len(images)], model.contract)  # (batch, ...) as the runner feeds it
 
 
 def runner(session, model: BenchModel, backend: Backend, batch: np.ndarray) -> Callable[[], None]:
@@ -205,7 +184,7 @@ def sweep_batches(model: BenchModel, backend: Backend, images: np.ndarray, batch
             return Sweep([InferenceResult(batch_size=batch_sizes[0], status="skipped", reason=str(e), **base)])
         except Exception as e:  # noqa: BLE001 - ORT raises its own types (Fail, RuntimeException, ...)
             return Sweep([InferenceResult(batch_size=batch_sizes[0], status="failed",
-                                          reason=f"session creation failed: {first_line(e)}", **base)])
+                                          reason=f"session creation failed: {describe_error(e)}", **base)])
         return Sweep(sweep_session(session, model, backend, images, batch_sizes, warmup=warmup, repeats=repeats,
                                    max_batch_seconds=max_batch_seconds, gpu_name=gpu_name, base=base))
 
@@ -230,10 +209,10 @@ def sweep_session(session, model: BenchModel, backend: Backend, images: np.ndarr
                                    gpu_name=gpu_name, base=base)
         except Exception as e:  # noqa: BLE001 - ORT's exception types are not importable in a stable way
             if not (backend.on_gpu and is_oom(e)):
-                log.error("%s %s batch %d failed: %s", backend.label, model.name, batch, first_line(e))
-                results.append(InferenceResult(batch_size=batch, status="failed", reason=first_line(e), **base))
+                log.error("%s %s batch %d failed: %s", backend.label, model.name, batch, describe_error(e))
+                results.append(InferenceResult(batch_size=batch, status="failed", reason=describe_error(e), **base))
                 break
-            results.append(InferenceResult(batch_size=batch, status="oom", reason=first_line(e), **base))
+            results.append(InferenceResult(batch_size=batch, status="oom", reason=describe_error(e), **base))
             smaller = batch // 2
             queue = [smaller] if smaller >= 1 and smaller not in {r.batch_size for r in results} else []
             if queue:

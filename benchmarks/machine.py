@@ -12,6 +12,8 @@ import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from batch.devices import cpu_count, parse_device
+
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,7 +94,7 @@ def cpu_facts() -> dict[str, object]:
     if cpuinfo.is_file():
         match = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(errors="replace"), re.MULTILINE)
         model = match[1].strip() if match else None
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    usable = cpu_count()
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     memory = None
     meminfo = Path("/proc/meminfo")
@@ -149,7 +151,7 @@ def onnxruntime_providers() -> list[str] | None:
 def machine_facts() -> dict[str, object]:
     """Everything results.json records about where it ran."""
     return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "hostname": platform.node(),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -164,9 +166,9 @@ def machine_facts() -> dict[str, object]:
 def machine_slug(facts: dict, device: str) -> str:
     """A file-name-safe name of the benchmarked hardware, e.g. ``nvidia-h200`` or ``cpu-amd-epyc-2-cores``."""
     gpus = facts.get("gpus") or []
-    if device.startswith("cuda") and gpus:
-        index = int(device.split(":")[1]) if ":" in device else 0
-        name = next((g["name"] for g in gpus if g["index"] == index), gpus[0]["name"])
+    parsed = parse_device(device)
+    if parsed.is_cuda and gpus:
+        name = next((g["name"] for g in gpus if g["index"] == parsed.index), gpus[0]["name"])
     else:
         cpu = facts.get("cpu") or {}
         name = f"cpu {cpu.get('model') or 'unknown'} {cpu.get('usable_cores')} cores"

@@ -91,7 +91,7 @@ class GpuMemorySampler:
                 self.peak = reading
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> "GpuMemorySampler":
+    def __enter__(self) -> GpuMemorySampler:
         self._thread.start()
         return self
 

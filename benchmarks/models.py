@@ -15,16 +15,16 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from batch.contract import ContractError, ModelContract
+from batch.contract import IMAGENET_MEAN, IMAGENET_STD, ContractError, ModelContract
 from benchmarks.errors import BenchError
 from benchmarks.flops import unet_gflops
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
-EXPORT_SOURCES = (REPO / "export" / "onnx_export.py", REPO / "unet" / "model.py", REPO / "batch" / "contract.py")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+EXPORT_SOURCES = (REPO / "export" / "onnx_export.py", REPO / "export" / "quantize.py", REPO / "unet" / "model.py",
+                  REPO / "batch" / "contract.py")
+CALIBRATION_IMAGES = 8  # INT8 speed does not depend on the ranges; a few photos keep the quantization quick
 
 
 class ModelError(BenchError):
@@ -122,6 +122,32 @@ def export_random(width: int, depth: int, size: tuple[int, int], *, fp16: bool, 
     model = UNet(UNetConfig(width=width, depth=depth)).eval()
     export_model(model, out, input_size=size, pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD, fp16=fp16,
                  provenance={"benchmark": "random weights, exported by unet-bench"})
+
+
+def int8_model(fp32: BenchModel, photos: list[Path], *, folder: Path, cache_dir: Path | None) -> BenchModel:
+    """``fp32`` quantized to INT8 the way ``unet-export --int8`` does it, calibrated on ``photos``.
+
+    Random-weight models are cached like their FP32 files (whatever photos calibrated them: speed does
+    not depend on the ranges); a model given with --model is quantized afresh.
+    """
+    from export.quantize import QuantizeError, quantize_model
+
+    name = f"{fp32.path.stem}-int8"
+    path = folder / f"{name}.onnx"
+    cached = cache_dir / f"{name}-{source_hash()}.onnx" if cache_dir and fp32.random_weights else None
+    if cached and cached.is_file():
+        log.info("model %s from the cache %s", name, cached)
+        shutil.copyfile(cached, path)
+    else:
+        log.info("quantizing %s to INT8 (calibrated on %d photos)", fp32.name, min(len(photos), CALIBRATION_IMAGES))
+        try:
+            quantize_model(fp32.path, path, photos, calibration_images=CALIBRATION_IMAGES)
+        except QuantizeError as e:
+            raise ModelError(f"INT8 of {fp32.name}: {e}") from e
+        if cached:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, cached)
+    return read_model(path, name=fp32.name, random_weights=fp32.random_weights)
 
 
 def user_model(path: Path, *, fp16: bool, input_size: tuple[int, int] | None, folder: Path) -> BenchModel:

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from batch.devices import parse_device
 from benchmarks.errors import BenchError
 
 SCHEMA_PREFIX = "unet-bench/"
@@ -29,17 +30,21 @@ def spread(stats: dict | None) -> str:
 
 def machine_name(results: dict) -> str:
     facts = results["machine"]
-    if results["device"].startswith("cuda"):
-        index = int(results["device"].split(":")[1])
-        name = next((g["name"] for g in facts["gpus"] if g["index"] == index), "unknown GPU")
+    device = parse_device(results["device"])
+    if device.is_cuda:
+        name = next((g["name"] for g in facts["gpus"] if g["index"] == device.index), "unknown GPU")
         return f"{name} ({results['device']})"
     cpu = facts["cpu"]
     return f"{cpu['model'] or 'unknown CPU'}, {cpu['usable_cores']} cores (CPU only)"
 
 
 def load_results(path: str | Path) -> dict:
-    """Read a results.json, checking it is one; errors name the file."""
+    """Read a results.json (or the one in a run folder), checking it is one; errors name the file."""
     path = Path(path)
+    if path.is_dir():  # a run folder (the --out of `unet-bench run`)
+        if not (path / "results.json").is_file():
+            raise BenchError(f"{path} holds no results.json: pass a folder written by `unet-bench run`, or a results.json")
+        path = path / "results.json"
     try:
         results = json.loads(path.read_text())
     except OSError as e:
@@ -67,23 +72,27 @@ def summary_rows(results: dict) -> list[list[str]]:
         peak = f" ({fmt(100 * r['fraction_of_peak'])} % of {fmt(r['peak_tflops'])})" if r["fraction_of_peak"] is not None else ""
         rows.append([STAGE_NAMES["inference"], f"{r['label']}, {r['model']} (fastest batch)", str(r["batch_size"]),
                      fmt(r["images_per_second"]["median"]), spread(r["images_per_second"]), tflops + peak])
-    e2e = results["end_to_end"]
-    if e2e["status"] == "ok":
-        rows.append([STAGE_NAMES["end_to_end"], f"unet-batch segment, {e2e['model']}", str(e2e["batch_size"]),
-                     fmt(e2e["images_per_second"]["median"]), spread(e2e["images_per_second"]),
-                     f"{e2e['images']} photos x {e2e['repeats']} runs; decoder {e2e['decoder']}, device {e2e['device']}; "
-                     f"after {fmt(e2e['setup_seconds']['median'])} s of set-up (model load): "
-                     f"{fmt(e2e['runner_images_per_second']['median'])} images/s counting it, "
-                     f"{fmt(e2e['wall_images_per_second']['median'])} counting process start too"])
-    else:
-        rows.append([STAGE_NAMES["end_to_end"], "unet-batch segment", "—", "—", "—", f"failed: {e2e['reason']}"])
+    rows += [end_to_end_row(e2e) for e2e in (results["end_to_end"], results.get("end_to_end_int8")) if e2e]
     for r in results["baselines"]:
         if r["status"] == "ok":
-            rows.append([STAGE_NAMES["baseline"], f"{r['label']} ({r['device']})", "1", fmt(r["images_per_second"]["median"]),
+            rows.append([STAGE_NAMES["baseline"], f"{r['label']} ({r['device']})", str(r.get("batch_size", 1)),
+                         fmt(r["images_per_second"]["median"]),
                          spread(r["images_per_second"]), f"{r['images']} photos"])
         else:
             rows.append([STAGE_NAMES["baseline"], r["label"], "—", "—", "—", f"{r['status']}: {r['reason']}"])
     return rows
+
+
+def end_to_end_row(e2e: dict) -> list[str]:
+    what = f"unet-batch segment, {e2e['model']}" + (f" {e2e['precision'].upper()}" if e2e.get("precision") else "")
+    if e2e["status"] != "ok":
+        return [STAGE_NAMES["end_to_end"], what, "—", "—", "—", f"failed: {e2e['reason']}"]
+    return [STAGE_NAMES["end_to_end"], what, str(e2e["batch_size"]),
+            fmt(e2e["images_per_second"]["median"]), spread(e2e["images_per_second"]),
+            f"{e2e['images']} photos x {e2e['repeats']} runs; decoder {e2e['decoder']}, device {e2e['device']}; "
+            f"after {fmt(e2e['setup_seconds']['median'])} s of set-up (model load): "
+            f"{fmt(e2e['runner_images_per_second']['median'])} images/s counting it, "
+            f"{fmt(e2e['wall_images_per_second']['median'])} counting process start too"]
 
 
 def best_inference_rows(results: dict) -> list[dict]:
@@ -106,7 +115,24 @@ def ratio_lines(results: dict) -> list[str]:
         ref = ratios["inference_reference"]
         lines.append(f"- end to end / inference alone ({ref['label']}, {ref['model']}, batch {ref['batch_size']}): "
                      f"**{fmt(ratios['end_to_end_over_inference'])}**")
-    return lines or ["- no ratios: the end-to-end run did not complete"]
+    return (lines or ["- no ratios: the end-to-end run did not complete"]) + int8_ratio_lines(results, labels)
+
+
+def int8_ratio_lines(results: dict, labels: dict[str, str]) -> list[str]:
+    """The INT8 end-to-end run over FP32, over the naive loops and over its own inference alone (CPU runs)."""
+    ratios = results.get("ratios_int8")
+    if not ratios:
+        return []
+    lines = [f"- INT8 / FP32, {what}: **{fmt(ratios[key])}x**" for key, what in
+             (("end_to_end_over_fp32", "end to end"), ("inference_over_fp32", "inference alone (fastest batches)"))
+             if ratios[key] is not None]
+    lines += [f"- INT8 end to end / naive {labels.get(name, name)}: **{fmt(value)}x**"
+              for name, value in ratios["end_to_end_over_baseline"].items()]
+    if ratios["end_to_end_over_inference"] is not None:
+        ref = ratios["inference_reference"]
+        lines.append(f"- INT8 end to end / inference alone ({ref['label']}, batch {ref['batch_size']}): "
+                     f"**{fmt(ratios['end_to_end_over_inference'])}**")
+    return lines
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -155,7 +181,7 @@ def memory_table(results: dict) -> str:
     m = results["memory"]
     rows = [["benchmark process, peak RSS", fmt(m["benchmark_peak_rss_mib"]), "resource.getrusage"],
             ["unet-batch process, peak RSS", fmt(m["end_to_end_peak_rss_mib"]), "its own ru_maxrss (benchmarks.launch)"]]
-    if results["device"].startswith("cuda"):
+    if parse_device(results["device"]).is_cuda:
         rows += [["inference sweep, GPU", fmt(m["inference_gpu_peak_mib"]), m["inference_gpu_method"] or "—"],
                  ["unet-batch, GPU", fmt(m["end_to_end_gpu_peak_mib"]), m["end_to_end_gpu_method"] or "—"]]
     return table(["what", "MiB", "measured with"], rows)
@@ -233,6 +259,11 @@ def metrics(results: dict) -> dict[str, Metric]:
         found[f"ratio/baseline/{name}"] = Metric(f"end to end / naive {name}", "x", value)
     if results["ratios"]["end_to_end_over_inference"] is not None:
         found["ratio/inference"] = Metric("end to end / inference alone", "x", results["ratios"]["end_to_end_over_inference"])
+    int8 = results.get("end_to_end_int8")
+    if int8 and int8["status"] == "ok":
+        found["end_to_end_int8"] = Metric(f"end to end INT8 ({int8['model']})", "images/s", int8["images_per_second"]["median"])
+        if results["ratios_int8"]["end_to_end_over_fp32"] is not None:
+            found["ratio/int8"] = Metric("end to end INT8 / FP32", "x", results["ratios_int8"]["end_to_end_over_fp32"])
     return found
 
 

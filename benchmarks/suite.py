@@ -14,17 +14,20 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from batch.devices import Device, parse_device
 from batch.images import is_image_file
+from batch.runtime import check_device, provider_missing
 from benchmarks.baselines import BASELINES, run_baseline
-from benchmarks.config import DEFAULT_INPUT_SIZE, RunConfig, SuiteConfig, parse_device
+from benchmarks.config import DEFAULT_INPUT_SIZE, RunConfig, SuiteConfig, check_extras
 from benchmarks.decode import bench_decoders
 from benchmarks.end_to_end import EndToEndResult, run_end_to_end
 from benchmarks.errors import BenchError
 from benchmarks.inference import CUDA, Backend, InferenceResult, backends_for, sweep_batches
 from benchmarks.machine import cpu_facts, machine_facts, machine_slug
 from benchmarks.memory import peak_rss_mib
-from benchmarks.models import BenchModel, random_model, user_model
+from benchmarks.models import BenchModel, int8_model, random_model, user_model
 from benchmarks.synthetic import CARVANA_SIZE, write_synthetic_photos
+from benchmarks.torch_peer import run_torch_peer
 
 log = logging.getLogger(__name__)
 
@@ -32,25 +35,20 @@ SCHEMA = "unet-bench/1"
 SYNTHETIC_DISTINCT = 64  # synthetic photos drawn one by one; more are copies (decode costs the same)
 
 
-def resolve_device(requested: str, gpus: list[dict]) -> str:
+def resolve_device(requested: str, gpus: list[dict]) -> Device:
     """``auto`` -> ``cuda:0`` when ONNX Runtime has CUDA and a GPU is present, else ``cpu``; check ``cuda[:N]``."""
-    import onnxruntime as ort
-
-    has_cuda_ep = CUDA in ort.get_available_providers()
-    if requested == "auto":
-        chosen = "cuda:0" if has_cuda_ep and gpus else "cpu"
+    device = parse_device(requested)
+    if device.kind == "auto":
+        chosen = parse_device("cuda:0" if gpus and provider_missing(CUDA) is None else "cpu")
         log.info("--device auto: benchmarking %s", chosen)
         return chosen
-    kind, index = parse_device(requested)
-    if kind == "cpu":
-        return "cpu"
-    if not has_cuda_ep:
-        raise BenchError(f"--device {requested}: this onnxruntime has no CUDAExecutionProvider; "
-                         "install onnxruntime-gpu (pip install -e '.[gpu]') or use --device cpu")
-    if index not in {g["index"] for g in gpus}:
-        raise BenchError(f"--device {requested}: nvidia-smi lists GPUs {[g['index'] for g in gpus] or 'none'}; "
+    if device.kind == "cpu":
+        return device
+    check_device(device)
+    if device.index not in {g["index"] for g in gpus}:
+        raise BenchError(f"--device {device}: nvidia-smi lists GPUs {[g['index'] for g in gpus] or 'none'}; "
                          "check the driver or choose another index")
-    return f"cuda:{index}"
+    return device
 
 
 def list_photos(folder: Path, count: int) -> list[Path]:
@@ -78,25 +76,41 @@ def input_size_for(config: RunConfig, model: Path | None) -> tuple[int, int]:
 
 
 class Models:
-    """Exported models by (name, graph precision), made on first use."""
+    """Exported models by (name, graph precision), made on first use; INT8 ones are quantized from the FP32 ones."""
 
-    def __init__(self, config: RunConfig, size: tuple[int, int], folder: Path, cache_dir: Path | None):
+    def __init__(self, config: RunConfig, size: tuple[int, int], folder: Path, cache_dir: Path | None,
+                 photos: list[Path]):
         self.config, self.size, self.folder, self.cache_dir = config, size, folder, cache_dir
+        self.photos = photos  # INT8 calibration
         self._made: dict[tuple[str, str], BenchModel] = {}
 
     def random(self, width: int, precision: str) -> BenchModel:
         key = (f"w{width}", precision)
-        if key not in self._made:
+        if key in self._made:
+            return self._made[key]
+        if precision == "int8":
+            self._made[key] = self.int8(self.random(width, "fp32"))
+        else:
             self._made[key] = random_model(width, self.config.depth, self.size, fp16=precision == "fp16",
                                            seed=self.config.seed, folder=self.folder, cache_dir=self.cache_dir)
         return self._made[key]
 
     def user(self, precision: str) -> BenchModel:
         path = self.config.model
-        key = ("user", precision if path.suffix == ".pt" else "as-is")
-        if key not in self._made:
+        key = ("user", precision if path.suffix == ".pt" or precision == "int8" else "as-is")
+        if key in self._made:
+            return self._made[key]
+        if precision == "int8":
+            self._made[key] = self.int8(self.user("fp32"))
+        else:
             self._made[key] = user_model(path, fp16=precision == "fp16", input_size=self.size, folder=self.folder)
         return self._made[key]
+
+    def int8(self, model: BenchModel) -> BenchModel:
+        """``model`` quantized to INT8; a user's INT8 or FP16 file as it is (only FP32 graphs are quantized)."""
+        if model.precision != "fp32":
+            return model
+        return int8_model(model, self.photos, folder=self.folder, cache_dir=self.cache_dir)
 
     def for_e2e(self, precision: str) -> BenchModel:
         return self.user(precision) if self.config.model else self.random(self.config.width, precision)
@@ -111,7 +125,8 @@ def sweep_plan(config: RunConfig, suite: SuiteConfig, device: str, device_id: in
     for backend in backends_for(device, device_id):
         if config.model:
             model = models.user(backend.graph_precision)
-            if model.precision == backend.graph_precision or (device == "cpu" and backend.name == "cpu"):
+            fits = model.precision == backend.graph_precision or (device == "cpu" and backend.name == "cpu")
+            if fits and not any(planned.path == model.path for planned, _ in plan):  # a user's INT8 file fits both CPU backends
                 plan.append((model, with_precision(backend, model.precision)))
         chosen = widths if backend.name != "tensorrt" or suite.tensorrt_all_widths else [e2e_width]
         plan += [(models.random(w, backend.graph_precision), backend) for w in chosen if w is not None]
@@ -127,10 +142,11 @@ def with_precision(backend: Backend, precision: str) -> Backend:
 
 def run_suite(config: RunConfig, *, cache_dir: Path | None = None, progress: bool = True) -> dict:
     """Measure everything ``config`` asks for; return the results (the content of results.json)."""
+    check_extras("unet-bench run")
     started = time.perf_counter()
     facts = machine_facts()
-    device = resolve_device(config.device, facts["gpus"])
-    kind, device_id = parse_device(device)
+    chosen = resolve_device(config.device, facts["gpus"])
+    device, kind, device_id = str(chosen), chosen.kind, chosen.index if chosen.is_cuda else None
     gpu_name = next((g["name"] for g in facts["gpus"] if g["index"] == device_id), None) if kind == "cuda" else None
     threads = facts["cpu"]["usable_cores"] or 1
     suite = config.preset(kind)
@@ -145,7 +161,7 @@ def run_suite(config: RunConfig, *, cache_dir: Path | None = None, progress: boo
                                          warmup=suite.warmup, repeats=suite.repeats,
                                          dali_batch=min(suite.dali_batch, len(photos[: suite.images])))
 
-        models = Models(config, size, scratch, cache_dir)
+        models = Models(config, size, scratch, cache_dir, photos[: suite.images])
         inference: list[InferenceResult] = []
         for model, backend in sweep_plan(config, suite, kind, device_id, models):
             log.info("inference: %s on %s", model.name, backend.label)
@@ -160,10 +176,22 @@ def run_suite(config: RunConfig, *, cache_dir: Path | None = None, progress: boo
         log.info("end to end: %s, batch %d, %d photos x %d runs", e2e_model.name, e2e_batch, e2e_images, suite.e2e_repeats)
         e2e = run_end_to_end(images_dir, e2e_model, device=device, gpu_index=device_id, batch_size=e2e_batch,
                              images=e2e_images, repeats=suite.e2e_repeats, timeout_s=max(600.0, 10.0 * e2e_images))
+        e2e_int8, int8_reference = None, None
+        if kind == "cpu":  # the same model quantized, as `unet-batch` runs the bundled INT8 file on a CPU
+            int8 = models.for_e2e("int8")
+            int8_reference = best_row(inference, int8.name, "cpu", "int8")
+            log.info("end to end, INT8: %s, %d photos x %d runs", int8.name, e2e_images, suite.e2e_repeats)
+            e2e_int8 = run_end_to_end(images_dir, int8, device=device, gpu_index=None,
+                                      batch_size=int8_reference.batch_size if int8_reference else e2e_batch,
+                                      images=e2e_images, repeats=suite.e2e_repeats, timeout_s=max(600.0, 10.0 * e2e_images))
 
         checkpoint = config.model if config.model and config.model.suffix == ".pt" else None
         baselines = [run_baseline(name, photos[: suite.baseline_images + 1], e2e_model, device=kind, device_id=device_id,
                                   checkpoint=checkpoint, seed=config.seed) for name in BASELINES]
+        if kind == "cuda":
+            log.info("the PyTorch peer: %d photos, batch %d", e2e_images, e2e_batch)
+            baselines.append(run_torch_peer(photos[:e2e_images], e2e_model, device_id=device_id, batch_size=e2e_batch,
+                                            checkpoint=checkpoint, seed=config.seed, threads=threads))
 
     load_end = cpu_facts()["load_average_1min"]
     return json.loads(json.dumps({  # tuples -> lists: exactly what results.json will hold
@@ -185,8 +213,10 @@ def run_suite(config: RunConfig, *, cache_dir: Path | None = None, progress: boo
         "decode": [asdict(r) for r in decode],
         "inference": [asdict(r) for r in inference],
         "end_to_end": asdict(e2e),
+        "end_to_end_int8": asdict(e2e_int8) if e2e_int8 else None,
         "baselines": [asdict(r) for r in baselines],
         "ratios": ratios(e2e, baselines, reference),
+        "ratios_int8": int8_ratios(e2e_int8, e2e, baselines, int8_reference, reference) if e2e_int8 else None,
         "memory": memory_summary(inference, e2e),
         "notes": run_notes(image_info, config, facts["cpu"], load_end),
         "duration_seconds": round(time.perf_counter() - started, 1),
@@ -241,6 +271,17 @@ def ratios(e2e: EndToEndResult, baselines: list, reference: InferenceResult | No
     return out
 
 
+def int8_ratios(e2e_int8: EndToEndResult, e2e: EndToEndResult, baselines: list, int8_reference: InferenceResult | None,
+                reference: InferenceResult | None) -> dict:
+    """:func:`ratios` of the INT8 end-to-end run, and INT8 over FP32 end to end and in inference alone."""
+    out = ratios(e2e_int8, baselines, int8_reference)
+    both = e2e_int8.status == "ok" and e2e.status == "ok"
+    out["end_to_end_over_fp32"] = e2e_int8.images_per_second.median / e2e.images_per_second.median if both else None
+    out["inference_over_fp32"] = (int8_reference.images_per_second.median / reference.images_per_second.median
+                                  if int8_reference and reference else None)
+    return out
+
+
 def memory_summary(inference: list[InferenceResult], e2e: EndToEndResult) -> dict:
     gpu = [(r.gpu_memory_mib, r.gpu_memory_method) for r in inference if r.gpu_memory_mib is not None]
     peak_gpu = max(gpu, default=(None, None))
@@ -285,6 +326,8 @@ def failures(results: dict) -> list[str]:
               for r in results["inference"] if r["status"] == "failed"]
     if results["end_to_end"]["status"] == "failed":
         found.append(f"end to end: {results['end_to_end']['reason']}")
+    if (results.get("end_to_end_int8") or {}).get("status") == "failed":
+        found.append(f"end to end, INT8: {results['end_to_end_int8']['reason']}")
     found += [f"baseline {r['label']}: {r['reason']}" for r in results["baselines"] if r["status"] == "failed"]
     return found
 

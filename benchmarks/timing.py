@@ -34,7 +34,7 @@ class Stats:
     def iqr(self) -> float:
         return self.q3 - self.q1
 
-    def scaled(self, factor: float) -> "Stats":
+    def scaled(self, factor: float) -> Stats:
         """The same spread, every value multiplied by ``factor`` (> 0), e.g. images/s -> megapixels/s."""
         if factor <= 0:
             raise ValueError(f"scale factor must be positive, got {factor}")

@@ -24,10 +24,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from batch.formats import write_atomic
+from batch.contract import probability_to_logit
+from batch.devices import parse_device
+from batch.files import write_atomic
 from batch.masks import MaskError, area_fraction, dice, read_mask
 from batch.postprocess import upsample_threshold
-from benchmarks.config import parse_device
+from benchmarks.config import check_extras
 from benchmarks.errors import BenchError
 from benchmarks.flops import unet_gflops
 from benchmarks.inference import backends_for, sweep_batches
@@ -76,16 +78,7 @@ class TrainedRun:
 def resolution_ceiling(truth: np.ndarray, size: tuple[int, int]) -> float:
     """Full-resolution Dice of the perfect model at input ``size`` for the (H, W) bool mask ``truth``."""
     fraction = np.clip(area_fraction(truth, size).astype(np.float32) / 255, LOGIT_CLIP, 1 - LOGIT_CLIP)  # (h, w)
-    logits = np.log(fraction / (1 - fraction))
-    return dice(upsample_threshold(logits, truth.shape, 0.0) > 0, truth)
-
-
-def spread_sample(paths: Sequence[Path], limit: int) -> list[Path]:
-    """At most ``limit`` of the sorted ``paths``, evenly spaced (so they span many cars, not the first few)."""
-    paths = sorted(paths)
-    if len(paths) <= limit:
-        return paths
-    return [paths[round(i * (len(paths) - 1) / (limit - 1))] for i in range(limit)] if limit > 1 else paths[:1]
+    return dice(upsample_threshold(probability_to_logit(fraction), truth.shape, 0.0) > 0, truth)
 
 
 def measure_ceilings(mask_paths: Sequence[Path], sizes: Sequence[tuple[int, int]], progress: bool = True) -> list[Ceiling]:
@@ -108,8 +101,8 @@ def measure_speed(width: int, depth: int, size: tuple[int, int], *, device: str,
                   cache_dir: Path | None) -> SpeedPoint:
     """Best images/s over ``batch_sizes`` of a random-weight U-Net on ``device``'s first provider
     (CPU FP32, or CUDA FP16 with device-resident buffers)."""
-    kind, device_id = parse_device(device)
-    backend = backends_for(kind, device_id)[0]
+    device = parse_device(device)
+    backend = backends_for(device.kind, device.index if device.is_cuda else None)[0]
     gflop = unet_gflops({"width": width, "depth": depth, "in_channels": 3, "out_channels": 1}, size)
     model = random_model(width, depth, size, fp16=backend.graph_precision == "fp16", seed=seed, folder=folder,
                          cache_dir=cache_dir)
@@ -147,6 +140,7 @@ def run_tradeoff(*, mask_paths: Sequence[Path], sizes: Sequence[tuple[int, int]]
                  warmup: int = 1, repeats: int = 3, max_batch_seconds: float = 10.0, seed: int = 0,
                  cache_dir: Path | None = None, progress: bool = True) -> dict:
     """Everything :func:`render_tradeoff` tabulates (the content of tradeoff.json)."""
+    check_extras("unet-bench tradeoff")
     check_sizes(sizes, depths)
     runs = [read_run(Path(r)) for r in run_dirs]
     ceilings = measure_ceilings(mask_paths, sizes, progress)

@@ -1,21 +1,27 @@
-"""``unet-export``: turn a ``unet-train`` checkpoint into a self-describing ONNX model."""
+"""``unet-export``: turn a ``unet-train`` checkpoint into a self-describing ONNX model.
+
+torch is imported inside the command, so ``--help`` and ``--version`` work with any extras installed.
+"""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
-from batch.clitypes import DEVICE, SIZE, InputError, setup_logging
+from batch.clitypes import DEVICE, SIZE, InputError, setup_logging, version_option
 from batch.contract import ModelContract
-from export.onnx_export import DEFAULT_OPSET, LAYOUTS, MAX_OPSET, MIN_OPSET, ExportError, export_checkpoint
-from export.verify import VerifyError, export_verified
-from unet.checkpoint import CheckpointError
+from batch.devices import DeviceError
+from batch.extras import require
+from export.config import LAYOUTS, MAX_OPSET, MIN_OPSET, ExportError, ExportOptions, QuantizeOptions, VerifyOptions
 
 CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
 
 
 @click.group(context_settings=CONTEXT)
+@version_option
 def main() -> None:
     """Export trained U-Net checkpoints for the batch runner."""
 
@@ -23,38 +29,75 @@ def main() -> None:
 @main.command("to-onnx", context_settings=CONTEXT)
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The .onnx file to write.")
-@click.option("--fp16/--fp32", default=True, help="Weights and compute in FP16 (inputs uint8, logits FP32 either way).")
+@click.option("--fp16/--fp32", default=ExportOptions.fp16,
+              help="Weights and compute in FP16 (inputs uint8, logits FP32 either way).")
+@click.option("--int8", is_flag=True,
+              help="Quantize to INT8 for the CPU (ONNX Runtime static quantization, QDQ); needs --calibrate.")
+@click.option("--calibrate", "calibrate_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="With --int8: folder of training photos to calibrate on (the checkpoint's validation cars are left out).")
+@click.option("--calibration-images", type=click.IntRange(min=1), default=QuantizeOptions.calibration_images,
+              help="With --int8: photos to calibrate on (spread over the folder).")
 @click.option("--input-size", type=SIZE, default=None,
               help="Input size HxW to record for the batch runner [default: the checkpoint's training size].")
-@click.option("--opset", type=click.IntRange(MIN_OPSET, MAX_OPSET), default=DEFAULT_OPSET, help="ONNX opset.")
-@click.option("--layout", type=click.Choice(LAYOUTS), default="NHWC", help="Layout of the uint8 graph input.")
+@click.option("--opset", type=click.IntRange(MIN_OPSET, MAX_OPSET), default=ExportOptions.opset, help="ONNX opset.")
+@click.option("--layout", type=click.Choice(LAYOUTS), default=ExportOptions.layout, help="Layout of the uint8 graph input.")
 @click.option("--verify", "verify_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder of photos: check the export against PyTorch there; OUT is written only if it passes.")
-@click.option("--verify-limit", type=click.IntRange(min=1), default=8, help="Photos to check (spread over the folder).")
+@click.option("--verify-limit", type=click.IntRange(min=1), default=VerifyOptions.limit,
+              help="Photos to check (spread over the folder).")
 @click.option("--device", type=DEVICE, default="auto", help="ONNX Runtime device for --verify (cuda: CUDA provider).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-@click.option("-v", "--verbose", is_flag=True)
-def to_onnx(checkpoint, out, fp16, input_size, opset, layout, verify_dir, verify_limit, device, no_progress, verbose):
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def to_onnx(checkpoint, out, fp16, int8, calibrate_dir, calibration_images, input_size, opset, layout, verify_dir,
+            verify_limit, device, no_progress, verbose):
     """Export CHECKPOINT (best.pt or last.pt from unet-train) to an ONNX model at --out."""
-    options = {"fp16": fp16, "input_size": input_size, "opset": opset, "layout": layout}
+    check_int8_options(int8, calibrate_dir)
+    require("torch", "train", what="unet-export")
+    require("onnx", "train", what="unet-export")
+    if verify_dir is not None or int8:
+        require("onnxruntime", "cpu", what="unet-export --int8" if int8 else "unet-export --verify")
+    from batch.runtime import device_for_precision
+    from export.onnx_export import export_checkpoint
+    from export.verify import VerifyError, export_verified
+    from unet.checkpoint import CheckpointError
+
+    options = {"input_size": input_size, "opset": opset, "layout": layout}
     try:
         with setup_logging(verbose):
-            if verify_dir is None:
-                contract, report = export_checkpoint(checkpoint, out, **options), None
+            if int8:
+                from export.quantize import quantize_checkpoint
+
+                export = partial(quantize_checkpoint, calibrate=calibrate_dir, calibration_images=calibration_images,
+                                 progress=not no_progress)
+                device = str(device_for_precision(device, "int8", out)) if verify_dir is not None else device
             else:
-                contract, report = export_verified(
-                    checkpoint, out, verify_dir, limit=verify_limit, device=device, progress=not no_progress, **options
-                )
-    except (CheckpointError, ExportError, VerifyError) as e:
+                export = partial(export_checkpoint, fp16=fp16)
+            if verify_dir is None:
+                contract, report = export(checkpoint, out, **options), None
+            else:
+                contract, report = export_verified(checkpoint, out, verify_dir, limit=verify_limit, device=device,
+                                                   progress=not no_progress, export=export, **options)
+    except (CheckpointError, DeviceError, ExportError, VerifyError) as e:
         raise InputError(str(e)) from e
     if report is not None:
         click.echo("\n".join(report.lines()))
         if not report.passed:
+            instead = "an FP32 export (--fp32 without --int8)" if int8 else "--fp32"
             raise click.ClickException(
                 f"{len(report.failed)} of {len(report.images)} photos out of tolerance: {out} was not written. "
-                "Try --fp32, or run without --verify to inspect the model."
+                f"Try {instead}, or run without --verify to inspect the model."
             )
     click.echo(describe(out, contract))
+
+
+def check_int8_options(int8: bool, calibrate_dir: Path | None) -> None:
+    """--int8 and --calibrate go together; --int8 quantizes the FP32 graph, so --fp16/--fp32 do not apply."""
+    if int8 and calibrate_dir is None:
+        raise click.UsageError("--int8 needs --calibrate DIR: a folder of training photos to calibrate on")
+    if calibrate_dir is not None and not int8:
+        raise click.UsageError("--calibrate is for --int8 exports: add --int8, or leave out --calibrate")
+    if int8 and click.get_current_context().get_parameter_source("fp16") is ParameterSource.COMMANDLINE:
+        raise click.UsageError("--int8 quantizes the FP32 graph: leave out --fp16/--fp32")
 
 
 def describe(out: Path, contract: ModelContract) -> str:

@@ -17,7 +17,7 @@ import os
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import onnx
@@ -27,23 +27,17 @@ from torch.export import Dim
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from batch.contract import ContractError, ModelContract
-from batch.formats import write_atomic as write_file_atomic
+from batch.files import write_atomic as write_file_atomic
+from batch.logs import first_line, quiet_loggers
+from export.config import ExportError, ExportOptions
 from unet import __version__
 from unet.checkpoint import load_checkpoint, model_from_checkpoint
 from unet.model import UNet, nearest_multiples
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OPSET = 18  # the exporter's native opset: no version conversion; ORT >= 1.14, TensorRT 10+ parse it
-MIN_OPSET = 17  # reached through ONNX's version converter (tested); lower ones are not tested
-MAX_OPSET = 21  # highest opset tested here (ONNX Runtime 1.32, CPU provider)
-LAYOUTS = ("NHWC", "NCHW")
 FP16_MAX = float(torch.finfo(torch.float16).max)  # 65504
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
-
-
-class ExportError(ValueError):
-    """An export that cannot be done as asked; the message names the file or option and the fix."""
 
 
 class UInt8UNet(nn.Module):
@@ -77,9 +71,9 @@ def export_model(
     input_size: tuple[int, int],
     pixel_mean: Sequence[float],
     pixel_std: Sequence[float],
-    fp16: bool = True,
-    opset: int = DEFAULT_OPSET,
-    layout: str = "NHWC",
+    fp16: bool = ExportOptions.fp16,
+    opset: int = ExportOptions.opset,
+    layout: str = ExportOptions.layout,
     provenance: dict | None = None,
 ) -> ModelContract:
     """Write ``model`` to ``out`` as ONNX with its contract in ``metadata_props``; return the contract.
@@ -112,10 +106,10 @@ def export_checkpoint(
     checkpoint: str | Path,
     out: str | Path,
     *,
-    fp16: bool = True,
+    fp16: bool = ExportOptions.fp16,
     input_size: tuple[int, int] | None = None,
-    opset: int = DEFAULT_OPSET,
-    layout: str = "NHWC",
+    opset: int = ExportOptions.opset,
+    layout: str = ExportOptions.layout,
 ) -> ModelContract:
     """Export a ``unet-train`` checkpoint (read with ``weights_only=True``) with its provenance.
 
@@ -143,10 +137,7 @@ def export_checkpoint(
 
 
 def check_options(model: UNet, input_size: tuple[int, int], opset: int, layout: str) -> None:
-    if layout not in LAYOUTS:
-        raise ExportError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ExportError(f"opset {opset} is not supported: choose {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})")
+    ExportOptions(opset=opset, layout=layout)  # ExportError when either is not supported
     if len(input_size) != 2:
         raise ExportError(f"input size must be (height, width), got {input_size!r}")
     height, width = (int(v) for v in input_size)
@@ -190,7 +181,7 @@ def make_contract(model, input_size, pixel_mean, pixel_std, fp16, opset, layout,
     stamp = {
         "model_config": json.dumps(model.config.to_dict(), sort_keys=True),
         "opset": str(opset),
-        "export_date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "export_date": datetime.now(UTC).isoformat(timespec="seconds"),
         "package_version": __version__,
         "torch_version": torch.__version__,
     }
@@ -259,27 +250,20 @@ def trace(wrapper: UInt8UNet, contract: ModelContract, opset: int) -> onnx.Model
     return program.model_proto
 
 
-CHATTY_LOGGERS = ("torch.onnx", "onnxscript", "onnx_ir")  # "torchvision is not installed", optimizer passes, ...
+EXPORTER_LOG_LEVELS = {  # INFO chatter (optimizer passes) out of our logs; warnings and errors still show
+    "torch.onnx": logging.WARNING,
+    "onnxscript": logging.WARNING,
+    "onnx_ir": logging.WARNING,
+    "torch.onnx._internal.exporter._registration": logging.ERROR,  # "torchvision is not installed"
+}
 
 
 @contextmanager
 def quiet_exporter() -> Iterator[None]:
-    """Keep the exporter's INFO chatter out of our logs; its warnings and errors still show."""
-    loggers = [logging.getLogger(name) for name in CHATTY_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.WARNING)
-    registration = logging.getLogger("torch.onnx._internal.exporter._registration")  # warns about torchvision
-    registration_level = registration.level
-    registration.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
-            yield
-    finally:
-        registration.setLevel(registration_level)
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
+    """The exporter's loggers at EXPORTER_LOG_LEVELS, and its deprecation notices off, inside the block."""
+    with quiet_loggers(EXPORTER_LOG_LEVELS), warnings.catch_warnings():
+        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
+        yield
 
 
 def finish(proto: onnx.ModelProto, contract: ModelContract) -> None:
@@ -352,9 +336,8 @@ def rebuild_model(state: dict, checkpoint: Path) -> UNet:
     try:
         return model_from_checkpoint(state)
     except (RuntimeError, TypeError, ValueError, KeyError, AttributeError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(
-            f"{checkpoint}: the weights do not fit its model_config ({first_line}). Is the file damaged or edited?"
+            f"{checkpoint}: the weights do not fit its model_config ({first_line(e)}). Is the file damaged or edited?"
         ) from e
 
 

@@ -18,9 +18,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,12 +29,16 @@ import torch
 from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
-from batch.contract import ContractError, ModelContract
+from batch.contract import ContractError, ModelContract, probability_to_logit
+from batch.devices import DeviceError
+from batch.files import spread_evenly, temporary_path
 from batch.images import is_image_file, load_resized_rgb
 from batch.masks import dice
+from batch.runtime import ModelError, check_device, session_options
+from batch.runtime import open_session as open_runtime_session
+from export.config import VerifyOptions
 from export.onnx_export import (
     FP16_MAX,
-    ExportError,
     check_output_path,
     conv_bn_pairs,
     export_checkpoint,
@@ -47,8 +50,6 @@ from unet.metrics import upsample_logits
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RTOL = 1e-4
-DEFAULT_MIN_DICE = 0.999
 
 
 class VerifyError(ValueError):
@@ -98,7 +99,8 @@ class ParityReport:
         rows = [
             f"parity of {self.onnx_path} ({self.precision}, {', '.join(self.providers)}) with {self.checkpoint} "
             f"(PyTorch FP32, CPU) at {self.input_size[0]}x{self.input_size[1]}; criterion: {criterion}, finite, not blank",
-            f"{'photo':<28} {'rel. diff':>9} {'Dice':>8} {'car% ref':>8} {'car% onnx':>9} {'peak act.':>9} {'onnx ms':>8}  result",
+            f"{'photo':<28} {'rel. diff':>9} {'Dice':>8} {'car% ref':>8} {'car% onnx':>9} {'peak act.':>9} "
+            f"{'onnx ms':>8}  result",
         ]
         for im in self.images:
             verdict = "ok" if im.passed else "FAIL: " + "; ".join(im.failures)
@@ -123,10 +125,10 @@ def verify_parity(
     onnx_path: str | Path,
     images_dir: str | Path,
     *,
-    limit: int = 8,
+    limit: int = VerifyOptions.limit,
     device: str = "auto",
-    rtol: float = DEFAULT_RTOL,
-    min_dice: float = DEFAULT_MIN_DICE,
+    rtol: float = VerifyOptions.rtol,
+    min_dice: float = VerifyOptions.min_dice,
     progress: bool = True,
 ) -> ParityReport:
     """Compare ``onnx_path`` with ``checkpoint`` on up to ``limit`` photos of ``images_dir`` (spread over it).
@@ -176,33 +178,34 @@ def export_verified(
     out: str | Path,
     images_dir: str | Path,
     *,
-    limit: int = 8,
+    limit: int = VerifyOptions.limit,
     device: str = "auto",
     progress: bool = True,
+    export: Callable[..., ModelContract] = export_checkpoint,
     **export_options,
 ) -> tuple[ModelContract, ParityReport]:
-    """``export_checkpoint`` to a staging file next to ``out``, verify it, and rename it to ``out`` only if it passes.
+    """``export`` (``export_checkpoint``, or ``export.quantize.quantize_checkpoint`` for INT8) to a staging file next
+    to ``out``, verify it, and rename it to ``out`` only if it passes.
 
     A model that fails verification never lands at ``out`` (an older file there stays as it was).
     """
     out = Path(out)
     check_output_path(out)  # the cheap checks first: the export takes seconds
-    session_providers(device)
+    try:
+        check_device(device)
+    except DeviceError as e:
+        raise VerifyError(str(e)) from e
     pick_photos(Path(images_dir), limit)
+    staged = temporary_path(out)
     try:
-        fd, staged = tempfile.mkstemp(prefix=f".{out.name}.tmp", suffix=".onnx", dir=out.parent)
-    except OSError as e:
-        raise ExportError(f"cannot write {out}: {e.strerror}. Choose a writable -o path.") from e
-    os.close(fd)
-    try:
-        contract = export_checkpoint(checkpoint, staged, **export_options)
+        contract = export(checkpoint, staged, **export_options)
         report = verify_parity(checkpoint, staged, images_dir, limit=limit, device=device, progress=progress)
         report = replace(report, onnx_path=str(out))
         if report.passed:
             os.replace(staged, out)
         return contract, report
     finally:
-        Path(staged).unlink(missing_ok=True)
+        staged.unlink(missing_ok=True)
 
 
 # ---- steps ----------------------------------------------------------------------------------------
@@ -210,56 +213,25 @@ def export_verified(
 
 def pick_photos(folder: Path, limit: int) -> list[Path]:
     """Up to ``limit`` photos spread evenly over the sorted folder (Carvana's 16 views of a car sort together)."""
+    return spread_evenly(list_photos(folder, "--verify"), limit)
+
+
+def list_photos(folder: Path, option: str) -> list[Path]:
+    """The photos directly in ``folder``, sorted; :class:`VerifyError` naming ``option`` when there are none."""
     if not folder.is_dir():
-        raise VerifyError(f"{folder} is not a folder of photos")
+        raise VerifyError(f"{option} {folder}: not a folder of photos")
     photos = sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
     if not photos:
-        raise VerifyError(f"no photos (.jpg, .jpeg, .png) in {folder}: point --verify at a folder of car photos")
-    if len(photos) <= limit:
-        return photos
-    picks = np.linspace(0, len(photos) - 1, limit).round().astype(int)
-    return [photos[i] for i in picks]
-
-
-def session_providers(device: str) -> list:
-    """ONNX Runtime providers for ``device``; a CUDA request this onnxruntime cannot serve is an error."""
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise VerifyError("verification needs onnxruntime: pip install -e '.[cpu]' (or '.[gpu]' on a CUDA host)") from e
-    available = ort.get_available_providers()
-    if device == "auto":
-        device = "cuda" if "CUDAExecutionProvider" in available else "cpu"
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if device == "cuda" or device.startswith("cuda:"):
-        if "CUDAExecutionProvider" not in available:
-            raise VerifyError(
-                f"--device {device}: onnxruntime {ort.__version__} has no CUDAExecutionProvider (it has "
-                f"{', '.join(available)}). Install onnxruntime-gpu (pip install -e '.[gpu]') or use --device cpu."
-            )
-        return [("CUDAExecutionProvider", {"device_id": int(device.partition(":")[2] or 0)}), "CPUExecutionProvider"]
-    raise VerifyError(f"device must be auto, cpu, cuda or cuda:N, not {device!r}")
+        raise VerifyError(f"no photos (.jpg, .jpeg, .png) in {folder}: point {option} at a folder of car photos")
+    return photos
 
 
 def open_session(onnx_path: str | Path, device: str):
-    """An ONNX Runtime session on explicit providers; one that falls back from CUDA to CPU is an error."""
-    import onnxruntime as ort
-
-    providers = session_providers(device)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: the report names the providers in use
+    """An ONNX Runtime session on ``device`` (batch.runtime: explicit providers, no silent CPU fallback)."""
     try:
-        session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=providers)
-    except Exception as e:  # onnxruntime raises its own types (Fail, InvalidGraph, NoSuchFile, ...)
-        raise VerifyError(f"onnxruntime cannot load {onnx_path}: {e}") from e
-    wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
-    if session.get_providers()[0] != wanted:
-        raise VerifyError(
-            f"--device {device}: onnxruntime fell back to {session.get_providers()[0]} (CUDA or cuDNN libraries "
-            "missing, or no such GPU). Fix the CUDA install or use --device cpu."
-        )
-    return session
+        return open_runtime_session(onnx_path, device, session_options())
+    except (DeviceError, ModelError) as e:
+        raise VerifyError(str(e)) from e
 
 
 def read_contract(session, onnx_path: str | Path) -> ModelContract:
@@ -311,7 +283,7 @@ def compare(name, reference, logits, original, contract, rtol, min_dice, ms, pea
     finite = bool(np.isfinite(logits).all())
     scale = float(np.abs(reference).max()) or 1.0
     rel = float(np.abs(logits.astype(np.float64) - reference).max()) / scale if finite else math.inf
-    cut = math.log(contract.threshold / (1 - contract.threshold))  # the threshold as a logit
+    cut = probability_to_logit(contract.threshold)
     ref_mask = full_resolution_mask(reference, original, cut)  # (H, W) bool
     onnx_mask = full_resolution_mask(np.nan_to_num(logits, nan=-1e4, posinf=1e4, neginf=-1e4), original, cut)
     score = dice(onnx_mask, ref_mask)

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from batch.contract import IMAGENET_MEAN, IMAGENET_STD
+
 REPO = Path(__file__).resolve().parents[1]
 CARVANA = REPO.parent / "shared" / "data" / "carvana"
 
@@ -82,8 +84,8 @@ def make_tiny_onnx(
     output_kind: str = "logits",
     size: tuple[int, int] = (64, 96),
     output_dtype: str = "float32",
-    pixel_mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
-    pixel_std: tuple[float, float, float] = (0.229, 0.224, 0.225),
+    pixel_mean: tuple[float, float, float] = IMAGENET_MEAN,
+    pixel_std: tuple[float, float, float] = IMAGENET_STD,
 ) -> Path:
     """A 'U-Net' that finds dark cars on bright backgrounds: normalize -> 1x1 conv -> 3x3 mean conv.
 
@@ -171,6 +173,30 @@ def write_photo(path: Path, size: tuple[int, int], seed: int, fmt: str | None = 
         image = image.convert(mode)
     image.save(path, format=fmt, **({"quality": 95} if (fmt or path.suffix.lower()) in ("JPEG", ".jpg", ".jpeg") else {}))
     return mask
+
+
+@pytest.fixture
+def failing_inference(monkeypatch):
+    """failing_inference(error, when): CpuEngine.predict raises ``error`` on the calls (1, 2, ...) where
+    ``when(call)`` is true and runs normally otherwise; returns the list of batch sizes it was called with.
+    ``monkeypatch.undo()`` restores it."""
+    from batch.engine import CpuEngine
+
+    real_predict = CpuEngine.predict
+
+    def install(error: BaseException, when) -> list[int]:
+        calls: list[int] = []
+
+        def predict(engine, batch):
+            calls.append(len(batch))
+            if when(len(calls)):
+                raise error
+            return real_predict(engine, batch)
+
+        monkeypatch.setattr(CpuEngine, "predict", predict)
+        return calls
+
+    return install
 
 
 @pytest.fixture
@@ -281,3 +307,35 @@ def bench_photos(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("bench-photos")
     write_synthetic_photos(folder, 5, size=(64, 96), seed=3)
     return folder
+
+
+# ---- object storage and Ray (issue 12) ------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """A real S3-compatible server (moto's) on 127.0.0.1 for the test session; its URL."""
+    moto_server = pytest.importorskip("moto.server", reason="the S3 tests need moto[server] (the 'dev' extra)")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str, monkeypatch, request) -> str:
+    """A new empty bucket on the test server, with the standard AWS_* variables pointing at it; its URI."""
+    for name, value in {
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "eu-west-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    from batch.storage import open_location
+
+    bucket = "test-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
+    store = open_location(f"s3://{bucket}")
+    store.fs.mkdir(bucket)
+    return f"s3://{bucket}"

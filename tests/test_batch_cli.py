@@ -20,7 +20,7 @@ from PIL import Image
 from batch.cli import main
 from batch.decode import dali_available
 from batch.masks import dice, read_mask, rle_decode
-from batch.segment import output_lock
+from batch.segment import LOCK_NAME, output_lock
 
 GOOD = ["a.jpg", "b.JPEG", "c.png", "day1/d.jpg", "day1/deep/f.jpeg", "day1/e.jpg", "day2/g.png"]  # photo_tree, sorted
 SEEDS = {"a.jpg": 1, "b.JPEG": 2, "c.png": 3, "day1/d.jpg": 4, "day1/e.jpg": 5, "day1/deep/f.jpeg": 6, "day2/g.png": 7}
@@ -53,7 +53,7 @@ def add_bad_and_odd_files(root: Path) -> None:
     write_photo(root / "odd" / "gray.jpg", (96, 144), seed=12, mode="L")
     write_photo(root / "odd" / "rgba.png", (96, 144), seed=13, mode="RGBA")
     photo, _ = synthetic_pair(np.random.default_rng(14), 96, 144)
-    gray16 = (np.asarray(Image.fromarray(photo).convert("L")).astype(np.uint16) * 257)
+    gray16 = np.asarray(Image.fromarray(photo).convert("L")).astype(np.uint16) * 257
     Image.fromarray(gray16).save(root / "odd" / "gray16.png")
     Image.fromarray(photo[:1, :1]).save(root / "odd" / "tiny.png")
     Image.fromarray(photo).resize((1440, 960)).save(root / "odd" / "large.jpg", quality=90)
@@ -132,20 +132,10 @@ def test_rerun_finishes_only_what_is_missing(photo_tree: Path, tmp_path: Path, t
     assert any(p.stat().st_ino != before[0] for p, before in first.items())
 
 
-def test_interrupted_run_resumes_consistently(photo_tree: Path, tmp_path: Path, tiny_onnx: Path, monkeypatch):
+def test_interrupted_run_resumes_consistently(photo_tree: Path, tmp_path: Path, tiny_onnx: Path, failing_inference, monkeypatch):
     """Ctrl-C after the first batch; plus leftovers a hard kill would leave: a temporary, a stale CSV."""
-    import batch.segment
-
     out = tmp_path / "out"
-    real_predict, calls = batch.segment.predict, []
-
-    def predict_then_interrupt(engine, item):
-        calls.append(len(item))
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_predict(engine, item)
-
-    monkeypatch.setattr(batch.segment, "predict", predict_then_interrupt)
+    failing_inference(KeyboardInterrupt(), when=lambda call: call == 2)
     result = segment(photo_tree, out, "--model", tiny_onnx, "--batch-size", "2", "--format", "png", "--format", "rle")
     assert result.exit_code == 130
     report = report_of(out)
@@ -153,11 +143,12 @@ def test_interrupted_run_resumes_consistently(photo_tree: Path, tmp_path: Path, 
     done = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
     assert len(done) == 2
     assert len((out / "submission.csv").read_text().splitlines()) == 3  # the CSV lists what is finished
+    assert not (out / LOCK_NAME).exists()
 
     (out / "day1" / ".e.png.0badc0de.unet-batch-tmp").parent.mkdir(exist_ok=True)
     (out / "day1" / ".e.png.0badc0de.unet-batch-tmp").write_bytes(b"\x89PNG half")
     (out / "submission.csv").write_text("img,rle_mask\n")  # killed between an RLE file and the CSV
-    monkeypatch.setattr(batch.segment, "predict", real_predict)
+    monkeypatch.undo()
     result = segment(photo_tree, out, "--model", tiny_onnx, "--format", "png", "--format", "rle")
     assert result.exit_code == 0
     assert (report_of(out)["processed"], report_of(out)["skipped"]) == (5, 2)
@@ -166,13 +157,111 @@ def test_interrupted_run_resumes_consistently(photo_tree: Path, tmp_path: Path, 
     assert [row.split(",")[0] for row in rows[1:]] == GOOD
 
 
+SLOW_SECOND_BATCH = """
+import sys, time
+from batch.engine import CpuEngine
+real_predict, calls = CpuEngine.predict, []
+def predict(engine, batch):
+    calls.append(len(batch))
+    if len(calls) == 2:
+        time.sleep(120)  # SIGTERM arrives here, after the first batch is written
+    return real_predict(engine, batch)
+CpuEngine.predict = predict
+from batch.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_sigterm_stops_like_ctrl_c_and_exits_143(photo_tree: Path, tmp_path: Path, tiny_onnx: Path):
+    out = tmp_path / "out"
+    options = ["--model", str(tiny_onnx), "--batch-size", "2", "--no-progress"]
+    command = [sys.executable, "-c", SLOW_SECOND_BATCH, "segment", str(photo_tree), str(out), *options]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(out.rglob("*.png"))) < 2 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process.poll() is None, process.communicate()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 143, stderr
+    assert "interrupted: finished masks are kept" in stderr
+    report = report_of(out)
+    assert report["interrupted"] and report["processed"] == 2
+    assert len(list(out.rglob("*.png"))) == 2 and not (out / LOCK_NAME).exists()
+
+
+def test_an_inference_error_fails_its_batch_and_the_run_goes_on(
+    photo_tree: Path, tmp_path: Path, tiny_onnx: Path, failing_inference, monkeypatch
+):
+    out_of_memory = RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested buffer")
+    failing_inference(out_of_memory, when=lambda call: call == 2)
+    out = tmp_path / "out"
+    result = segment(photo_tree, out, "--model", tiny_onnx, "--batch-size", "3")
+    assert result.exit_code == 1, result.output
+    report = report_of(out)
+    assert (report["processed"], report["stopped"], report["interrupted"]) == (4, "", False)
+    assert sorted(Path(f["path"]).name for f in report["failed"]) == ["d.jpg", "e.jpg", "f.jpeg"]  # the second batch
+    assert all(
+        "inference failed on its batch of 3 (" in f["reason"] and "Failed to allocate" in f["reason"] for f in report["failed"]
+    )
+    assert "3 photo(s) failed" in result.output
+
+    monkeypatch.undo()
+    assert segment(photo_tree, out, "--model", tiny_onnx).exit_code == 0  # the rerun does the rest
+    assert (report_of(out)["processed"], report_of(out)["skipped"]) == (3, 4)
+
+
+def test_an_engine_that_keeps_failing_stops_the_run_with_a_report(
+    photo_tree: Path, tmp_path: Path, tiny_onnx: Path, failing_inference
+):
+    broken = RuntimeError("CUDA failure 700: an illegal memory access was encountered")
+    calls = failing_inference(broken, when=lambda call: call > 1)
+    out = tmp_path / "out"
+    result = segment(photo_tree, out, "--model", tiny_onnx, "--batch-size", "1")
+    assert result.exit_code == 1, result.output
+    report = report_of(out)
+    assert report["processed"] == 1 and len(calls) == 4  # one good batch, then three failed ones in a row
+    assert "3 batches in a row" in report["stopped"] and "illegal memory access" in report["stopped"]
+    assert len(report["failed"]) == 2  # the first two failed batches; the third stopped the run
+    assert "stopped: inference failed on 3 batches in a row" in result.output
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_failures_are_listed_once(photo_tree: Path, tmp_path: Path, tiny_onnx: Path):
+    (photo_tree / "broken.jpg").write_bytes(b"")
+    result = segment(photo_tree, tmp_path / "out", "--model", tiny_onnx)
+    assert result.exit_code == 1
+    assert result.output.count("broken.jpg") == 1, result.output
+
+
+def test_help_says_that_only_the_formats_named_are_written():
+    result = CliRunner().invoke(main, ["segment", "--help"])
+    assert result.exit_code == 0
+    assert "--format overlay` alone writes no mask" in " ".join(result.output.split())
+
+
 @pytest.mark.slow
 def test_killed_process_leaves_only_whole_files(tmp_path: Path, tiny_onnx: Path):
     photos, out = tmp_path / "photos", tmp_path / "out"
     for i in range(40):
         write_photo(photos / f"{i:02d}.jpg", (480, 720), seed=i)
-    command = [sys.executable, "-m", "batch.cli", "segment", str(photos), str(out), "--model", str(tiny_onnx),
-               "--batch-size", "2", "--workers", "1", "--no-progress", "--format", "png", "--format", "rle"]
+    options = [
+        "--model",
+        str(tiny_onnx),
+        "--batch-size",
+        "2",
+        "--workers",
+        "1",
+        "--no-progress",
+        "--format",
+        "png",
+        "--format",
+        "rle",
+    ]
+    command = [sys.executable, "-m", "batch.cli", "segment", str(photos), str(out), *options]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and process.poll() is None and len(list(out.glob("*.png"))) < 3:
@@ -222,16 +311,21 @@ def test_report_has_what_the_benchmarks_read(photo_tree: Path, tmp_path: Path, t
     assert all(report["stages"][s] > 0 for s in ("decode", "infer", "postprocess", "write"))
     assert (report["device"], report["provider"], report["decoder"]) == ("cpu", "CPUExecutionProvider", "pillow")
     assert report["model"] == {
-        "path": str(tiny_onnx), "precision": "fp32", "input_size": [64, 96], "input_layout": "NHWC",
-        "input_dtype": "uint8", "output_kind": "logits", "threshold": 0.5,
+        "path": str(tiny_onnx),
+        "precision": "fp32",
+        "input_size": [64, 96],
+        "input_layout": "NHWC",
+        "input_dtype": "uint8",
+        "output_kind": "logits",
+        "threshold": 0.5,
     }
     assert (report["batch_size"], report["formats"], report["threshold"], report["tta"]) == (4, ["gif"], 0.7, True)
 
 
 def test_default_model_when_bundled_and_a_clear_error_when_not(photo_tree: Path, tmp_path: Path, tiny_onnx: Path, monkeypatch):
-    monkeypatch.setattr("batch.segment.default_model_resource", lambda: tmp_path / "models" / "default.onnx")
+    monkeypatch.setattr("batch.bundled.models_folder", lambda: tmp_path / "models")
     result = segment(photo_tree, tmp_path / "out")
-    assert result.exit_code == 2 and "pass --model PATH" in result.output
+    assert result.exit_code == 2 and "no bundled model" in result.output and "--model PATH" in result.output
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "default.onnx").write_bytes(tiny_onnx.read_bytes())
     assert segment(photo_tree, tmp_path / "out").exit_code == 0
@@ -284,14 +378,25 @@ def test_usage_errors_exit_2(case: str, message: str, photo_tree: Path, tmp_path
         extra = ["--threshold", "1.5"]
     elif case == "bad device":
         extra = ["--device", "tpu"]
+    existed = out.exists()
     if case == "busy output":
         out.mkdir()
         with output_lock(out):
             result = segment(inp, out, "--model", model, *extra)
+            assert (out / LOCK_NAME).exists()  # the other run's lock is left alone
     else:
         result = segment(inp, out, "--model", model, *extra)
     assert result.exit_code == 2, result.output
     assert message in result.output
+    assert not (out / LOCK_NAME).exists()  # a run that cannot start leaves nothing behind
+    assert out.exists() == (existed or case == "busy output")
+
+
+def test_a_run_that_cannot_start_removes_the_folders_it_made(photo_tree: Path, tmp_path: Path, tiny_onnx: Path, monkeypatch):
+    monkeypatch.setattr("batch.segment.make_plan", lambda *args: (_ for _ in ()).throw(OSError("disk on fire")))
+    with pytest.raises(OSError, match="disk on fire"):
+        segment(photo_tree, tmp_path / "new" / "deeper" / "out", "--model", tiny_onnx)
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.skipif(dali_available(), reason="DALI is installed")
@@ -301,7 +406,7 @@ def test_dali_requested_but_missing_is_an_error(photo_tree: Path, tmp_path: Path
 
 
 def test_dali_requested_but_missing_is_an_error_simulated(photo_tree: Path, tmp_path: Path, tiny_onnx: Path, monkeypatch):
-    monkeypatch.setattr("batch.segment.dali_available", lambda: False)
+    monkeypatch.setattr("batch.api.dali_available", lambda: False)
     result = segment(photo_tree, tmp_path / "out", "--model", tiny_onnx, "--decoder", "dali")
     assert result.exit_code == 2 and "DALI is not installed" in result.output
 
@@ -328,3 +433,19 @@ def test_dali_cpu_decoder_end_to_end_agrees_with_pillow(photo_tree: Path, tmp_pa
     for png in (tmp_path / "pillow").rglob("*.png"):
         other = tmp_path / "dali" / png.relative_to(tmp_path / "pillow")
         assert dice(read_mask(png), read_mask(other)) > 0.99, png
+
+
+def test_help_works_and_segment_names_the_extra_without_onnxruntime(photo_tree: Path, tmp_path: Path):
+    """As after `pip install .` (no extra): the modules are blocked, so importing them fails."""
+    blocked = "import sys; sys.modules.update(onnxruntime=None, onnx=None); from batch.cli import main; main()"
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", blocked, *args], capture_output=True, text=True, timeout=60, check=False)
+
+    for args in (["--help"], ["segment", "--help"], ["evaluate", "--help"]):
+        result = run(*args)
+        assert result.returncode == 0 and "Usage:" in result.stdout, result.stderr
+    result = run("segment", str(photo_tree), str(tmp_path / "out"))
+    assert result.returncode == 2 and "unet-batch segment needs the 'cpu' extra" in result.stderr
+    assert "pip install '.[cpu]'" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -4,46 +4,49 @@ from __future__ import annotations
 
 import struct
 import zlib
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import write_photo
 from PIL import Image
 
-from batch.contract import ModelContract
-from batch.decode import Batch, DaliDecoder, Failure, PillowDecoder, dali_available
-from batch.engine import CpuEngine, load_model, prepare_input
+from batch.contract import ModelContract, prepare_input
+from batch.decode import Batch, DaliDecoder, Failure, Item, PillowDecoder, dali_available
+from batch.engine import CpuEngine, load_model
 from batch.images import ImageError, draft_request, load_resized_rgb, probe_image
 from batch.masks import dice
-from batch.plan import Job, make_plan
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed (pip install '.[dev]')")
 
 
-def jobs_in(folder: Path) -> list[Job]:
-    names = sorted(PurePosixPath(p.relative_to(folder).as_posix()) for p in folder.rglob("*") if p.is_file())
-    return make_plan(folder, folder.parent / "out", names, ("png",), overwrite=False).jobs
+def items_in(folder: Path) -> list[Item]:
+    """Every file under ``folder`` as an item to read, sorted by name."""
+    return [Item.from_path(path) for path in sorted(p for p in folder.rglob("*") if p.is_file())]
 
 
-def run_decoder(decoder, jobs: list[Job]) -> tuple[dict[str, np.ndarray], dict[str, str], list[str]]:
-    """(name -> model input (H, W, C), name -> failure reason, decoder name of each batch)."""
+def name_of(item: Item) -> str:
+    return Path(item.name).name
+
+
+def run_decoder(decoder, items: list[Item]) -> tuple[dict[str, np.ndarray], dict[str, str], list[str]]:
+    """(file name -> model input (H, W, C), file name -> failure reason, decoder name of each batch)."""
     images, failures, kinds = {}, {}, []
-    for item in decoder.batches(jobs):
-        if isinstance(item, Failure):
-            failures[item.job.name] = item.reason
+    for entry in decoder.batches(items):
+        if isinstance(entry, Failure):
+            failures[name_of(entry.item)] = entry.reason
             continue
-        kinds.append(item.decoder)
-        x = item.model_input if item.model_input is not None else item.pixels
-        images.update({job.name: x[i] for i, job in enumerate(item.jobs)})
+        kinds.append(entry.decoder)
+        x = entry.model_input if entry.model_input is not None else entry.pixels
+        images.update({name_of(item): x[i] for i, item in enumerate(entry.items)})
     return images, failures, kinds
 
 
-def full_mask(engine: CpuEngine, job: Job, pixels: np.ndarray) -> np.ndarray:
+def full_mask(engine: CpuEngine, item: Item, pixels: np.ndarray) -> np.ndarray:
     """The (H, W) bool mask the engine makes for one photo from its model-sized pixels."""
-    with Image.open(job.source) as im:
+    with Image.open(item.path) as im:
         size = (im.height, im.width)
-    return engine.predict(Batch([job], [size], "test", pixels=pixels[None]))[0].mask() == 255
+    return engine.predict(Batch([item], [0], [size], "test", pixels=pixels[None]))[0].mask() == 255
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -144,7 +147,7 @@ def test_pillow_decoder_batches_good_files_and_reports_bad_ones(tmp_path: Path):
     (folder / "5_empty.jpg").write_bytes(b"")
     good = (folder / "0.jpg").read_bytes()
     (folder / "6_truncated.jpg").write_bytes(good[: len(good) // 2])
-    images, failures, kinds = run_decoder(PillowDecoder((32, 48), batch_size=2, workers=2), jobs_in(folder))
+    images, failures, kinds = run_decoder(PillowDecoder((32, 48), batch_size=2, workers=2), items_in(folder))
     assert sorted(images) == [f"{i}.jpg" for i in range(5)]
     assert all(x.shape == (32, 48, 3) for x in images.values())
     assert set(kinds) == {"pillow"}
@@ -169,15 +172,15 @@ def test_dali_cpu_and_pillow_agree(photo_folder: Path, tiny_onnx: Path):
     """Decode differently (full decode + antialiased resize vs DCT scaling), segment the same."""
     model = load_model(tiny_onnx, "cpu")
     contract = model.contract
-    jobs = jobs_in(photo_folder)
-    dali_images, dali_failures, kinds = run_decoder(DaliDecoder(contract, 4, 2, device_id=None, tta=False), jobs)
-    pillow_images, _, _ = run_decoder(PillowDecoder(contract.input_size, 4, 2), jobs)
+    items = items_in(photo_folder)
+    dali_images, dali_failures, kinds = run_decoder(DaliDecoder(contract, 4, 2, device_id=None, tta=False), items)
+    pillow_images, _, _ = run_decoder(PillowDecoder(contract.input_size, 4, 2), items)
     assert not dali_failures and set(kinds) == {"dali-cpu"} and dali_images.keys() == pillow_images.keys()
     engine = CpuEngine(model, threshold=0.5, tta=False)
-    for job in jobs:
-        dali_pixels, pillow_pixels = dali_images[job.name], pillow_images[job.name]
+    for item in items:
+        dali_pixels, pillow_pixels = dali_images[name_of(item)], pillow_images[name_of(item)]
         assert np.abs(dali_pixels.astype(int) - pillow_pixels.astype(int)).mean() < 4  # grey levels
-        assert dice(full_mask(engine, job, dali_pixels), full_mask(engine, job, pillow_pixels)) > 0.99
+        assert dice(full_mask(engine, item, dali_pixels), full_mask(engine, item, pillow_pixels)) > 0.99
 
 
 @needs_dali
@@ -185,11 +188,11 @@ def test_dali_cpu_and_pillow_agree(photo_folder: Path, tiny_onnx: Path):
 @pytest.mark.parametrize("layout, dtype", [("NCHW", "float32"), ("NHWC", "float16"), ("NCHW", "uint8")])
 def test_dali_prepares_the_model_input_like_numpy(photo_folder: Path, layout: str, dtype: str):
     contract = ModelContract(64, 96, input_layout=layout, input_dtype=dtype)
-    jobs = jobs_in(photo_folder)[:3]
+    items = items_in(photo_folder)[:3]
     decoder = DaliDecoder(contract, 3, 2, device_id=None, tta=True)
-    batch = next(item for item in decoder.batches(jobs) if isinstance(item, Batch))
+    batch = next(entry for entry in decoder.batches(items) if isinstance(entry, Batch))
     dali_plain = DaliDecoder(ModelContract(64, 96), 3, 2, device_id=None, tta=False)
-    pixels = next(item for item in dali_plain.batches(jobs) if isinstance(item, Batch)).model_input  # (3, 64, 96, 3) uint8
+    pixels = next(entry for entry in dali_plain.batches(items) if isinstance(entry, Batch)).model_input  # (3, 64, 96, 3) uint8
     expected = prepare_input(pixels, contract)
     mirrored = prepare_input(np.ascontiguousarray(pixels[:, :, ::-1]), contract)
     assert batch.model_input.dtype == expected.dtype and batch.model_input.shape == expected.shape
@@ -207,7 +210,7 @@ def test_dali_routes_odd_files_to_pillow_and_lists_bad_ones(photo_folder: Path):
     (photo_folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
     (photo_folder / "text.jpg").write_text("not an image")
     decoder = DaliDecoder(ModelContract(64, 96), 4, 2, device_id=None, tta=False)
-    images, failures, kinds = run_decoder(decoder, jobs_in(photo_folder))
+    images, failures, kinds = run_decoder(decoder, items_in(photo_folder))
     assert sorted(failures) == ["text.jpg", "truncated.jpg"]
     assert "truncated" in failures["truncated.jpg"] and "neither JPEG nor PNG" in failures["text.jpg"]
     assert {"cmyk.jpg", "pic.png", "0.jpg", "5.jpg"} <= images.keys()
@@ -222,7 +225,7 @@ def test_dali_batch_error_retries_files_one_by_one(photo_folder: Path):
     data[huffman + 5 : huffman + 21] = b"\xff" * 16  # a Huffman table no decoder accepts; the header still parses
     (photo_folder / "2_bad.jpg").write_bytes(bytes(data))
     decoder = DaliDecoder(ModelContract(64, 96), 8, 2, device_id=None, tta=False)
-    images, failures, kinds = run_decoder(decoder, jobs_in(photo_folder))
+    images, failures, kinds = run_decoder(decoder, items_in(photo_folder))
     assert list(failures) == ["2_bad.jpg"]  # DALI refused it alone, then Pillow too
     assert sorted(images) == [f"{i}.jpg" for i in range(6)]
     assert kinds == ["dali-cpu"] * 6  # the good ones of the failed batch, one by one
@@ -234,13 +237,86 @@ def test_files_dali_refuses_go_to_pillow(photo_folder: Path, monkeypatch):
     """What nvJPEG does with some JPEGs it cannot take, simulated: DALI errors, Pillow decodes."""
     decoder = DaliDecoder(ModelContract(64, 96), 8, 2, device_id=None, tta=False)
     real_run = decoder.run_pipeline
+    three = (photo_folder / "3.jpg").read_bytes()
 
-    def refuse_three(encoded):
-        if any(e.job.name == "3.jpg" for e in encoded):
-            raise RuntimeError("Critical error in pipeline:\nnvJPEG: unsupported sampling\nCurrent pipeline object is no longer valid.")
-        return real_run(encoded)
+    def refuse_three(files):
+        if three in files:
+            raise RuntimeError(
+                "Critical error in pipeline:\nnvJPEG: unsupported sampling\nCurrent pipeline object is no longer valid."
+            )
+        return real_run(files)
 
     monkeypatch.setattr(decoder, "run_pipeline", refuse_three)
-    images, failures, kinds = run_decoder(decoder, jobs_in(photo_folder))
+    images, failures, kinds = run_decoder(decoder, items_in(photo_folder))
     assert not failures and sorted(images) == [f"{i}.jpg" for i in range(6)]
     assert decoder.pillow_fallbacks == 1 and kinds.count("pillow") == 1
+
+
+# ---- items: files to read, bytes already read, images already decoded ----------------------------------
+
+
+def test_an_item_has_exactly_one_source(tmp_path: Path):
+    with pytest.raises(ValueError, match="exactly one of path, data or image"):
+        Item("x", path=tmp_path / "x.jpg", data=b"...")
+    with pytest.raises(ValueError, match="exactly one"):
+        Item("x")
+
+
+def test_bytes_in_memory_decode_like_the_file(photo_folder: Path):
+    files = items_in(photo_folder)
+    in_memory = [Item(f"memory/{name_of(item)}", data=item.path.read_bytes()) for item in files]
+    decoder = PillowDecoder((64, 96), batch_size=4, workers=2)
+    from_files, _, _ = run_decoder(decoder, files)
+    from_bytes, _, _ = run_decoder(decoder, in_memory)
+    assert from_files.keys() == from_bytes.keys()
+    for name in from_files:
+        np.testing.assert_array_equal(from_files[name], from_bytes[name])
+
+
+def test_decoded_images_are_resized_and_bad_arrays_named(tmp_path: Path):
+    write_photo(tmp_path / "a.png", (48, 72), seed=0)
+    pil = Image.open(tmp_path / "a.png")
+    items = [
+        Item("pil", image=pil),
+        Item("array", image=np.asarray(pil.convert("RGB"))),
+        Item("gray array", image=np.zeros((48, 72), np.uint8)),
+        Item("float array", image=np.zeros((48, 72, 3), np.float32)),
+    ]
+    images, failures, kinds = run_decoder(PillowDecoder((32, 48), batch_size=4, workers=2), items)
+    assert sorted(images) == ["array", "pil"] and set(kinds) == {"pillow"}
+    np.testing.assert_array_equal(images["pil"], images["array"])
+    expected, _ = load_resized_rgb(tmp_path / "a.png", (32, 48))  # a PNG has no draft mode: the file's own pixels
+    np.testing.assert_array_equal(images["pil"], expected)
+    assert (
+        failures["gray array"] == "a uint8 array of shape (48, 72); pass an (H, W, 3) uint8 RGB array "
+        "(or a PIL image, a path, or the encoded bytes); for several images pass a list"
+    )
+    assert "float32 array of shape (48, 72, 3)" in failures["float array"]
+
+
+def test_pillow_entries_carry_their_input_positions(photo_folder: Path):
+    (photo_folder / "2_empty.jpg").write_bytes(b"")
+    items = items_in(photo_folder)
+    order = []
+    for entry in PillowDecoder((32, 48), batch_size=2, workers=2).batches(items):
+        order += [entry.position] if isinstance(entry, Failure) else entry.positions
+    assert sorted(order) == list(range(len(items)))
+    assert all(abs(position - index) <= 2 for index, position in enumerate(order))  # a failure can overtake its batch
+    empty = next(i for i, item in enumerate(items) if name_of(item) == "2_empty.jpg")
+    assert [position for position in order if position != empty] == [i for i in range(len(items)) if i != empty]
+
+
+@needs_dali
+@pytest.mark.dali
+def test_dali_strays_from_the_input_order_by_a_batch_at_most(photo_folder: Path):
+    """PNGs go to Pillow, JPEGs to DALI; both groups are flushed together so neither waits for the end."""
+    for i in range(6):
+        write_photo(photo_folder / f"{i}.png", (96, 144), seed=30 + i)
+    items = items_in(photo_folder)  # 0.jpg 0.png 1.jpg 1.png ...
+    decoder = DaliDecoder(ModelContract(64, 96), 2, 2, device_id=None, tta=False)
+    order = []
+    for entry in decoder.batches(items):
+        order += entry.positions
+    assert sorted(order) == list(range(len(items)))
+    assert all(abs(position - index) <= 2 for index, position in enumerate(order))
+    assert decoder.pillow_fallbacks == 6

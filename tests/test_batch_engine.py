@@ -10,10 +10,13 @@ import onnxruntime as ort
 import pytest
 from conftest import synthetic_pair
 
-from batch.decode import Batch
-from batch.engine import BoundEngine, CpuEngine, DeviceError, ModelError, load_model, parse_device, prepare_input, runs_of_equal
+from batch.contract import prepare_input
+from batch.decode import Batch, Item
+from batch.devices import DeviceError
+from batch.engine import BoundEngine, CpuEngine, load_model, runs_of_equal
 from batch.images import load_resized_rgb
 from batch.masks import dice
+from batch.runtime import ModelError
 
 SIZES = [(96, 144), (96, 144), (120, 180), (70, 100), (70, 100)]
 
@@ -29,7 +32,8 @@ def host_batch(tmp_path: Path) -> tuple[Batch, list[np.ndarray]]:
         Image.fromarray(photo).save(tmp_path / f"{i}.png")
         pixels.append(load_resized_rgb(tmp_path / f"{i}.png", (64, 96))[0])
         truths.append(mask)
-    return Batch(jobs=list(range(len(SIZES))), sizes=SIZES, decoder="pillow", pixels=np.stack(pixels)), truths
+    items = [Item(f"{i}.png", path=tmp_path / f"{i}.png") for i in range(len(SIZES))]
+    return Batch(items, list(range(len(SIZES))), SIZES, decoder="pillow", pixels=np.stack(pixels)), truths
 
 
 def masks_of(engine, batch: Batch) -> list[np.ndarray]:
@@ -89,13 +93,6 @@ def test_cuda_without_the_cuda_provider_is_an_error_not_a_cpu_run(tiny_onnx: Pat
     assert "running on the CPU" in caplog.text  # auto says what it chose
 
 
-def test_device_names():
-    assert parse_device("auto") == ("auto", 0) and parse_device("cuda:3") == ("cuda", 3)
-    for bad in ("gpu", "cpu:1", "cuda:x", "CUDA"):
-        with pytest.raises(DeviceError):
-            parse_device(bad)
-
-
 # ---- input contracts ------------------------------------------------------------------------------
 
 
@@ -103,12 +100,17 @@ def test_prepare_input_normalizes_and_transposes():
     from batch.contract import ModelContract
 
     pixels = np.random.default_rng(0).integers(0, 256, (2, 4, 6, 3), dtype=np.uint8)
-    contract = ModelContract(16, 16, input_layout="NCHW", input_dtype="float32", pixel_mean=(0.5, 0.4, 0.3), pixel_std=(0.2, 0.25, 0.5))
+    contract = ModelContract(
+        16, 16, input_layout="NCHW", input_dtype="float32", pixel_mean=(0.5, 0.4, 0.3), pixel_std=(0.2, 0.25, 0.5)
+    )
     x = prepare_input(pixels, contract)
     assert x.shape == (2, 3, 4, 6) and x.dtype == np.float32 and x.flags.c_contiguous
     expected = (pixels[0, 1, 2] / 255 - np.array([0.5, 0.4, 0.3])) / np.array([0.2, 0.25, 0.5])
     np.testing.assert_allclose(x[0, :, 1, 2], expected, rtol=1e-5)
-    assert prepare_input(pixels, ModelContract(16, 16)) is not None and prepare_input(pixels, ModelContract(16, 16)).dtype == np.uint8
+    assert (
+        prepare_input(pixels, ModelContract(16, 16)) is not None
+        and prepare_input(pixels, ModelContract(16, 16)).dtype == np.uint8
+    )
 
 
 @pytest.mark.parametrize(
@@ -171,7 +173,7 @@ def test_bound_engine_takes_prepared_device_buffers(tiny_onnx: Path, host_batch)
     x = engine.allocate(batch.pixels.shape, np.uint8)
     x.update_inplace(batch.pixels)
     flipped = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(batch.pixels[:, :, ::-1]), "cpu", 0)
-    device_batch = Batch(batch.jobs, batch.sizes, "dali-mixed", model_input=x, model_input_flipped=flipped)
+    device_batch = Batch(batch.items, batch.positions, batch.sizes, "dali-mixed", model_input=x, model_input_flipped=flipped)
     for a, b in zip(masks_of(engine, device_batch), masks_of(engine, batch)):
         np.testing.assert_array_equal(a, b)
 

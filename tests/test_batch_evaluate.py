@@ -105,7 +105,7 @@ def test_nothing_to_compare_exits_2(folders, tmp_path: Path):
 def test_two_predictions_for_one_photo_are_an_error(folders):
     pred, truth = folders
     save_png(pred / "other" / "car_01.png", np.ones((20, 30), bool))
-    with pytest.raises(EvaluationError, match="both give the mask of 'car_01'"):
+    with pytest.raises(EvaluationError, match="both have the name 'car_01'"):
         evaluate(pred, truth)
 
 
@@ -136,3 +136,62 @@ def test_error_pictures_need_the_segmented_photos(folders, tmp_path: Path):
     result = CliRunner().invoke(main, ["evaluate", str(pred), str(truth), "--photos", str(tmp_path / "elsewhere")])
     assert result.exit_code == 2
     assert "no photo named" in result.output and "--photos" in result.output
+
+
+def test_folders_may_be_given_as_strings(folders):
+    pred, truth = folders
+    assert evaluate(str(pred), str(truth)).mean_dice == pytest.approx(0.5)
+
+
+def test_swapped_arguments_are_refused_and_nothing_is_written(folders, tmp_path: Path):
+    pred, truth = folders
+    before = sorted(truth.rglob("*"))
+    result = CliRunner().invoke(main, ["evaluate", str(truth), str(pred)])  # Kaggle truths given as predictions
+    assert result.exit_code == 2
+    assert "holds only Kaggle ground-truth masks (*_mask.gif): the arguments look swapped" in result.output
+    assert sorted(truth.rglob("*")) == before  # no evaluation.csv among the truths
+
+    (pred / "report.json").write_text("{}")  # the runner's output folder given as the truth
+    other = tmp_path / "other_truth"
+    save_png(other / "car_01.png", block((20, 30), slice(0, 10), slice(0, 10)))
+    result = CliRunner().invoke(main, ["evaluate", str(other), str(pred)])
+    assert result.exit_code == 2 and "holds unet-batch segment's report.json" in result.output
+    assert not (other / "evaluation.csv").exists()
+
+    with pytest.raises(EvaluationError, match="are the same folder"):
+        evaluate(pred, pred)
+
+
+def test_two_runs_can_be_compared(folders, tmp_path: Path):
+    """One run's masks as the reference for another's (DALI against Pillow, GPU against CPU): both hold a report."""
+    pred, _ = folders
+    reference = tmp_path / "reference"
+    save_png(reference / "car_01.png", block((20, 30), slice(0, 10), slice(0, 10)))
+    (reference / "report.json").write_text("{}")
+    (pred / "report.json").write_text("{}")
+    assert evaluate(pred, reference).mean_dice == 1.0
+
+
+def test_nothing_is_ever_written_into_the_truth_folder(folders):
+    pred, truth = folders
+    nested = truth / "predictions"  # PRED_DIR inside GT_DIR: the default CSV would land among the truths
+    save_png(nested / "car_01.png", block((20, 30), slice(0, 10), slice(0, 10)))
+    result = CliRunner().invoke(main, ["evaluate", str(nested), str(truth)])
+    assert result.exit_code == 2 and "into GT_DIR" in result.output and not (nested / "evaluation.csv").exists()
+    result = CliRunner().invoke(main, ["evaluate", str(pred), str(truth), "--csv", str(truth / "scores.csv")])
+    assert result.exit_code == 2 and "--csv would write" in result.output and not (truth / "scores.csv").exists()
+
+
+def test_png_and_gif_of_the_same_photos_score_the_png(folders):
+    """What `unet-batch segment --format png --format gif` writes: both masks of every photo, side by side."""
+    pred, truth = folders
+    save_kaggle_gif(pred / "car_01.gif", np.zeros((20, 30), bool))  # a different mask: proves which one is read
+    save_kaggle_gif(pred / "sub" / "car_02.gif", np.zeros((20, 30), bool))
+    evaluation = evaluate(pred, truth)
+    assert {row.name: row.dice for row in evaluation.rows} == {"car_01": 1.0, "car_02": 0.5, "car_03": 0.0}
+    assert evaluation.ignored_predictions == [str(pred / "car_01.gif"), str(pred / "sub" / "car_02.gif")]
+    result = CliRunner().invoke(main, ["evaluate", str(pred), str(truth)])
+    assert result.exit_code == 0 and "both a .png and a .gif mask of 2 photos: scored the .png ones" in result.output
+    save_kaggle_gif(pred / "elsewhere" / "car_03.gif", np.zeros((20, 30), bool))  # another folder: still ambiguous
+    with pytest.raises(EvaluationError, match="both have the name 'car_03'"):
+        evaluate(pred, truth)

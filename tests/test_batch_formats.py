@@ -1,4 +1,4 @@
-"""Output formats, file naming, atomic writes and the submission CSV."""
+"""Output formats, file naming and the submission CSV."""
 
 from __future__ import annotations
 
@@ -9,15 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batch.formats import (
-    encode,
-    encode_png_mask,
-    output_paths,
-    remove_stale_temporaries,
-    write_atomic,
-    write_submission,
-)
+from batch.formats import encode, encode_png_mask, output_paths, write_submission
 from batch.masks import read_mask, rle_decode
+from batch.storage import LocalFolder
 
 
 @pytest.fixture
@@ -96,42 +90,10 @@ def test_photo_formats_need_the_photo(mask):
         encode("cutout", mask)
 
 
-def test_write_atomic_replaces_and_leaves_no_temporary(tmp_path: Path):
-    target = tmp_path / "x.png"
-    write_atomic(target, b"one")
-    write_atomic(target, b"two")
-    assert target.read_bytes() == b"two"
-    assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
-
-
-def test_write_atomic_failure_keeps_the_old_file(tmp_path: Path, monkeypatch):
-    target = tmp_path / "x.png"
-    target.write_bytes(b"finished")
-
-    def broken_replace(src, dst):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr("batch.formats.os.replace", broken_replace)
-    with pytest.raises(OSError):
-        write_atomic(target, b"new")
-    assert target.read_bytes() == b"finished"
-    assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
-
-
-def test_stale_temporaries_are_removed(tmp_path: Path):
-    (tmp_path / "sub").mkdir()
-    stale = tmp_path / "sub" / ".x.png.1a2b3c4d.unet-batch-tmp"
-    stale.write_bytes(b"trunc")
-    keep = [tmp_path / "sub" / "x.png", tmp_path / ".hidden", tmp_path / "y.unet-batch-tmp"]
-    for path in keep:
-        path.write_bytes(b"keep")
-    assert remove_stale_temporaries(tmp_path) == 1
-    assert not stale.exists() and all(path.exists() for path in keep)
-
-
 def test_submission_lists_finished_masks_in_the_given_order(tmp_path: Path):
     (tmp_path / "a.rle").write_text("1 2")
     (tmp_path / "c.rle").write_text("")
-    rows = write_submission(tmp_path, [("b.jpg", tmp_path / "b.rle"), ("a.jpg", tmp_path / "a.rle"), ("c.jpg", tmp_path / "c.rle")])
+    entries = [(name, PurePosixPath(name).with_suffix(".rle")) for name in ("b.jpg", "a.jpg", "c.jpg")]
+    rows = write_submission(LocalFolder(tmp_path), entries)
     assert rows == 2
     assert (tmp_path / "submission.csv").read_text() == "img,rle_mask\na.jpg,1 2\nc.jpg,\n"

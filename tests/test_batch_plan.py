@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 
 from batch.plan import find_images, make_plan
+from batch.storage import LocalFolder
 
 
 def touch(root: Path, *names: str) -> None:
@@ -36,17 +37,21 @@ def test_symlinked_output_folder_is_recognised(tmp_path: Path):
     assert find_images(tmp_path / "in", exclude=tmp_path / "real_out") == rels("a.jpg")
 
 
+def plan_of(source: Path, output: Path, names: list[PurePosixPath], formats: tuple[str, ...], overwrite: bool):
+    return make_plan(LocalFolder(source), LocalFolder(output), names, formats, overwrite)
+
+
 def test_plan_mirrors_the_tree(tmp_path: Path):
-    plan = make_plan(tmp_path / "in", tmp_path / "out", rels("a.jpg", "d/b.png"), ("png", "rle"), overwrite=False)
+    plan = plan_of(tmp_path / "in", tmp_path / "out", rels("a.jpg", "d/b.png"), ("png", "rle"), overwrite=False)
     assert [job.name for job in plan.jobs] == ["a.jpg", "d/b.png"]
-    assert plan.jobs[1].source == tmp_path / "in" / "d" / "b.png"
-    assert plan.jobs[1].outputs["png"] == tmp_path / "out" / "d" / "b.png"
+    assert plan.jobs[1].source == str(tmp_path / "in" / "d" / "b.png")
+    assert plan.jobs[1].outputs == {"png": PurePosixPath("d/b.png"), "rle": PurePosixPath(".rle/d/b.png.rle")}
     assert plan.jobs[1].todo == ("png", "rle")
     assert not plan.done and not plan.conflicts
 
 
 def test_same_stem_is_a_conflict_for_both(tmp_path: Path):
-    plan = make_plan(tmp_path / "in", tmp_path / "out", rels("a/x.jpg", "a/x.png", "a/y.jpg", "b/x.jpg"), ("png",), False)
+    plan = plan_of(tmp_path / "in", tmp_path / "out", rels("a/x.jpg", "a/x.png", "a/y.jpg", "b/x.jpg"), ("png",), False)
     assert [job.name for job in plan.jobs] == ["a/y.jpg", "b/x.jpg"]
     assert [job.name for job, _ in plan.conflicts] == ["a/x.jpg", "a/x.png"]
     reason = plan.conflicts[0][1]
@@ -55,18 +60,18 @@ def test_same_stem_is_a_conflict_for_both(tmp_path: Path):
 
 def test_conflicts_depend_on_the_formats(tmp_path: Path):
     names = rels("car.jpg", "car_cutout.png")
-    assert not make_plan(tmp_path, tmp_path / "out", names, ("png",), False).conflicts
-    assert len(make_plan(tmp_path, tmp_path / "out", names, ("png", "cutout"), False).conflicts) == 2
+    assert not plan_of(tmp_path, tmp_path / "out", names, ("png",), False).conflicts
+    assert len(plan_of(tmp_path, tmp_path / "out", names, ("png", "cutout"), False).conflicts) == 2
     # RLE files are named after the whole input name: x.jpg and x.png can both be in one CSV
-    assert not make_plan(tmp_path, tmp_path / "out", rels("x.jpg", "x.png"), ("rle",), False).conflicts
+    assert not plan_of(tmp_path, tmp_path / "out", rels("x.jpg", "x.png"), ("rle",), False).conflicts
 
 
 def test_finished_photos_are_skipped_and_partial_ones_completed(tmp_path: Path):
     out = tmp_path / "out"
     touch(out, "a.png", "a.gif", "b.png")
-    plan = make_plan(tmp_path, out, rels("a.jpg", "b.jpg", "c.jpg"), ("png", "gif"), overwrite=False)
+    plan = plan_of(tmp_path, out, rels("a.jpg", "b.jpg", "c.jpg"), ("png", "gif"), overwrite=False)
     assert [job.name for job in plan.done] == ["a.jpg"]
     assert [(job.name, job.todo) for job in plan.jobs] == [("b.jpg", ("gif",)), ("c.jpg", ("png", "gif"))]
     assert [job.name for job in plan.all_jobs] == ["a.jpg", "b.jpg", "c.jpg"]
-    again = make_plan(tmp_path, out, rels("a.jpg", "b.jpg", "c.jpg"), ("png", "gif"), overwrite=True)
+    again = plan_of(tmp_path, out, rels("a.jpg", "b.jpg", "c.jpg"), ("png", "gif"), overwrite=True)
     assert not again.done and all(job.todo == ("png", "gif") for job in again.jobs)

@@ -39,7 +39,14 @@ def test_bilinear_reference_matches_hand_computed_half_pixel_values():
 
 @pytest.mark.parametrize(
     "source, target",
-    [((80, 120), (1280, 1918)), ((32, 48), (100, 37)), ((40, 60), (40, 60)), ((64, 96), (20, 30)), ((1, 5), (3, 17)), ((16, 16), (1, 1))],
+    [
+        ((80, 120), (1280, 1918)),
+        ((32, 48), (100, 37)),
+        ((40, 60), (40, 60)),
+        ((64, 96), (20, 30)),
+        ((1, 5), (3, 17)),
+        ((16, 16), (1, 1)),
+    ],
 )
 def test_fast_upsample_equals_full_bilinear_then_threshold(source, target):
     rng = np.random.default_rng(sum(source) + sum(target))
@@ -74,7 +81,9 @@ def test_postprocess_graph_agrees_with_numpy(score_type):
     dtype = np.float16 if score_type == onnx.TensorProto.FLOAT16 else np.float32
     scores = np.stack([smooth_scores(rng, (48, 72)) for _ in range(3)])[:, None].astype(dtype)  # (3, 1, 48, 72)
     cut = 0.7
-    masks = run_graph(build_postprocess_model(score_type, cut, tta=False), {"scores": scores, "sizes": np.array([3, 1, 130, 201])})
+    masks = run_graph(
+        build_postprocess_model(score_type, cut, tta=False), {"scores": scores, "sizes": np.array([3, 1, 130, 201])}
+    )
     assert masks.shape == (3, 1, 130, 201) and masks.dtype == np.uint8
     for i in range(3):
         expected = upsample_threshold(scores[i, 0].astype(np.float32), (130, 201), cut)

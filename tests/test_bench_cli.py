@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from benchmarks.cli import main
+from benchmarks.cli import keep_as, main
 from benchmarks.inference import CUDA
 from benchmarks.plot import draw_results
 from benchmarks.report import compare_rows, render_markdown
@@ -42,6 +43,9 @@ def test_run_writes_three_well_formed_files(smoke_run):
     assert {r["baseline"]: r["status"] for r in results["baselines"]} == {"torch-eager": "ok", "onnxruntime": "ok"}
     assert set(results["ratios"]["end_to_end_over_baseline"]) == {"torch-eager", "onnxruntime"}
     assert results["ratios"]["end_to_end_over_inference"] > 0
+    assert {r["precision"] for r in results["inference"]} == {"fp32", "int8"}  # INT8 beside FP32 on the CPU
+    assert results["end_to_end_int8"]["status"] == "ok" and results["end_to_end_int8"]["precision"] == "int8"
+    assert results["ratios_int8"]["end_to_end_over_fp32"] > 0 and results["ratios_int8"]["inference_over_fp32"] > 0
     assert results["memory"]["benchmark_peak_rss_mib"] > 0
     machine = results["machine"]
     assert machine["cpu"]["usable_cores"] >= 1 and machine["packages"]["onnxruntime"] and "commit" in machine["git"]
@@ -50,9 +54,21 @@ def test_run_writes_three_well_formed_files(smoke_run):
     for heading in ("## Summary", "## Inference sweep", "## End-to-end stages", "## Memory", "## Machine"):
         assert heading in markdown
     assert "end to end / naive torch eager" in markdown and "end to end / inference alone" in markdown
+    assert "INT8 / FP32, end to end" in markdown and "unet-batch segment, unet-w4 INT8" in markdown
     with Image.open(out / "results.png") as png:
         assert png.format == "PNG" and png.width > 1000 and png.height > 400
-    assert "end to end / naive" in result.output and "benchmarks/results/cpu-" in result.output
+    assert "end to end / naive" in result.output
+    assert "smoke run" in result.output and "benchmarks/results/" not in result.output  # nothing worth keeping
+
+
+def test_the_keep_hint_names_the_suite_and_size_beyond_the_canonical_runs():
+    def results(suite: str, size: list[int]) -> dict:
+        return {"suite": suite, "machine_slug": "nvidia-h200", "settings": {"input_size": size}}
+
+    assert keep_as(results("quick", [320, 480])) == "nvidia-h200.json"
+    assert keep_as(results("full", [320, 480])) == "nvidia-h200.json"
+    assert keep_as(results("classic", [640, 960])) == "nvidia-h200-classic-640x960.json"
+    assert keep_as(results("smoke", [32, 48])) is None
 
 
 def test_run_refuses_to_overwrite_results(smoke_run):
@@ -75,6 +91,25 @@ def test_compare_prints_both_runs_with_ratios(smoke_run, tmp_path):
     assert "NVIDIA H200" in result.output and "| B / A |" in result.output
     e2e_row = next(line for line in result.output.splitlines() if line.startswith("| end to end (unet-w4)"))
     assert e2e_row.rstrip(" |").endswith("2.00x")
+
+
+def test_compare_takes_run_folders(smoke_run, tmp_path):
+    out, _ = smoke_run
+    result = CliRunner().invoke(main, ["compare", str(out), str(out / "results.json")])
+    assert result.exit_code == 0, result.output
+    assert "| B / A |" in result.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(main, ["compare", str(out), str(empty)])
+    assert result.exit_code == 2 and "empty holds no results.json" in result.output
+
+
+def test_run_without_torch_names_the_extra_before_measuring(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now fails, as without the train extra
+    result = CliRunner().invoke(main, ["run", *SMOKE, "--out", str(tmp_path / "R")])
+    assert result.exit_code == 2, result.output
+    assert "needs the 'train' extra" in result.output and "pip install '.[train]'" in result.output
+    assert not (tmp_path / "R").exists()
 
 
 def test_compare_rows_keep_metrics_only_one_side_has(smoke_run):

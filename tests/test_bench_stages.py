@@ -290,7 +290,7 @@ def test_sweep_plan_runs_every_width_and_the_end_to_end_model():
     from benchmarks.config import RunConfig
 
     cpu = planned(RunConfig(suite="quick", width=8), "cpu", PlannedModels())
-    assert cpu == [(f"unet-w{w}", "cpu", "fp32", "fp32") for w in (8, 16, 32, 64)]
+    assert cpu == [(f"unet-w{w}", "cpu", precision, precision) for precision in ("fp32", "int8") for w in (8, 16, 32, 64)]
     gpu = planned(RunConfig(suite="quick"), "cuda", PlannedModels())
     assert [row for row in gpu if row[1] == "cuda"] == [
         *[(f"unet-w{w}", "cuda", "fp16", "fp16") for w in (16, 32, 64)],
@@ -306,7 +306,8 @@ def test_sweep_plan_runs_a_users_fp16_model_on_the_cpu_labelled_fp16(tmp_path):
 
     plan = planned(RunConfig(suite="quick", model=tmp_path / "mine.onnx"), "cpu", PlannedModels("fp16"))
     assert plan[0] == ("mine", "cpu", "fp16", "fp16")
-    assert [row[0] for row in plan[1:]] == ["unet-w16", "unet-w32", "unet-w64"]
+    assert [row[0] for row in plan[1:] if row[2] == "fp32"] == ["unet-w16", "unet-w32", "unet-w64"]
+    assert [row[0] for row in plan if row[2] == "int8"] == ["unet-w16", "unet-w32", "unet-w64"]  # FP16 is not quantized
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from benchmarks.cli import main
 from benchmarks.errors import BenchError
-from benchmarks.tradeoff import read_run, resolution_ceiling, spread_sample
+from benchmarks.tradeoff import read_run, resolution_ceiling
 
 
 def disc(shape: tuple[int, int], radius: float) -> np.ndarray:
@@ -33,14 +33,6 @@ def test_ceiling_loses_thin_parts_and_rises_with_size():
     coarse, fine = resolution_ceiling(truth, (32, 48)), resolution_ceiling(truth, (128, 192))
     assert coarse < fine < 1.0
     assert fine > 0.99
-
-
-def test_spread_sample_spans_the_folder():
-    paths = [Path(f"{i:03d}.png") for i in range(100)]
-    picked = spread_sample(paths, 5)
-    assert picked[0] == paths[0] and picked[-1] == paths[-1] and len(set(picked)) == 5
-    assert spread_sample(paths[:3], 5) == paths[:3]
-    assert spread_sample(paths, 1) == paths[:1]
 
 
 def write_run(folder: Path, dice: list[float]) -> Path:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.config import SUITES, RunConfig, parse_device
+from benchmarks.config import SUITES, RunConfig
 from benchmarks.flops import unet_gflops, unet_macs
 from benchmarks.machine import machine_facts, machine_slug, peak_tflops
 from benchmarks.synthetic import synthesize_photo, write_synthetic_photos
@@ -175,12 +175,10 @@ def test_run_config_applies_width_override_and_validates(tmp_path):
         RunConfig(suite="quick", model=tmp_path / "model.onnx", input_size=(320, 480))
 
 
-def test_parse_device():
-    assert parse_device("cpu") == ("cpu", None)
-    assert parse_device("cuda") == ("cuda", 0)
-    assert parse_device("cuda:3") == ("cuda", 3)
-    with pytest.raises(ValueError):
-        parse_device("gpu")
+def test_run_config_device_is_canonical():
+    assert RunConfig(suite="quick", device="CUDA").device == "cuda:0"
+    with pytest.raises(ValueError, match="'gpu' is not one of auto, cpu, cuda, cuda:N"):
+        RunConfig(suite="quick", device="gpu")
 
 
 # ---- nvidia-smi parsing (a stand-in nvidia-smi on PATH) ---------------------------------------------
@@ -246,3 +244,18 @@ def test_run_child_kills_the_command_at_its_timeout():
     start = time.perf_counter()
     result = run_child([sys.executable, "-c", "import time; time.sleep(60)"], stdout=None, stderr=None, timeout_s=1)
     assert result.returncode != 0 and time.perf_counter() - start < 30
+
+
+def test_torch_peer_says_why_it_cannot_run_here(tmp_path):
+    """The strong PyTorch peer is a GPU pipeline: on a CPU run, or without torchvision/CUDA, it is a recorded skip."""
+    import numpy as np
+    from PIL import Image
+
+    from benchmarks.torch_peer import encode_png, peer_unavailable
+
+    assert "--device cuda" in peer_unavailable(None, "cpu")
+    mask = np.zeros((5, 7), np.uint8)
+    mask[1:3, 2:6] = 255
+    path = tmp_path / "m.png"
+    path.write_bytes(encode_png(mask))
+    assert np.array_equal(np.asarray(Image.open(path)), mask)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unet.data import DataError, car_id, cache_samples, pair_files, resolve_size, split_by_car
+from unet.data import DataError, cache_samples, car_id, pair_files, resolve_size, split_by_car
 
 
 def test_car_id_is_the_name_before_the_view_number():
@@ -43,7 +43,7 @@ def test_missing_or_empty_folders_are_explained(tmp_path):
 
 def test_two_photos_with_one_name_are_refused(kaggle_dir):
     Image.new("RGB", (8, 8)).save(kaggle_dir / "train" / "000000000000_01.png")
-    with pytest.raises(DataError, match="same name"):
+    with pytest.raises(DataError, match=r"000000000000_01.jpg and .*000000000000_01.png both have the name '000000000000_01'"):
         pair_files(kaggle_dir)
 
 

@@ -8,16 +8,17 @@ from pathlib import Path
 import onnx
 import pytest
 
+from batch.bundled import DEFAULT_MODEL, models_folder
 from batch.contract import ModelContract
 from batch.evaluate import evaluate
-from batch.segment import SegmentConfig, default_model_resource, segment
+from batch.segment import SegmentConfig, segment
 
 MAX_BYTES = 20 * 1024 * 1024  # what the repository may carry
 
 
 @pytest.fixture(scope="module")
 def bundled() -> tuple[Path, dict[str, str]]:
-    path = Path(str(default_model_resource()))
+    path = models_folder() / DEFAULT_MODEL
     if not path.is_file():
         pytest.fail(f"no bundled model at {path}: export one with `unet-export to-onnx` (docs/model.md)")
     proto = onnx.load(str(path), load_external_data=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +16,8 @@ import torch
 from onnx import TensorProto
 
 from batch.contract import ModelContract
-from export.onnx_export import (
-    DEFAULT_OPSET,
-    ExportError,
-    export_checkpoint,
-    export_model,
-    fold_batchnorm,
-    write_atomic,
-)
+from export.config import DEFAULT_OPSET, ExportError
+from export.onnx_export import export_checkpoint, export_model, fold_batchnorm, write_atomic
 from unet import __version__
 from unet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from unet.model import UNet, UNetConfig
@@ -107,7 +101,7 @@ def test_every_metadata_key_is_written(exported_onnx, sharp_checkpoint):
     assert meta["source_checkpoint"] == str(sharp_checkpoint.resolve())
     assert meta["source_checkpoint_sha256"] == hashlib.sha256(sharp_checkpoint.read_bytes()).hexdigest()
     exported = datetime.fromisoformat(meta["export_date"])
-    assert exported.tzinfo is not None and abs((datetime.now(timezone.utc) - exported).total_seconds()) < 3600
+    assert exported.tzinfo is not None and abs((datetime.now(UTC) - exported).total_seconds()) < 3600
     assert meta["package_version"] == __version__ and meta["opset"] == str(DEFAULT_OPSET)
     assert ort.InferenceSession(str(exported_onnx["fp16"]), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map == meta
 
@@ -322,7 +316,7 @@ def test_failed_write_leaves_no_partial_file_and_keeps_the_old_one(tmp_path, mon
     def disk_full(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("batch.formats.os.replace", disk_full)
+    monkeypatch.setattr("batch.files.os.replace", disk_full)
     with pytest.raises(ExportError, match="cannot write .*m.onnx: No space left on device"):
         write_atomic(small_model_proto(), out)
     assert files_in(tmp_path) == ["m.onnx"] and out.read_bytes() == b"the previous model"
@@ -332,7 +326,7 @@ def test_interrupted_write_leaves_no_temp_file(tmp_path, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("batch.formats.os.fsync", interrupt)
+    monkeypatch.setattr("batch.files.os.fsync", interrupt)
     with pytest.raises(KeyboardInterrupt):
         write_atomic(small_model_proto(), tmp_path / "m.onnx")
     assert files_in(tmp_path) == []

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from export.verify import VerifyError, pick_photos, session_providers, verify_parity
+from export.verify import VerifyError, export_verified, pick_photos, verify_parity
 
 HAS_CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()
 
@@ -112,15 +112,19 @@ def test_a_model_from_another_checkpoint_is_refused(tmp_path, exported_onnx, tin
 
 
 @pytest.mark.skipif(HAS_CUDA_EP, reason="this onnxruntime has the CUDA provider")
-@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
-def test_an_explicit_cuda_request_without_the_cuda_provider_is_an_error(device):
-    with pytest.raises(VerifyError, match=f"--device {device}: onnxruntime .* has no CUDAExecutionProvider"):
-        session_providers(device)
+@pytest.mark.parametrize(("device", "shown"), [("cuda", "cuda:0"), ("CUDA:1", "cuda:1")])
+def test_an_explicit_cuda_request_without_the_cuda_provider_is_an_error(device, shown, tmp_path, exported_onnx,
+                                                                        sharp_checkpoint, parity_photos):
+    with pytest.raises(VerifyError, match=f"--device {shown} cannot be used: this onnxruntime .* has no CUDA provider"):
+        verify_parity(sharp_checkpoint, exported_onnx["fp32"], parity_photos, device=device, progress=False)
+    with pytest.raises(VerifyError, match=f"--device {shown} cannot be used"):  # before the (slow) export
+        export_verified(sharp_checkpoint, tmp_path / "m.onnx", parity_photos, device=device, progress=False)
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_auto_and_cpu_devices():
-    assert session_providers("cpu") == ["CPUExecutionProvider"]
-    assert session_providers("auto")[0] == (("CUDAExecutionProvider", {"device_id": 0}) if HAS_CUDA_EP else "CPUExecutionProvider")
+def test_auto_takes_the_gpu_only_when_onnxruntime_has_one(exported_onnx, sharp_checkpoint, parity_photos):
+    report = verify_parity(sharp_checkpoint, exported_onnx["fp32"], parity_photos, limit=1, device="auto", progress=False)
+    assert report.providers[0] == ("CUDAExecutionProvider" if HAS_CUDA_EP else "CPUExecutionProvider")
 
 
 @pytest.mark.parametrize("precision", ["fp16", "fp32"])

@@ -4,6 +4,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from batch.devices import DeviceError
 from unet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from unet.cli import main as train_cli
 from unet.model import UNetConfig
@@ -151,7 +152,8 @@ def test_cli_stop_after_says_how_to_continue(kaggle_dir, tmp_path):
         (["--size", "30x40"], "multiples of 4"),
         (["--scale", "0.5", "--size", "32x48"], "not both"),
         (["--val-cars", "9"], "--val-cars"),
-        (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "--device"),
+        (["--device", "CUDA"] if not torch.cuda.is_available() else ["--device", "CUDA:99"], "--device cuda:"),
+        (["--device", "gpu"], "'gpu' is not a device"),
     ],
 )
 def test_cli_explains_bad_options(kaggle_dir, tmp_path, extra, message):
@@ -159,6 +161,12 @@ def test_cli_explains_bad_options(kaggle_dir, tmp_path, extra, message):
     result = CliRunner().invoke(train_cli, args)
     assert result.exit_code == 2
     assert message in result.output
+
+
+def test_train_config_device_is_canonical():
+    assert TrainConfig("d", "o", device="CUDA:1").device == "cuda:1"
+    with pytest.raises(DeviceError, match="'gpu' is not one of auto, cpu, cuda, cuda:N"):
+        TrainConfig("d", "o", device="gpu")
 
 
 def test_cli_names_a_bad_mask(kaggle_dir, tmp_path):
@@ -188,3 +196,24 @@ def test_last_checkpoint_keeps_adam_moments_in_bfloat16(kaggle_dir, tmp_path):
     trainer = Trainer(tiny_config(kaggle_dir, run, epochs=2), TINY, resume=run / "last.pt", progress=False)
     restored = trainer.optimizer.state_dict()["state"]
     assert all(slots["exp_avg_sq"].dtype == torch.float32 for slots in restored.values())
+
+
+def test_zoom_and_shift_moves_photo_and_target_together():
+    """A bright square in the photo and its target land on the same pixels after the random zoom and shift."""
+    from unet.train import zoom_and_shift
+
+    x = torch.zeros(4, 3, 32, 48)
+    x[:, :, 12:20, 18:30] = 1.0
+    y = x[:, :1].clone()
+    gen = torch.Generator().manual_seed(1)
+    draw = lambda: torch.rand(4, 1, 1, 1, generator=gen)  # noqa: E731
+    moved_x, moved_y = zoom_and_shift(x, y, 0.2, draw)
+    assert not torch.allclose(moved_y, y)  # something moved
+    assert torch.allclose(moved_x[:, :1], moved_y) and torch.allclose(moved_x[:, 1:], moved_y.expand(-1, 2, -1, -1))
+    assert torch.allclose(zoom_and_shift(x, y, 0.0, draw)[1], y, atol=1e-6)  # no jitter: the identity
+
+
+def test_scale_jitter_is_validated_and_recorded(kaggle_dir, tmp_path):
+    with pytest.raises(ValueError, match="scale_jitter"):
+        TrainConfig(data_dir=str(kaggle_dir), out_dir=str(tmp_path), scale_jitter=0.6)
+    assert TrainConfig(data_dir=str(kaggle_dir), out_dir=str(tmp_path), scale_jitter=0.1).to_dict()["scale_jitter"] == 0.1

@@ -1,8 +1,5 @@
 """A from-scratch U-Net for Carvana car masks, and its training module."""
 
-from importlib.metadata import PackageNotFoundError, version
+from batch.version import package_version
 
-try:
-    __version__ = version("carvana-unet")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0+unknown"
+__version__ = package_version()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from batch.formats import write_atomic
+from batch.files import write_atomic
 from unet.model import UNet, UNetConfig
 
 KIND = "carvana-unet-checkpoint"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from batch.files import DuplicateNameError, index_by_stem
 from batch.images import is_image_file, load_resized_rgb
 from batch.masks import MaskError, area_fraction, read_mask
 
@@ -72,23 +74,19 @@ def find_layout(data_dir: Path) -> tuple[Path, Path]:
     )
 
 
-def index_by_stem(folder: Path, keep, strip_suffix: str = "") -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if not (path.is_file() and keep(path)):
-            continue
-        stem = path.stem.removesuffix(strip_suffix) if strip_suffix else path.stem
-        if stem in found:
-            raise DataError(f"{found[stem]} and {path} have the same name: keep one of them")
-        found[stem] = path
-    return found
+def files_by_stem(folder: Path, keep: Callable[[Path], bool], strip_suffix: str = "") -> dict[str, Path]:
+    """stem -> file for the files of ``folder`` that ``keep`` accepts; two with one stem are a DataError."""
+    try:
+        return index_by_stem((p for p in sorted(folder.iterdir()) if p.is_file() and keep(p)), strip_suffix)
+    except DuplicateNameError as e:
+        raise DataError(str(e)) from e
 
 
 def pair_files(data_dir: str | Path) -> Pairing:
     """Pair photos and masks by file stem (a mask may end in ``_mask``); report the unpaired by name."""
     image_dir, mask_dir = find_layout(Path(data_dir))
-    images = index_by_stem(image_dir, is_image_file)
-    masks = index_by_stem(mask_dir, lambda p: p.suffix.lower() in MASK_SUFFIXES, strip_suffix="_mask")
+    images = files_by_stem(image_dir, is_image_file)
+    masks = files_by_stem(mask_dir, lambda p: p.suffix.lower() in MASK_SUFFIXES, strip_suffix="_mask")
     samples = [Sample(images[s], masks[s]) for s in sorted(images.keys() & masks.keys())]
     if not samples:
         raise DataError(

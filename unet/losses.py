@@ -1,10 +1,9 @@
-"""Segmentation losses as pure functions of logits and (possibly soft) targets, with a thin module."""
+"""Segmentation losses as pure functions of logits and (possibly soft) targets."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
@@ -21,11 +20,3 @@ def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float
     bce = F.binary_cross_entropy_with_logits(logits.float(), target.float())
     return bce + dice_weight * soft_dice_loss(logits, target)
 
-
-class BCEDiceLoss(nn.Module):
-    def __init__(self, dice_weight: float = 1.0):
-        super().__init__()
-        self.dice_weight = dice_weight
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return bce_dice_loss(logits, target, self.dice_weight)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from batch.contract import probability_to_logit
 from batch.masks import dice
 
 
@@ -18,9 +19,8 @@ def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
 
 def full_resolution_dice(logits: torch.Tensor, truth: np.ndarray, threshold: float = 0.5) -> float:
     """Dice of one image's (1, h, w) logits, upsampled to the (H, W) bool ``truth`` before the threshold."""
-    logit_threshold = float(np.log(threshold / (1.0 - threshold)))
     full = upsample_logits(logits[None], truth.shape)[0, 0]  # (H, W)
-    return dice((full > logit_threshold).cpu().numpy(), truth)
+    return dice((full > probability_to_logit(threshold)).cpu().numpy(), truth)
 
 
 def mean_dice(scores: Iterable[float]) -> float:

@@ -8,45 +8,10 @@ Head: a 1x1 conv to one channel, a logit per pixel. With ``width=64, depth=4`` t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Literal
-
 import torch
 from torch import nn
 
-Upsample = Literal["transpose", "bilinear"]
-
-
-@dataclass(frozen=True)
-class UNetConfig:
-    in_channels: int = 3  # channels of the input image (RGB)
-    out_channels: int = 1  # one logit per pixel: car vs background
-    width: int = 64  # channels of the first stage; stage k has width * 2**k
-    depth: int = 4  # number of 2x poolings; input sides must be multiples of 2**depth
-    upsample: Upsample = "transpose"  # "transpose": learned 2x2 transposed conv; "bilinear": resize + 1x1 conv
-
-    def __post_init__(self) -> None:
-        if self.in_channels < 1 or self.out_channels < 1:
-            raise ValueError("in_channels and out_channels must be positive")
-        if self.width < 1:
-            raise ValueError(f"width must be a positive channel count, got {self.width}")
-        if not 1 <= self.depth <= 8:
-            raise ValueError(f"depth must be between 1 and 8 poolings, got {self.depth}")
-        if self.upsample not in ("transpose", "bilinear"):
-            raise ValueError(f"upsample must be 'transpose' or 'bilinear', got {self.upsample!r}")
-
-    @property
-    def multiple(self) -> int:
-        """Input height and width must be multiples of this."""
-        return 2**self.depth
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "UNetConfig":
-        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        return cls(**known)
+from unet.config import UNetConfig, Upsample
 
 
 def check_input_size(height: int, width: int, multiple: int) -> None:

@@ -11,15 +11,17 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from batch.devices import DeviceError, parse_device
 from unet import __version__
 from unet.checkpoint import compact_optimizer_state, load_checkpoint, save_checkpoint
+from unet.config import TrainConfig, UNetConfig
 from unet.data import (
     DataError,
     cache_samples,
@@ -30,54 +32,9 @@ from unet.data import (
 )
 from unet.losses import bce_dice_loss
 from unet.metrics import full_resolution_dice, mean_dice
-from unet.model import UNet, UNetConfig
+from unet.model import UNet
 
 log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    data_dir: str  # Kaggle (train/, train_masks/) or generic (images/, masks/) folder
-    out_dir: str  # run folder for checkpoints and metrics
-    epochs: int = 10  # total epochs (a resumed run continues up to this many)
-    batch_size: int = 8  # images per optimizer step
-    scale: float | None = 0.25  # training size as a fraction of the photo's size (ignored when size is set)
-    size: tuple[int, int] | None = None  # training size (H, W), multiples of 2**depth
-    lr: float = 1e-3  # peak AdamW learning rate
-    weight_decay: float = 1e-4  # AdamW weight decay
-    warmup_epochs: float = 0.5  # linear warm-up from lr/10, then cosine decay to lr/100
-    val_cars: int | None = None  # cars held out for validation (default: ~10% of the cars)
-    seed: int = 0  # split, initialisation and shuffling
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    workers: int = 2  # threads decoding photos into the cache
-    limit: int | None = None  # use only the first N pairs (quick runs)
-    hflip: bool = True  # random horizontal flips
-    color_jitter: float = 0.1  # max relative change of brightness, contrast and saturation
-    pixel_mean: tuple[float, float, float] = IMAGENET_MEAN  # input normalisation: (pixel/255 - mean) / std
-    pixel_std: tuple[float, float, float] = IMAGENET_STD
-
-    def __post_init__(self) -> None:
-        checks = {
-            "epochs must be >= 1": self.epochs >= 1,
-            "batch size must be >= 2 (BatchNorm needs more than one image)": self.batch_size >= 2,
-            "learning rate must be positive": self.lr > 0,
-            "weight decay must be >= 0": self.weight_decay >= 0,
-            "warm-up must be >= 0 epochs": self.warmup_epochs >= 0,
-            "workers must be >= 1": self.workers >= 1,
-            "limit must be >= 2": self.limit is None or self.limit >= 2,
-            "val_cars must be >= 1": self.val_cars is None or self.val_cars >= 1,
-            "color_jitter must be in [0, 1)": 0 <= self.color_jitter < 1,
-            "pixel_std must be positive": all(s > 0 for s in self.pixel_std),
-        }
-        failed = [message for message, ok in checks.items() if not ok]
-        if failed:
-            raise ValueError("; ".join(failed))
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 @dataclass
@@ -114,18 +71,16 @@ def keep_freed_memory() -> None:
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present; an explicit ``cuda`` without a usable GPU is an error."""
-    if name == "auto":
+    device = parse_device(name)
+    if device.kind == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
+    if device.kind == "cpu":
         return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: this torch build sees no CUDA GPU. Use --device cpu or auto.")
-        device = torch.device(name)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
-        return device
-    raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, not {name!r}")
+    if not torch.cuda.is_available():
+        raise DeviceError(f"--device {device}: this torch build sees no CUDA GPU. Use --device cpu or auto.")
+    if device.index >= torch.cuda.device_count():
+        raise DeviceError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return torch.device("cuda", device.index)
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
@@ -137,12 +92,14 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
 
 
 def augment(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random horizontal flip and colour jitter. x: (B, 3, H, W) in [0, 1]; y: (B, 1, H, W)."""
+    """Random horizontal flip, zoom and shift, and colour jitter. x: (B, 3, H, W) in [0, 1]; y: (B, 1, H, W)."""
     batch = x.shape[0]
     draw = lambda: torch.rand(batch, 1, 1, 1, generator=gen).to(x.device)  # noqa: E731
     if cfg.hflip:
         flip = draw() < 0.5
         x, y = torch.where(flip, x.flip(-1), x), torch.where(flip, y.flip(-1), y)
+    if cfg.scale_jitter:
+        x, y = zoom_and_shift(x, y, cfg.scale_jitter, draw)
     if cfg.color_jitter:
         jitter = lambda: 1 + (2 * draw() - 1) * cfg.color_jitter  # noqa: E731
         x = x * jitter()
@@ -152,6 +109,22 @@ def augment(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, gen: torch.Gener
         x = (x - gray) * jitter() + gray
         x = x.clamp(0, 1)
     return x, y
+
+
+def zoom_and_shift(x: torch.Tensor, y: torch.Tensor, jitter: float, draw) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same random zoom (1 +- ``jitter``) and shift (up to ``jitter`` of the half-size) for photo and target.
+
+    Bilinear for both, so the soft target stays the car's area fraction; edges are extended (the
+    studio backdrop), never padded with black.
+    """
+    uniform = lambda: (2 * draw() - 1).view(-1) * jitter  # noqa: E731  (B,) in [-jitter, jitter]
+    zoom, shift_x, shift_y = 1 + uniform(), uniform(), uniform()
+    theta = torch.zeros(x.shape[0], 2, 3, device=x.device)  # output -> input sampling, normalized coordinates
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / zoom
+    theta[:, 0, 2], theta[:, 1, 2] = shift_x, shift_y
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2)
+    sample = lambda t: torch.nn.functional.grid_sample(t, grid, mode="bilinear", padding_mode="border", align_corners=False)  # noqa: E731
+    return sample(x), sample(y)
 
 
 def to_input(images: np.ndarray, device: torch.device, channels_last: bool) -> torch.Tensor:

@@ -1,0 +1,93 @@
+"""What a segmentation run is asked to do: the options of :class:`batch.api.Segmenter` and of ``unet-batch segment``.
+
+Plain frozen dataclasses, checked when they are made, importable without ONNX Runtime: the command
+line takes its option defaults from them, so ``unet-batch --help`` works with any extras installed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+
+from batch.devices import DeviceError, parse_device
+from batch.formats import FORMATS
+from batch.report import REPORT_NAME
+from batch.storage import as_location, is_uri
+
+DECODERS = ("auto", "dali", "pillow")
+DEFAULT_BATCH_SIZE = {"cpu": 8, "cuda": 32}  # photos per inference batch when none is given
+
+
+@dataclass(frozen=True, kw_only=True)
+class SegmenterConfig:
+    """How images are segmented: the model, where it runs, how photos are decoded, and the batch sizes."""
+
+    model: Path | None = None  # ONNX file from unet-export; None: the bundled model (batch.default_model_path)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (any case; kept in canonical form)
+    tta: bool = False  # average with the prediction for the horizontally mirrored photo (2x the inference)
+    threshold: float | None = None  # car probability cut; None: the model's metadata
+    batch_size: int | None = None  # None: 32 on a GPU, 8 on the CPU
+    decoder: str = "auto"  # auto (DALI on a GPU, Pillow on the CPU) | dali | pillow
+    workers: int | None = None  # decode and post-processing (writer) threads each; None: CPU cores
+    threads: int | None = None  # ONNX Runtime intra-op threads; None: CPU cores
+
+    def __post_init__(self) -> None:
+        if self.model is not None:
+            object.__setattr__(self, "model", Path(self.model))
+        try:
+            object.__setattr__(self, "device", str(parse_device(self.device)))
+        except DeviceError as e:
+            raise ValueError(str(e)) from e
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, not {self.decoder!r}")
+        for name in ("batch_size", "workers", "threads"):
+            check_positive(name, getattr(self, name))
+        if self.threshold is not None and not 0 < self.threshold < 1:
+            raise ValueError(f"threshold must be a probability strictly between 0 and 1, not {self.threshold}")
+
+
+@dataclass(frozen=True)
+class SegmentConfig(SegmenterConfig):
+    """A folder run (``unet-batch segment``): every photo under ``input_dir`` -> outputs under ``output_dir``."""
+
+    input_dir: Path | str  # a folder, or a URI (s3://bucket/prefix: batch.storage), kept as a str
+    output_dir: Path | str
+    formats: tuple[str, ...] = ("png",)  # only these are written: ("overlay",) alone writes no mask
+    overwrite: bool = False  # redo photos whose outputs exist
+    limit: int | None = None  # only the first N photos (sorted)
+    report: Path | None = None  # None: OUTPUT_DIR/report.json
+    progress: bool = True  # a progress bar on stderr
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "input_dir", as_location(self.input_dir))
+        object.__setattr__(self, "output_dir", as_location(self.output_dir))
+        if self.report is not None:
+            object.__setattr__(self, "report", Path(self.report))
+        formats = tuple(dict.fromkeys(self.formats or ("png",)))
+        unknown = [f for f in formats if f not in FORMATS]
+        if unknown:
+            raise ValueError(f"unknown format(s) {unknown}; choose from {', '.join(FORMATS)}")
+        object.__setattr__(self, "formats", formats)
+        check_positive("limit", self.limit)
+
+    @property
+    def report_path(self) -> Path | str:
+        if self.report is not None:
+            return self.report
+        return f"{self.output_dir}/{REPORT_NAME}" if is_uri(self.output_dir) else self.output_dir / REPORT_NAME
+
+
+def check_positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{name} must be a positive integer, not {value}")
+
+
+def defaults(config: type) -> dict[str, object]:
+    """Field name -> default value of a config dataclass (the command line's option defaults)."""
+    return {f.name: f.default for f in fields(config) if f.default is not MISSING}
+
+
+def engine_options(config: SegmenterConfig) -> dict[str, object]:
+    """The :class:`SegmenterConfig` fields of ``config`` (also of a :class:`SegmentConfig`), as keyword arguments."""
+    return {f.name: getattr(config, f.name) for f in fields(SegmenterConfig)}

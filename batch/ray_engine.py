@@ -1,0 +1,398 @@
+"""``unet-batch segment --engine ray``: the same run on a Ray cluster, one :class:`~batch.api.Segmenter` per actor.
+
+    driver: discover + plan (as the local engine: resume, conflicts, --limit)
+      -> ray.data.from_items(photos to do)                         paths only
+      -> map_batches(read_photos)              Ray tasks          IN  -> each photo's bytes
+      -> map_batches(SegmentWorker)            actor pool         bytes -> Segmenter.stream -> outputs in OUT
+      -> the driver iterates the outcomes      (photo, error, worker) -> progress bar, report.json
+    then, as the local engine: submission.csv from the per-photo RLE files (--format rle), report.json.
+
+Ray Data streams: blocks flow through the stages as they are made, and its back-pressure holds the
+readers back when the actors fall behind, so memory stays bounded whatever the number of photos.
+Each actor loads the model once and runs the same decode -> infer -> post-process path as the local
+engine (:meth:`Segmenter.stream`) and the same writers (:func:`batch.segment.write_all`), so the
+outputs are the same files with the same bytes. Bad photos come back as failures and never stop the
+run. An actor that dies is restarted by Ray and its batch retried (Ray Data's actor fault tolerance,
+on by default); outputs are written atomically under names fixed by the photo, so a retried batch
+rewrites the same files and every photo is counted once.
+
+This is the only module of the package that imports ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import pickle
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import ray
+import ray.data
+from tqdm import tqdm
+
+from batch.api import InferenceError, Segmenter
+from batch.config import DEFAULT_BATCH_SIZE, SegmentConfig, SegmenterConfig, engine_options
+from batch.decode import Item, read_file
+from batch.devices import parse_device
+from batch.images import ImageError
+from batch.logs import first_line
+from batch.plan import Job, Plan, make_plan
+from batch.report import Report, StageClock
+from batch.segment import Results, SegmentError, find_inputs, finish, open_locations, output_folder, write_all
+from batch.storage import Storage
+from batch.version import package_version
+
+log = logging.getLogger(__name__)
+
+READ_CPUS = 0.25  # logical CPUs of a read task: reading is I/O, four of them share a core
+MAX_BLOCKS = 10_000  # of the job list: a million photos make blocks of 100 rows
+CALL_BATCHES = 4  # inference batches per actor call: the Segmenter's stream overlaps decoding and inference within a call
+AWS_VARIABLES = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+)
+
+
+class ClusterError(SegmentError):
+    """A Ray cluster that cannot be reached or cannot run what was asked; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where the run goes: a Ray cluster's address, and how many inference actors it gets."""
+
+    address: str | None = None  # None: RAY_ADDRESS, else a local Ray started for the run (every GPU and core here)
+    workers: int | None = None  # inference actors; None: one per GPU, or one per node on a CPU-only cluster
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers must be a positive integer, not {self.workers}")
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """How the inference actors are placed: their number, and each one's share of a node."""
+
+    count: int
+    num_gpus: float  # per actor: 1, a fraction when several share a GPU, 0 on the CPU
+    num_cpus: float  # logical CPUs reserved per actor (placement; the read tasks keep the rest)
+    threads: int  # each actor's decode / writer / ONNX Runtime threads: its share of a node's cores
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.num_gpus else "cpu"
+
+
+def plan_actors(resources: dict[str, float], nodes: int, device: str, workers: int | None) -> ActorPlan:
+    """Actors for a cluster with ``resources`` (Ray's totals: CPU, GPU) on ``nodes`` nodes.
+
+    ``device`` is ``auto``, ``cpu`` or ``cuda`` (``cuda:0``: Ray gives each actor its GPU, which it sees
+    as its first, so another index makes no sense here). GPUs: one actor per GPU by default; more actors
+    than GPUs share them evenly (two on one GPU get half of it each). CPU only: one actor per node by
+    default, using the node's cores.
+    """
+    wanted = parse_device(device)
+    if wanted.kind == "cuda" and wanted.index != 0:
+        raise ClusterError(f"--device {device}: with --engine ray, Ray gives each worker its GPU; use --device cuda or auto")
+    cpus, gpus, nodes = int(resources.get("CPU", 0)), int(resources.get("GPU", 0)), max(1, nodes)
+    if wanted.kind == "cuda" and not gpus:
+        raise ClusterError("--device cuda: the Ray cluster has no GPUs; use --device cpu, or a cluster with GPUs")
+    if cpus < 1:
+        raise ClusterError("the Ray cluster has no CPUs to run on; start its nodes with --num-cpus >= 1")
+    cpus_per_node = max(1, cpus // nodes)
+    for_actors = cpus_per_node - min(1.0, cpus_per_node / 2)  # the rest is the read tasks'
+    if gpus and wanted.kind != "cpu":
+        count = workers or gpus
+        per_gpu = math.ceil(count / gpus)  # actors sharing one GPU
+        per_node = math.ceil(count / nodes)
+        return ActorPlan(count, 1 / per_gpu, min(1.0, for_actors / per_node), max(1, cpus_per_node // per_node))
+    count = workers or nodes
+    per_node = math.ceil(count / nodes)
+    return ActorPlan(count, 0, for_actors / per_node, max(1, cpus_per_node // per_node))
+
+
+def aws_environment() -> dict[str, str]:
+    """The standard S3 variables set here, for the workers (a remote cluster's nodes do not share this environment)."""
+    return {name: os.environ[name] for name in AWS_VARIABLES if os.environ.get(name)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run.
+
+
+def segment_on_ray(
+    config: SegmentConfig, cluster: ClusterConfig | None = None, worker: type[SegmentWorker] | None = None
+) -> Report:
+    """Segment every photo under ``config.input_dir`` on a Ray cluster; write the outputs and the report; return it.
+
+    The contract of :func:`batch.segment.segment`: a run that cannot start raises
+    :class:`~batch.segment.SegmentError` (an unreachable cluster or one without the GPUs asked for
+    too), bad photos are listed in ``report.failed``, Ctrl-C keeps the finished outputs, writes the
+    report and propagates. ``config.workers`` and ``config.threads`` are per actor (default: its
+    share of a node). ``worker``: the actor class, a :class:`SegmentWorker` (tests pass one that dies).
+    """
+    cluster = cluster or ClusterConfig()
+    started = time.perf_counter()
+    clock = StageClock()
+    source, output = open_locations(config)
+    with clock("discover"):
+        plan = make_plan(source, output, find_inputs(config, source, output), config.formats, config.overwrite)
+    results = Results()
+    for job, reason in plan.conflicts:
+        results.fail(job, reason)
+    interruption: KeyboardInterrupt | None = None
+    stopped = ""
+    with output_folder(output), ray_session(cluster.address, verbose=log.isEnabledFor(logging.DEBUG)) as resources:
+        actors = plan_actors(resources, len(ray.nodes()), config.device, cluster.workers)
+        log.info("%d photos: %d to segment, %d already done, %d in conflict; %d worker(s) on %s, %d thread(s) each",
+                 plan.size, len(plan.jobs), len(plan.done), len(plan.conflicts), actors.count, actors.device,
+                 actors.threads)  # fmt: skip
+        output.clean()
+        clock.add("setup", time.perf_counter() - started - clock.seconds["discover"])
+        tally = Tally(results, clock)
+        try:
+            tally.collect(
+                run_pipeline(plan.jobs, config, source, output, actors, worker or SegmentWorker), len(plan.jobs), config.progress
+            )
+        except KeyboardInterrupt as e:
+            interruption = e
+        except InferenceError as e:  # an actor's engine cannot go on; Ray raises a RayTaskError(InferenceError)
+            stopped = first_line(getattr(e, "cause", e))  # the actor's own error, without Ray's header line
+    report = finish(
+        config, plan, output, clock,
+        lambda: make_report(config, plan, tally, actors, time.perf_counter() - started, interruption is not None, stopped),
+    )  # fmt: skip
+    if interruption is not None:
+        raise interruption
+    return report
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, verbose: bool = False) -> Iterator[dict[str, float]]:
+    """Ray for a run; yields the cluster's resources. The session this process has already opened (a
+    notebook, a benchmark, the tests), else the cluster at ``address`` or ``RAY_ADDRESS``, else a local
+    one started here with every core and GPU of this host, shut down at the end."""
+    if ray.is_initialized():
+        yield ray.cluster_resources()
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    try:
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            log_to_driver=verbose,
+            logging_level=logging.INFO if verbose else logging.WARNING,
+        )
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+        raise ClusterError(
+            f"cannot start or reach {where} ({first_line(e)}); check --address / RAY_ADDRESS, or `ray status` there"
+        ) from e
+    if not verbose:  # Ray Data's own lines (datasets starting and finishing, its bars turned off) only with -v
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+    try:
+        yield ray.cluster_resources()
+    finally:
+        ray.shutdown()
+
+
+def run_pipeline(
+    jobs: list[Job], config: SegmentConfig, source: Storage, output: Storage, actors: ActorPlan, worker: type[SegmentWorker]
+) -> Iterator[dict[str, np.ndarray]]:
+    """The dataset, streamed: jobs -> their photos' bytes (read tasks) -> outcomes (the inference actors)."""
+    if not jobs:
+        return iter(())
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the run's own bar counts photos
+    context.enable_auto_log_stats = False
+    context.raise_original_map_exception = True  # an actor's InferenceError reaches the driver as one, not as "UDF failed"
+    batch_size = config.batch_size or DEFAULT_BATCH_SIZE[actors.device]
+    environment = {"env_vars": aws_environment()}  # a remote cluster's nodes do not share this shell's variables
+    blocks = max(actors.count, len(jobs) // (CALL_BATCHES * batch_size))  # at least one per actor
+    rows = ray.data.from_items(
+        [{"job": pickle.dumps(job)} for job in jobs], override_num_blocks=min(blocks, len(jobs), MAX_BLOCKS)
+    )
+    photos = rows.map_batches(read_photos, fn_kwargs={"source": source}, batch_size=batch_size, num_cpus=READ_CPUS,
+                              runtime_env=environment)  # fmt: skip
+    outcomes = photos.map_batches(
+        worker,
+        fn_constructor_kwargs={"config": actor_config(config, actors), "output": output, "model": model_bytes(config)},
+        batch_size=CALL_BATCHES * batch_size,
+        compute=ray.data.ActorPoolStrategy(size=actors.count),
+        num_gpus=actors.num_gpus,
+        num_cpus=actors.num_cpus,
+        runtime_env=environment,
+    )
+    return outcomes.iter_batches(batch_size=None, batch_format="numpy")
+
+
+def actor_config(config: SegmentConfig, actors: ActorPlan) -> SegmenterConfig:
+    """What each actor's Segmenter is made with: the run's options on the device Ray gave it, its share of threads."""
+    options = engine_options(config) | {"model": None, "device": actors.device}
+    options["workers"] = config.workers or actors.threads
+    options["threads"] = config.threads or actors.threads
+    return SegmenterConfig(**options)
+
+
+def model_bytes(config: SegmentConfig) -> bytes | None:
+    """The model file, shipped to the actors (any node runs the driver's model); None: each node's bundled one."""
+    if config.model is None:
+        return None
+    try:
+        return Path(config.model).read_bytes()
+    except OSError as e:
+        raise SegmentError(f"cannot read the model {config.model} ({e.strerror or e})") from e
+
+
+def read_photos(batch: dict[str, np.ndarray], source: Storage) -> dict[str, list]:
+    """The read stage: each job's photo bytes from IN; an empty ``data`` and the reason when they cannot be read.
+
+    Jobs travel pickled (a binary column: Arrow has no type for them)."""
+    data, errors = [], []
+    for job in map(pickle.loads, batch["job"]):
+        try:
+            data.append(read_file(Item(job.source, path=source.file(job.rel))))  # the local engine's read, and its message
+            errors.append("")
+        except ImageError as e:
+            data.append(b"")
+            errors.append(str(e).removeprefix(f"{job.source}: "))
+    return {"job": batch["job"], "data": data, "error": errors}
+
+
+class SegmentWorker:
+    """An inference actor: one Segmenter, loaded once, feeding the local engine's writers (:func:`batch.segment.write_all`).
+
+    ``model``: the driver's model file as bytes (None: the bundled model of this node's installation).
+    Each call gets photos (their jobs and bytes) and returns, for each, the error ("" when its outputs
+    are written), and this worker's name and state (device, decoder, model, stage seconds so far).
+    """
+
+    def __init__(self, config: SegmenterConfig, output: Storage, model: bytes | None):
+        self.model_file = None
+        if model is not None:
+            self.model_file = tempfile.NamedTemporaryFile(suffix=".onnx")  # noqa: SIM115  (held while the actor lives)
+            self.model_file.write(model)
+            self.model_file.flush()
+            config = replace(config, model=Path(self.model_file.name))
+        self.segmenter = Segmenter.from_config(config)
+        self.output = output
+        self.name = f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_actor_id()[:8]}"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        jobs = [pickle.loads(job) for job in batch["job"]]
+        results = Results()
+        items = []
+        for job, data, error in zip(jobs, batch["data"], batch["error"]):
+            if error:
+                results.fail(job, str(error))
+            else:
+                items.append(Item(job.source, data=bytes(data), tag=job))
+        write_all(items, self.segmenter, self.output, results, progress=False)
+        errors = {job.rel: reason for job, reason in results.failed}
+        state = json.dumps(self.state())
+        return {
+            "source": [job.source for job in jobs],
+            "rel": [job.rel.as_posix() for job in jobs],
+            "error": [errors.get(job.rel, "") for job in jobs],
+            "worker": [self.name] * len(jobs),
+            "state": [state] * len(jobs),
+        }
+
+    def state(self) -> dict:
+        segmenter = self.segmenter
+        return {
+            "device": segmenter.device,
+            "provider": segmenter.model.provider,
+            "decoder": segmenter.decoder.name,
+            "pillow_fallbacks": segmenter.decoder.pillow_fallbacks,
+            "model": segmenter.model.describe(),
+            "batch_size": segmenter.batch_size,
+            "threshold": segmenter.threshold,
+            "stages": segmenter.clock.snapshot(),
+        }
+
+
+class Tally:
+    """The outcomes as they stream in: the run's results, and each worker's count and latest state."""
+
+    def __init__(self, results: Results, clock: StageClock):
+        self.results = results
+        self.clock = clock  # the driver's: discover, setup (reaching the cluster), write (submission.csv)
+        self.workers: dict[str, dict] = {}
+        self.states: dict[str, dict] = {}
+
+    def collect(self, outcomes: Iterable[dict[str, np.ndarray]], total: int, progress: bool) -> None:
+        with tqdm(total=total, unit="img", desc="segment", disable=not progress, dynamic_ncols=True) as bar:
+            for batch in outcomes:
+                for source, rel, error, worker, state in zip(
+                    batch["source"], batch["rel"], batch["error"], batch["worker"], batch["state"]
+                ):
+                    self.count(Job(str(source), PurePosixPath(rel), {}), str(error), str(worker), state)
+                bar.update(len(batch["rel"]))
+
+    def count(self, job: Job, error: str, worker: str, state: str) -> None:
+        self.states[worker] = json.loads(state)
+        counts = self.workers.setdefault(worker, {"device": self.states[worker]["device"], "processed": 0, "failed": 0})
+        if error:
+            counts["failed"] += 1
+            self.results.fail(job, error)
+        else:
+            counts["processed"] += 1
+            self.results.done()
+
+
+def make_report(config: SegmentConfig, plan: Plan, tally: Tally, actors: ActorPlan, seconds: float, interrupted: bool,
+                stopped: str) -> Report:  # fmt: skip
+    """report.json: the local engine's keys (from the workers' states; the model as the user named it), plus the
+    engine, the number of workers and what each did. Stage seconds are summed over the workers, like threads."""
+    results = tally.results
+    states = list(tally.states.values())
+    first = states[0] if states else {}
+    stages = tally.clock.snapshot()
+    for state in states:
+        for stage in ("decode", "infer", "postprocess", "write"):
+            stages[stage] = round(stages[stage] + state["stages"].get(stage, 0.0), 4)
+    model = dict(first.get("model", {}))
+    if model and config.model is not None:
+        model["path"] = str(config.model)  # not the actors' copy
+    failed = sorted(results.failed, key=lambda failure: failure[0].rel.parts)
+    return Report(
+        input_dir=str(config.input_dir),
+        output_dir=str(config.output_dir),
+        inputs=plan.size,
+        processed=results.processed,
+        skipped=len(plan.done),
+        failed=[{"path": job.source, "reason": reason} for job, reason in failed],
+        seconds=round(seconds, 4),
+        images_per_second=round(results.processed / seconds, 3),
+        stages=stages,
+        device=first.get("device", actors.device),
+        provider=first.get("provider", ""),
+        decoder=first.get("decoder", ""),
+        pillow_fallbacks=sum(state["pillow_fallbacks"] for state in states),
+        model=model,
+        batch_size=first.get("batch_size", config.batch_size or DEFAULT_BATCH_SIZE[actors.device]),
+        formats=list(config.formats),
+        threshold=first.get("threshold", config.threshold),
+        tta=config.tta,
+        interrupted=interrupted,
+        stopped=stopped,
+        engine="ray",
+        workers=actors.count,
+        per_worker=tally.workers,
+        version=package_version(),
+    )

@@ -1,0 +1,159 @@
+"""``python -m benchmarks.acceptance OUT_DIR``: the verdict of a GPU acceptance run (benchmarks/gpu-acceptance.sh).
+
+Reads what the script left in OUT_DIR (steps.tsv, the runner's reports, the evaluation CSVs, the
+benchmark results) and writes ``summary.json`` and ``summary.md``: each target of the GPU issue
+with its measured figure and whether it is met. A figure that is missing (its step did not run or
+failed) is reported as such, never as met.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from batch.files import write_atomic
+
+AGREEMENT_MIN = 0.999  # mean Dice of the GPU masks against the CPU/Pillow masks
+TRUTH_TOLERANCE = 0.0005  # GPU path's Dice against the truth, within this of the Pillow path's
+AGREEMENT_PHOTOS = 1000  # photos the agreement must cover
+E2E_BUNDLED_MIN = 1000.0  # images/s, the bundled model, JPEG in -> full-size PNG on disk
+E2E_CLASSIC_MIN = 500.0  # images/s, width-64 U-Net at 640x960, FP16
+E2E_OVER_INFERENCE_MIN = 0.9
+PEAK_FRACTION_AIM = 0.5
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    figure: str  # the measured value, as shown
+    met: bool | None  # None: not measured
+
+
+def read_steps(out: Path) -> dict[str, int]:
+    """Step name -> exit status, from steps.tsv (the last run of a step wins)."""
+    path = out / "steps.tsv"
+    if not path.is_file():
+        return {}
+    rows = (line.split() for line in path.read_text().splitlines() if line.strip())
+    return {name: int(rc) for name, rc, *_ in rows}
+
+
+def mean_dice(path: Path) -> tuple[float, int] | None:
+    """(mean Dice, images scored) of an evaluation CSV; None when it is missing."""
+    if not path.is_file():
+        return None
+    with open(path, newline="") as f:
+        scores = [float(row["dice"]) for row in csv.DictReader(f) if row["dice"]]
+    return (sum(scores) / len(scores), len(scores)) if scores else None
+
+
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def step_target(steps: dict[str, int], name: str, label: str) -> Target:
+    rc = steps.get(name)
+    return Target(label, "not run" if rc is None else f"exit {rc}", None if rc is None else rc == 0)
+
+
+def agreement_targets(out: Path) -> list[Target]:
+    targets = []
+    for name in ("gpu-dali", "gpu-pillow"):
+        found = mean_dice(out / f"agreement-{name}-vs-cpu-pillow.csv")
+        label = f"{name} masks vs CPU/Pillow masks: mean Dice >= {AGREEMENT_MIN} on >= {AGREEMENT_PHOTOS} photos"
+        if found is None:
+            targets.append(Target(label, "not measured", None))
+            continue
+        value, count = found
+        targets.append(Target(label, f"{value:.6f} on {count} photos", value >= AGREEMENT_MIN and count >= AGREEMENT_PHOTOS))
+    return targets
+
+
+def truth_targets(out: Path) -> list[Target]:
+    scores = {name: mean_dice(out / f"truth-{name}.csv") for name in ("val-cpu", "val-dali", "val-cpu-tta", "val-dali-tta")}
+    targets = []
+    for gpu, cpu in (("val-dali", "val-cpu"), ("val-dali-tta", "val-cpu-tta")):
+        label = f"{gpu} Dice vs truth within {TRUTH_TOLERANCE} of {cpu}'s"
+        if scores[gpu] is None or scores[cpu] is None:
+            targets.append(Target(label, "not measured", None))
+            continue
+        gap = scores[gpu][0] - scores[cpu][0]
+        figure = f"{scores[gpu][0]:.5f} vs {scores[cpu][0]:.5f} ({scores[gpu][1]} photos, difference {gap:+.5f})"
+        targets.append(Target(label, figure, abs(gap) <= TRUTH_TOLERANCE))
+    return targets
+
+
+def e2e_rate(results: dict | None) -> float | None:
+    if not results or results["end_to_end"]["status"] != "ok":
+        return None
+    return results["end_to_end"]["images_per_second"]["median"]
+
+
+def bench_targets(out: Path) -> list[Target]:
+    full, classic = read_json(out / "bench-full" / "results.json"), read_json(out / "bench-classic" / "results.json")
+    targets = []
+    rate = e2e_rate(full)
+    targets.append(Target(f"bundled model end to end >= {E2E_BUNDLED_MIN:.0f} images/s",
+                          "not measured" if rate is None else f"{rate:.0f} images/s", None if rate is None else rate >= E2E_BUNDLED_MIN))
+    rate = e2e_rate(classic)
+    targets.append(Target(f"classic w64 640x960 FP16 end to end >= {E2E_CLASSIC_MIN:.0f} images/s",
+                          "not measured" if rate is None else f"{rate:.0f} images/s", None if rate is None else rate >= E2E_CLASSIC_MIN))
+    ratio = classic["ratios"]["end_to_end_over_inference"] if classic else None
+    targets.append(Target(f"classic end to end / inference alone >= {E2E_OVER_INFERENCE_MIN}",
+                          "not measured" if ratio is None else f"{ratio:.3f}", None if ratio is None else ratio >= E2E_OVER_INFERENCE_MIN))
+    for label, results in (("full", full), ("classic", classic)):
+        best = best_fraction_of_peak(results)
+        targets.append(Target(f"{label}: inference at the best batch, fraction of the dense FP16 peak (aim {PEAK_FRACTION_AIM:.0%})",
+                              "not measured" if best is None else f"{best[0]:.1%} ({best[1]})",
+                              None if best is None else best[0] >= PEAK_FRACTION_AIM))
+    for label, results in (("full", full), ("classic", classic)):
+        over = (results or {}).get("ratios", {}).get("end_to_end_over_baseline", {}).get("torch-peer")
+        targets.append(Target(f"{label}: unet-batch end to end beats the torch peer pipeline",
+                              "not measured" if over is None else f"{over:.2f}x", None if over is None else over > 1.0))
+    return targets
+
+
+def best_fraction_of_peak(results: dict | None) -> tuple[float, str] | None:
+    rows = [r for r in (results or {}).get("inference", []) if r.get("fraction_of_peak") is not None]
+    if not rows:
+        return None
+    best = max(rows, key=lambda r: r["fraction_of_peak"])
+    return best["fraction_of_peak"], f"{best['label']}, {best['model']}, batch {best['batch_size']}, {best['achieved_tflops']:.0f} TFLOP/s"
+
+
+def summarize(out: Path) -> list[Target]:
+    steps = read_steps(out)
+    targets = [
+        step_target(steps, "install", "offline install, CUDA provider and DALI present"),
+        step_target(steps, "pytest-gpu", 'pytest -m "gpu or dali" passes'),
+        step_target(steps, "pytest-rest", "the rest of the suite passes"),
+        step_target(steps, "segment-gpu-pillow", "--decoder pillow on the GPU works"),
+        step_target(steps, "segment-val-dali-tta", "--tta on the GPU works"),
+    ]
+    return targets + agreement_targets(out) + truth_targets(out) + bench_targets(out)
+
+
+def to_markdown(targets: list[Target], machine: str) -> str:
+    verdict = {True: "met", False: "**missed**", None: "not measured"}
+    lines = ["# GPU acceptance run", "", "```", machine.strip(), "```", "", "| target | measured | verdict |", "| --- | --- | --- |"]
+    lines += [f"| {t.name} | {t.figure} | {verdict[t.met]} |" for t in targets]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1 or not Path(argv[0]).is_dir():
+        sys.stderr.write("usage: python -m benchmarks.acceptance OUT_DIR (the folder gpu-acceptance.sh wrote)\n")
+        return 2
+    out = Path(argv[0])
+    targets = summarize(out)
+    machine = (out / "machine.txt").read_text() if (out / "machine.txt").is_file() else "machine.txt missing"
+    write_atomic(out / "summary.json", (json.dumps([asdict(t) for t in targets], indent=2) + "\n").encode())
+    write_atomic(out / "summary.md", to_markdown(targets, machine).encode())
+    return 0 if all(t.met is not False for t in targets) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

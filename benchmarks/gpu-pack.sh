@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Pack what a GPU acceptance run needs into parts that fit a transfer limit, on a machine with
+# network access; on the GPU host, unpack the parts into /tmp and run benchmarks/gpu-acceptance.sh.
+#
+#   benchmarks/gpu-pack.sh [CARVANA_DIR] [PHOTOS] [LIMIT_MIB]
+#       CARVANA_DIR  Kaggle layout (train/, train_masks/)                [../shared/data/carvana]
+#       PHOTOS       how many photos: every validation photo of the bundled model, then others  [1024]
+#       LIMIT_MIB    what one transfer may carry, the repository included                         [64]
+#
+# Writes .gpu-payload/part-NN/{wheels,photos}/ (add /.gpu-payload/ to .git/info/exclude): the wheels
+# of onnxruntime-gpu and DALI (staged by ../shared/tools/stage-gpu-wheels, cut into pieces) and
+# pieces of photos.tar (photos/ and the validation cars' masks in truth/), packed into as few parts
+# as fit, each sized so that it and the repository's files stay under LIMIT_MIB. The list of parts
+# and the command that unpacks one on the host are printed at the end (benchmarks/README.md,
+# "Acceptance run on a new GPU host").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+carvana=${1:-../shared/data/carvana} photos=${2:-1024} limit_mib=${3:-64}
+payload=.gpu-payload
+stage=../shared/tools/stage-gpu-wheels
+
+tree_bytes=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | xargs -0 -r stat -c %s -- 2>/dev/null | awk '{s += $1} END {print s + 0}')
+part_mib=$((limit_mib - tree_bytes / 1048576 - 3))
+[ "$part_mib" -ge 8 ] || { echo "gpu-pack: the repository alone takes $((tree_bytes / 1048576)) MiB of the $limit_mib MiB limit" >&2; exit 2; }
+echo "repository: $((tree_bytes / 1048576)) MiB; parts of at most $part_mib MiB" >&2
+
+rm -rf "$payload" && mkdir -p "$payload"
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+
+# Wheels: stage-gpu-wheels cuts them into parts (part-00 holds install.sh and SHA256SUMS).
+"$stage" all "$scratch/wheels" "$part_mib" >&2
+
+# Photos: every validation photo of the bundled model first (its truth is scored), then the others.
+python3 - "$carvana" "$photos" >"$scratch/photos.txt" <<'PY'
+import json, sys
+from pathlib import Path
+carvana, count = Path(sys.argv[1]), int(sys.argv[2])
+val = [f"{stem}.jpg" for stem in json.loads(Path("checkpoints/w16-320x480/config.json").read_text())["val_images"]]
+others = [p.name for p in sorted((carvana / "train").glob("*.jpg")) if p.name not in set(val)]
+print("\n".join(f"train/{name}" for name in (val + others)[: max(count, len(val))]))
+PY
+python3 >"$scratch/truth.txt" <<'PY'
+import json
+from pathlib import Path
+print("\n".join(f"train_masks/{stem}_mask.gif" for stem in json.loads(Path("checkpoints/w16-320x480/config.json").read_text())["val_images"]))
+PY
+cat "$scratch/photos.txt" "$scratch/truth.txt" >"$scratch/files.txt"
+tar -cf "$scratch/photos.tar" -C "$carvana" -T "$scratch/files.txt" --transform 's,^train/,photos/,;s,^train_masks/,truth/,'
+split -b "$((part_mib * 1048576))" -d -a 2 "$scratch/photos.tar" "$scratch/photos.tar.piece-"
+
+# Every file (wheel pieces, photo pieces) into as few parts as fit: first fit, largest first.
+python3 - "$scratch" "$payload" "$((part_mib * 1048576))" <<'PY'
+import shutil, sys
+from pathlib import Path
+scratch, payload, capacity = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+files = [(f, "wheels") for f in scratch.glob("wheels/part-*/*")] + [(f, "photos") for f in scratch.glob("photos.tar.piece-*")]
+parts: list[list] = []
+for f, kind in sorted(files, key=lambda item: -item[0].stat().st_size):
+    part = next((p for p in parts if sum(x.stat().st_size for x, _ in p) + f.stat().st_size <= capacity), None)
+    if part is None:
+        parts.append(part := [])
+    part.append((f, kind))
+for n, part in enumerate(parts):
+    for f, kind in part:
+        (payload / f"part-{n:02d}" / kind).mkdir(parents=True, exist_ok=True)
+        shutil.move(str(f), payload / f"part-{n:02d}" / kind / f.name)
+PY
+n=$(find "$payload" -mindepth 1 -maxdepth 1 -name 'part-*' | wc -l)
+echo "$n parts in $payload ($(wc -l <"$scratch/photos.txt") photos, $(wc -l <"$scratch/truth.txt") truth masks):"
+for part in "$payload"/part-*; do echo "  $part $(du -sm "$part" | cut -f1) MiB"; done
+cat <<EOF
+On the GPU host, for each part P in order (each transfer carries P), with /tmp kept between them:
+  mkdir -p /tmp/gpu-wheels /tmp/carvana && cp -r P/wheels/. /tmp/gpu-wheels/ 2>/dev/null; cp -r P/photos/. /tmp/carvana/ 2>/dev/null; true
+then, once every part is there:
+  cat /tmp/carvana/photos.tar.piece-* | tar -xf - -C /tmp/carvana && bash benchmarks/gpu-acceptance.sh /tmp/acceptance
+EOF

@@ -1,0 +1,227 @@
+"""``unet-batch segment --engine ray`` on a local Ray cluster (2 CPUs), and both engines on s3:// locations
+(a real S3-compatible server on 127.0.0.1): the same outputs, byte for byte, as the local engine."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path, PurePosixPath
+
+import pytest
+from click.testing import CliRunner
+from conftest import write_photo
+
+from batch.cli import main
+from batch.devices import parse_device
+from batch.storage import open_location
+
+ray = pytest.importorskip("ray", reason="the Ray engine needs the 'ray' extra")
+
+from batch.ray_engine import SegmentWorker  # noqa: E402  (after the skip: it imports ray)
+
+PHOTOS = 10  # two calls of an actor at --batch-size 2 (CALL_BATCHES batches a call) and a remainder
+BAD = {"bad/empty.jpg": b"", "bad/notes.png": b"shopping list"}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the test session: 2 CPUs, no dashboard; the engine joins it. A run that
+    makes no progress for two minutes fails rather than holding CI (Ray's default waits 30 minutes)."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().execution_no_progress_timeout_s = 120
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    """PHOTOS synthetic photos of mixed sizes and formats in nested folders, and two bad files."""
+    root = tmp_path / "photos"
+    for i in range(PHOTOS):
+        name = f"day{i % 3}/car{i:02d}" + (".png" if i % 4 == 0 else ".jpg")
+        write_photo(root / name, (64 + 8 * (i % 3), 96 + 16 * (i % 2)), seed=i)
+    for name, data in BAD.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+def segment(*args) -> object:
+    return CliRunner().invoke(main, ["segment", *map(str, args), "--no-progress"], catch_exceptions=False)
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    """Every output file (hidden RLE files included) but the report, by relative path."""
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != "report.json"
+    }
+
+
+def test_ray_engine_writes_what_the_local_engine_writes(photos: Path, tmp_path: Path, tiny_onnx: Path, ray_cluster):
+    options = ["--model", tiny_onnx, "--format", "png", "--format", "rle", "--batch-size", "2"]
+    local = segment(photos, tmp_path / "local", *options)
+    on_ray = segment(photos, tmp_path / "ray", *options, "--engine", "ray", "--workers", "2")
+
+    assert local.exit_code == on_ray.exit_code == 1, on_ray.output  # the bad files fail, the rest is done
+    outputs = files_under(tmp_path / "local")
+    assert len([name for name in outputs if name.endswith(".png")]) == PHOTOS
+    assert files_under(tmp_path / "ray") == outputs  # masks, RLE files and submission.csv, byte for byte
+    local_report, ray_report = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("local", "ray"))
+    assert ray_report["failed"] == local_report["failed"]
+    assert [f["path"] for f in ray_report["failed"]] == [str(photos / name) for name in sorted(BAD)]
+    assert (ray_report["engine"], ray_report["workers"], ray_report["processed"]) == ("ray", 2, PHOTOS)
+    assert sum(worker["processed"] for worker in ray_report["per_worker"].values()) == PHOTOS
+    assert set(ray_report) == set(local_report)  # the same schema
+
+
+def test_ray_engine_resumes_after_a_killed_run(photos: Path, tmp_path: Path, tiny_onnx: Path, ray_cluster):
+    out = tmp_path / "masks"
+    options = ["--model", tiny_onnx, "--batch-size", "2", "--engine", "ray", "--workers", "1"]
+    assert segment(photos, out, *options, "--limit", "6").exit_code == 1  # what a run killed after 6 files left: bad/* failed
+    leftover = out / "day0" / ".car03.png.1234abcd.unet-batch-tmp"  # and a half-written temporary
+    leftover.write_bytes(b"half")
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+
+    result = segment(photos, out, *options)
+
+    report = json.loads((out / "report.json").read_text())
+    assert (report["skipped"], report["processed"], len(report["failed"])) == (4, PHOTOS - 4, len(BAD)), result.output
+    assert len(before) == 4
+    assert all(p.stat().st_mtime_ns == mtime for p, mtime in before.items())  # finished masks are not redone
+    assert not leftover.exists()
+
+
+def dies_once(marker: Path) -> type:
+    """A worker whose first call writes its photos' outputs, then kills its process before answering."""
+
+    class DiesOnce(SegmentWorker):
+        def __call__(self, batch):
+            outcome = super().__call__(batch)
+            if not marker.exists():
+                marker.touch()
+                os._exit(1)
+            return outcome
+
+    return DiesOnce
+
+
+def test_a_worker_that_dies_is_replaced_and_every_photo_is_done_once(photos: Path, tmp_path: Path, tiny_onnx: Path, ray_cluster):
+    from batch.config import SegmentConfig
+    from batch.ray_engine import ClusterConfig, segment_on_ray
+
+    marker = tmp_path / "died"
+    config = SegmentConfig(input_dir=photos, output_dir=tmp_path / "masks", model=tiny_onnx, batch_size=2,
+                           formats=("png", "rle"), progress=False)  # fmt: skip
+    report = segment_on_ray(config, ClusterConfig(workers=1), worker=dies_once(marker))
+
+    assert marker.exists()  # it did die
+    assert (report.processed, len(report.failed)) == (PHOTOS, len(BAD))
+    rows = (tmp_path / "masks" / "submission.csv").read_text().splitlines()[1:]
+    assert len(rows) == len({row.split(",")[0] for row in rows}) == PHOTOS  # one row per photo
+
+
+def test_s3_to_s3_gives_the_local_engines_masks(photos: Path, tmp_path: Path, tiny_onnx: Path, s3_bucket: str, ray_cluster):
+    bucket_in = open_location(f"{s3_bucket}/photos")
+    for path in sorted(photos.rglob("*")):
+        if path.is_file():
+            bucket_in.write(PurePosixPath(path.relative_to(photos).as_posix()), path.read_bytes())
+    options = ["--model", tiny_onnx, "--format", "png", "--format", "rle", "--batch-size", "2"]
+    assert segment(photos, tmp_path / "local", *options).exit_code == 1
+
+    for engine in ("local", "ray"):
+        out = f"{s3_bucket}/masks-{engine}"
+        result = segment(f"{s3_bucket}/photos", out, *options, "--engine", engine)
+        assert result.exit_code == 1, result.output
+        store = open_location(out)
+        written = store.read_many(store.list_files(hidden=True))
+        report = json.loads(written.pop(PurePosixPath("report.json")))
+        assert {rel.as_posix(): data for rel, data in written.items()} == files_under(tmp_path / "local")
+        assert [f["path"] for f in report["failed"]] == [f"{s3_bucket}/photos/{name}" for name in sorted(BAD)]
+
+
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_s3_problems_exit_2_saying_what_to_do(engine: str, photos: Path, tmp_path: Path, tiny_onnx: Path, s3_bucket: str,
+                                              monkeypatch):  # fmt: skip
+    missing = segment("s3://no-such-bucket/photos", tmp_path / "out", "--model", tiny_onnx, "--engine", engine)
+    assert missing.exit_code == 2
+    assert "bucket 'no-such-bucket' does not exist" in missing.output and "create it" in missing.output
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    no_credentials = segment(photos, f"{s3_bucket}/masks", "--model", tiny_onnx, "--engine", engine)
+    assert no_credentials.exit_code == 2
+    assert "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in no_credentials.output
+
+
+@pytest.mark.parametrize(
+    ("resources", "nodes", "device", "workers", "expected"),
+    [
+        ({"CPU": 2}, 1, "auto", None, (1, 0, 1.0, 2)),  # this machine: one actor on both cores, a core's worth for reading
+        ({"CPU": 2}, 1, "cpu", 2, (2, 0, 0.5, 1)),
+        ({"CPU": 16, "GPU": 1}, 1, "auto", 2, (2, 0.5, 1.0, 8)),  # two actors share the GPU
+        ({"CPU": 64, "GPU": 8}, 2, "cuda:0", None, (8, 1.0, 1.0, 8)),  # one per GPU over two nodes
+        ({"CPU": 64, "GPU": 8}, 2, "cpu", None, (2, 0, 31.0, 32)),  # GPUs left alone when the CPU is asked for
+    ],
+)
+def test_actors_are_placed_by_the_cluster_resources(resources, nodes, device, workers, expected):
+    from batch.ray_engine import plan_actors
+
+    plan = plan_actors(resources, nodes, device, workers)
+    assert (plan.count, plan.num_gpus, plan.num_cpus, plan.threads) == expected
+
+
+@pytest.mark.parametrize(
+    ("resources", "device", "message"),
+    [({"CPU": 2}, "cuda", "has no GPUs"), ({"CPU": 8, "GPU": 2}, "cuda:1", "use --device cuda")],
+)
+def test_gpus_that_the_cluster_cannot_give_are_an_error(resources, device, message):
+    from batch.ray_engine import ClusterError, plan_actors
+    from batch.segment import SegmentError
+
+    with pytest.raises(ClusterError, match=message) as error:
+        plan_actors(resources, 1, str(parse_device(device)), None)
+    assert isinstance(error.value, SegmentError)  # the CLI's exit 2
+
+
+def test_bench_scaling_measures_each_worker_count_beside_the_local_engine(photos: Path, tmp_path: Path, tiny_onnx: Path,
+                                                                           ray_cluster):  # fmt: skip
+    from benchmarks.cli import main as bench
+
+    out = tmp_path / "bench"
+    args = ["scaling", "--images", photos, "--model", tiny_onnx, "--workers", "1", "--out", out, "--no-progress"]
+    result = CliRunner().invoke(bench, list(map(str, args)), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(row["engine"], row["workers"], row["photos"]) for row in rows] == [
+        ("local", 1, PHOTOS),
+        ("ray", 1, PHOTOS),
+        ("local", 1, PHOTOS),
+    ]
+    assert "| ray | 1 |" in (out / "results.md").read_text()
+
+
+def fails_to_infer() -> type:
+    """A worker whose engine is broken: the stream gives up (InferenceError), as after three failed batches in a row."""
+
+    class FailsToInfer(SegmentWorker):
+        def __call__(self, batch):
+            from batch.api import InferenceError
+
+            raise InferenceError("inference failed on 3 batches in a row")
+
+    return FailsToInfer
+
+
+def test_a_broken_engine_stops_the_run_with_a_report(photos: Path, tmp_path: Path, tiny_onnx: Path, ray_cluster):
+    from batch.config import SegmentConfig
+    from batch.ray_engine import ClusterConfig, segment_on_ray
+
+    config = SegmentConfig(input_dir=photos, output_dir=tmp_path / "masks", model=tiny_onnx, progress=False)
+    report = segment_on_ray(config, ClusterConfig(workers=1), worker=fails_to_infer())
+
+    assert "inference failed on 3 batches in a row" in report.stopped
+    assert report.processed == 0
+    assert json.loads((tmp_path / "masks" / "report.json").read_text())["stopped"] == report.stopped
