@@ -11,7 +11,7 @@ Every way in goes through :meth:`Segmenter.stream`, the one decode -> infer -> p
     items -> [decode thread: Pillow pool or DALI] -> queue (2 batches) -> [inference: the calling thread] -> (item, prediction)
 
 ``__call__`` and :meth:`Segmenter.predict` feed it images held in memory or named by path and
-finish the masks in a thread pool; the folder runner (:mod:`batch.segment`) feeds it the files of
+finish the masks in a thread pool; the folder runner (:mod:`batch.runner`) feeds it the files of
 a folder and hands each prediction to its writers; the Ray engine feeds it the bytes Ray Data read.
 """
 

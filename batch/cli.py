@@ -20,7 +20,7 @@ import click
 from batch.clitypes import DEVICE, LOCATION, InputError, setup_logging, version_option
 from batch.config import DECODERS, SegmentConfig, defaults
 from batch.devices import cpu_count
-from batch.evaluate import EvaluationError, evaluate, write_csv, write_error_maps
+from batch.evaluation import EvaluationError, evaluate, write_csv, write_error_maps
 from batch.extras import require
 from batch.formats import FORMATS
 
@@ -121,21 +121,21 @@ def segment_command(input_dir: Path | str, output_dir: Path | str, engine: str, 
     """
     for module in ("onnxruntime", "onnx"):
         require(module, "cpu", what="unet-batch segment")
-    from batch.segment import SegmentError, segment
+    from batch.runner import SegmentError, run
 
     if engine == "ray":
         require("ray", "ray", what="--engine ray")
         from batch.ray_engine import ClusterConfig, segment_on_ray
 
         cluster = ClusterConfig(address=address, workers=options.pop("workers"))
-        segment = functools.partial(segment_on_ray, cluster=cluster)  # the same contract as the local engine's
+        run = functools.partial(segment_on_ray, cluster=cluster)  # the same contract as the local engine's
     try:
         config = SegmentConfig(input_dir=input_dir, output_dir=output_dir, **options)
     except ValueError as e:
         raise InputError(str(e)) from e
     with setup_logging(verbose), sigterm_as_interrupt():
         try:
-            report = segment(config)
+            report = run(config)
         except SegmentError as e:
             raise InputError(str(e)) from e
         except KeyboardInterrupt as e:

@@ -10,7 +10,7 @@
 Ray Data streams: blocks flow through the stages as they are made, and its back-pressure holds the
 readers back when the actors fall behind, so memory stays bounded whatever the number of photos.
 Each actor loads the model once and runs the same decode -> infer -> post-process path as the local
-engine (:meth:`Segmenter.stream`) and the same writers (:func:`batch.segment.write_all`), so the
+engine (:meth:`Segmenter.stream`) and the same writers (:func:`batch.runner.write_all`), so the
 outputs are the same files with the same bytes. Bad photos come back as failures and never stop the
 run. An actor that dies is restarted by Ray and its batch retried (Ray Data's actor fault tolerance,
 on by default); outputs are written atomically under names fixed by the photo, so a retried batch
@@ -46,9 +46,8 @@ from batch.images import ImageError
 from batch.logs import first_line
 from batch.plan import Job, Plan, make_plan
 from batch.report import Report, StageClock
-from batch.segment import Results, SegmentError, find_inputs, finish, open_locations, output_folder, write_all
+from batch.runner import Results, SegmentError, find_inputs, finish, open_locations, output_folder, run_report, write_all
 from batch.storage import Storage
-from batch.version import package_version
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +138,8 @@ def segment_on_ray(
 ) -> Report:
     """Segment every photo under ``config.input_dir`` on a Ray cluster; write the outputs and the report; return it.
 
-    The contract of :func:`batch.segment.segment`: a run that cannot start raises
-    :class:`~batch.segment.SegmentError` (an unreachable cluster or one without the GPUs asked for
+    The contract of :func:`batch.runner.run`: a run that cannot start raises
+    :class:`~batch.runner.SegmentError` (an unreachable cluster or one without the GPUs asked for
     too), bad photos are listed in ``report.failed``, Ctrl-C keeps the finished outputs, writes the
     report and propagates. ``config.workers`` and ``config.threads`` are per actor (default: its
     share of a node). ``worker``: the actor class, a :class:`SegmentWorker` (tests pass one that dies).
@@ -274,7 +273,7 @@ def read_photos(batch: dict[str, np.ndarray], source: Storage) -> dict[str, list
 
 
 class SegmentWorker:
-    """An inference actor: one Segmenter, loaded once, feeding the local engine's writers (:func:`batch.segment.write_all`).
+    """An inference actor: one Segmenter, loaded once, feeding the local engine's writers (:func:`batch.runner.write_all`).
 
     ``model``: the driver's model file as bytes (None: the bundled model of this node's installation).
     Each call gets photos (their jobs and bytes) and returns, for each, the error ("" when its outputs
@@ -369,16 +368,13 @@ def make_report(config: SegmentConfig, plan: Plan, tally: Tally, actors: ActorPl
     model = dict(first.get("model", {}))
     if model and config.model is not None:
         model["path"] = str(config.model)  # not the actors' copy
-    failed = sorted(results.failed, key=lambda failure: failure[0].rel.parts)
-    return Report(
-        input_dir=str(config.input_dir),
-        output_dir=str(config.output_dir),
-        inputs=plan.size,
-        processed=results.processed,
-        skipped=len(plan.done),
-        failed=[{"path": job.source, "reason": reason} for job, reason in failed],
-        seconds=round(seconds, 4),
-        images_per_second=round(results.processed / seconds, 3),
+    return run_report(
+        config,
+        plan,
+        results,
+        seconds,
+        interrupted,
+        stopped,
         stages=stages,
         device=first.get("device", actors.device),
         provider=first.get("provider", ""),
@@ -386,13 +382,9 @@ def make_report(config: SegmentConfig, plan: Plan, tally: Tally, actors: ActorPl
         pillow_fallbacks=sum(state["pillow_fallbacks"] for state in states),
         model=model,
         batch_size=first.get("batch_size", config.batch_size or DEFAULT_BATCH_SIZE[actors.device]),
-        formats=list(config.formats),
         threshold=first.get("threshold", config.threshold),
         tta=config.tta,
-        interrupted=interrupted,
-        stopped=stopped,
         engine="ray",
         workers=actors.count,
         per_worker=tally.workers,
-        version=package_version(),
     )

@@ -176,7 +176,7 @@ class LocalFolder(Storage):
         return {rel for rel in rels if self.path(rel).exists()}
 
     def check(self, writable: bool) -> None:
-        if writable:  # made when the run starts (batch.segment.output_folder)
+        if writable:  # made when the run starts (batch.runner.output_folder)
             if self.root.exists() and not self.root.is_dir():
                 raise StorageError(f"cannot create output folder {self.root}: a file has that name")
         elif not self.root.is_dir():

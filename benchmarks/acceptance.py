@@ -96,23 +96,47 @@ def bench_targets(out: Path) -> list[Target]:
     full, classic = read_json(out / "bench-full" / "results.json"), read_json(out / "bench-classic" / "results.json")
     targets = []
     rate = e2e_rate(full)
-    targets.append(Target(f"bundled model end to end >= {E2E_BUNDLED_MIN:.0f} images/s",
-                          "not measured" if rate is None else f"{rate:.0f} images/s", None if rate is None else rate >= E2E_BUNDLED_MIN))
+    targets.append(
+        Target(
+            f"bundled model end to end >= {E2E_BUNDLED_MIN:.0f} images/s",
+            "not measured" if rate is None else f"{rate:.0f} images/s",
+            None if rate is None else rate >= E2E_BUNDLED_MIN,
+        )
+    )
     rate = e2e_rate(classic)
-    targets.append(Target(f"classic w64 640x960 FP16 end to end >= {E2E_CLASSIC_MIN:.0f} images/s",
-                          "not measured" if rate is None else f"{rate:.0f} images/s", None if rate is None else rate >= E2E_CLASSIC_MIN))
+    targets.append(
+        Target(
+            f"classic w64 640x960 FP16 end to end >= {E2E_CLASSIC_MIN:.0f} images/s",
+            "not measured" if rate is None else f"{rate:.0f} images/s",
+            None if rate is None else rate >= E2E_CLASSIC_MIN,
+        )
+    )
     ratio = classic["ratios"]["end_to_end_over_inference"] if classic else None
-    targets.append(Target(f"classic end to end / inference alone >= {E2E_OVER_INFERENCE_MIN}",
-                          "not measured" if ratio is None else f"{ratio:.3f}", None if ratio is None else ratio >= E2E_OVER_INFERENCE_MIN))
+    targets.append(
+        Target(
+            f"classic end to end / inference alone >= {E2E_OVER_INFERENCE_MIN}",
+            "not measured" if ratio is None else f"{ratio:.3f}",
+            None if ratio is None else ratio >= E2E_OVER_INFERENCE_MIN,
+        )
+    )
     for label, results in (("full", full), ("classic", classic)):
         best = best_fraction_of_peak(results)
-        targets.append(Target(f"{label}: inference at the best batch, fraction of the dense FP16 peak (aim {PEAK_FRACTION_AIM:.0%})",
-                              "not measured" if best is None else f"{best[0]:.1%} ({best[1]})",
-                              None if best is None else best[0] >= PEAK_FRACTION_AIM))
+        targets.append(
+            Target(
+                f"{label}: inference at the best batch, fraction of the dense FP16 peak (aim {PEAK_FRACTION_AIM:.0%})",
+                "not measured" if best is None else f"{best[0]:.1%} ({best[1]})",
+                None if best is None else best[0] >= PEAK_FRACTION_AIM,
+            )
+        )
     for label, results in (("full", full), ("classic", classic)):
         over = (results or {}).get("ratios", {}).get("end_to_end_over_baseline", {}).get("torch-peer")
-        targets.append(Target(f"{label}: unet-batch end to end beats the torch peer pipeline",
-                              "not measured" if over is None else f"{over:.2f}x", None if over is None else over > 1.0))
+        targets.append(
+            Target(
+                f"{label}: unet-batch end to end beats the torch peer pipeline",
+                "not measured" if over is None else f"{over:.2f}x",
+                None if over is None else over > 1.0,
+            )
+        )
     return targets
 
 
@@ -121,7 +145,9 @@ def best_fraction_of_peak(results: dict | None) -> tuple[float, str] | None:
     if not rows:
         return None
     best = max(rows, key=lambda r: r["fraction_of_peak"])
-    return best["fraction_of_peak"], f"{best['label']}, {best['model']}, batch {best['batch_size']}, {best['achieved_tflops']:.0f} TFLOP/s"
+    return best[
+        "fraction_of_peak"
+    ], f"{best['label']}, {best['model']}, batch {best['batch_size']}, {best['achieved_tflops']:.0f} TFLOP/s"
 
 
 def summarize(out: Path) -> list[Target]:
@@ -138,7 +164,16 @@ def summarize(out: Path) -> list[Target]:
 
 def to_markdown(targets: list[Target], machine: str) -> str:
     verdict = {True: "met", False: "**missed**", None: "not measured"}
-    lines = ["# GPU acceptance run", "", "```", machine.strip(), "```", "", "| target | measured | verdict |", "| --- | --- | --- |"]
+    lines = [
+        "# GPU acceptance run",
+        "",
+        "```",
+        machine.strip(),
+        "```",
+        "",
+        "| target | measured | verdict |",
+        "| --- | --- | --- |",
+    ]
     lines += [f"| {t.name} | {t.figure} | {verdict[t.met]} |" for t in targets]
     return "\n".join(lines) + "\n"
 

@@ -109,12 +109,12 @@ def ort_step(model: BenchModel, device: str, device_id: int | None) -> Callable[
     return step
 
 
-def run_baseline(name: str, paths: Sequence[Path], model: BenchModel, *, device: str, device_id: int | None,
-                 checkpoint: Path | None, seed: int) -> BaselineResult:
+def run_baseline(
+    name: str, paths: Sequence[Path], model: BenchModel, *, device: str, device_id: int | None, checkpoint: Path | None, seed: int
+) -> BaselineResult:
     """Time one naive loop over ``paths`` (the first is a warm-up); a missing dependency is a recorded skip."""
     torch_device = "cpu" if device == "cpu" else f"cuda:{device_id}"
-    base = dict(baseline=name, label=BASELINES[name], model=model.name,
-                device=torch_device if name == "torch-eager" else device)
+    base = dict(baseline=name, label=BASELINES[name], model=model.name, device=torch_device if name == "torch-eager" else device)
     if len(paths) < 2:
         return BaselineResult(status="skipped", reason="needs at least 2 photos (one is a warm-up)", **base)
     if name == "torch-eager":

@@ -71,36 +71,62 @@ def main():
 
 
 @main.command(context_settings=CONTEXT)
-@click.option("--suite", type=click.Choice(sorted(SUITES)), default="quick",
-              help="quick: about two minutes on a 2-core CPU; full: long sweeps for a GPU; smoke: seconds, figures meaningless.")
-@click.option("--device", type=DEVICE, default=RunConfig.device,
-              help="auto picks the first CUDA GPU when ONNX Runtime can use it.")
-@click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Folder of real photos (e.g. ../shared/data/carvana/train) [default: synthesize 1918x1280 JPEGs].")
-@click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Exported .onnx (or unet-train .pt) to run end to end [default: a random-weight U-Net of --width].")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("unet-bench-results"),
-              help="Folder for results.json, results.md and results.png.")
+@click.option(
+    "--suite",
+    type=click.Choice(sorted(SUITES)),
+    default="quick",
+    help="quick: about two minutes on a 2-core CPU; full: long sweeps for a GPU; smoke: seconds, figures meaningless.",
+)
+@click.option(
+    "--device", type=DEVICE, default=RunConfig.device, help="auto picks the first CUDA GPU when ONNX Runtime can use it."
+)
+@click.option(
+    "--images",
+    "images_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Folder of real photos (e.g. ../shared/data/carvana/train) [default: synthesize 1918x1280 JPEGs].",
+)
+@click.option(
+    "--model",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Exported .onnx (or unet-train .pt) to run end to end [default: a random-weight U-Net of --width].",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("unet-bench-results"),
+    help="Folder for results.json, results.md and results.png.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace results already in --out.")
 @click.option("--size", type=SIZE, default=None, help="Model input HxW [default: the model's own, else 320x480].")
 @click.option("--width", type=click.IntRange(min=1), default=RunConfig.width, help="U-Net width run end to end without --model.")
-@click.option("--widths", callback=parse_widths, default=None, help="Widths of the inference sweep, e.g. 16,32,64 [default: the suite's].")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=default_cache_dir,
-              show_default="$XDG_CACHE_HOME/unet-bench or ~/.cache/unet-bench",
-              help="Where exported random-weight models are kept between runs.")
+@click.option(
+    "--widths", callback=parse_widths, default=None, help="Widths of the inference sweep, e.g. 16,32,64 [default: the suite's]."
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=default_cache_dir,
+    show_default="$XDG_CACHE_HOME/unet-bench or ~/.cache/unet-bench",
+    help="Where exported random-weight models are kept between runs.",
+)
 @click.option("--no-cache", is_flag=True, help="Export every model afresh and keep nothing.")
 @click.option("--seed", type=int, default=RunConfig.seed, help="Seed of the synthetic photos and random weights.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def run(suite, device, images_dir, model, out_dir, overwrite, size, width, widths, cache_dir, no_cache, seed, no_progress, verbose):
+def run(
+    suite, device, images_dir, model, out_dir, overwrite, size, width, widths, cache_dir, no_cache, seed, no_progress, verbose
+):
     """Measure everything and write results.json, results.md and results.png into --out."""
     if out_dir.exists() and (out_dir / "results.json").exists() and not overwrite:
         raise InputError(f"{out_dir / 'results.json'} exists: choose another --out or pass --overwrite")
     from benchmarks.suite import failures, run_suite, write_outputs
 
     try:
-        config = RunConfig(suite=suite, device=device, images_dir=images_dir, model=model,
-                           input_size=size, width=width, seed=seed, widths=widths)
+        config = RunConfig(
+            suite=suite, device=device, images_dir=images_dir, model=model, input_size=size, width=width, seed=seed, widths=widths
+        )
         with setup_logging(verbose):
             results = run_suite(config, cache_dir=None if no_cache else cache_dir, progress=not no_progress)
             paths = write_outputs(results, out_dir)
@@ -115,7 +141,9 @@ def run(suite, device, images_dir, model, out_dir, overwrite, size, width, width
         click.echo("a smoke run shows that every stage runs; its figures mean nothing, so it is not one to keep")
     failed = failures(results)
     if failed:
-        raise click.ClickException(f"{len(failed)} benchmark(s) failed (their reasons are in results.md):\n  " + "\n  ".join(failed))
+        raise click.ClickException(
+            f"{len(failed)} benchmark(s) failed (their reasons are in results.md):\n  " + "\n  ".join(failed)
+        )
 
 
 @main.command(context_settings=CONTEXT)
@@ -131,19 +159,39 @@ def compare(a, b):
 
 
 @main.command(context_settings=CONTEXT)
-@click.option("--masks", "masks_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="Ground-truth masks for the resolution ceiling, e.g. ../shared/data/carvana/train_masks.")
+@click.option(
+    "--masks",
+    "masks_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True,
+    help="Ground-truth masks for the resolution ceiling, e.g. ../shared/data/carvana/train_masks.",
+)
 @click.option("--limit", type=click.IntRange(min=1), default=160, help="Masks used, evenly spaced over the sorted folder.")
 @click.option("--sizes", callback=parse_sizes, default="160x240,256x384,320x480,480x720,640x960", help="Input sizes HxW.")
 @click.option("--widths", callback=parse_widths, default="8,16,32", help="U-Net widths.")
 @click.option("--depths", callback=parse_depths, default="4", help="U-Net depths.")
-@click.option("--run", "run_dirs", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="A unet-train run folder whose best validation Dice joins the table (repeatable).")
+@click.option(
+    "--run",
+    "run_dirs",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="A unet-train run folder whose best validation Dice joins the table (repeatable).",
+)
 @click.option("--device", type=DEVICE, default="cpu", help="cpu (FP32) or cuda[:N] (FP16, I/O binding).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("unet-bench-tradeoff"),
-              help="Folder for tradeoff.json and tradeoff.md.")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=default_cache_dir,
-              show_default="$XDG_CACHE_HOME/unet-bench or ~/.cache/unet-bench", help="Exported random-weight models.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("unet-bench-tradeoff"),
+    help="Folder for tradeoff.json and tradeoff.md.",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=default_cache_dir,
+    show_default="$XDG_CACHE_HOME/unet-bench or ~/.cache/unet-bench",
+    help="Exported random-weight models.",
+)
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def tradeoff(masks_dir, limit, sizes, widths, depths, run_dirs, device, out_dir, cache_dir, no_progress, verbose):
@@ -156,8 +204,16 @@ def tradeoff(masks_dir, limit, sizes, widths, depths, run_dirs, device, out_dir,
     masks = spread_evenly(sorted(p for p in masks_dir.iterdir() if p.is_file() and not p.name.startswith(".")), limit)
     try:
         with setup_logging(verbose):
-            results = run_tradeoff(mask_paths=masks, sizes=sizes, widths=widths, depths=depths,
-                                   run_dirs=run_dirs, device=device, cache_dir=cache_dir, progress=not no_progress)
+            results = run_tradeoff(
+                mask_paths=masks,
+                sizes=sizes,
+                widths=widths,
+                depths=depths,
+                run_dirs=run_dirs,
+                device=device,
+                cache_dir=cache_dir,
+                progress=not no_progress,
+            )
             paths = write_tradeoff(results, out_dir)
     except (BenchError, ValueError) as e:
         raise InputError(str(e)) from e
@@ -167,15 +223,27 @@ def tradeoff(masks_dir, limit, sizes, widths, depths, run_dirs, device, out_dir,
 
 @main.command(context_settings=CONTEXT)
 @click.option("--images", required=True, type=LOCATION, help="Photos to segment: a folder or a URI (s3://bucket/prefix).")
-@click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="ONNX model [default: the bundled one].")
-@click.option("--workers", "worker_counts", type=click.IntRange(min=1), multiple=True, default=(1, 2),
-              help="Ray worker counts to measure (repeatable).")
+@click.option(
+    "--model", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="ONNX model [default: the bundled one]."
+)
+@click.option(
+    "--workers",
+    "worker_counts",
+    type=click.IntRange(min=1),
+    multiple=True,
+    default=(1, 2),
+    help="Ray worker counts to measure (repeatable).",
+)
 @click.option("--device", type=DEVICE, default="auto", help="auto: the GPUs when there are, else the CPU.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N photos [default: all].")
 @click.option("--address", help="Ray cluster [default: $RAY_ADDRESS, else a local Ray using every GPU and core here].")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("unet-bench-scaling"),
-              help="Folder for results.json and results.md.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("unet-bench-scaling"),
+    help="Folder for results.json and results.md.",
+)
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def scaling(images, model, worker_counts, device, limit, address, out_dir, no_progress, verbose):
@@ -183,7 +251,7 @@ def scaling(images, model, worker_counts, device, limit, address, out_dir, no_pr
     (the same photos and model): how a host's GPUs, or a cluster's nodes, add up."""
     require("onnxruntime", "cpu", what="unet-bench scaling")
     require("ray", "ray", what="unet-bench scaling")
-    from batch.segment import SegmentError
+    from batch.runner import SegmentError
     from benchmarks.scaling import render, run_scaling, write_scaling
 
     try:

@@ -49,10 +49,14 @@ class SuiteConfig:
             "warmup must be >= 0": self.warmup >= 0,
             "repeats must be >= 1": self.repeats >= 1,
             "widths must be positive": bool(self.widths) and min(self.widths) >= 1,
-            "batch sizes must be positive and increasing": bool(self.batch_sizes) and min(self.batch_sizes) >= 1
+            "batch sizes must be positive and increasing": bool(self.batch_sizes)
+            and min(self.batch_sizes) >= 1
             and list(self.batch_sizes) == sorted(set(self.batch_sizes)),
             "max_batch_seconds must be positive": self.max_batch_seconds > 0,
-            "e2e_images, e2e_repeats and baseline_images must be >= 1": min(self.e2e_images, self.e2e_repeats, self.baseline_images) >= 1,
+            "e2e_images, e2e_repeats and baseline_images must be >= 1": min(
+                self.e2e_images, self.e2e_repeats, self.baseline_images
+            )
+            >= 1,
             "dali_batch must be between 1 and images": 1 <= self.dali_batch <= self.images,
         }
         failed = [message for message, ok in checks.items() if not ok]
@@ -67,30 +71,107 @@ WIDTHS = (16, 32, 64)
 SUITES: dict[str, dict[str, SuiteConfig]] = {
     # About two minutes on a shared 2-core CPU.
     "quick": {
-        "cpu": SuiteConfig(name="quick", images=16, warmup=1, repeats=3, widths=WIDTHS, batch_sizes=(1, 2, 4),
-                           max_batch_seconds=2.5, e2e_images=96, e2e_repeats=2, baseline_images=6, dali_batch=8),
-        "cuda": SuiteConfig(name="quick", images=64, warmup=3, repeats=5, widths=WIDTHS, batch_sizes=(1, 8, 32, 64),
-                            max_batch_seconds=5.0, e2e_images=512, e2e_repeats=2, baseline_images=16, dali_batch=32),
+        "cpu": SuiteConfig(
+            name="quick",
+            images=16,
+            warmup=1,
+            repeats=3,
+            widths=WIDTHS,
+            batch_sizes=(1, 2, 4),
+            max_batch_seconds=2.5,
+            e2e_images=96,
+            e2e_repeats=2,
+            baseline_images=6,
+            dali_batch=8,
+        ),
+        "cuda": SuiteConfig(
+            name="quick",
+            images=64,
+            warmup=3,
+            repeats=5,
+            widths=WIDTHS,
+            batch_sizes=(1, 8, 32, 64),
+            max_batch_seconds=5.0,
+            e2e_images=512,
+            e2e_repeats=2,
+            baseline_images=16,
+            dali_batch=32,
+        ),
     },
     "full": {
-        "cpu": SuiteConfig(name="full", images=32, warmup=2, repeats=5, widths=WIDTHS, batch_sizes=(1, 2, 4, 8, 16),
-                           max_batch_seconds=20.0, e2e_images=64, e2e_repeats=3, baseline_images=16, dali_batch=16),
-        "cuda": SuiteConfig(name="full", images=256, warmup=5, repeats=10, widths=WIDTHS,
-                            batch_sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256), max_batch_seconds=10.0, e2e_images=1600,
-                            e2e_repeats=3, baseline_images=64, dali_batch=64, tensorrt_all_widths=True),
+        "cpu": SuiteConfig(
+            name="full",
+            images=32,
+            warmup=2,
+            repeats=5,
+            widths=WIDTHS,
+            batch_sizes=(1, 2, 4, 8, 16),
+            max_batch_seconds=20.0,
+            e2e_images=64,
+            e2e_repeats=3,
+            baseline_images=16,
+            dali_batch=16,
+        ),
+        "cuda": SuiteConfig(
+            name="full",
+            images=256,
+            warmup=5,
+            repeats=10,
+            widths=WIDTHS,
+            batch_sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            max_batch_seconds=10.0,
+            e2e_images=1600,
+            e2e_repeats=3,
+            baseline_images=64,
+            dali_batch=64,
+            tensorrt_all_widths=True,
+        ),
     },
     # The classic width-64 U-Net alone, for `--size 640x960 --width 64`: few photos, since one takes
     # seconds on a CPU; the end-to-end / inference / naive-loop ratios are what it is for.
     "classic": {
-        "cpu": SuiteConfig(name="classic", images=4, warmup=1, repeats=2, widths=(64,), batch_sizes=(1, 2),
-                           max_batch_seconds=120.0, e2e_images=6, e2e_repeats=1, baseline_images=3, dali_batch=4),
-        "cuda": SuiteConfig(name="classic", images=64, warmup=3, repeats=5, widths=(64,), batch_sizes=(1, 8, 32, 64),
-                            max_batch_seconds=5.0, e2e_images=1024, e2e_repeats=2, baseline_images=16, dali_batch=32),
+        "cpu": SuiteConfig(
+            name="classic",
+            images=4,
+            warmup=1,
+            repeats=2,
+            widths=(64,),
+            batch_sizes=(1, 2),
+            max_batch_seconds=120.0,
+            e2e_images=6,
+            e2e_repeats=1,
+            baseline_images=3,
+            dali_batch=4,
+        ),
+        "cuda": SuiteConfig(
+            name="classic",
+            images=64,
+            warmup=3,
+            repeats=5,
+            widths=(64,),
+            batch_sizes=(1, 8, 32, 64),
+            max_batch_seconds=5.0,
+            e2e_images=1024,
+            e2e_repeats=2,
+            baseline_images=16,
+            dali_batch=32,
+        ),
     },
     # Seconds: checks that every stage runs (CI). Its figures mean nothing; use it with --size 32x48.
     "smoke": {
-        kind: SuiteConfig(name="smoke", images=4, warmup=0, repeats=2, widths=(4, 8), batch_sizes=(1, 2),
-                          max_batch_seconds=5.0, e2e_images=2, e2e_repeats=1, baseline_images=2, dali_batch=2)
+        kind: SuiteConfig(
+            name="smoke",
+            images=4,
+            warmup=0,
+            repeats=2,
+            widths=(4, 8),
+            batch_sizes=(1, 2),
+            max_batch_seconds=5.0,
+            e2e_images=2,
+            e2e_repeats=1,
+            baseline_images=2,
+            dali_batch=2,
+        )
         for kind in ("cpu", "cuda")
     },
 }
@@ -124,8 +205,10 @@ class RunConfig:
         if self.model is not None and Path(self.model).suffix not in (".onnx", ".pt"):
             raise ValueError(f"--model {self.model}: expected an exported .onnx file or a unet-train .pt checkpoint")
         if self.model is not None and Path(self.model).suffix == ".onnx" and self.input_size is not None:
-            raise ValueError(f"--size cannot change the input size of {self.model}: unet-batch resizes photos to the size "
-                             "in its metadata. Drop --size, or re-export it with `unet-export to-onnx --input-size`")
+            raise ValueError(
+                f"--size cannot change the input size of {self.model}: unet-batch resizes photos to the size "
+                "in its metadata. Drop --size, or re-export it with `unet-export to-onnx --input-size`"
+            )
         if self.widths and min(self.widths) < 1:
             raise ValueError(f"widths must be positive, got {self.widths}")
 

@@ -76,13 +76,15 @@ def pillow_runner(paths: Sequence[Path], size: tuple[int, int], pool: ThreadPool
     return lambda: list(pool.map(decode, paths))
 
 
-def dali_runner(paths: Sequence[Path], size: tuple[int, int], *, batch: int, threads: int,
-                device_id: int | None) -> tuple[Callable[[], None], int]:
+def dali_runner(
+    paths: Sequence[Path], size: tuple[int, int], *, batch: int, threads: int, device_id: int | None
+) -> tuple[Callable[[], None], int]:
     """A function decoding ``len(paths) // batch`` batches with the runner's DALI decoder, and the photo count.
 
     ``device_id`` None: the CPU decoder; else the mixed (nvJPEG, GPU) decoder with a GPU resize, each
     batch copied into an ONNX Runtime buffer on that GPU, as the runner hands it to inference.
     """
+
     def on_gpu(shape: tuple[int, ...], dtype) -> object:  # the buffers the runner copies each GPU batch into
         return runtime.onnxruntime().OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, "cuda", device_id)
 
@@ -101,8 +103,16 @@ def dali_runner(paths: Sequence[Path], size: tuple[int, int], *, batch: int, thr
     return run, len(items)
 
 
-def bench_decoders(paths: Sequence[Path], size: tuple[int, int], *, device_id: int | None, threads: int, warmup: int,
-                   repeats: int, dali_batch: int) -> tuple[list[DecodeResult], np.ndarray]:
+def bench_decoders(
+    paths: Sequence[Path],
+    size: tuple[int, int],
+    *,
+    device_id: int | None,
+    threads: int,
+    warmup: int,
+    repeats: int,
+    dali_batch: int,
+) -> tuple[list[DecodeResult], np.ndarray]:
     """Measure every decoder; also return the photos decoded by Pillow, (N, H, W, 3) uint8, for inference."""
     megapixels = source_megapixels(paths)
     results = []
@@ -112,26 +122,50 @@ def bench_decoders(paths: Sequence[Path], size: tuple[int, int], *, device_id: i
             seconds = time_calls(pillow_runner(paths, size, pool, draft), warmup=warmup, repeats=repeats)
             results.append(ok_result(decoder, threads, len(paths), size, megapixels, seconds))
     for decoder in ("dali-cpu", "dali-mixed"):
-        results.append(bench_dali(decoder, paths, size, device_id=device_id, threads=threads, warmup=warmup,
-                                  repeats=repeats, batch=dali_batch, megapixels=megapixels))
+        results.append(
+            bench_dali(
+                decoder,
+                paths,
+                size,
+                device_id=device_id,
+                threads=threads,
+                warmup=warmup,
+                repeats=repeats,
+                batch=dali_batch,
+                megapixels=megapixels,
+            )
+        )
     for r in results:
         if r.status == "ok":
             log.info("decode %s: %.1f images/s", r.label, r.images_per_second.median)
     return results, decoded
 
 
-def bench_dali(decoder: str, paths: Sequence[Path], size: tuple[int, int], *, device_id: int | None, threads: int,
-               warmup: int, repeats: int, batch: int, megapixels: float) -> DecodeResult:
+def bench_dali(
+    decoder: str,
+    paths: Sequence[Path],
+    size: tuple[int, int],
+    *,
+    device_id: int | None,
+    threads: int,
+    warmup: int,
+    repeats: int,
+    batch: int,
+    megapixels: float,
+) -> DecodeResult:
     base = dict(decoder=decoder, label=DECODERS[decoder], threads=threads, input_size=size, source_megapixels=megapixels)
     if decoder == "dali-mixed" and device_id is None:
         return DecodeResult(images=0, status="skipped", reason="needs a GPU: run with --device cuda", **base)
     try:
         import nvidia.dali  # noqa: F401
     except ImportError as e:
-        return DecodeResult(images=0, status="skipped", reason=f"nvidia-dali is not installed ({e}): pip install -e '.[gpu]'", **base)
+        return DecodeResult(
+            images=0, status="skipped", reason=f"nvidia-dali is not installed ({e}): pip install -e '.[gpu]'", **base
+        )
     try:
-        run, images = dali_runner(paths, size, batch=batch, threads=threads,
-                                  device_id=device_id if decoder == "dali-mixed" else None)
+        run, images = dali_runner(
+            paths, size, batch=batch, threads=threads, device_id=device_id if decoder == "dali-mixed" else None
+        )
         seconds = time_calls(run, warmup=max(warmup, 1), repeats=repeats)  # >= 1 warm-up: fills the prefetch queue
     except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError subclasses from C++; record and go on
         log.error("decode %s failed: %s", DECODERS[decoder], e)
@@ -139,9 +173,18 @@ def bench_dali(decoder: str, paths: Sequence[Path], size: tuple[int, int], *, de
     return ok_result(decoder, threads, images, size, megapixels, seconds)
 
 
-def ok_result(decoder: str, threads: int, images: int, size: tuple[int, int], megapixels: float,
-              seconds: list[float]) -> DecodeResult:
+def ok_result(
+    decoder: str, threads: int, images: int, size: tuple[int, int], megapixels: float, seconds: list[float]
+) -> DecodeResult:
     rate = rates([images] * len(seconds), seconds)
-    return DecodeResult(decoder=decoder, label=DECODERS[decoder], threads=threads, images=images, input_size=size,
-                        source_megapixels=megapixels, status="ok", images_per_second=rate,
-                        megapixels_per_second=rate.scaled(megapixels))
+    return DecodeResult(
+        decoder=decoder,
+        label=DECODERS[decoder],
+        threads=threads,
+        images=images,
+        input_size=size,
+        source_megapixels=megapixels,
+        status="ok",
+        images_per_second=rate,
+        megapixels_per_second=rate.scaled(megapixels),
+    )

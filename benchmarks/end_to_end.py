@@ -63,8 +63,17 @@ def batch_command() -> list[str]:
     raise BenchError("the unet-batch command is not installed: run `pip install -e .` in the repository")
 
 
-def run_end_to_end(images_dir: Path, model: BenchModel, *, device: str, gpu_index: int | None, batch_size: int,
-                   images: int, repeats: int, timeout_s: float) -> EndToEndResult:
+def run_end_to_end(
+    images_dir: Path,
+    model: BenchModel,
+    *,
+    device: str,
+    gpu_index: int | None,
+    batch_size: int,
+    images: int,
+    repeats: int,
+    timeout_s: float,
+) -> EndToEndResult:
     """Run ``unet-batch segment`` ``repeats`` times on the first ``images`` photos of ``images_dir``."""
     base = dict(model=model.name, width=model.width, precision=model.precision, batch_size=batch_size, images=images)
     try:
@@ -76,24 +85,44 @@ def run_end_to_end(images_dir: Path, model: BenchModel, *, device: str, gpu_inde
     with tempfile.TemporaryDirectory(prefix="unet-bench-e2e-") as scratch:
         for repeat in range(repeats):
             out_dir, report_path, stderr_path = (Path(scratch) / f"{name}{repeat}" for name in ("masks", "report.json", "stderr"))
-            command = [*executable, "segment", str(images_dir), str(out_dir), "--model", str(model.path),
-                       "--device", device, "--batch-size", str(batch_size), "--limit", str(images),
-                       "--report", str(report_path), "--overwrite", "--no-progress"]
+            command = [
+                *executable,
+                "segment",
+                str(images_dir),
+                str(out_dir),
+                "--model",
+                str(model.path),
+                "--device",
+                device,
+                "--batch-size",
+                str(batch_size),
+                "--limit",
+                str(images),
+                "--report",
+                str(report_path),
+                "--overwrite",
+                "--no-progress",
+            ]
             log.info("end to end %d/%d: %s", repeat + 1, repeats, " ".join(command))
             with open(stderr_path, "w") as stderr:
                 child = run_child(command, stdout=stderr, stderr=stderr, timeout_s=timeout_s, gpu_index=gpu_index)
             if child.returncode != 0:
                 tail = " | ".join(stderr_path.read_text(errors="replace").strip().splitlines()[-3:])
-                return EndToEndResult(status="failed", command=command, **base,
-                                      reason=f"unet-batch exited with {child.returncode}: {tail}"[:1000])
+                return EndToEndResult(
+                    status="failed", command=command, **base, reason=f"unet-batch exited with {child.returncode}: {tail}"[:1000]
+                )
             try:
                 report = read_report(report_path)
             except BenchError as e:
                 return EndToEndResult(status="failed", command=command, reason=str(e), **base)
             if report["processed"] != images:
-                return EndToEndResult(status="failed", command=command, **base,
-                                      reason=f"unet-batch processed {report['processed']} of {images} photos "
-                                             f"(failed: {report.get('failed')}, skipped: {report.get('skipped')})")
+                return EndToEndResult(
+                    status="failed",
+                    command=command,
+                    **base,
+                    reason=f"unet-batch processed {report['processed']} of {images} photos "
+                    f"(failed: {report.get('failed')}, skipped: {report.get('skipped')})",
+                )
             try:
                 steady_rate(report)
             except BenchError as e:
@@ -132,8 +161,9 @@ def steady_rate(report: dict) -> float:
     return report["processed"] / working
 
 
-def summarize_runs(reports: list[dict], walls: list[float], rss: list[float], gpu: list, command: list[str],
-                   base: dict) -> EndToEndResult:
+def summarize_runs(
+    reports: list[dict], walls: list[float], rss: list[float], gpu: list, command: list[str], base: dict
+) -> EndToEndResult:
     steady = [steady_rate(r) for r in reports]
     rate = summarize(steady)
     median_report = reports[min(range(len(reports)), key=lambda i: abs(steady[i] - rate.median))]
@@ -141,11 +171,19 @@ def summarize_runs(reports: list[dict], walls: list[float], rss: list[float], gp
     stages = {name: 1e3 * float(seconds) / processed for name, seconds in median_report["stages"].items()}
     peak_gpu = max((g for g in gpu if g.mib is not None), key=lambda g: g.mib, default=gpu[0] if gpu else None)
     return EndToEndResult(
-        status="ok", command=command, repeats=len(reports), device=median_report.get("device"),
-        decoder=median_report.get("decoder"), images_per_second=rate,
+        status="ok",
+        command=command,
+        repeats=len(reports),
+        device=median_report.get("device"),
+        decoder=median_report.get("decoder"),
+        images_per_second=rate,
         runner_images_per_second=summarize([r["images_per_second"] for r in reports]),
-        wall_images_per_second=summarize(walls), setup_seconds=summarize([setup_seconds(r) for r in reports]),
-        stage_ms_per_image=stages, peak_rss_mib=max(rss), report=median_report,
-        gpu_memory_mib=peak_gpu.mib if peak_gpu else None, gpu_memory_method=peak_gpu.method if peak_gpu else None,
+        wall_images_per_second=summarize(walls),
+        setup_seconds=summarize([setup_seconds(r) for r in reports]),
+        stage_ms_per_image=stages,
+        peak_rss_mib=max(rss),
+        report=median_report,
+        gpu_memory_mib=peak_gpu.mib if peak_gpu else None,
+        gpu_memory_method=peak_gpu.method if peak_gpu else None,
         **base,
     )

@@ -79,8 +79,11 @@ def make_session(model: BenchModel, backend: Backend, max_batch: int, cache_dir:
     tensorrt = None
     if backend.provider == TENSORRT:
         height, width = model.contract.input_size
-        shape = (lambda n: f"{model.input_name}:{n}x{height}x{width}x3") if model.contract.input_layout == "NHWC" else (
-            lambda n: f"{model.input_name}:{n}x3x{height}x{width}")
+        shape = (
+            (lambda n: f"{model.input_name}:{n}x{height}x{width}x3")
+            if model.contract.input_layout == "NHWC"
+            else (lambda n: f"{model.input_name}:{n}x3x{height}x{width}")
+        )
         tensorrt = {
             "trt_fp16_enable": 1,
             "trt_engine_cache_enable": 1 if cache_dir else 0,
@@ -163,15 +166,30 @@ def is_oom(error: Exception) -> bool:
     return any(marker in text for marker in OOM_MARKERS)
 
 
-def sweep_batches(model: BenchModel, backend: Backend, images: np.ndarray, batch_sizes: tuple[int, ...], *,
-                  warmup: int, repeats: int, max_batch_seconds: float, gpu_name: str | None) -> Sweep:
+def sweep_batches(
+    model: BenchModel,
+    backend: Backend,
+    images: np.ndarray,
+    batch_sizes: tuple[int, ...],
+    *,
+    warmup: int,
+    repeats: int,
+    max_batch_seconds: float,
+    gpu_name: str | None,
+) -> Sweep:
     """Measure ``model`` on ``backend`` at each batch size, smallest first (see :func:`sweep_session`).
 
     A provider this ONNX Runtime lacks is a recorded skip; one it has but cannot start is an error
     for CUDA (never a silent CPU run) and a recorded skip for TensorRT, which is optional.
     """
-    base = dict(backend=backend.name, label=backend.label, precision=backend.precision, model=model.name,
-                width=model.width, input_size=model.contract.input_size)
+    base = dict(
+        backend=backend.name,
+        label=backend.label,
+        precision=backend.precision,
+        model=model.name,
+        width=model.width,
+        input_size=model.contract.input_size,
+    )
     missing = provider_missing(backend)
     if missing:
         return Sweep([InferenceResult(batch_size=batch_sizes[0], status="skipped", reason=missing, **base)])
@@ -183,15 +201,42 @@ def sweep_batches(model: BenchModel, backend: Backend, images: np.ndarray, batch
                 raise
             return Sweep([InferenceResult(batch_size=batch_sizes[0], status="skipped", reason=str(e), **base)])
         except Exception as e:  # noqa: BLE001 - ORT raises its own types (Fail, RuntimeException, ...)
-            return Sweep([InferenceResult(batch_size=batch_sizes[0], status="failed",
-                                          reason=f"session creation failed: {describe_error(e)}", **base)])
-        return Sweep(sweep_session(session, model, backend, images, batch_sizes, warmup=warmup, repeats=repeats,
-                                   max_batch_seconds=max_batch_seconds, gpu_name=gpu_name, base=base))
+            return Sweep(
+                [
+                    InferenceResult(
+                        batch_size=batch_sizes[0], status="failed", reason=f"session creation failed: {describe_error(e)}", **base
+                    )
+                ]
+            )
+        return Sweep(
+            sweep_session(
+                session,
+                model,
+                backend,
+                images,
+                batch_sizes,
+                warmup=warmup,
+                repeats=repeats,
+                max_batch_seconds=max_batch_seconds,
+                gpu_name=gpu_name,
+                base=base,
+            )
+        )
 
 
-def sweep_session(session, model: BenchModel, backend: Backend, images: np.ndarray, batch_sizes: tuple[int, ...], *,
-                  warmup: int, repeats: int, max_batch_seconds: float, gpu_name: str | None,
-                  base: dict) -> list[InferenceResult]:
+def sweep_session(
+    session,
+    model: BenchModel,
+    backend: Backend,
+    images: np.ndarray,
+    batch_sizes: tuple[int, ...],
+    *,
+    warmup: int,
+    repeats: int,
+    max_batch_seconds: float,
+    gpu_name: str | None,
+    base: dict,
+) -> list[InferenceResult]:
     """One row per batch size tried. The sweep stops before a batch predicted (from the last per-image
     time) to take longer than ``max_batch_seconds``, and after an out-of-memory error, which is
     retried once at half the batch size. Every stop is a row with its reason."""
@@ -201,12 +246,21 @@ def sweep_session(session, model: BenchModel, backend: Backend, images: np.ndarr
     while queue:
         batch = queue.pop(0)
         if seconds_per_image is not None and seconds_per_image * batch > max_batch_seconds:
-            results.append(InferenceResult(batch_size=batch, status="skipped", **base, reason=(
-                f"predicted {seconds_per_image * batch:.1f} s per batch, over this suite's {max_batch_seconds:g} s budget")))
+            results.append(
+                InferenceResult(
+                    batch_size=batch,
+                    status="skipped",
+                    **base,
+                    reason=(
+                        f"predicted {seconds_per_image * batch:.1f} s per batch, over this suite's {max_batch_seconds:g} s budget"
+                    ),
+                )
+            )
             break
         try:
-            result = measure_batch(session, model, backend, images, batch, warmup=warmup, repeats=repeats,
-                                   gpu_name=gpu_name, base=base)
+            result = measure_batch(
+                session, model, backend, images, batch, warmup=warmup, repeats=repeats, gpu_name=gpu_name, base=base
+            )
         except Exception as e:  # noqa: BLE001 - ORT's exception types are not importable in a stable way
             if not (backend.on_gpu and is_oom(e)):
                 log.error("%s %s batch %d failed: %s", backend.label, model.name, batch, describe_error(e))
@@ -224,8 +278,18 @@ def sweep_session(session, model: BenchModel, backend: Backend, images: np.ndarr
     return results
 
 
-def measure_batch(session, model: BenchModel, backend: Backend, images: np.ndarray, batch: int, *, warmup: int,
-                  repeats: int, gpu_name: str | None, base: dict) -> InferenceResult:
+def measure_batch(
+    session,
+    model: BenchModel,
+    backend: Backend,
+    images: np.ndarray,
+    batch: int,
+    *,
+    warmup: int,
+    repeats: int,
+    gpu_name: str | None,
+    base: dict,
+) -> InferenceResult:
     run = runner(session, model, backend, model_input(images, model, batch))
     seconds = time_calls(run, warmup=max(warmup, 1), repeats=repeats)  # >= 1 warm-up: first run allocates
     rate = rates([batch] * repeats, seconds)
@@ -234,8 +298,15 @@ def measure_batch(session, model: BenchModel, backend: Backend, images: np.ndarr
     peak = peak_tflops(gpu_name, backend.precision) if backend.on_gpu else None
     memory = gpu_memory_of(this_process, backend.device_id) if backend.on_gpu else None
     return InferenceResult(
-        batch_size=batch, status="ok", images_per_second=rate, seconds_per_batch=summarize(seconds),
-        gflop_per_image=gflop, achieved_tflops=achieved, peak_tflops=peak,
+        batch_size=batch,
+        status="ok",
+        images_per_second=rate,
+        seconds_per_batch=summarize(seconds),
+        gflop_per_image=gflop,
+        achieved_tflops=achieved,
+        peak_tflops=peak,
         fraction_of_peak=achieved / peak if achieved is not None and peak else None,
-        gpu_memory_mib=memory.mib if memory else None, gpu_memory_method=memory.method if memory else None, **base,
+        gpu_memory_mib=memory.mib if memory else None,
+        gpu_memory_method=memory.method if memory else None,
+        **base,
     )

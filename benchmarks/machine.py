@@ -127,8 +127,9 @@ def gpu_facts() -> list[dict[str, object]]:
             log.debug("unexpected nvidia-smi line %r", line)
             continue
         index, name, driver, memory = parts
-        gpus.append({"index": int(index), "name": name, "driver": driver, "cuda_driver_api": cuda,
-                     "memory_mib": number_or_none(memory)})
+        gpus.append(
+            {"index": int(index), "name": name, "driver": driver, "cuda_driver_api": cuda, "memory_mib": number_or_none(memory)}
+        )
     return gpus
 
 

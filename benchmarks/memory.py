@@ -117,8 +117,12 @@ def run_child(command: list[str], *, stdout, stderr, timeout_s: float, gpu_index
     with tempfile.TemporaryDirectory(prefix="unet-bench-launch-") as folder:
         report = Path(folder) / "rusage.json"
         start = time.perf_counter()
-        process = subprocess.Popen([sys.executable, "-m", "benchmarks.launch", str(report), *command],
-                                   stdout=stdout, stderr=stderr, start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.launch", str(report), *command],
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
+        )
         sampler = GpuMemorySampler(in_process_group(process.pid), gpu_index) if gpu_index is not None else None
         with sampler or contextlib.nullcontext():
             try:

@@ -22,8 +22,12 @@ from benchmarks.flops import unet_gflops
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
-EXPORT_SOURCES = (REPO / "export" / "onnx_export.py", REPO / "export" / "quantize.py", REPO / "unet" / "model.py",
-                  REPO / "batch" / "contract.py")
+EXPORT_SOURCES = (
+    REPO / "export" / "onnx_export.py",
+    REPO / "export" / "quantize.py",
+    REPO / "unet" / "model.py",
+    REPO / "batch" / "contract.py",
+)
 CALIBRATION_IMAGES = 8  # INT8 speed does not depend on the ranges; a few photos keep the quantization quick
 
 
@@ -88,8 +92,9 @@ def source_hash() -> str:
     return digest.hexdigest()[:12]
 
 
-def random_model(width: int, depth: int, size: tuple[int, int], *, fp16: bool, seed: int, folder: Path,
-                 cache_dir: Path | None) -> BenchModel:
+def random_model(
+    width: int, depth: int, size: tuple[int, int], *, fp16: bool, seed: int, folder: Path, cache_dir: Path | None
+) -> BenchModel:
     """Export (or take from the cache) a U-Net of ``width`` with random weights."""
     precision = "fp16" if fp16 else "fp32"
     name = f"unet-w{width}-d{depth}-{size[0]}x{size[1]}-{precision}-seed{seed}"
@@ -120,8 +125,15 @@ def export_random(width: int, depth: int, size: tuple[int, int], *, fp16: bool, 
     log.info("exporting a random-weight U-Net, width %d, %s (%dx%d)", width, "fp16" if fp16 else "fp32", *size)
     torch.manual_seed(seed)
     model = UNet(UNetConfig(width=width, depth=depth)).eval()
-    export_model(model, out, input_size=size, pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD, fp16=fp16,
-                 provenance={"benchmark": "random weights, exported by unet-bench"})
+    export_model(
+        model,
+        out,
+        input_size=size,
+        pixel_mean=IMAGENET_MEAN,
+        pixel_std=IMAGENET_STD,
+        fp16=fp16,
+        provenance={"benchmark": "random weights, exported by unet-bench"},
+    )
 
 
 def int8_model(fp32: BenchModel, photos: list[Path], *, folder: Path, cache_dir: Path | None) -> BenchModel:

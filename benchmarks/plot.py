@@ -130,17 +130,25 @@ def draw_sweep(draw: ImageDraw.ImageDraw, results: dict) -> None:
 
 def stage_bars(results: dict) -> list[tuple[str, float, str]]:
     """(label, images/s, stage) of panel 2."""
-    bars = [(f"decode: {r['label']}", r["images_per_second"]["median"], "decode") for r in results["decode"] if r["status"] == "ok"]
+    bars = [
+        (f"decode: {r['label']}", r["images_per_second"]["median"], "decode") for r in results["decode"] if r["status"] == "ok"
+    ]
     reference = results["ratios"].get("inference_reference")
     if reference:
         bars.append((f"inference: {reference['label']} b{reference['batch_size']}", reference["images_per_second"], "inference"))
     else:
-        bars += [(f"inference: {r['label']} {r['model']}", r["images_per_second"]["median"], "inference")
-                 for r in best_inference_rows(results)[:1]]
+        bars += [
+            (f"inference: {r['label']} {r['model']}", r["images_per_second"]["median"], "inference")
+            for r in best_inference_rows(results)[:1]
+        ]
     e2e = results["end_to_end"]
     if e2e["status"] == "ok":
         bars.append((f"end to end: unet-batch b{e2e['batch_size']}", e2e["images_per_second"]["median"], "end to end"))
-    bars += [(f"naive: {r['label']}", r["images_per_second"]["median"], "baseline") for r in results["baselines"] if r["status"] == "ok"]
+    bars += [
+        (f"naive: {r['label']}", r["images_per_second"]["median"], "baseline")
+        for r in results["baselines"]
+        if r["status"] == "ok"
+    ]
     return bars
 
 
@@ -172,8 +180,10 @@ def draw_results(results: dict) -> Image.Image:
     draw = ImageDraw.Draw(image)
     photos = results["settings"]["photos"]
     h, w = results["settings"]["input_size"]
-    header = (f"unet-bench {results['suite']}: {machine_name(results)} · {photos['kind']} photos · input {h}x{w} · "
-              f"{results['machine']['date']}")
+    header = (
+        f"unet-bench {results['suite']}: {machine_name(results)} · {photos['kind']} photos · input {h}x{w} · "
+        f"{results['machine']['date']}"
+    )
     draw.text((16, 16), header, fill=INK, font=font(18))
 
     draw_sweep(draw, results)
@@ -187,8 +197,13 @@ def draw_results(results: dict) -> Image.Image:
 
     e2e = results["end_to_end"]
     setup = e2e.get("setup_seconds")
-    draw_title(draw, 2, "End-to-end stages", f"ms per photo in unet-batch ({e2e.get('model') or '—'}, median run)"
-               + (f"; one-time set-up {fmt(setup['median'])} s not shown" if setup else ""))
+    draw_title(
+        draw,
+        2,
+        "End-to-end stages",
+        f"ms per photo in unet-batch ({e2e.get('model') or '—'}, median run)"
+        + (f"; one-time set-up {fmt(setup['median'])} s not shown" if setup else ""),
+    )
     stages = running_stages(e2e)
     if stages:
         draw_bars(draw, 2, [(name, ms, "end to end") for name, ms in stages.items()], "ms per photo")

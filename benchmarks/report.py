@@ -10,7 +10,12 @@ from batch.devices import parse_device
 from benchmarks.errors import BenchError
 
 SCHEMA_PREFIX = "unet-bench/"
-STAGE_NAMES = {"decode": "decode + resize", "inference": "inference alone", "end_to_end": "end to end", "baseline": "naive baseline"}
+STAGE_NAMES = {
+    "decode": "decode + resize",
+    "inference": "inference alone",
+    "end_to_end": "end to end",
+    "baseline": "naive baseline",
+}
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
@@ -50,9 +55,13 @@ def load_results(path: str | Path) -> dict:
     except OSError as e:
         raise BenchError(f"cannot read {path}: {e.strerror}") from e
     except json.JSONDecodeError as e:
-        raise BenchError(f"{path} is not JSON ({e.msg} at line {e.lineno}): pass a results.json written by `unet-bench run`") from e
+        raise BenchError(
+            f"{path} is not JSON ({e.msg} at line {e.lineno}): pass a results.json written by `unet-bench run`"
+        ) from e
     if not isinstance(results, dict) or not str(results.get("schema", "")).startswith(SCHEMA_PREFIX):
-        raise BenchError(f"{path} is not a unet-bench results file (no '{SCHEMA_PREFIX}…' schema): pass a results.json from `unet-bench run`")
+        raise BenchError(
+            f"{path} is not a unet-bench results file (no '{SCHEMA_PREFIX}…' schema): pass a results.json from `unet-bench run`"
+        )
     return results
 
 
@@ -63,21 +72,44 @@ def summary_rows(results: dict) -> list[list[str]]:
     rows = []
     for r in results["decode"]:
         if r["status"] == "ok":
-            rows.append([STAGE_NAMES["decode"], f"{r['label']}, {r['threads']} threads", "—", fmt(r["images_per_second"]["median"]),
-                         spread(r["images_per_second"]), f"{fmt(r['megapixels_per_second']['median'])} MP/s of source photos"])
+            rows.append(
+                [
+                    STAGE_NAMES["decode"],
+                    f"{r['label']}, {r['threads']} threads",
+                    "—",
+                    fmt(r["images_per_second"]["median"]),
+                    spread(r["images_per_second"]),
+                    f"{fmt(r['megapixels_per_second']['median'])} MP/s of source photos",
+                ]
+            )
         else:
             rows.append([STAGE_NAMES["decode"], r["label"], "—", "—", "—", f"{r['status']}: {r['reason']}"])
     for r in best_inference_rows(results):
         tflops = f"{fmt(r['achieved_tflops'])} TFLOP/s" if r["achieved_tflops"] is not None else ""
         peak = f" ({fmt(100 * r['fraction_of_peak'])} % of {fmt(r['peak_tflops'])})" if r["fraction_of_peak"] is not None else ""
-        rows.append([STAGE_NAMES["inference"], f"{r['label']}, {r['model']} (fastest batch)", str(r["batch_size"]),
-                     fmt(r["images_per_second"]["median"]), spread(r["images_per_second"]), tflops + peak])
+        rows.append(
+            [
+                STAGE_NAMES["inference"],
+                f"{r['label']}, {r['model']} (fastest batch)",
+                str(r["batch_size"]),
+                fmt(r["images_per_second"]["median"]),
+                spread(r["images_per_second"]),
+                tflops + peak,
+            ]
+        )
     rows += [end_to_end_row(e2e) for e2e in (results["end_to_end"], results.get("end_to_end_int8")) if e2e]
     for r in results["baselines"]:
         if r["status"] == "ok":
-            rows.append([STAGE_NAMES["baseline"], f"{r['label']} ({r['device']})", str(r.get("batch_size", 1)),
-                         fmt(r["images_per_second"]["median"]),
-                         spread(r["images_per_second"]), f"{r['images']} photos"])
+            rows.append(
+                [
+                    STAGE_NAMES["baseline"],
+                    f"{r['label']} ({r['device']})",
+                    str(r.get("batch_size", 1)),
+                    fmt(r["images_per_second"]["median"]),
+                    spread(r["images_per_second"]),
+                    f"{r['images']} photos",
+                ]
+            )
         else:
             rows.append([STAGE_NAMES["baseline"], r["label"], "—", "—", "—", f"{r['status']}: {r['reason']}"])
     return rows
@@ -87,12 +119,17 @@ def end_to_end_row(e2e: dict) -> list[str]:
     what = f"unet-batch segment, {e2e['model']}" + (f" {e2e['precision'].upper()}" if e2e.get("precision") else "")
     if e2e["status"] != "ok":
         return [STAGE_NAMES["end_to_end"], what, "—", "—", "—", f"failed: {e2e['reason']}"]
-    return [STAGE_NAMES["end_to_end"], what, str(e2e["batch_size"]),
-            fmt(e2e["images_per_second"]["median"]), spread(e2e["images_per_second"]),
-            f"{e2e['images']} photos x {e2e['repeats']} runs; decoder {e2e['decoder']}, device {e2e['device']}; "
-            f"after {fmt(e2e['setup_seconds']['median'])} s of set-up (model load): "
-            f"{fmt(e2e['runner_images_per_second']['median'])} images/s counting it, "
-            f"{fmt(e2e['wall_images_per_second']['median'])} counting process start too"]
+    return [
+        STAGE_NAMES["end_to_end"],
+        what,
+        str(e2e["batch_size"]),
+        fmt(e2e["images_per_second"]["median"]),
+        spread(e2e["images_per_second"]),
+        f"{e2e['images']} photos x {e2e['repeats']} runs; decoder {e2e['decoder']}, device {e2e['device']}; "
+        f"after {fmt(e2e['setup_seconds']['median'])} s of set-up (model load): "
+        f"{fmt(e2e['runner_images_per_second']['median'])} images/s counting it, "
+        f"{fmt(e2e['wall_images_per_second']['median'])} counting process start too",
+    ]
 
 
 def best_inference_rows(results: dict) -> list[dict]:
@@ -110,11 +147,16 @@ def best_inference_rows(results: dict) -> list[dict]:
 def ratio_lines(results: dict) -> list[str]:
     ratios = results["ratios"]
     labels = {b["baseline"]: b["label"] for b in results["baselines"]}
-    lines = [f"- end to end / naive {labels.get(name, name)}: **{fmt(value)}x**" for name, value in ratios["end_to_end_over_baseline"].items()]
+    lines = [
+        f"- end to end / naive {labels.get(name, name)}: **{fmt(value)}x**"
+        for name, value in ratios["end_to_end_over_baseline"].items()
+    ]
     if ratios["end_to_end_over_inference"] is not None:
         ref = ratios["inference_reference"]
-        lines.append(f"- end to end / inference alone ({ref['label']}, {ref['model']}, batch {ref['batch_size']}): "
-                     f"**{fmt(ratios['end_to_end_over_inference'])}**")
+        lines.append(
+            f"- end to end / inference alone ({ref['label']}, {ref['model']}, batch {ref['batch_size']}): "
+            f"**{fmt(ratios['end_to_end_over_inference'])}**"
+        )
     return (lines or ["- no ratios: the end-to-end run did not complete"]) + int8_ratio_lines(results, labels)
 
 
@@ -123,15 +165,21 @@ def int8_ratio_lines(results: dict, labels: dict[str, str]) -> list[str]:
     ratios = results.get("ratios_int8")
     if not ratios:
         return []
-    lines = [f"- INT8 / FP32, {what}: **{fmt(ratios[key])}x**" for key, what in
-             (("end_to_end_over_fp32", "end to end"), ("inference_over_fp32", "inference alone (fastest batches)"))
-             if ratios[key] is not None]
-    lines += [f"- INT8 end to end / naive {labels.get(name, name)}: **{fmt(value)}x**"
-              for name, value in ratios["end_to_end_over_baseline"].items()]
+    lines = [
+        f"- INT8 / FP32, {what}: **{fmt(ratios[key])}x**"
+        for key, what in (("end_to_end_over_fp32", "end to end"), ("inference_over_fp32", "inference alone (fastest batches)"))
+        if ratios[key] is not None
+    ]
+    lines += [
+        f"- INT8 end to end / naive {labels.get(name, name)}: **{fmt(value)}x**"
+        for name, value in ratios["end_to_end_over_baseline"].items()
+    ]
     if ratios["end_to_end_over_inference"] is not None:
         ref = ratios["inference_reference"]
-        lines.append(f"- INT8 end to end / inference alone ({ref['label']}, batch {ref['batch_size']}): "
-                     f"**{fmt(ratios['end_to_end_over_inference'])}**")
+        lines.append(
+            f"- INT8 end to end / inference alone ({ref['label']}, batch {ref['batch_size']}): "
+            f"**{fmt(ratios['end_to_end_over_inference'])}**"
+        )
     return lines
 
 
@@ -145,15 +193,34 @@ def inference_table(results: dict) -> str:
     rows = []
     for r in results["inference"]:
         ips = r["images_per_second"]
-        rows.append([
-            r["label"], r["model"], str(r["batch_size"]), fmt(ips["median"]) if ips else "—", spread(ips),
-            fmt(1e3 * r["seconds_per_batch"]["median"]) if r["seconds_per_batch"] else "—",
-            fmt(r["gflop_per_image"]), fmt(r["achieved_tflops"]),
-            fmt(100 * r["fraction_of_peak"]) if r["fraction_of_peak"] is not None else "—",
-            fmt(r["gpu_memory_mib"]), r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}",
-        ])
-    header = ["provider", "model", "batch", "images/s", "IQR", "ms / batch", "GFLOP / image", "TFLOP/s", "% of peak",
-              "GPU MiB", "status"]
+        rows.append(
+            [
+                r["label"],
+                r["model"],
+                str(r["batch_size"]),
+                fmt(ips["median"]) if ips else "—",
+                spread(ips),
+                fmt(1e3 * r["seconds_per_batch"]["median"]) if r["seconds_per_batch"] else "—",
+                fmt(r["gflop_per_image"]),
+                fmt(r["achieved_tflops"]),
+                fmt(100 * r["fraction_of_peak"]) if r["fraction_of_peak"] is not None else "—",
+                fmt(r["gpu_memory_mib"]),
+                r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}",
+            ]
+        )
+    header = [
+        "provider",
+        "model",
+        "batch",
+        "images/s",
+        "IQR",
+        "ms / batch",
+        "GFLOP / image",
+        "TFLOP/s",
+        "% of peak",
+        "GPU MiB",
+        "status",
+    ]
     return table(header, rows)
 
 
@@ -167,7 +234,8 @@ def stage_table(results: dict) -> str:
     return table(["stage (unet-batch report)", "ms / photo", "share of stage time"], rows) + (
         f"\n\nOne-time set-up (finding photos, loading the model) took {fmt(e2e['setup_seconds']['median'])} s per run and is "
         "left out. Stage times are busy time summed over the runner's threads, so stages that overlap add up to more "
-        "than the wall time.")
+        "than the wall time."
+    )
 
 
 def running_stages(e2e: dict) -> dict[str, float]:
@@ -179,33 +247,53 @@ def running_stages(e2e: dict) -> dict[str, float]:
 
 def memory_table(results: dict) -> str:
     m = results["memory"]
-    rows = [["benchmark process, peak RSS", fmt(m["benchmark_peak_rss_mib"]), "resource.getrusage"],
-            ["unet-batch process, peak RSS", fmt(m["end_to_end_peak_rss_mib"]), "its own ru_maxrss (benchmarks.launch)"]]
+    rows = [
+        ["benchmark process, peak RSS", fmt(m["benchmark_peak_rss_mib"]), "resource.getrusage"],
+        ["unet-batch process, peak RSS", fmt(m["end_to_end_peak_rss_mib"]), "its own ru_maxrss (benchmarks.launch)"],
+    ]
     if parse_device(results["device"]).is_cuda:
-        rows += [["inference sweep, GPU", fmt(m["inference_gpu_peak_mib"]), m["inference_gpu_method"] or "—"],
-                 ["unet-batch, GPU", fmt(m["end_to_end_gpu_peak_mib"]), m["end_to_end_gpu_method"] or "—"]]
+        rows += [
+            ["inference sweep, GPU", fmt(m["inference_gpu_peak_mib"]), m["inference_gpu_method"] or "—"],
+            ["unet-batch, GPU", fmt(m["end_to_end_gpu_peak_mib"]), m["end_to_end_gpu_method"] or "—"],
+        ]
     return table(["what", "MiB", "measured with"], rows)
 
 
 def machine_table(results: dict) -> str:
     facts = results["machine"]
     cpu = facts["cpu"]
-    gpus = "; ".join(f"{g['name']} (driver {g['driver']}, CUDA {g['cuda_driver_api']}, {fmt(g['memory_mib'])} MiB)"
-                     for g in facts["gpus"]) or "none"
+    gpus = (
+        "; ".join(
+            f"{g['name']} (driver {g['driver']}, CUDA {g['cuda_driver_api']}, {fmt(g['memory_mib'])} MiB)" for g in facts["gpus"]
+        )
+        or "none"
+    )
     packages = ", ".join(f"{name} {ver}" for name, ver in facts["packages"].items() if ver)
     git = facts["git"]
     revision = (git["commit"][:12] + (" (uncommitted changes)" if git["dirty"] else "")) if git["commit"] else "unknown"
-    rows = [["date (UTC)", facts["date"]], ["CPU", f"{cpu['model']}, {cpu['usable_cores']} usable of {cpu['logical_cores']} "
-            f"logical cores, {fmt(cpu['memory_gib'])} GiB"], ["GPU", gpus], ["packages", packages], ["git revision", revision],
-            ["1-min load average", f"{fmt(cpu['load_average_1min'])} at start, {fmt(facts.get('load_average_1min_at_end'))} at end"],
-            ["python / platform", f"{facts['python']} / {facts['platform']}"]]
+    rows = [
+        ["date (UTC)", facts["date"]],
+        [
+            "CPU",
+            f"{cpu['model']}, {cpu['usable_cores']} usable of {cpu['logical_cores']} logical cores, {fmt(cpu['memory_gib'])} GiB",
+        ],
+        ["GPU", gpus],
+        ["packages", packages],
+        ["git revision", revision],
+        ["1-min load average", f"{fmt(cpu['load_average_1min'])} at start, {fmt(facts.get('load_average_1min_at_end'))} at end"],
+        ["python / platform", f"{facts['python']} / {facts['platform']}"],
+    ]
     return table(["", ""], rows)
 
 
 def render_markdown(results: dict) -> str:
     settings = results["settings"]
     photos = settings["photos"]
-    source = f"{photos['count']} real photos from `{photos['dir']}`" if photos["kind"] == "real" else f"{photos['count']} synthetic photos"
+    source = (
+        f"{photos['count']} real photos from `{photos['dir']}`"
+        if photos["kind"] == "real"
+        else f"{photos['count']} synthetic photos"
+    )
     h, w = settings["input_size"]
     parts = [
         f"# unet-bench: {machine_name(results)}, {results['suite']} suite",
@@ -244,7 +332,9 @@ def metrics(results: dict) -> dict[str, Metric]:
     for r in results["inference"]:
         if r["status"] == "ok":
             key = f"inference/{r['backend']}/{r['precision']}/{r['model']}/{r['batch_size']}"
-            found[key] = Metric(f"{r['label']} {r['model']} batch {r['batch_size']}", "images/s", r["images_per_second"]["median"])
+            found[key] = Metric(
+                f"{r['label']} {r['model']} batch {r['batch_size']}", "images/s", r["images_per_second"]["median"]
+            )
     for r in best_inference_rows(results):
         key = f"inference-best/{r['backend']}/{r['precision']}/{r['model']}"
         found[key] = Metric(f"{r['label']} {r['model']} fastest batch", "images/s", r["images_per_second"]["median"])
@@ -281,11 +371,15 @@ def compare_rows(a: dict, b: dict) -> list[list[str]]:
 
 def render_comparison(a: dict, b: dict, name_a: str = "A", name_b: str = "B") -> str:
     """Markdown: the two machines, then every metric side by side with B / A."""
-    head = [f"A: {name_a} — {machine_name(a)}, {a['suite']} suite, {a['machine']['date']}",
-            f"B: {name_b} — {machine_name(b)}, {b['suite']} suite, {b['machine']['date']}"]
+    head = [
+        f"A: {name_a} — {machine_name(a)}, {a['suite']} suite, {a['machine']['date']}",
+        f"B: {name_b} — {machine_name(b)}, {b['suite']} suite, {b['machine']['date']}",
+    ]
     if a["settings"]["input_size"] != b["settings"]["input_size"]:
-        head.append(f"Warning: input sizes differ ({a['settings']['input_size']} vs {b['settings']['input_size']}): "
-                    "images/s are not comparable.")
+        head.append(
+            f"Warning: input sizes differ ({a['settings']['input_size']} vs {b['settings']['input_size']}): "
+            "images/s are not comparable."
+        )
     if a["settings"]["photos"]["kind"] != b["settings"]["photos"]["kind"]:
         head.append("Warning: one run used real photos and the other synthetic ones.")
     return "\n".join(head) + "\n\n" + table(["metric", "unit", "A", "B", "B / A"], compare_rows(a, b)) + "\n"

@@ -48,7 +48,7 @@ def run_scaling(images: str, model: Path | None, worker_counts: tuple[int, ...],
     """The local engine, then the Ray engine with each of ``worker_counts`` actors, over the same photos with the
     same model (``model``, or the bundled one for ``device``)."""
     from batch.ray_engine import ClusterConfig, ray_session, segment_on_ray
-    from batch.segment import segment
+    from batch.runner import run
 
     model = model or default_model_path(device)  # one file for every run, even if the bundled choice changes meanwhile
     with tempfile.TemporaryDirectory(prefix="unet-bench-scaling-") as scratch:
@@ -57,11 +57,11 @@ def run_scaling(images: str, model: Path | None, worker_counts: tuple[int, ...],
             return SegmentConfig(input_dir=images, output_dir=Path(scratch, name), model=model, device=device,
                                  limit=limit, progress=progress)  # fmt: skip
 
-        reports = [("local", 1, segment(config("local-before")))]
+        reports = [("local", 1, run(config("local-before")))]
         with ray_session(address, verbose=False):
             for count in worker_counts:
                 reports.append(("ray", count, segment_on_ray(config(f"ray-{count}"), ClusterConfig(address, count))))
-        reports.append(("local", 1, segment(config("local-after"))))
+        reports.append(("local", 1, run(config("local-after"))))
     baseline = (steady_rate(reports[0][2]) + steady_rate(reports[-1][2])) / 2  # before and after: drift on a shared machine
     return [row(engine, workers, report, baseline) for engine, workers, report in reports]
 

@@ -46,8 +46,10 @@ def resolve_device(requested: str, gpus: list[dict]) -> Device:
         return device
     check_device(device)
     if device.index not in {g["index"] for g in gpus}:
-        raise BenchError(f"--device {device}: nvidia-smi lists GPUs {[g['index'] for g in gpus] or 'none'}; "
-                         "check the driver or choose another index")
+        raise BenchError(
+            f"--device {device}: nvidia-smi lists GPUs {[g['index'] for g in gpus] or 'none'}; "
+            "check the driver or choose another index"
+        )
     return device
 
 
@@ -78,8 +80,7 @@ def input_size_for(config: RunConfig, model: Path | None) -> tuple[int, int]:
 class Models:
     """Exported models by (name, graph precision), made on first use; INT8 ones are quantized from the FP32 ones."""
 
-    def __init__(self, config: RunConfig, size: tuple[int, int], folder: Path, cache_dir: Path | None,
-                 photos: list[Path]):
+    def __init__(self, config: RunConfig, size: tuple[int, int], folder: Path, cache_dir: Path | None, photos: list[Path]):
         self.config, self.size, self.folder, self.cache_dir = config, size, folder, cache_dir
         self.photos = photos  # INT8 calibration
         self._made: dict[tuple[str, str], BenchModel] = {}
@@ -91,8 +92,15 @@ class Models:
         if precision == "int8":
             self._made[key] = self.int8(self.random(width, "fp32"))
         else:
-            self._made[key] = random_model(width, self.config.depth, self.size, fp16=precision == "fp16",
-                                           seed=self.config.seed, folder=self.folder, cache_dir=self.cache_dir)
+            self._made[key] = random_model(
+                width,
+                self.config.depth,
+                self.size,
+                fp16=precision == "fp16",
+                seed=self.config.seed,
+                folder=self.folder,
+                cache_dir=self.cache_dir,
+            )
         return self._made[key]
 
     def user(self, precision: str) -> BenchModel:
@@ -116,8 +124,9 @@ class Models:
         return self.user(precision) if self.config.model else self.random(self.config.width, precision)
 
 
-def sweep_plan(config: RunConfig, suite: SuiteConfig, device: str, device_id: int | None,
-               models: Models) -> list[tuple[BenchModel, Backend]]:
+def sweep_plan(
+    config: RunConfig, suite: SuiteConfig, device: str, device_id: int | None, models: Models
+) -> list[tuple[BenchModel, Backend]]:
     """(model, backend) pairs of the inference sweep: every width on every provider, plus the end-to-end model."""
     plan = []
     e2e_width = None if config.model else config.width
@@ -157,70 +166,121 @@ def run_suite(config: RunConfig, *, cache_dir: Path | None = None, progress: boo
         images_dir, photos, image_info = prepare_photos(config, suite, scratch, progress)
 
         log.info("decode: %d photos to %dx%d, %d threads", len(photos[: suite.images]), *size, threads)
-        decode, decoded = bench_decoders(photos[: suite.images], size, device_id=device_id, threads=threads,
-                                         warmup=suite.warmup, repeats=suite.repeats,
-                                         dali_batch=min(suite.dali_batch, len(photos[: suite.images])))
+        decode, decoded = bench_decoders(
+            photos[: suite.images],
+            size,
+            device_id=device_id,
+            threads=threads,
+            warmup=suite.warmup,
+            repeats=suite.repeats,
+            dali_batch=min(suite.dali_batch, len(photos[: suite.images])),
+        )
 
         models = Models(config, size, scratch, cache_dir, photos[: suite.images])
         inference: list[InferenceResult] = []
         for model, backend in sweep_plan(config, suite, kind, device_id, models):
             log.info("inference: %s on %s", model.name, backend.label)
-            inference += sweep_batches(model, backend, decoded, suite.batch_sizes, warmup=suite.warmup,
-                                       repeats=suite.repeats, max_batch_seconds=suite.max_batch_seconds,
-                                       gpu_name=gpu_name).results
+            inference += sweep_batches(
+                model,
+                backend,
+                decoded,
+                suite.batch_sizes,
+                warmup=suite.warmup,
+                repeats=suite.repeats,
+                max_batch_seconds=suite.max_batch_seconds,
+                gpu_name=gpu_name,
+            ).results
 
         e2e_model = models.for_e2e("fp32" if kind == "cpu" else "fp16")
         reference = best_row(inference, e2e_model.name, "cpu" if kind == "cpu" else "cuda", e2e_model.precision)
         e2e_batch = reference.batch_size if reference else suite.batch_sizes[0]
         e2e_images = min(suite.e2e_images, len(photos))
         log.info("end to end: %s, batch %d, %d photos x %d runs", e2e_model.name, e2e_batch, e2e_images, suite.e2e_repeats)
-        e2e = run_end_to_end(images_dir, e2e_model, device=device, gpu_index=device_id, batch_size=e2e_batch,
-                             images=e2e_images, repeats=suite.e2e_repeats, timeout_s=max(600.0, 10.0 * e2e_images))
+        e2e = run_end_to_end(
+            images_dir,
+            e2e_model,
+            device=device,
+            gpu_index=device_id,
+            batch_size=e2e_batch,
+            images=e2e_images,
+            repeats=suite.e2e_repeats,
+            timeout_s=max(600.0, 10.0 * e2e_images),
+        )
         e2e_int8, int8_reference = None, None
         if kind == "cpu":  # the same model quantized, as `unet-batch` runs the bundled INT8 file on a CPU
             int8 = models.for_e2e("int8")
             int8_reference = best_row(inference, int8.name, "cpu", "int8")
             log.info("end to end, INT8: %s, %d photos x %d runs", int8.name, e2e_images, suite.e2e_repeats)
-            e2e_int8 = run_end_to_end(images_dir, int8, device=device, gpu_index=None,
-                                      batch_size=int8_reference.batch_size if int8_reference else e2e_batch,
-                                      images=e2e_images, repeats=suite.e2e_repeats, timeout_s=max(600.0, 10.0 * e2e_images))
+            e2e_int8 = run_end_to_end(
+                images_dir,
+                int8,
+                device=device,
+                gpu_index=None,
+                batch_size=int8_reference.batch_size if int8_reference else e2e_batch,
+                images=e2e_images,
+                repeats=suite.e2e_repeats,
+                timeout_s=max(600.0, 10.0 * e2e_images),
+            )
 
         checkpoint = config.model if config.model and config.model.suffix == ".pt" else None
-        baselines = [run_baseline(name, photos[: suite.baseline_images + 1], e2e_model, device=kind, device_id=device_id,
-                                  checkpoint=checkpoint, seed=config.seed) for name in BASELINES]
+        baselines = [
+            run_baseline(
+                name,
+                photos[: suite.baseline_images + 1],
+                e2e_model,
+                device=kind,
+                device_id=device_id,
+                checkpoint=checkpoint,
+                seed=config.seed,
+            )
+            for name in BASELINES
+        ]
         if kind == "cuda":
             log.info("the PyTorch peer: %d photos, batch %d", e2e_images, e2e_batch)
-            baselines.append(run_torch_peer(photos[:e2e_images], e2e_model, device_id=device_id, batch_size=e2e_batch,
-                                            checkpoint=checkpoint, seed=config.seed, threads=threads))
+            baselines.append(
+                run_torch_peer(
+                    photos[:e2e_images],
+                    e2e_model,
+                    device_id=device_id,
+                    batch_size=e2e_batch,
+                    checkpoint=checkpoint,
+                    seed=config.seed,
+                    threads=threads,
+                )
+            )
 
     load_end = cpu_facts()["load_average_1min"]
-    return json.loads(json.dumps({  # tuples -> lists: exactly what results.json will hold
-        "schema": SCHEMA,
-        "suite": suite.name,
-        "suite_config": asdict(suite),
-        "device": device,
-        "machine_slug": machine_slug(facts, device),
-        "machine": facts | {"load_average_1min_at_end": load_end},
-        "settings": {
-            "input_size": list(size),
-            "photos": image_info,
-            "threads": threads,
-            "widths": sorted({r.width for r in inference if r.width is not None}),
-            "batch_sizes": list(suite.batch_sizes),
-            "end_to_end_model": e2e_model.name,
-            "user_model": str(config.model) if config.model else None,
-        },
-        "decode": [asdict(r) for r in decode],
-        "inference": [asdict(r) for r in inference],
-        "end_to_end": asdict(e2e),
-        "end_to_end_int8": asdict(e2e_int8) if e2e_int8 else None,
-        "baselines": [asdict(r) for r in baselines],
-        "ratios": ratios(e2e, baselines, reference),
-        "ratios_int8": int8_ratios(e2e_int8, e2e, baselines, int8_reference, reference) if e2e_int8 else None,
-        "memory": memory_summary(inference, e2e),
-        "notes": run_notes(image_info, config, facts["cpu"], load_end),
-        "duration_seconds": round(time.perf_counter() - started, 1),
-    }))
+    return json.loads(
+        json.dumps(
+            {  # tuples -> lists: exactly what results.json will hold
+                "schema": SCHEMA,
+                "suite": suite.name,
+                "suite_config": asdict(suite),
+                "device": device,
+                "machine_slug": machine_slug(facts, device),
+                "machine": facts | {"load_average_1min_at_end": load_end},
+                "settings": {
+                    "input_size": list(size),
+                    "photos": image_info,
+                    "threads": threads,
+                    "widths": sorted({r.width for r in inference if r.width is not None}),
+                    "batch_sizes": list(suite.batch_sizes),
+                    "end_to_end_model": e2e_model.name,
+                    "user_model": str(config.model) if config.model else None,
+                },
+                "decode": [asdict(r) for r in decode],
+                "inference": [asdict(r) for r in inference],
+                "end_to_end": asdict(e2e),
+                "end_to_end_int8": asdict(e2e_int8) if e2e_int8 else None,
+                "baselines": [asdict(r) for r in baselines],
+                "ratios": ratios(e2e, baselines, reference),
+                "ratios_int8": int8_ratios(e2e_int8, e2e, baselines, int8_reference, reference) if e2e_int8 else None,
+                "memory": memory_summary(inference, e2e),
+                "notes": run_notes(image_info, config, facts["cpu"], load_end),
+                "duration_seconds": round(time.perf_counter() - started, 1),
+            }
+        )
+    )
 
 
 def prepare_photos(config: RunConfig, suite: SuiteConfig, scratch: Path, progress: bool) -> tuple[Path, list[Path], dict]:
@@ -233,19 +293,28 @@ def prepare_photos(config: RunConfig, suite: SuiteConfig, scratch: Path, progres
     images_dir = scratch / "photos"
     log.info("synthesizing %d Carvana-like %dx%d JPEGs (no --images given)", needed, CARVANA_SIZE[1], CARVANA_SIZE[0])
     photos = write_synthetic_photos(images_dir, needed, distinct=SYNTHETIC_DISTINCT, seed=config.seed, progress=progress)
-    info = {"kind": "synthetic", "dir": None, "count": len(photos), "distinct": min(needed, SYNTHETIC_DISTINCT),
-            "size": list(CARVANA_SIZE)}
+    info = {
+        "kind": "synthetic",
+        "dir": None,
+        "count": len(photos),
+        "distinct": min(needed, SYNTHETIC_DISTINCT),
+        "size": list(CARVANA_SIZE),
+    }
     return images_dir, photos, info
 
 
 def run_notes(image_info: dict, config: RunConfig, cpu: dict, load_end: float | None) -> list[str]:
     """What a reader of the figures must know: synthetic photos, random weights, a busy machine."""
-    notes = ["The inference sweep's width-N models have random weights (speed does not depend on them)"
-             + ("; the end-to-end model is the one given with --model." if config.model else ", the end-to-end one too.")]
+    notes = [
+        "The inference sweep's width-N models have random weights (speed does not depend on them)"
+        + ("; the end-to-end model is the one given with --model." if config.model else ", the end-to-end one too.")
+    ]
     if image_info["kind"] == "synthetic":
-        notes.append(f"Photos: {image_info['count']} synthetic {CARVANA_SIZE[1]}x{CARVANA_SIZE[0]} JPEGs "
-                     f"({image_info['distinct']} distinct, the rest copies) made by unet-bench: studio-car imitations with "
-                     "realistic JPEG content, so decode speed is realistic. Pass --images for real photos.")
+        notes.append(
+            f"Photos: {image_info['count']} synthetic {CARVANA_SIZE[1]}x{CARVANA_SIZE[0]} JPEGs "
+            f"({image_info['distinct']} distinct, the rest copies) made by unet-bench: studio-car imitations with "
+            "realistic JPEG content, so decode speed is realistic. Pass --images for real photos."
+        )
     return notes + load_notes(cpu, load_end)
 
 
@@ -266,19 +335,29 @@ def ratios(e2e: EndToEndResult, baselines: list, reference: InferenceResult | No
             out["end_to_end_over_baseline"][b.baseline] = speed / b.images_per_second.median
     if reference is not None:
         out["end_to_end_over_inference"] = speed / reference.images_per_second.median
-        out["inference_reference"] = {"label": reference.label, "model": reference.model, "batch_size": reference.batch_size,
-                                      "images_per_second": reference.images_per_second.median}
+        out["inference_reference"] = {
+            "label": reference.label,
+            "model": reference.model,
+            "batch_size": reference.batch_size,
+            "images_per_second": reference.images_per_second.median,
+        }
     return out
 
 
-def int8_ratios(e2e_int8: EndToEndResult, e2e: EndToEndResult, baselines: list, int8_reference: InferenceResult | None,
-                reference: InferenceResult | None) -> dict:
+def int8_ratios(
+    e2e_int8: EndToEndResult,
+    e2e: EndToEndResult,
+    baselines: list,
+    int8_reference: InferenceResult | None,
+    reference: InferenceResult | None,
+) -> dict:
     """:func:`ratios` of the INT8 end-to-end run, and INT8 over FP32 end to end and in inference alone."""
     out = ratios(e2e_int8, baselines, int8_reference)
     both = e2e_int8.status == "ok" and e2e.status == "ok"
     out["end_to_end_over_fp32"] = e2e_int8.images_per_second.median / e2e.images_per_second.median if both else None
-    out["inference_over_fp32"] = (int8_reference.images_per_second.median / reference.images_per_second.median
-                                  if int8_reference and reference else None)
+    out["inference_over_fp32"] = (
+        int8_reference.images_per_second.median / reference.images_per_second.median if int8_reference and reference else None
+    )
     return out
 
 
@@ -301,8 +380,10 @@ def load_notes(cpu: dict, load_end: float | None) -> list[str]:
     if start is None or load_end is None:
         return []
     if max(start, load_end) > 0.5 * cores:
-        return [f"The machine was shared: 1-minute load average {start:.1f} at the start and {load_end:.1f} at the end "
-                f"on {cores} cores (the benchmark itself adds up to {cores}). CPU figures are lower than on an idle machine."]
+        return [
+            f"The machine was shared: 1-minute load average {start:.1f} at the start and {load_end:.1f} at the end "
+            f"on {cores} cores (the benchmark itself adds up to {cores}). CPU figures are lower than on an idle machine."
+        ]
     return []
 
 
@@ -322,12 +403,14 @@ def write_outputs(results: dict, out_dir: Path) -> dict[str, Path]:
 def failures(results: dict) -> list[str]:
     """Human-readable list of the benchmarks that failed (skips are not failures)."""
     found = [f"decode {r['label']}: {r['reason']}" for r in results["decode"] if r["status"] == "failed"]
-    found += [f"inference {r['label']} {r['model']} batch {r['batch_size']}: {r['reason']}"
-              for r in results["inference"] if r["status"] == "failed"]
+    found += [
+        f"inference {r['label']} {r['model']} batch {r['batch_size']}: {r['reason']}"
+        for r in results["inference"]
+        if r["status"] == "failed"
+    ]
     if results["end_to_end"]["status"] == "failed":
         found.append(f"end to end: {results['end_to_end']['reason']}")
     if (results.get("end_to_end_int8") or {}).get("status") == "failed":
         found.append(f"end to end, INT8: {results['end_to_end_int8']['reason']}")
     found += [f"baseline {r['label']}: {r['reason']}" for r in results["baselines"] if r["status"] == "failed"]
     return found
-

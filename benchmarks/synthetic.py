@@ -27,7 +27,9 @@ def smooth_field(rng: np.random.Generator, size: tuple[int, int], cells: tuple[i
     return np.asarray(image)  # (H, W) float32
 
 
-def superellipse(yy: np.ndarray, xx: np.ndarray, center: tuple[float, float], radii: tuple[float, float], power: float = 4.0) -> np.ndarray:
+def superellipse(
+    yy: np.ndarray, xx: np.ndarray, center: tuple[float, float], radii: tuple[float, float], power: float = 4.0
+) -> np.ndarray:
     """Bool mask of a rounded rectangle (``power`` 2 is an ellipse, higher is boxier)."""
     return np.abs((yy - center[0]) / radii[0]) ** power + np.abs((xx - center[1]) / radii[1]) ** power <= 1
 
@@ -61,7 +63,9 @@ def draw_scene(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
     cy, cx = horizon + rng.uniform(-0.05, 0.05) * height, rng.uniform(0.45, 0.55) * width
     body_r = (rng.uniform(0.10, 0.14) * height, rng.uniform(0.30, 0.38) * width)
     body = superellipse(yy, xx, (cy, cx), body_r)
-    cabin = superellipse(yy, xx, (cy - body_r[0] * 1.2, cx + rng.uniform(-0.05, 0.05) * width), (body_r[0] * 0.8, body_r[1] * 0.6), 3.0)
+    cabin = superellipse(
+        yy, xx, (cy - body_r[0] * 1.2, cx + rng.uniform(-0.05, 0.05) * width), (body_r[0] * 0.8, body_r[1] * 0.6), 3.0
+    )
     windows = superellipse(yy, xx, (cy - body_r[0] * 1.25, cx), (body_r[0] * 0.55, body_r[1] * 0.52), 3.0) & cabin
     shadow = superellipse(yy, xx, (cy + body_r[0] * 1.0, cx), (body_r[0] * 0.35, body_r[1] * 1.05), 2.0)
     photo[shadow] *= 0.55
@@ -83,8 +87,15 @@ def draw_scene(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
     return np.clip(photo, 0, 255).astype(np.uint8)
 
 
-def write_synthetic_photos(folder: str | Path, count: int, *, distinct: int | None = None, size: tuple[int, int] = CARVANA_SIZE,
-                           seed: int = 0, progress: bool = False) -> list[Path]:
+def write_synthetic_photos(
+    folder: str | Path,
+    count: int,
+    *,
+    distinct: int | None = None,
+    size: tuple[int, int] = CARVANA_SIZE,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[Path]:
     """Write ``count`` JPEGs ``synthetic_NNNN.jpg`` into ``folder``; return their paths in name order.
 
     The first ``distinct`` (default: all) are drawn one by one; the rest are byte copies of them,

@@ -146,8 +146,9 @@ class TorchPeer:
         self.pool.shutdown(wait=True)
 
 
-def time_peer(paths: Sequence[Path], model: BenchModel, device_id: int, batch_size: int, checkpoint: Path | None,
-              seed: int, threads: int) -> tuple[float, Sequence[Path]]:
+def time_peer(
+    paths: Sequence[Path], model: BenchModel, device_id: int, batch_size: int, checkpoint: Path | None, seed: int, threads: int
+) -> tuple[float, Sequence[Path]]:
     """Seconds the peer takes for every photo after the first batch (its warm-up), and those photos."""
     from benchmarks.baselines import torch_network
 
@@ -163,8 +164,9 @@ def time_peer(paths: Sequence[Path], model: BenchModel, device_id: int, batch_si
         peer.close()
 
 
-def run_torch_peer(paths: Sequence[Path], model: BenchModel, *, device_id: int, batch_size: int, checkpoint: Path | None,
-                   seed: int, threads: int):
+def run_torch_peer(
+    paths: Sequence[Path], model: BenchModel, *, device_id: int, batch_size: int, checkpoint: Path | None, seed: int, threads: int
+):
     """Time the peer over ``paths`` (the first batch is the warm-up); a missing dependency is a recorded skip."""
     from benchmarks.baselines import BaselineResult
 
@@ -181,5 +183,6 @@ def run_torch_peer(paths: Sequence[Path], model: BenchModel, *, device_id: int, 
         return BaselineResult(status="failed", reason=describe_error(e), **base)
     rate = rates([len(timed)], [seconds])
     log.info("baseline %s: %.1f images/s", LABEL, rate.median)
-    return BaselineResult(status="ok", images=len(timed), images_per_second=rate,
-                          seconds_per_image=summarize([seconds / len(timed)]), **base)
+    return BaselineResult(
+        status="ok", images=len(timed), images_per_second=rate, seconds_per_image=summarize([seconds / len(timed)]), **base
+    )

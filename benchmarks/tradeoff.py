@@ -92,23 +92,38 @@ def measure_ceilings(mask_paths: Sequence[Path], sizes: Sequence[tuple[int, int]
         except MaskError as e:
             raise BenchError(f"{e} (or leave it out of --masks)") from e
         scores[i] = [resolution_ceiling(truth, size) for size in sizes]
-    return [Ceiling(tuple(size), float(scores[:, j].mean()), float(scores[:, j].min()), len(mask_paths))
-            for j, size in enumerate(sizes)]
+    return [
+        Ceiling(tuple(size), float(scores[:, j].mean()), float(scores[:, j].min()), len(mask_paths))
+        for j, size in enumerate(sizes)
+    ]
 
 
-def measure_speed(width: int, depth: int, size: tuple[int, int], *, device: str, batch_sizes: tuple[int, ...],
-                  warmup: int, repeats: int, max_batch_seconds: float, seed: int, folder: Path,
-                  cache_dir: Path | None) -> SpeedPoint:
+def measure_speed(
+    width: int,
+    depth: int,
+    size: tuple[int, int],
+    *,
+    device: str,
+    batch_sizes: tuple[int, ...],
+    warmup: int,
+    repeats: int,
+    max_batch_seconds: float,
+    seed: int,
+    folder: Path,
+    cache_dir: Path | None,
+) -> SpeedPoint:
     """Best images/s over ``batch_sizes`` of a random-weight U-Net on ``device``'s first provider
     (CPU FP32, or CUDA FP16 with device-resident buffers)."""
     device = parse_device(device)
     backend = backends_for(device.kind, device.index if device.is_cuda else None)[0]
     gflop = unet_gflops({"width": width, "depth": depth, "in_channels": 3, "out_channels": 1}, size)
-    model = random_model(width, depth, size, fp16=backend.graph_precision == "fp16", seed=seed, folder=folder,
-                         cache_dir=cache_dir)
+    model = random_model(
+        width, depth, size, fp16=backend.graph_precision == "fp16", seed=seed, folder=folder, cache_dir=cache_dir
+    )
     images = np.random.default_rng(seed).integers(0, 256, (max(batch_sizes), *size, 3), dtype=np.uint8)  # (N, h, w, 3)
-    sweep = sweep_batches(model, backend, images, batch_sizes, warmup=warmup, repeats=repeats,
-                          max_batch_seconds=max_batch_seconds, gpu_name=None)
+    sweep = sweep_batches(
+        model, backend, images, batch_sizes, warmup=warmup, repeats=repeats, max_batch_seconds=max_batch_seconds, gpu_name=None
+    )
     best = sweep.best()
     if best is None:
         first = sweep.results[0]
@@ -131,34 +146,79 @@ def read_run(run_dir: Path) -> TrainedRun:
     if not scored:
         raise BenchError(f"{metrics_path} has no validated epoch yet: train at least one epoch")
     best = max(scored, key=lambda h: h["val_dice"])
-    return TrainedRun(str(run_dir), int(model["width"]), int(model["depth"]), size, int(history[-1]["epoch"]),
-                      int(best["epoch"]), float(best["val_dice"]), best.get("val_dice_min"))
+    return TrainedRun(
+        str(run_dir),
+        int(model["width"]),
+        int(model["depth"]),
+        size,
+        int(history[-1]["epoch"]),
+        int(best["epoch"]),
+        float(best["val_dice"]),
+        best.get("val_dice_min"),
+    )
 
 
-def run_tradeoff(*, mask_paths: Sequence[Path], sizes: Sequence[tuple[int, int]], widths: Sequence[int],
-                 depths: Sequence[int], run_dirs: Sequence[Path], device: str, batch_sizes: tuple[int, ...] = (1, 2, 4, 8),
-                 warmup: int = 1, repeats: int = 3, max_batch_seconds: float = 10.0, seed: int = 0,
-                 cache_dir: Path | None = None, progress: bool = True) -> dict:
+def run_tradeoff(
+    *,
+    mask_paths: Sequence[Path],
+    sizes: Sequence[tuple[int, int]],
+    widths: Sequence[int],
+    depths: Sequence[int],
+    run_dirs: Sequence[Path],
+    device: str,
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8),
+    warmup: int = 1,
+    repeats: int = 3,
+    max_batch_seconds: float = 10.0,
+    seed: int = 0,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+) -> dict:
     """Everything :func:`render_tradeoff` tabulates (the content of tradeoff.json)."""
     check_extras("unet-bench tradeoff")
     check_sizes(sizes, depths)
     runs = [read_run(Path(r)) for r in run_dirs]
     ceilings = measure_ceilings(mask_paths, sizes, progress)
     with tempfile.TemporaryDirectory(prefix="unet-bench-tradeoff-") as scratch:
-        speeds = [measure_speed(w, d, tuple(s), device=device, batch_sizes=batch_sizes, warmup=warmup, repeats=repeats,
-                                max_batch_seconds=max_batch_seconds, seed=seed, folder=Path(scratch), cache_dir=cache_dir)
-                  for s in sizes for d in depths for w in widths]
+        speeds = [
+            measure_speed(
+                w,
+                d,
+                tuple(s),
+                device=device,
+                batch_sizes=batch_sizes,
+                warmup=warmup,
+                repeats=repeats,
+                max_batch_seconds=max_batch_seconds,
+                seed=seed,
+                folder=Path(scratch),
+                cache_dir=cache_dir,
+            )
+            for s in sizes
+            for d in depths
+            for w in widths
+        ]
     facts = machine_facts()
-    return json.loads(json.dumps({
-        "schema": SCHEMA,
-        "device": device,
-        "machine": facts,
-        "settings": {"batch_sizes": list(batch_sizes), "warmup": warmup, "repeats": repeats, "seed": seed,
-                     "masks": len(mask_paths), "logit_clip": LOGIT_CLIP},
-        "ceilings": [asdict(c) for c in ceilings],
-        "speeds": [asdict(s) for s in speeds],
-        "runs": [asdict(r) for r in runs],
-    }))
+    return json.loads(
+        json.dumps(
+            {
+                "schema": SCHEMA,
+                "device": device,
+                "machine": facts,
+                "settings": {
+                    "batch_sizes": list(batch_sizes),
+                    "warmup": warmup,
+                    "repeats": repeats,
+                    "seed": seed,
+                    "masks": len(mask_paths),
+                    "logit_clip": LOGIT_CLIP,
+                },
+                "ceilings": [asdict(c) for c in ceilings],
+                "speeds": [asdict(s) for s in speeds],
+                "runs": [asdict(r) for r in runs],
+            }
+        )
+    )
 
 
 def check_sizes(sizes: Sequence[tuple[int, int]], depths: Sequence[int]) -> None:
@@ -185,13 +245,23 @@ def render_tradeoff(results: dict) -> str:
     for point in results["speeds"]:
         size = tuple(point["size"])
         ceiling = ceilings.get(size)
-        speed = (f"{point['images_per_second']['median']:.2f} ({point['best_batch']})" if point["status"] == "ok"
-                 else f"{point['status']}: {point['reason']}")
-        trained = "; ".join(f"{r['val_dice']:.4f} ({r['best_epoch']} of {r['epochs']})"
-                            for r in runs.get((point["width"], point["depth"], size), [])) or "not trained"
+        speed = (
+            f"{point['images_per_second']['median']:.2f} ({point['best_batch']})"
+            if point["status"] == "ok"
+            else f"{point['status']}: {point['reason']}"
+        )
+        trained = (
+            "; ".join(
+                f"{r['val_dice']:.4f} ({r['best_epoch']} of {r['epochs']})"
+                for r in runs.get((point["width"], point["depth"], size), [])
+            )
+            or "not trained"
+        )
         ceiling_text = f"{ceiling['mean_dice']:.5f} / {ceiling['min_dice']:.5f}" if ceiling else "-"
-        lines.append(f"| {size[0]}x{size[1]} | {point['depth']} | {point['width']} | {point['gflop_per_image']:.3g} | "
-                     f"{speed} | {ceiling_text} | {trained} |")
+        lines.append(
+            f"| {size[0]}x{size[1]} | {point['depth']} | {point['width']} | {point['gflop_per_image']:.3g} | "
+            f"{speed} | {ceiling_text} | {trained} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -29,27 +29,62 @@ def main() -> None:
 @main.command("to-onnx", context_settings=CONTEXT)
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The .onnx file to write.")
-@click.option("--fp16/--fp32", default=ExportOptions.fp16,
-              help="Weights and compute in FP16 (inputs uint8, logits FP32 either way).")
-@click.option("--int8", is_flag=True,
-              help="Quantize to INT8 for the CPU (ONNX Runtime static quantization, QDQ); needs --calibrate.")
-@click.option("--calibrate", "calibrate_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="With --int8: folder of training photos to calibrate on (the checkpoint's validation cars are left out).")
-@click.option("--calibration-images", type=click.IntRange(min=1), default=QuantizeOptions.calibration_images,
-              help="With --int8: photos to calibrate on (spread over the folder).")
-@click.option("--input-size", type=SIZE, default=None,
-              help="Input size HxW to record for the batch runner [default: the checkpoint's training size].")
+@click.option(
+    "--fp16/--fp32", default=ExportOptions.fp16, help="Weights and compute in FP16 (inputs uint8, logits FP32 either way)."
+)
+@click.option(
+    "--int8", is_flag=True, help="Quantize to INT8 for the CPU (ONNX Runtime static quantization, QDQ); needs --calibrate."
+)
+@click.option(
+    "--calibrate",
+    "calibrate_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="With --int8: folder of training photos to calibrate on (the checkpoint's validation cars are left out).",
+)
+@click.option(
+    "--calibration-images",
+    type=click.IntRange(min=1),
+    default=QuantizeOptions.calibration_images,
+    help="With --int8: photos to calibrate on (spread over the folder).",
+)
+@click.option(
+    "--input-size",
+    type=SIZE,
+    default=None,
+    help="Input size HxW to record for the batch runner [default: the checkpoint's training size].",
+)
 @click.option("--opset", type=click.IntRange(MIN_OPSET, MAX_OPSET), default=ExportOptions.opset, help="ONNX opset.")
 @click.option("--layout", type=click.Choice(LAYOUTS), default=ExportOptions.layout, help="Layout of the uint8 graph input.")
-@click.option("--verify", "verify_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Folder of photos: check the export against PyTorch there; OUT is written only if it passes.")
-@click.option("--verify-limit", type=click.IntRange(min=1), default=VerifyOptions.limit,
-              help="Photos to check (spread over the folder).")
+@click.option(
+    "--verify",
+    "verify_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Folder of photos: check the export against PyTorch there; OUT is written only if it passes.",
+)
+@click.option(
+    "--verify-limit", type=click.IntRange(min=1), default=VerifyOptions.limit, help="Photos to check (spread over the folder)."
+)
 @click.option("--device", type=DEVICE, default="auto", help="ONNX Runtime device for --verify (cuda: CUDA provider).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def to_onnx(checkpoint, out, fp16, int8, calibrate_dir, calibration_images, input_size, opset, layout, verify_dir,
-            verify_limit, device, no_progress, verbose):
+def to_onnx(
+    checkpoint,
+    out,
+    fp16,
+    int8,
+    calibrate_dir,
+    calibration_images,
+    input_size,
+    opset,
+    layout,
+    verify_dir,
+    verify_limit,
+    device,
+    no_progress,
+    verbose,
+):
     """Export CHECKPOINT (best.pt or last.pt from unet-train) to an ONNX model at --out."""
     check_int8_options(int8, calibrate_dir)
     require("torch", "train", what="unet-export")
@@ -67,16 +102,25 @@ def to_onnx(checkpoint, out, fp16, int8, calibrate_dir, calibration_images, inpu
             if int8:
                 from export.quantize import quantize_checkpoint
 
-                export = partial(quantize_checkpoint, calibrate=calibrate_dir, calibration_images=calibration_images,
-                                 progress=not no_progress)
+                export = partial(
+                    quantize_checkpoint, calibrate=calibrate_dir, calibration_images=calibration_images, progress=not no_progress
+                )
                 device = str(device_for_precision(device, "int8", out)) if verify_dir is not None else device
             else:
                 export = partial(export_checkpoint, fp16=fp16)
             if verify_dir is None:
                 contract, report = export(checkpoint, out, **options), None
             else:
-                contract, report = export_verified(checkpoint, out, verify_dir, limit=verify_limit, device=device,
-                                                   progress=not no_progress, export=export, **options)
+                contract, report = export_verified(
+                    checkpoint,
+                    out,
+                    verify_dir,
+                    limit=verify_limit,
+                    device=device,
+                    progress=not no_progress,
+                    export=export,
+                    **options,
+                )
     except (CheckpointError, DeviceError, ExportError, VerifyError) as e:
         raise InputError(str(e)) from e
     if report is not None:

@@ -231,7 +231,9 @@ def trace(wrapper: UInt8UNet, contract: ModelContract, opset: int) -> onnx.Model
     """``torch.export`` the wrapper with dynamic batch and spatial axes; return the ONNX model."""
     m = contract.input_multiple
     # batch 2 and unequal sides: example sizes 0, 1 or equal sides would be specialized by torch.export
-    shape, (h_axis, w_axis) = ((2, 2 * m, 3 * m, 3), (1, 2)) if contract.input_layout == "NHWC" else ((2, 3, 2 * m, 3 * m), (2, 3))
+    shape, (h_axis, w_axis) = (
+        ((2, 2 * m, 3 * m, 3), (1, 2)) if contract.input_layout == "NHWC" else ((2, 3, 2 * m, 3 * m), (2, 3))
+    )
     example = torch.zeros(shape, dtype=torch.uint8)
     dims = {0: Dim("batch", min=1), h_axis: m * Dim("height_blocks", min=1), w_axis: m * Dim("width_blocks", min=1)}
     with quiet_exporter(), torch.no_grad():
@@ -326,7 +328,9 @@ def sha256_file(path: Path) -> str:
 
 def require(state: dict, key: str, checkpoint: Path):
     if key not in state:
-        raise ExportError(f"{checkpoint} has no '{key}': it was not written by this version of unet-train. Re-train or re-save it.")
+        raise ExportError(
+            f"{checkpoint} has no '{key}': it was not written by this version of unet-train. Re-train or re-save it."
+        )
     return state[key]
 
 

@@ -51,7 +51,6 @@ from unet.metrics import upsample_logits
 log = logging.getLogger(__name__)
 
 
-
 class VerifyError(ValueError):
     """Verification that cannot run (no photos, no such provider, ...); the message names the fix."""
 
@@ -278,8 +277,18 @@ def onnx_logits(session, rgb: np.ndarray, contract: ModelContract) -> tuple[np.n
 def compare(name, reference, logits, original, contract, rtol, min_dice, ms, peak) -> ImageParity:
     """Score one photo's ONNX logits against the reference; list what is out of tolerance."""
     if logits.shape != reference.shape:
-        return ImageParity(name, original, math.inf, 0.0, math.nan, math.nan, False, peak, ms,
-                           (f"output shape {logits.shape}, expected {reference.shape}",))
+        return ImageParity(
+            name,
+            original,
+            math.inf,
+            0.0,
+            math.nan,
+            math.nan,
+            False,
+            peak,
+            ms,
+            (f"output shape {logits.shape}, expected {reference.shape}",),
+        )
     finite = bool(np.isfinite(logits).all())
     scale = float(np.abs(reference).max()) or 1.0
     rel = float(np.abs(logits.astype(np.float64) - reference).max()) / scale if finite else math.inf

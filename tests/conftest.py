@@ -52,7 +52,9 @@ def kaggle_dir(tmp_path: Path) -> Path:
 def carvana_dir() -> Path:
     """The real shared Carvana photos; skips the test when the folder is absent."""
     if not (CARVANA / "train").is_dir():
-        pytest.skip(f"real Carvana data not found at {CARVANA}: put the Kaggle train/ and train_masks/ folders there to run this test")
+        pytest.skip(
+            f"real Carvana data not found at {CARVANA}: put the Kaggle train/ and train_masks/ folders there to run this test"
+        )
     return CARVANA
 
 
@@ -142,8 +144,16 @@ def make_tiny_onnx(
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tests")
     model.ir_version = 8
     contract = ModelContract(
-        input_height=size[0], input_width=size[1], input_layout=layout, input_dtype=dtype, input_multiple=16,
-        pixel_mean=pixel_mean, pixel_std=pixel_std, output_kind=output_kind, threshold=0.5, precision="fp32",
+        input_height=size[0],
+        input_width=size[1],
+        input_layout=layout,
+        input_dtype=dtype,
+        input_multiple=16,
+        pixel_mean=pixel_mean,
+        pixel_std=pixel_std,
+        output_kind=output_kind,
+        threshold=0.5,
+        precision="fp32",
         provenance={"model_config": {"width": 0, "depth": 0}},
     )
     helper.set_model_props(model, contract.to_metadata())
@@ -276,7 +286,6 @@ def exported_onnx(sharp_checkpoint: Path, tmp_path_factory) -> dict[str, Path]:
     for precision, path in paths.items():
         export_checkpoint(sharp_checkpoint, path, fp16=precision == "fp16")
     return paths
-
 
 
 # ---- benchmarks (unet-bench) ------------------------------------------------------------------------

@@ -65,6 +65,23 @@ def test_the_bundled_model_gives_the_runners_masks(tmp_path: Path):
             assert encode_png_mask(mask) == written_mask(tmp_path / "out", f"{i}.jpg")
 
 
+def test_batch_segment_and_evaluate_take_str_or_path_and_match_the_commands(photo_tree: Path, tmp_path: Path, tiny_onnx: Path):
+    segment_folder(photo_tree, tmp_path / "cli", "--model", str(tiny_onnx))
+    import batch.cli  # noqa: F401  (imports the runner: batch.segment must stay the function)
+
+    as_str = batch.segment(str(photo_tree), str(tmp_path / "str"), model=str(tiny_onnx), device="cpu", progress=False)
+    as_path = batch.segment(photo_tree, tmp_path / "path", model=tiny_onnx, device="cpu", progress=False)
+    for report in (as_str, as_path):
+        assert isinstance(report, batch.Report) and report.processed == len(GOOD)
+    for name in GOOD:
+        expected = written_mask(tmp_path / "cli", name)
+        assert written_mask(tmp_path / "str", name) == written_mask(tmp_path / "path", name) == expected, name
+    same = batch.evaluate(str(tmp_path / "str"), tmp_path / "cli")
+    assert isinstance(same, batch.Evaluation) and same.mean_dice == 1.0
+    with pytest.raises(TypeError, match="colour"):
+        batch.segment(photo_tree, tmp_path / "bad", colour="red")  # an unknown option is named
+
+
 def test_pil_images_and_arrays_are_masked_at_their_own_size(tmp_path: Path, segmenter):
     truth = write_photo(tmp_path / "car.png", (96, 144), seed=3)
     photo = Image.open(tmp_path / "car.png")

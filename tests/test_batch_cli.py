@@ -20,7 +20,7 @@ from PIL import Image
 from batch.cli import main
 from batch.decode import dali_available
 from batch.masks import dice, read_mask, rle_decode
-from batch.segment import LOCK_NAME, output_lock
+from batch.runner import LOCK_NAME, output_lock
 
 GOOD = ["a.jpg", "b.JPEG", "c.png", "day1/d.jpg", "day1/deep/f.jpeg", "day1/e.jpg", "day2/g.png"]  # photo_tree, sorted
 SEEDS = {"a.jpg": 1, "b.JPEG": 2, "c.png": 3, "day1/d.jpg": 4, "day1/e.jpg": 5, "day1/deep/f.jpeg": 6, "day2/g.png": 7}
@@ -393,7 +393,7 @@ def test_usage_errors_exit_2(case: str, message: str, photo_tree: Path, tmp_path
 
 
 def test_a_run_that_cannot_start_removes_the_folders_it_made(photo_tree: Path, tmp_path: Path, tiny_onnx: Path, monkeypatch):
-    monkeypatch.setattr("batch.segment.make_plan", lambda *args: (_ for _ in ()).throw(OSError("disk on fire")))
+    monkeypatch.setattr("batch.runner.make_plan", lambda *args: (_ for _ in ()).throw(OSError("disk on fire")))
     with pytest.raises(OSError, match="disk on fire"):
         segment(photo_tree, tmp_path / "new" / "deeper" / "out", "--model", tiny_onnx)
     assert not (tmp_path / "new").exists()

@@ -24,17 +24,31 @@ def test_missing_keys_take_the_dataclass_defaults():
 
 
 def test_metadata_round_trip_keeps_provenance_apart():
-    contract = ModelContract(64, 96, input_layout="NCHW", input_dtype="float16", input_multiple=16, threshold=0.3,
-                             precision="fp32", provenance={"val_dice": "0.99", "note": "hand-made"})
+    contract = ModelContract(
+        64,
+        96,
+        input_layout="NCHW",
+        input_dtype="float16",
+        input_multiple=16,
+        threshold=0.3,
+        precision="fp32",
+        provenance={"val_dice": "0.99", "note": "hand-made"},
+    )
     assert ModelContract.from_metadata(contract.to_metadata()) == contract
 
 
-@pytest.mark.parametrize(("meta", "message"), [
-    ({"input_width": "48"}, "m.onnx has no 'input_height' in its metadata: export it with `unet-export to-onnx`"),
-    ({"input_height": "32", "input_width": "48", "pixel_mean": "a,b,c"}, "m.onnx: metadata 'pixel_mean' = 'a,b,c' is malformed"),
-    ({"input_height": "32", "input_width": "x"}, "m.onnx: metadata 'input_width' = 'x' is malformed"),
-    ({"input_height": "32", "input_width": "48", "threshold": "2"}, r"m.onnx: threshold must be a probability in \(0, 1\)"),
-])
+@pytest.mark.parametrize(
+    ("meta", "message"),
+    [
+        ({"input_width": "48"}, "m.onnx has no 'input_height' in its metadata: export it with `unet-export to-onnx`"),
+        (
+            {"input_height": "32", "input_width": "48", "pixel_mean": "a,b,c"},
+            "m.onnx: metadata 'pixel_mean' = 'a,b,c' is malformed",
+        ),
+        ({"input_height": "32", "input_width": "x"}, "m.onnx: metadata 'input_width' = 'x' is malformed"),
+        ({"input_height": "32", "input_width": "48", "threshold": "2"}, r"m.onnx: threshold must be a probability in \(0, 1\)"),
+    ],
+)
 def test_bad_metadata_names_the_file_and_the_key(meta, message):
     with pytest.raises(ContractError, match=message):
         ModelContract.from_metadata(meta, source="m.onnx")
@@ -43,8 +57,9 @@ def test_bad_metadata_names_the_file_and_the_key(meta, message):
 def test_prepare_input_follows_layout_dtype_and_normalization():
     pixels = np.arange(2 * 4 * 6 * 3, dtype=np.uint8).reshape(2, 4, 6, 3)  # (N, H, W, 3)
     np.testing.assert_array_equal(prepare_input(pixels, ModelContract(4, 6)), pixels)  # uint8 NHWC: as it is
-    contract = ModelContract(4, 6, input_layout="NCHW", input_dtype="float32", pixel_mean=(0.5, 0.4, 0.3),
-                             pixel_std=(0.2, 0.25, 0.5))
+    contract = ModelContract(
+        4, 6, input_layout="NCHW", input_dtype="float32", pixel_mean=(0.5, 0.4, 0.3), pixel_std=(0.2, 0.25, 0.5)
+    )
     x = prepare_input(pixels, contract)
     assert x.shape == (2, 3, 4, 6) and x.dtype == np.float32 and x.flags.c_contiguous
     expected = (pixels[1, 2, 3] / 255 - np.array(contract.pixel_mean)) / np.array(contract.pixel_std)

@@ -14,8 +14,15 @@ from batch.devices import Device, DeviceError, parse_device
 
 @pytest.mark.parametrize(
     ("name", "kind", "index", "canonical"),
-    [("auto", "auto", 0, "auto"), ("cpu", "cpu", 0, "cpu"), ("cuda", "cuda", 0, "cuda:0"), ("cuda:3", "cuda", 3, "cuda:3"),
-     ("CUDA:1", "cuda", 1, "cuda:1"), (" Cpu ", "cpu", 0, "cpu"), ("AUTO", "auto", 0, "auto")],
+    [
+        ("auto", "auto", 0, "auto"),
+        ("cpu", "cpu", 0, "cpu"),
+        ("cuda", "cuda", 0, "cuda:0"),
+        ("cuda:3", "cuda", 3, "cuda:3"),
+        ("CUDA:1", "cuda", 1, "cuda:1"),
+        (" Cpu ", "cpu", 0, "cpu"),
+        ("AUTO", "auto", 0, "auto"),
+    ],
 )
 def test_device_names_in_any_case(name, kind, index, canonical):
     device = parse_device(name)
@@ -70,7 +77,10 @@ def test_providers_for_each_device():
     assert tuned[0] == ("CUDAExecutionProvider", {"device_id": 0, "use_tf32": 1})
     with_trt = providers_for(parse_device("cuda:1"), tensorrt_options={"trt_fp16_enable": 1})
     assert [p[0] if isinstance(p, tuple) else p for p in with_trt] == [
-        "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+        "TensorrtExecutionProvider",
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ]
     assert with_trt[0][1] == {"device_id": 1, "trt_fp16_enable": 1}
 
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from batch.cli import main
-from batch.evaluate import EvaluationError, evaluate
+from batch.evaluation import EvaluationError, evaluate
 from batch.masks import rle_encode
 
 

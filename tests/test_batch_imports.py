@@ -47,14 +47,15 @@ def test_batch_never_imports_torch_or_unet(tmp_path: Path, tiny_onnx: Path):
     assert "LOADED []" in result.stdout
 
 
-RUNNER = ("batch.segment", "batch.engine", "batch.decode", "batch.api", "batch.cli", "batch.ray_engine")
+RUNNER = ("batch.runner", "batch.engine", "batch.decode", "batch.api", "batch.cli", "batch.ray_engine")
 HEAVY = ("torch", "onnxruntime", "onnx", "onnxscript", "nvidia.dali", "ray")  # what the extras bring
 
 
 def run_script(script: str) -> dict:
     """Run ``script`` in a fresh interpreter; it prints one JSON object as its last line."""
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=REPO, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
 

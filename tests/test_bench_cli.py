@@ -142,11 +142,14 @@ def test_report_and_plot_survive_a_failed_end_to_end(smoke_run):
     assert draw_results(results).size[0] > 1000
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--widths", "16,x"], "comma-separated"),
-    (["--suite", "huge"], "huge"),
-    (["--device", "gpu"], "not a device"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--widths", "16,x"], "comma-separated"),
+        (["--suite", "huge"], "huge"),
+        (["--device", "gpu"], "not a device"),
+    ],
+)
 def test_run_rejects_bad_options(args, message, tmp_path):
     result = CliRunner().invoke(main, ["run", "--out", str(tmp_path / "R"), *args])
     assert result.exit_code == 2 and message in result.output
@@ -155,8 +158,9 @@ def test_run_rejects_bad_options(args, message, tmp_path):
 def test_run_rejects_a_model_without_the_contract(tmp_path):
     model = tmp_path / "other.onnx"
     model.write_bytes(b"\x08\x07")
-    result = CliRunner().invoke(main, ["run", "--suite", "smoke", "--device", "cpu", "--model", str(model),
-                                       "--out", str(tmp_path / "R")])
+    result = CliRunner().invoke(
+        main, ["run", "--suite", "smoke", "--device", "cpu", "--model", str(model), "--out", str(tmp_path / "R")]
+    )
     assert result.exit_code == 2 and "other.onnx has no 'input_height'" in result.output
 
 
@@ -173,9 +177,29 @@ def test_smoke_run_on_the_gpu_measures_every_gpu_stage(bench_cache, bench_photos
     if CUDA not in __import__("onnxruntime").get_available_providers():
         pytest.skip("needs onnxruntime-gpu and a CUDA GPU")
     out = tmp_path / "R"
-    result = CliRunner().invoke(main, ["run", "--suite", "smoke", "--device", "cuda", "--size", "32x48", "--width", "4",
-                                       "--widths", "4", "--images", str(bench_photos), "--out", str(out),
-                                       "--cache-dir", str(bench_cache), "--no-progress"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "run",
+            "--suite",
+            "smoke",
+            "--device",
+            "cuda",
+            "--size",
+            "32x48",
+            "--width",
+            "4",
+            "--widths",
+            "4",
+            "--images",
+            str(bench_photos),
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(bench_cache),
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     statuses = {(r["backend"], r["precision"]): r["status"] for r in results["inference"]}

@@ -41,15 +41,15 @@ def decoded_photos(folder: Path) -> np.ndarray:
 
 @pytest.mark.dali
 def test_decoders_report_rates_and_skip_the_gpu_decoder_on_cpu(bench_photos):
-    results, decoded = bench_decoders(photo_paths(bench_photos)[:4], SIZE, device_id=None, threads=2, warmup=0,
-                                      repeats=2, dali_batch=2)
+    results, decoded = bench_decoders(
+        photo_paths(bench_photos)[:4], SIZE, device_id=None, threads=2, warmup=0, repeats=2, dali_batch=2
+    )
     by_name = {r.decoder: r for r in results}
     assert decoded.shape == (4, 32, 48, 3) and decoded.dtype == np.uint8
     for name in ("pillow", "pillow-no-draft", "dali-cpu"):
         assert by_name[name].status == "ok", by_name[name].reason
         assert by_name[name].images == 4 and by_name[name].images_per_second.n == 2
-        assert by_name[name].megapixels_per_second.median == pytest.approx(
-            by_name[name].images_per_second.median * 96 * 64 / 1e6)
+        assert by_name[name].megapixels_per_second.median == pytest.approx(by_name[name].images_per_second.median * 96 * 64 / 1e6)
     assert by_name["dali-mixed"].status == "skipped" and "--device cuda" in by_name["dali-mixed"].reason
 
 
@@ -95,9 +95,12 @@ def test_read_model_names_the_file_and_the_fix(tmp_path):
     with pytest.raises(ModelError, match="junk.onnx is not an ONNX model"):
         read_model(junk)
     bare = tmp_path / "bare.onnx"
-    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
-                                   [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
-                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
     onnx.save(onnx.helper.make_model(graph), bare)
     with pytest.raises(ModelError, match="bare.onnx has no 'input_height'.*unet-export"):
         read_model(bare)
@@ -110,8 +113,9 @@ def test_read_model_names_the_file_and_the_fix(tmp_path):
 
 def test_cpu_sweep_measures_each_batch_with_flops(bench_model, bench_photos):
     backend = backends_for("cpu", None)[0]
-    sweep = sweep_batches(bench_model, backend, decoded_photos(bench_photos), (1, 2), warmup=1, repeats=2,
-                          max_batch_seconds=60, gpu_name=None)
+    sweep = sweep_batches(
+        bench_model, backend, decoded_photos(bench_photos), (1, 2), warmup=1, repeats=2, max_batch_seconds=60, gpu_name=None
+    )
     assert [(r.batch_size, r.status) for r in sweep.results] == [(1, "ok"), (2, "ok")]
     row = sweep.results[1]
     assert row.images_per_second.n == 2 and row.gflop_per_image == pytest.approx(bench_model.gflops(SIZE))
@@ -121,8 +125,16 @@ def test_cpu_sweep_measures_each_batch_with_flops(bench_model, bench_photos):
 
 
 def test_sweep_stops_before_a_batch_over_the_time_budget(bench_model, bench_photos):
-    sweep = sweep_batches(bench_model, backends_for("cpu", None)[0], decoded_photos(bench_photos), (1, 2, 4), warmup=0,
-                          repeats=1, max_batch_seconds=1e-9, gpu_name=None)
+    sweep = sweep_batches(
+        bench_model,
+        backends_for("cpu", None)[0],
+        decoded_photos(bench_photos),
+        (1, 2, 4),
+        warmup=0,
+        repeats=1,
+        max_batch_seconds=1e-9,
+        gpu_name=None,
+    )
     assert [(r.batch_size, r.status) for r in sweep.results] == [(1, "ok"), (2, "skipped")]
     assert "budget" in sweep.results[1].reason
 
@@ -138,12 +150,25 @@ def test_out_of_memory_is_retried_at_half_the_batch(bench_model, monkeypatch):
         if batch > 8:
             raise RuntimeError("CUDA failure 2: out of memory ; GPU=0")
         measured.append(batch)
-        return inference.InferenceResult(batch_size=batch, status="ok", seconds_per_batch=summarize([0.01 * batch]),
-                                         images_per_second=summarize([100.0]), **kwargs["base"])
+        return inference.InferenceResult(
+            batch_size=batch,
+            status="ok",
+            seconds_per_batch=summarize([0.01 * batch]),
+            images_per_second=summarize([100.0]),
+            **kwargs["base"],
+        )
 
     monkeypatch.setattr(inference, "measure_batch", fake_measure)
-    sweep = sweep_batches(bench_model, gpu, np.zeros((1, *SIZE, 3), np.uint8), (4, 16, 32), warmup=0, repeats=1,
-                          max_batch_seconds=60, gpu_name="NVIDIA H200")
+    sweep = sweep_batches(
+        bench_model,
+        gpu,
+        np.zeros((1, *SIZE, 3), np.uint8),
+        (4, 16, 32),
+        warmup=0,
+        repeats=1,
+        max_batch_seconds=60,
+        gpu_name="NVIDIA H200",
+    )
     assert [(r.batch_size, r.status) for r in sweep.results] == [(4, "ok"), (16, "oom"), (8, "ok")]
     assert measured == [4, 8] and "out of memory" in sweep.results[1].reason
 
@@ -152,8 +177,9 @@ def test_out_of_memory_is_retried_at_half_the_batch(bench_model, monkeypatch):
 def test_gpu_backends_without_cuda_are_skipped_with_the_fix(bench_model, bench_photos):
     backend = backends_for("cuda", 0)[0]
     assert "onnxruntime-gpu" in provider_missing(backend)
-    sweep = sweep_batches(bench_model, backend, decoded_photos(bench_photos), (1,), warmup=0, repeats=1,
-                          max_batch_seconds=1, gpu_name=None)
+    sweep = sweep_batches(
+        bench_model, backend, decoded_photos(bench_photos), (1,), warmup=0, repeats=1, max_batch_seconds=1, gpu_name=None
+    )
     assert sweep.results[0].status == "skipped" and "onnxruntime-gpu" in sweep.results[0].reason
 
 
@@ -185,8 +211,9 @@ def test_end_to_end_reads_the_runner_report_and_leaves_set_up_out(bench_model, b
     runner = tmp_path / "fake_unet_batch.py"
     runner.write_text(FAKE_RUNNER)
     monkeypatch.setattr(end_to_end, "batch_command", lambda: [sys.executable, str(runner)])
-    result = run_end_to_end(bench_photos, bench_model, device="cpu", gpu_index=None, batch_size=2, images=4,
-                            repeats=2, timeout_s=60)
+    result = run_end_to_end(
+        bench_photos, bench_model, device="cpu", gpu_index=None, batch_size=2, images=4, repeats=2, timeout_s=60
+    )
     assert result.status == "ok", result.reason
     assert result.images_per_second.median == pytest.approx(4 / 2.0)  # 4 photos in 3 s less 1 s of set-up
     assert result.runner_images_per_second.median == pytest.approx(4 / 3.0)
@@ -200,8 +227,9 @@ def test_end_to_end_failure_keeps_the_runner_message(bench_model, bench_photos, 
     runner = tmp_path / "failing.py"
     runner.write_text("import sys; sys.stderr.write('model.onnx: no CUDA here\\n'); sys.exit(2)")
     monkeypatch.setattr(end_to_end, "batch_command", lambda: [sys.executable, str(runner)])
-    result = run_end_to_end(bench_photos, bench_model, device="cpu", gpu_index=None, batch_size=2, images=2,
-                            repeats=1, timeout_s=60)
+    result = run_end_to_end(
+        bench_photos, bench_model, device="cpu", gpu_index=None, batch_size=2, images=2, repeats=1, timeout_s=60
+    )
     assert result.status == "failed" and "exited with 2" in result.reason and "no CUDA here" in result.reason
 
 
@@ -221,8 +249,9 @@ def test_steady_rate_refuses_a_report_that_is_all_set_up():
 
 
 def test_real_unet_batch_runs_end_to_end(bench_model, bench_photos):
-    result = run_end_to_end(bench_photos, bench_model, device="cpu", gpu_index=None, batch_size=2, images=3,
-                            repeats=1, timeout_s=300)
+    result = run_end_to_end(
+        bench_photos, bench_model, device="cpu", gpu_index=None, batch_size=2, images=3, repeats=1, timeout_s=300
+    )
     assert result.status == "ok", result.reason
     assert result.images == 3 and result.report["processed"] == 3 and result.device == "cpu"
     assert "infer" in result.stage_ms_per_image and "setup" in result.report["stages"]
@@ -233,15 +262,15 @@ def test_real_unet_batch_runs_end_to_end(bench_model, bench_photos):
 
 @pytest.mark.parametrize("name", ["torch-eager", "onnxruntime"])
 def test_naive_baselines_time_every_photo_but_the_warm_up(name, bench_model, bench_photos):
-    result = run_baseline(name, photo_paths(bench_photos)[:3], bench_model, device="cpu", device_id=None,
-                          checkpoint=None, seed=0)
+    result = run_baseline(name, photo_paths(bench_photos)[:3], bench_model, device="cpu", device_id=None, checkpoint=None, seed=0)
     assert result.status == "ok", result.reason
     assert result.images == 2 and result.images_per_second.n == 2 and result.device == "cpu"
 
 
 def test_a_baseline_needs_two_photos(bench_model, bench_photos):
-    result = run_baseline("onnxruntime", photo_paths(bench_photos)[:1], bench_model, device="cpu", device_id=None,
-                          checkpoint=None, seed=0)
+    result = run_baseline(
+        "onnxruntime", photo_paths(bench_photos)[:1], bench_model, device="cpu", device_id=None, checkpoint=None, seed=0
+    )
     assert result.status == "skipped"
 
 
@@ -251,8 +280,10 @@ def test_ratios_divide_end_to_end_by_baselines_and_inference():
     from benchmarks.inference import InferenceResult
 
     e2e = EndToEndResult(status="ok", images_per_second=summarize([30.0]))
-    baselines = [BaselineResult("torch-eager", "t", "ok", images_per_second=summarize([3.0])),
-                 BaselineResult("onnxruntime", "o", "skipped", reason="no")]
+    baselines = [
+        BaselineResult("torch-eager", "t", "ok", images_per_second=summarize([3.0])),
+        BaselineResult("onnxruntime", "o", "skipped", reason="no"),
+    ]
     reference = InferenceResult("cpu", "ORT CPU FP32", "fp32", "unet-w16", 16, 4, SIZE, "ok", images_per_second=summarize([40.0]))
     out = ratios(e2e, baselines, reference)
     assert out["end_to_end_over_baseline"] == {"torch-eager": pytest.approx(10.0)}
@@ -272,7 +303,9 @@ class PlannedModels:
 
     def random(self, width, precision):
         contract = ModelContract(32, 48, precision=precision)
-        return BenchModel(f"unet-w{width}", Path(f"w{width}-{precision}.onnx"), contract, "image", {"width": width, "depth": 4}, True)
+        return BenchModel(
+            f"unet-w{width}", Path(f"w{width}-{precision}.onnx"), contract, "image", {"width": width, "depth": 4}, True
+        )
 
     def user(self, precision):
         contract = ModelContract(32, 48, precision=self.user_precision)
@@ -283,7 +316,9 @@ def planned(config, kind, models):
     from benchmarks.suite import sweep_plan
 
     device_id = None if kind == "cpu" else 0
-    return [(m.name, b.name, b.precision, m.precision) for m, b in sweep_plan(config, config.preset(kind), kind, device_id, models)]
+    return [
+        (m.name, b.name, b.precision, m.precision) for m, b in sweep_plan(config, config.preset(kind), kind, device_id, models)
+    ]
 
 
 def test_sweep_plan_runs_every_width_and_the_end_to_end_model():

@@ -62,9 +62,29 @@ def test_tradeoff_command_joins_ceiling_speed_and_runs(kaggle_dir, bench_model, 
     run_config["input_size"] = [32, 48]
     (run / "config.json").write_text(json.dumps(run_config))
     out = tmp_path / "T"
-    result = CliRunner().invoke(main, [
-        "tradeoff", "--masks", str(kaggle_dir / "train_masks"), "--limit", "4", "--sizes", "32x48", "--widths", "4",
-        "--depths", "4", "--run", str(run), "--out", str(out), "--cache-dir", str(bench_cache), "--no-progress"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "tradeoff",
+            "--masks",
+            str(kaggle_dir / "train_masks"),
+            "--limit",
+            "4",
+            "--sizes",
+            "32x48",
+            "--widths",
+            "4",
+            "--depths",
+            "4",
+            "--run",
+            str(run),
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(bench_cache),
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 0, result.output
     results = json.loads((out / "tradeoff.json").read_text())
     assert results["settings"]["masks"] == 4
@@ -77,7 +97,19 @@ def test_tradeoff_command_joins_ceiling_speed_and_runs(kaggle_dir, bench_model, 
 
 
 def test_tradeoff_command_names_sizes_the_depth_cannot_take(kaggle_dir, tmp_path):
-    result = CliRunner().invoke(main, ["tradeoff", "--masks", str(kaggle_dir / "train_masks"), "--sizes", "30x48",
-                                       "--depths", "4", "--out", str(tmp_path / "T")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "tradeoff",
+            "--masks",
+            str(kaggle_dir / "train_masks"),
+            "--sizes",
+            "30x48",
+            "--depths",
+            "4",
+            "--out",
+            str(tmp_path / "T"),
+        ],
+    )
     assert result.exit_code == 2
     assert "30x48" in result.output and "multiples of 2**depth = 16" in result.output

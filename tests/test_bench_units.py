@@ -79,11 +79,14 @@ def count_macs_with_hooks(config, size):
     return total
 
 
-@pytest.mark.parametrize("config", [
-    {"width": 4, "depth": 2},
-    {"width": 3, "depth": 3, "upsample": "bilinear"},
-    {"width": 8, "depth": 1, "in_channels": 1, "out_channels": 2},
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"width": 4, "depth": 2},
+        {"width": 3, "depth": 3, "upsample": "bilinear"},
+        {"width": 8, "depth": 1, "in_channels": 1, "out_channels": 2},
+    ],
+)
 def test_unet_macs_match_a_count_of_the_real_network(config):
     assert unet_macs(config, (32, 48)) == count_macs_with_hooks(config, (32, 48))
 
@@ -92,7 +95,8 @@ def test_unet_gflops_of_the_classic_width_64_network_at_320x480():
     # 225.8 GFLOPs: the figure the doc table quotes; 4x per doubling of the width
     assert unet_gflops({"width": 64, "depth": 4}, (320, 480)) == pytest.approx(225.78, abs=0.01)
     assert unet_gflops({"width": 32, "depth": 4}, (320, 480)) == pytest.approx(
-        unet_gflops({"width": 64, "depth": 4}, (320, 480)) / 4, rel=0.01)
+        unet_gflops({"width": 64, "depth": 4}, (320, 480)) / 4, rel=0.01
+    )
 
 
 def test_unet_macs_reject_a_size_that_is_not_a_multiple():
@@ -103,15 +107,18 @@ def test_unet_macs_reject_a_size_that_is_not_a_multiple():
 # ---- machine ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, precision, peak", [
-    ("NVIDIA H200", "fp16", 989.4),
-    ("NVIDIA H200", "fp32", 494.7),
-    ("NVIDIA H100 PCIe", "fp16", 756.0),
-    ("NVIDIA H100 80GB HBM3", "fp16", 989.4),
-    ("NVIDIA A100-SXM4-80GB", "fp16", 312.0),
-    ("Tesla K80", "fp16", None),
-    (None, "fp16", None),
-])
+@pytest.mark.parametrize(
+    "name, precision, peak",
+    [
+        ("NVIDIA H200", "fp16", 989.4),
+        ("NVIDIA H200", "fp32", 494.7),
+        ("NVIDIA H100 PCIe", "fp16", 756.0),
+        ("NVIDIA H100 80GB HBM3", "fp16", 989.4),
+        ("NVIDIA A100-SXM4-80GB", "fp16", 312.0),
+        ("Tesla K80", "fp16", None),
+        (None, "fp16", None),
+    ],
+)
 def test_peak_tflops_matches_datasheet_names(name, precision, peak):
     assert peak_tflops(name, precision) == peak
 
@@ -125,8 +132,10 @@ def test_machine_facts_have_what_results_json_promises():
 
 
 def test_machine_slug_names_the_gpu_or_the_cpu():
-    facts = {"gpus": [{"index": 0, "name": "NVIDIA H200"}, {"index": 1, "name": "NVIDIA A100-SXM4-80GB"}],
-             "cpu": {"model": "AMD EPYC 9654 96-Core Processor", "usable_cores": 16}}
+    facts = {
+        "gpus": [{"index": 0, "name": "NVIDIA H200"}, {"index": 1, "name": "NVIDIA A100-SXM4-80GB"}],
+        "cpu": {"model": "AMD EPYC 9654 96-Core Processor", "usable_cores": 16},
+    }
     assert machine_slug(facts, "cuda:0") == "nvidia-h200"
     assert machine_slug(facts, "cuda:1") == "nvidia-a100-sxm4-80gb"
     assert machine_slug(facts, "cpu") == "cpu-amd-epyc-9654-96-core-processor-16-cores"
@@ -206,7 +215,13 @@ def test_gpu_facts_parse_nvidia_smi(fake_nvidia_smi):
     from benchmarks.machine import gpu_facts
 
     gpus = gpu_facts()
-    assert gpus[0] == {"index": 0, "name": "NVIDIA H200", "driver": "570.86.15", "cuda_driver_api": "12.8", "memory_mib": 143771.0}
+    assert gpus[0] == {
+        "index": 0,
+        "name": "NVIDIA H200",
+        "driver": "570.86.15",
+        "cuda_driver_api": "12.8",
+        "memory_mib": 143771.0,
+    }
     assert gpus[1]["memory_mib"] is None  # "[N/A]"
 
 
@@ -229,8 +244,9 @@ def test_run_child_reports_the_childs_own_peak_rss_not_ours(tmp_path):
 
     ballast = np.ones(300 * 2**20 // 8)  # 300 MiB touched in this process  # noqa: F841
     small = run_child([sys.executable, "-c", "pass"], stdout=None, stderr=None, timeout_s=60)
-    big = run_child([sys.executable, "-c", "import numpy as np; a = np.ones(200 * 2**20 // 8)"], stdout=None,
-                    stderr=None, timeout_s=60)
+    big = run_child(
+        [sys.executable, "-c", "import numpy as np; a = np.ones(200 * 2**20 // 8)"], stdout=None, stderr=None, timeout_s=60
+    )
     assert small.returncode == 0 and small.peak_rss_mib < 100 < 300 < peak_rss_mib()
     assert 200 < big.peak_rss_mib < 300
 

@@ -29,8 +29,11 @@ def test_every_option_has_help_text(name, command):
     assert missing == [], f"{name}: options without help text: {missing}"
 
 
-@pytest.mark.parametrize(("name", "command"), [(n, c) for n, c in ALL if any(p.name == "device" for p in c.params)],
-                         ids=[n for n, c in ALL if any(p.name == "device" for p in c.params)])
+@pytest.mark.parametrize(
+    ("name", "command"),
+    [(n, c) for n, c in ALL if any(p.name == "device" for p in c.params)],
+    ids=[n for n, c in ALL if any(p.name == "device" for p in c.params)],
+)
 def test_device_is_spelled_in_lower_case_and_read_in_any_case(name, command):
     help_text = CliRunner().invoke(command, ["--help"], prog_name=name).output
     assert "--device auto|cpu|cuda[:N]" in help_text and "AUTO" not in help_text

@@ -23,12 +23,33 @@ from unet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpo
 from unet.model import UNet, UNetConfig
 
 CONTRACT_KEYS = {
-    "contract_version", "input_height", "input_width", "input_layout", "input_dtype", "input_multiple",
-    "pixel_mean", "pixel_std", "output_kind", "threshold", "precision",
+    "contract_version",
+    "input_height",
+    "input_width",
+    "input_layout",
+    "input_dtype",
+    "input_multiple",
+    "pixel_mean",
+    "pixel_std",
+    "output_kind",
+    "threshold",
+    "precision",
 }
 PROVENANCE_KEYS = {
-    "model_config", "train_images", "val_images", "val_dice", "val_cars", "epoch", "train_input_size", "source_checkpoint",
-    "source_checkpoint_sha256", "checkpoint_version", "export_date", "package_version", "torch_version", "opset",
+    "model_config",
+    "train_images",
+    "val_images",
+    "val_dice",
+    "val_cars",
+    "epoch",
+    "train_input_size",
+    "source_checkpoint",
+    "source_checkpoint_sha256",
+    "checkpoint_version",
+    "export_date",
+    "package_version",
+    "torch_version",
+    "opset",
 }
 
 
@@ -103,7 +124,10 @@ def test_every_metadata_key_is_written(exported_onnx, sharp_checkpoint):
     exported = datetime.fromisoformat(meta["export_date"])
     assert exported.tzinfo is not None and abs((datetime.now(UTC) - exported).total_seconds()) < 3600
     assert meta["package_version"] == __version__ and meta["opset"] == str(DEFAULT_OPSET)
-    assert ort.InferenceSession(str(exported_onnx["fp16"]), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map == meta
+    assert (
+        ort.InferenceSession(str(exported_onnx["fp16"]), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+        == meta
+    )
 
 
 def test_no_debug_annotations_or_local_paths_leak_into_the_graph(exported_onnx):
@@ -123,7 +147,11 @@ def test_batchnorm_is_folded_and_fp16_covers_weights_and_compute(exported_onnx):
     assert len(weights16) == len(weights32) - 2 > 10  # every conv weight and bias
     casts = [node for node in fp16.graph.node if node.op_type == "Cast"]
     # uint8 -> float32 (normalize in FP32), float32 -> float16 (the net), float16 -> float32 (logits): nothing else
-    assert [onnx.helper.get_attribute_value(c.attribute[0]) for c in casts] == [TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.FLOAT]
+    assert [onnx.helper.get_attribute_value(c.attribute[0]) for c in casts] == [
+        TensorProto.FLOAT,
+        TensorProto.FLOAT16,
+        TensorProto.FLOAT,
+    ]
     weight_bytes = [sum(len(i.raw_data) for i in m.graph.initializer if i.name.startswith("net.")) for m in (fp16, fp32)]
     assert weight_bytes[0] * 2 == weight_bytes[1]
 
@@ -192,7 +220,12 @@ def test_layout_input_size_and_opset_options(sharp_checkpoint, exported_onnx, tm
     assert contract.input_size == written.input_size == (128, 192)
     assert written.provenance["train_input_size"] == "64x96"  # the training size stays on record
     assert written.provenance["opset"] == "17" and model.opset_import[0].version == 17
-    assert [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == ["batch", 3, "height", "width"]
+    assert [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [
+        "batch",
+        3,
+        "height",
+        "width",
+    ]
     images = random_photos(2, 128, 192, seed=3)
     # FP16 both: ONNX Runtime places its FP32<->FP16 casts differently for the two layouts (~1e-3); a wrong
     # layout would differ by O(1)
@@ -203,8 +236,13 @@ def test_export_model_takes_a_bare_bilinear_model_and_extra_provenance(tmp_path)
     torch.manual_seed(0)
     model = UNet(UNetConfig(width=2, depth=3, upsample="bilinear")).eval()
     contract = export_model(
-        model, tmp_path / "bare.onnx", input_size=(16, 24), pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.25, 0.25, 0.25),
-        fp16=False, provenance={"val_dice": 0.5, "note": "hand-made"},
+        model,
+        tmp_path / "bare.onnx",
+        input_size=(16, 24),
+        pixel_mean=(0.5, 0.5, 0.5),
+        pixel_std=(0.25, 0.25, 0.25),
+        fp16=False,
+        provenance={"val_dice": 0.5, "note": "hand-made"},
     )
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "bare.onnx")).metadata_props}
     assert contract.input_multiple == 8 and meta["input_multiple"] == "8"
@@ -240,13 +278,16 @@ def write_truncated(path: Path, source: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda folder, ckpt: folder / "missing.pt", "does not exist"),
-    (lambda folder, ckpt: write_garbage(folder / "garbage.pt"), "not a readable checkpoint"),
-    (lambda folder, ckpt: write_truncated(folder / "truncated.pt", ckpt), "not a readable checkpoint"),
-    (lambda folder, ckpt: write_state_dict(folder / "state_dict.pt"), "not a unet-train checkpoint"),
-    (lambda folder, ckpt: write_foreign_dict(folder / "other.pt"), "not a unet-train checkpoint"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda folder, ckpt: folder / "missing.pt", "does not exist"),
+        (lambda folder, ckpt: write_garbage(folder / "garbage.pt"), "not a readable checkpoint"),
+        (lambda folder, ckpt: write_truncated(folder / "truncated.pt", ckpt), "not a readable checkpoint"),
+        (lambda folder, ckpt: write_state_dict(folder / "state_dict.pt"), "not a unet-train checkpoint"),
+        (lambda folder, ckpt: write_foreign_dict(folder / "other.pt"), "not a unet-train checkpoint"),
+    ],
+)
 def test_bad_checkpoints_are_refused_by_name_and_nothing_is_written(tmp_path, sharp_checkpoint, make, message):
     checkpoint = make(tmp_path, sharp_checkpoint)
     out = tmp_path / "out"
@@ -282,17 +323,22 @@ def test_input_size_must_be_a_multiple_of_two_to_the_depth(sharp_checkpoint, tmp
     assert files_in(tmp_path) == []
 
 
-@pytest.mark.parametrize("option, value, message", [("opset", 12, "opset 12 is not supported"), ("layout", "NWHC", "layout must be")])
+@pytest.mark.parametrize(
+    "option, value, message", [("opset", 12, "opset 12 is not supported"), ("layout", "NWHC", "layout must be")]
+)
 def test_unsupported_options_are_refused(sharp_checkpoint, tmp_path, option, value, message):
     with pytest.raises(ExportError, match=message):
         export_checkpoint(sharp_checkpoint, tmp_path / "m.onnx", **{option: value})
 
 
-@pytest.mark.parametrize("out, message", [
-    (lambda tmp: tmp / "no" / "such" / "m.onnx", "folder .*such does not exist"),
-    (lambda tmp: tmp, "is a folder"),
-    (lambda tmp: tmp / "file.txt" / "m.onnx", "file.txt is a file, not a folder"),
-])
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        (lambda tmp: tmp / "no" / "such" / "m.onnx", "folder .*such does not exist"),
+        (lambda tmp: tmp, "is a folder"),
+        (lambda tmp: tmp / "file.txt" / "m.onnx", "file.txt is a file, not a folder"),
+    ],
+)
 def test_unwritable_output_is_refused_before_exporting(sharp_checkpoint, tmp_path, out, message):
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(ExportError, match=message):
@@ -302,7 +348,8 @@ def test_unwritable_output_is_refused_before_exporting(sharp_checkpoint, tmp_pat
 
 def small_model_proto() -> onnx.ModelProto:
     graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
+        [onnx.helper.make_node("Identity", ["x"], ["y"])],
+        "g",
         [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
         [onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
     )

@@ -29,7 +29,9 @@ def onnx_files(folder: Path) -> list[str]:
 
 def test_export_and_verify_writes_a_verified_fp16_model(sharp_checkpoint, parity_photos, tmp_path):
     out = tmp_path / "m.onnx"
-    result = invoke(sharp_checkpoint, "-o", out, "--verify", parity_photos, "--verify-limit", 3, "--device", "cpu", "--no-progress")
+    result = invoke(
+        sharp_checkpoint, "-o", out, "--verify", parity_photos, "--verify-limit", 3, "--device", "cpu", "--no-progress"
+    )
     assert result.exit_code == 0, result.output
     assert "3/3 photos pass" in result.output and "-> PASS" in result.output
     assert f"wrote {out}: fp16" in result.output and "input uint8 NHWC 64x96 (any multiple of 4), opset 18" in result.output
@@ -59,7 +61,9 @@ def test_failed_verification_exits_1_and_installs_nothing(sharp_checkpoint, pari
     monkeypatch.setattr(export.onnx_export, "fold_batchnorm", broken_fold)
     out = tmp_path / "m.onnx"
     out.write_bytes(b"the model in service")
-    result = invoke(sharp_checkpoint, "-o", out, "--verify", parity_photos, "--verify-limit", 2, "--device", "cpu", "--no-progress")
+    result = invoke(
+        sharp_checkpoint, "-o", out, "--verify", parity_photos, "--verify-limit", 2, "--device", "cpu", "--no-progress"
+    )
     assert result.exit_code == 1, result.output
     assert "blank mask where PyTorch finds a car" in result.output and "-> FAIL" in result.output
     assert f"2 of 2 photos out of tolerance: {out} was not written" in result.output
@@ -76,15 +80,18 @@ def write_state_dict(folder: Path) -> Path:
     return folder / "weights.pt"
 
 
-@pytest.mark.parametrize("checkpoint, extra, message", [
-    (lambda tmp, ckpt: tmp / "missing.pt", [], "missing.pt' does not exist"),
-    (lambda tmp, ckpt: write_garbage(tmp), [], "garbage.pt is not a readable checkpoint"),
-    (lambda tmp, ckpt: write_state_dict(tmp), [], "weights.pt is not a unet-train checkpoint"),
-    (lambda tmp, ckpt: ckpt, ["--input-size", "66x96"], "input size 66x96 does not suit"),
-    (lambda tmp, ckpt: ckpt, ["--input-size", "64by96"], "is not a size"),
-    (lambda tmp, ckpt: ckpt, ["--opset", "12"], "12 is not in the range 17<=x<=21"),
-    (lambda tmp, ckpt: ckpt, ["--verify", "{tmp}/empty"], "no photos (.jpg, .jpeg, .png) in"),
-])
+@pytest.mark.parametrize(
+    "checkpoint, extra, message",
+    [
+        (lambda tmp, ckpt: tmp / "missing.pt", [], "missing.pt' does not exist"),
+        (lambda tmp, ckpt: write_garbage(tmp), [], "garbage.pt is not a readable checkpoint"),
+        (lambda tmp, ckpt: write_state_dict(tmp), [], "weights.pt is not a unet-train checkpoint"),
+        (lambda tmp, ckpt: ckpt, ["--input-size", "66x96"], "input size 66x96 does not suit"),
+        (lambda tmp, ckpt: ckpt, ["--input-size", "64by96"], "is not a size"),
+        (lambda tmp, ckpt: ckpt, ["--opset", "12"], "12 is not in the range 17<=x<=21"),
+        (lambda tmp, ckpt: ckpt, ["--verify", "{tmp}/empty"], "no photos (.jpg, .jpeg, .png) in"),
+    ],
+)
 def test_bad_input_exits_2_with_a_clear_message_and_no_file(sharp_checkpoint, tmp_path, checkpoint, extra, message):
     (tmp_path / "empty").mkdir()
     args = [a.replace("{tmp}", str(tmp_path)) for a in extra]
@@ -94,10 +101,13 @@ def test_bad_input_exits_2_with_a_clear_message_and_no_file(sharp_checkpoint, tm
     assert onnx_files(tmp_path) == []
 
 
-@pytest.mark.parametrize("out, message", [
-    ("{tmp}/no/such/m.onnx", "folder {tmp}/no/such does not exist"),
-    ("{tmp}/a-file/m.onnx", "{tmp}/a-file is a file, not a folder"),
-])
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        ("{tmp}/no/such/m.onnx", "folder {tmp}/no/such does not exist"),
+        ("{tmp}/a-file/m.onnx", "{tmp}/a-file is a file, not a folder"),
+    ],
+)
 @pytest.mark.parametrize("verify", [False, True])
 def test_unwritable_output_exits_2(sharp_checkpoint, parity_photos, tmp_path, out, message, verify):
     (tmp_path / "a-file").write_text("x")
@@ -122,6 +132,14 @@ def test_cuda_without_the_cuda_provider_exits_2_before_exporting(sharp_checkpoin
 def test_help_shows_the_options_and_defaults():
     result = CliRunner().invoke(main, ["to-onnx", "--help"])
     assert result.exit_code == 0
-    for text in ("--fp16 / --fp32", "[default: fp16]", "--input-size HXW", "[default: 18; 17<=x<=21]",
-                 "--layout [NHWC|NCHW]", "--verify DIRECTORY", "--verify-limit", "--device auto|cpu|cuda[:N]"):
+    for text in (
+        "--fp16 / --fp32",
+        "[default: fp16]",
+        "--input-size HXW",
+        "[default: 18; 17<=x<=21]",
+        "--layout [NHWC|NCHW]",
+        "--verify DIRECTORY",
+        "--verify-limit",
+        "--device auto|cpu|cuda[:N]",
+    ):
         assert text in result.output

@@ -113,8 +113,9 @@ def test_a_model_from_another_checkpoint_is_refused(tmp_path, exported_onnx, tin
 
 @pytest.mark.skipif(HAS_CUDA_EP, reason="this onnxruntime has the CUDA provider")
 @pytest.mark.parametrize(("device", "shown"), [("cuda", "cuda:0"), ("CUDA:1", "cuda:1")])
-def test_an_explicit_cuda_request_without_the_cuda_provider_is_an_error(device, shown, tmp_path, exported_onnx,
-                                                                        sharp_checkpoint, parity_photos):
+def test_an_explicit_cuda_request_without_the_cuda_provider_is_an_error(
+    device, shown, tmp_path, exported_onnx, sharp_checkpoint, parity_photos
+):
     with pytest.raises(VerifyError, match=f"--device {shown} cannot be used: this onnxruntime .* has no CUDA provider"):
         verify_parity(sharp_checkpoint, exported_onnx["fp32"], parity_photos, device=device, progress=False)
     with pytest.raises(VerifyError, match=f"--device {shown} cannot be used"):  # before the (slow) export
@@ -130,7 +131,9 @@ def test_auto_takes_the_gpu_only_when_onnxruntime_has_one(exported_onnx, sharp_c
 @pytest.mark.parametrize("precision", ["fp16", "fp32"])
 def test_real_photos_at_full_resolution(carvana_dir, exported_onnx, sharp_checkpoint, precision):
     """Real 1918x1280 JPEGs, masks compared at full size (the tiny model knows only synthetic cars)."""
-    report = verify_parity(sharp_checkpoint, exported_onnx[precision], carvana_dir / "train", limit=2, device="cpu", progress=False)
+    report = verify_parity(
+        sharp_checkpoint, exported_onnx[precision], carvana_dir / "train", limit=2, device="cpu", progress=False
+    )
     assert report.passed, "\n".join(report.lines())
     assert all(image.photo_size == (1280, 1918) for image in report.images)
 
@@ -161,7 +164,11 @@ def test_peak_activation_sees_what_the_folded_graph_holds():
     x = torch.randn(1, 3, 32, 48) * 3
     outputs = []
     folded = fold_batchnorm(model)
-    handles = [m.register_forward_hook(lambda m, i, o: outputs.append(float(o.abs().max()))) for m in folded.modules() if not any(m.children())]
+    handles = [
+        m.register_forward_hook(lambda m, i, o: outputs.append(float(o.abs().max())))
+        for m in folded.modules()
+        if not any(m.children())
+    ]
     with torch.no_grad(), peak_activation(model) as peak:
         model(x)
         folded(x)  # hooks on `model` only: this adds nothing to peak

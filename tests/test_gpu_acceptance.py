@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO, synthetic_pair
 from PIL import Image
 
 from benchmarks.acceptance import main as acceptance_main
 from benchmarks.acceptance import summarize
-from conftest import REPO, synthetic_pair
 
 VAL_IMAGES = json.loads((REPO / "checkpoints" / "w16-320x480" / "config.json").read_text())["val_images"]
 
@@ -55,10 +55,16 @@ def test_acceptance_script_segments_scores_and_summarizes_on_the_cpu(tmp_path: P
         Image.fromarray(photo).save(photos / f"{stem}.jpg", quality=95)
         Image.fromarray(mask.astype(np.uint8) * 255).save(truth / f"{stem}_mask.gif")
     out = tmp_path / "out"
-    env = os.environ | {"PHOTOS": str(photos), "TRUTH": str(truth), "STAGES": "segment", "DEVICE": "cpu",
-                        "WORK": str(tmp_path / "work")}
-    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu-acceptance.sh"), str(out)], env=env,
-                            capture_output=True, text=True, timeout=600)
+    env = os.environ | {
+        "PHOTOS": str(photos),
+        "TRUTH": str(truth),
+        "STAGES": "segment",
+        "DEVICE": "cpu",
+        "WORK": str(tmp_path / "work"),
+    }
+    result = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu-acceptance.sh"), str(out)], env=env, capture_output=True, text=True, timeout=600
+    )
     steps = {line.split()[0]: int(line.split()[1]) for line in (out / "steps.tsv").read_text().splitlines()}
     failed = {name: rc for name, rc in steps.items() if rc and name != "summary"}
     assert not failed, (failed, result.stderr[-3000:])

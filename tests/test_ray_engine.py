@@ -179,7 +179,7 @@ def test_actors_are_placed_by_the_cluster_resources(resources, nodes, device, wo
 )
 def test_gpus_that_the_cluster_cannot_give_are_an_error(resources, device, message):
     from batch.ray_engine import ClusterError, plan_actors
-    from batch.segment import SegmentError
+    from batch.runner import SegmentError
 
     with pytest.raises(ClusterError, match=message) as error:
         plan_actors(resources, 1, str(parse_device(device)), None)

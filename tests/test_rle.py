@@ -35,5 +35,5 @@ def test_known_kaggle_encoding(carvana_dir):
     mask = read_mask(carvana_dir / "train_masks" / "00087a6bd4dc_01_mask.gif")
     numbers = rle_encode(mask).split()
     assert mask.shape == (1280, 1918)
-    assert numbers[:6] == "879386 40 881253 141 883140 205".split()
+    assert numbers[:6] == ["879386", "40", "881253", "141", "883140", "205"]
     assert len(numbers) == 1390

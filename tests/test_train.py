@@ -96,6 +96,35 @@ def test_resume_needs_last_not_best(kaggle_dir, tmp_path):
         Trainer(tiny_config(kaggle_dir, run, epochs=2), TINY, resume=run / "best.pt", progress=False)
 
 
+def test_init_starts_a_new_schedule_from_a_checkpoints_weights(kaggle_dir, tmp_path):
+    first, tuned = tmp_path / "first", tmp_path / "tuned"
+    train(tiny_config(kaggle_dir, first, epochs=1), TINY, progress=False)
+    source = load_checkpoint(first / "best.pt")
+    config = tiny_config(kaggle_dir, tuned, epochs=2, scale=0.75, init=first / "best.pt")
+    trainer = Trainer(config, UNetConfig(width=8, depth=3), progress=False)  # the architecture comes from --init
+    assert trainer.model_cfg == TINY and trainer.state.epoch == 0
+    for name, tensor in trainer.model.state_dict().items():
+        assert torch.equal(tensor, source["model"][name]), name
+    trainer.run()
+    best = load_checkpoint(tuned / "best.pt")
+    assert [m["epoch"] for m in read_metrics(tuned)] == [1, 2]  # a schedule of its own, not a continuation
+    assert best["train_config"]["init"] == str(first / "best.pt") and best["input_size"] != source["input_size"]
+
+
+def test_init_refuses_a_checkpoint_validated_on_other_cars(kaggle_dir, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(kaggle_dir, run, epochs=1), TINY, progress=False)
+    with pytest.raises(ValueError, match="validated on other cars"):
+        Trainer(tiny_config(kaggle_dir, tmp_path / "b", val_cars=2, init=run / "best.pt"), TINY, progress=False)
+
+
+def test_init_with_resume_or_an_architecture_is_a_usage_error(tiny_checkpoint, kaggle_dir, tmp_path):
+    for extra in (["--resume", str(tiny_checkpoint)], ["--width", "8"]):
+        args = [str(kaggle_dir), "--out", str(tmp_path / "r"), "--init", str(tiny_checkpoint), *extra]
+        result = CliRunner().invoke(train_cli, args)
+        assert result.exit_code == 2 and ("not both" in result.output or "architecture" in result.output), result.output
+
+
 def test_ctrl_c_saves_last_checkpoint(kaggle_dir, tmp_path, monkeypatch):
     run = tmp_path / "run"
     trainer = Trainer(tiny_config(kaggle_dir, run, epochs=5), TINY, progress=False)
@@ -126,8 +155,26 @@ def test_learning_rate_warms_up_then_decays():
 
 def test_cli_writes_a_run_folder(kaggle_dir, tmp_path):
     run = tmp_path / "run"
-    args = [str(kaggle_dir), "--out", str(run), "--epochs", "1", "--batch-size", "4", "--scale", "0.5",
-            "--width", "4", "--depth", "2", "--device", "cpu", "--val-cars", "1", "--no-progress"]
+    args = [
+        str(kaggle_dir),
+        "--out",
+        str(run),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--scale",
+        "0.5",
+        "--width",
+        "4",
+        "--depth",
+        "2",
+        "--device",
+        "cpu",
+        "--val-cars",
+        "1",
+        "--no-progress",
+    ]
     result = CliRunner().invoke(train_cli, args)
     assert result.exit_code == 0, result.output
     assert "best validation Dice" in result.output
@@ -138,8 +185,28 @@ def test_cli_writes_a_run_folder(kaggle_dir, tmp_path):
 
 def test_cli_stop_after_says_how_to_continue(kaggle_dir, tmp_path):
     run = tmp_path / "run"
-    args = [str(kaggle_dir), "--out", str(run), "--epochs", "3", "--stop-after", "1", "--batch-size", "4", "--scale", "0.5",
-            "--width", "4", "--depth", "2", "--device", "cpu", "--val-cars", "1", "--no-progress"]
+    args = [
+        str(kaggle_dir),
+        "--out",
+        str(run),
+        "--epochs",
+        "3",
+        "--stop-after",
+        "1",
+        "--batch-size",
+        "4",
+        "--scale",
+        "0.5",
+        "--width",
+        "4",
+        "--depth",
+        "2",
+        "--device",
+        "cpu",
+        "--val-cars",
+        "1",
+        "--no-progress",
+    ]
     result = CliRunner().invoke(train_cli, args)
     assert result.exit_code == 0, result.output
     assert "paused after epoch 1 of 3" in result.output and f"--resume {run / 'last.pt'}" in result.output

@@ -61,6 +61,7 @@ def compact_optimizer_state(optimizer_state: dict) -> dict:
     it keeps the ``last.pt`` of a width-16 U-Net under 20 MB, small enough to carry in a repository
     between sessions.
     """
+
     def shrink(value):
         return value.to(torch.bfloat16) if torch.is_tensor(value) and value.is_floating_point() and value.dim() else value
 

@@ -19,54 +19,120 @@ from unet.config import TrainConfig, UNetConfig
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, writable=True), help="Run folder.")
-@click.option("--epochs", default=TrainConfig.epochs, type=click.IntRange(min=1),
-              help="Total epochs (a resumed run continues to this).")
-@click.option("--batch-size", default=TrainConfig.batch_size, type=click.IntRange(min=2),
-              help="Photos per optimizer step (at least 2, for BatchNorm).")
-@click.option("--scale", default=None, type=click.FloatRange(0, 4, min_open=True),
-              help=f"Training size as a fraction of the photo size, rounded to multiples of 2**depth "
-                   f"[default: {TrainConfig.scale}].")
+@click.option(
+    "--epochs", default=TrainConfig.epochs, type=click.IntRange(min=1), help="Total epochs (a resumed run continues to this)."
+)
+@click.option(
+    "--batch-size",
+    default=TrainConfig.batch_size,
+    type=click.IntRange(min=2),
+    help="Photos per optimizer step (at least 2, for BatchNorm).",
+)
+@click.option(
+    "--scale",
+    default=None,
+    type=click.FloatRange(0, 4, min_open=True),
+    help=f"Training size as a fraction of the photo size, rounded to multiples of 2**depth [default: {TrainConfig.scale}].",
+)
 @click.option("--size", default=None, type=SIZE, help="Training size HxW (instead of --scale).")
-@click.option("--width", default=None, type=click.IntRange(min=1),
-              help=f"Channels of the first stage [default: {UNetConfig.width}].")
+@click.option(
+    "--width", default=None, type=click.IntRange(min=1), help=f"Channels of the first stage [default: {UNetConfig.width}]."
+)
 @click.option("--depth", default=None, type=click.IntRange(1, 8), help=f"Number of 2x poolings [default: {UNetConfig.depth}].")
-@click.option("--upsample", default=None, type=click.Choice(["transpose", "bilinear"]),
-              help=f"Decoder upsampling: a learned transposed conv, or bilinear + 1x1 conv [default: {UNetConfig.upsample}].")
+@click.option(
+    "--upsample",
+    default=None,
+    type=click.Choice(["transpose", "bilinear"]),
+    help=f"Decoder upsampling: a learned transposed conv, or bilinear + 1x1 conv [default: {UNetConfig.upsample}].",
+)
 @click.option("--lr", default=TrainConfig.lr, type=click.FloatRange(min=0, min_open=True), help="Peak learning rate.")
-@click.option("--scale-jitter", default=TrainConfig.scale_jitter, type=click.FloatRange(0, 0.5, max_open=True),
-              help="Random zoom in or out by up to this fraction, with a shift of as much of the half-size (0: off).")
+@click.option(
+    "--scale-jitter",
+    default=TrainConfig.scale_jitter,
+    type=click.FloatRange(0, 0.5, max_open=True),
+    help="Random zoom in or out by up to this fraction, with a shift of as much of the half-size (0: off).",
+)
 @click.option("--val-cars", default=None, type=click.IntRange(min=1), help="Cars held out for validation [default: ~10%].")
-@click.option("--device", default=TrainConfig.device, type=DEVICE,
-              help="auto: the first CUDA GPU when torch sees one, else the CPU.")
-@click.option("--workers", default=TrainConfig.workers, type=click.IntRange(min=1),
-              help="Threads that decode photos into the cache.")
+@click.option(
+    "--device", default=TrainConfig.device, type=DEVICE, help="auto: the first CUDA GPU when torch sees one, else the CPU."
+)
+@click.option(
+    "--workers", default=TrainConfig.workers, type=click.IntRange(min=1), help="Threads that decode photos into the cache."
+)
 @click.option("--limit", default=None, type=click.IntRange(min=2), help="Use only the first N photo/mask pairs.")
 @click.option("--resume", default=None, type=click.Path(exists=True, dir_okay=False), help="Continue from a last.pt.")
-@click.option("--stop-after", default=None, type=click.IntRange(min=1),
-              help="Pause after this many epochs of this call; the schedule still spans --epochs (continue with --resume).")
+@click.option(
+    "--init",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Start from this best.pt's (or last.pt's) weights and architecture on a new schedule: fine-tuning, "
+    "e.g. at a larger --size. Needs the same validation cars.",
+)
+@click.option(
+    "--stop-after",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Pause after this many epochs of this call; the schedule still spans --epochs (continue with --resume).",
+)
 @click.option("--seed", default=TrainConfig.seed, type=int, help="Seed of the validation split, the weights and the shuffling.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars (logs still go to stderr).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @version_option
-def main(data_dir, out_dir, epochs, batch_size, scale, size, width, depth, upsample, lr, scale_jitter, val_cars, device, workers,
-         limit, resume, stop_after, seed, no_progress, verbose):
+def main(
+    data_dir,
+    out_dir,
+    epochs,
+    batch_size,
+    scale,
+    size,
+    width,
+    depth,
+    upsample,
+    lr,
+    scale_jitter,
+    val_cars,
+    device,
+    workers,
+    limit,
+    resume,
+    init,
+    stop_after,
+    seed,
+    no_progress,
+    verbose,
+):
     """Train a U-Net on DATA_DIR (train/ + train_masks/, or images/ + masks/) into the run folder --out."""
     if scale is not None and size is not None:
         raise click.UsageError("give --scale or --size, not both")
-    if resume and any(v is not None for v in (width, depth, upsample)):
-        raise click.UsageError("--resume takes the architecture from the checkpoint: drop --width/--depth/--upsample")
+    if resume and init:
+        raise click.UsageError("give --resume (continue a run) or --init (a new run from its weights), not both")
+    for flag, given in (("--resume", resume), ("--init", init)):
+        if given and any(v is not None for v in (width, depth, upsample)):
+            raise click.UsageError(f"{flag} takes the architecture from the checkpoint: drop --width/--depth/--upsample")
     require("torch", "train", what="unet-train")
     from unet.checkpoint import CheckpointError
     from unet.data import DataError
     from unet.train import TrainingInterrupted, train
 
     try:
-        model_cfg = UNetConfig(width=width or UNetConfig.width, depth=depth or UNetConfig.depth,
-                               upsample=upsample or UNetConfig.upsample)
+        model_cfg = UNetConfig(
+            width=width or UNetConfig.width, depth=depth or UNetConfig.depth, upsample=upsample or UNetConfig.upsample
+        )
         cfg = TrainConfig(
-            data_dir=data_dir, out_dir=out_dir, epochs=epochs, batch_size=batch_size,
-            scale=TrainConfig.scale if scale is None and size is None else scale, size=size, lr=lr,
-            scale_jitter=scale_jitter, val_cars=val_cars, seed=seed, device=device, workers=workers, limit=limit,
+            data_dir=data_dir,
+            out_dir=out_dir,
+            epochs=epochs,
+            batch_size=batch_size,
+            scale=TrainConfig.scale if scale is None and size is None else scale,
+            size=size,
+            lr=lr,
+            scale_jitter=scale_jitter,
+            val_cars=val_cars,
+            seed=seed,
+            device=device,
+            workers=workers,
+            limit=limit,
+            init=init,
         )
         with setup_logging(verbose):
             state = train(cfg, model_cfg, resume=resume, progress=not no_progress, stop_after=stop_after)
@@ -79,7 +145,9 @@ def main(data_dir, out_dir, epochs, batch_size, scale, size, width, depth, upsam
     except (DataError, CheckpointError, DeviceError, ValueError) as e:
         raise InputError(str(e)) from e
     if state.epoch < epochs:
-        click.echo(f"paused after epoch {state.epoch} of {epochs}, best validation Dice {state.best_val_dice:.4f}; "
-                   f"continue with --resume {Path(out_dir) / 'last.pt'}")
+        click.echo(
+            f"paused after epoch {state.epoch} of {epochs}, best validation Dice {state.best_val_dice:.4f}; "
+            f"continue with --resume {Path(out_dir) / 'last.pt'}"
+        )
     else:
         click.echo(f"done: {state.epoch} epochs, best validation Dice {state.best_val_dice:.4f} -> {out_dir}/best.pt")

@@ -67,8 +67,11 @@ class TrainConfig:
     scale_jitter: float = 0.0  # max relative zoom in or out, with a random shift of up to as much of the half-size
     pixel_mean: tuple[float, float, float] = IMAGENET_MEAN  # input normalisation: (pixel/255 - mean) / std
     pixel_std: tuple[float, float, float] = IMAGENET_STD
+    init: str | None = None  # start from this checkpoint's weights and architecture, on a new schedule (fine-tuning)
 
     def __post_init__(self) -> None:
+        if self.init is not None:
+            object.__setattr__(self, "init", str(self.init))
         object.__setattr__(self, "device", str(parse_device(self.device)))  # DeviceError (a ValueError) names the choices
         checks = {
             "epochs must be >= 1": self.epochs >= 1,

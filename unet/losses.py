@@ -19,4 +19,3 @@ def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float
     """Binary cross-entropy on logits plus ``dice_weight`` times the soft Dice loss."""
     bce = F.binary_cross_entropy_with_logits(logits.float(), target.float())
     return bce + dice_weight * soft_dice_loss(logits, target)
-

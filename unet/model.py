@@ -18,9 +18,7 @@ def check_input_size(height: int, width: int, multiple: int) -> None:
     """Raise a ValueError naming the nearest valid sizes when a side is not a multiple of ``multiple``."""
     if height % multiple == 0 and width % multiple == 0 and height > 0 and width > 0:
         return
-    suggestions = sorted(
-        {f"{h}x{w}" for h in nearest_multiples(height, multiple) for w in nearest_multiples(width, multiple)}
-    )
+    suggestions = sorted({f"{h}x{w}" for h in nearest_multiples(height, multiple) for w in nearest_multiples(width, multiple)})
     raise ValueError(
         f"input size {height}x{width} does not work: height and width must be positive multiples of "
         f"{multiple} (2**depth). Consider resizing or padding to one of {', '.join(suggestions)}."

@@ -148,8 +148,10 @@ class Trainer:
         if not self.cuda:
             keep_freed_memory()
         resumed = load_checkpoint(resume, map_location="cpu") if resume else None
-        if resumed is not None:
-            model_cfg = UNetConfig.from_dict(resumed["model_config"])
+        initial = load_checkpoint(cfg.init, map_location="cpu") if cfg.init and resumed is None else None
+        for source in (resumed, initial):
+            if source is not None:
+                model_cfg = UNetConfig.from_dict(source["model_config"])
         self.model_cfg = model_cfg
         torch.manual_seed(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
@@ -161,6 +163,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.state = RunState()
         self.prepare_data(resumed)
+        if initial is not None:
+            self.initialize(initial)
         if resumed is not None:
             self.restore(resumed)
 
@@ -168,7 +172,10 @@ class Trainer:
     def prepare_data(self, resumed: dict | None) -> None:
         cfg = self.cfg
         pairing = pair_files(cfg.data_dir)
-        for label, names in (("photos without a mask", pairing.images_without_mask), ("masks without a photo", pairing.masks_without_image)):
+        for label, names in (
+            ("photos without a mask", pairing.images_without_mask),
+            ("masks without a photo", pairing.masks_without_image),
+        ):
             if names:
                 shown = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
                 log.warning("skipping %d %s: %s", len(names), label, shown)
@@ -186,7 +193,11 @@ class Trainer:
         self.train_samples, self.val_samples = train, val
         log.info(
             "%d training photos (%d cars), %d validation photos (%d cars), training size %dx%d",
-            len(train), len({s.car_id for s in train}), len(val), val_cars, *self.size,
+            len(train),
+            len({s.car_id for s in train}),
+            len(val),
+            val_cars,
+            *self.size,
         )
         self.train_set = cache_samples(train, self.size, False, cfg.workers, "caching train", self.progress)
         self.val_set = cache_samples(val, self.size, True, cfg.workers, "caching val", self.progress)
@@ -217,6 +228,29 @@ class Trainer:
                 "history": self.state.history,
             }
         return state
+
+    def initialize(self, initial: dict) -> None:
+        """Start from ``cfg.init``'s weights (fine-tuning): refused when its validation cars or input
+        normalisation differ from this run's, since its validation photos may then have been trained on."""
+        val_cars = sorted({s.car_id for s in self.val_samples})
+        if sorted(initial.get("val_cars", [])) != val_cars:
+            raise DataError(
+                f"--init {self.cfg.init} was validated on other cars than this run's ({', '.join(val_cars)}): "
+                "this run's validation photos may be in its training set. Use the same data, --seed and --val-cars."
+            )
+        for key in ("pixel_mean", "pixel_std"):
+            if [round(v, 6) for v in initial[key]] != [round(v, 6) for v in getattr(self.cfg, key)]:
+                raise DataError(
+                    f"--init {self.cfg.init} was trained with {key} {initial[key]}, not {list(getattr(self.cfg, key))}"
+                )
+        self.model.load_state_dict(initial["model"])
+        log.info(
+            "starting from the weights of %s (epoch %d, validation Dice %.4f at %dx%d)",
+            self.cfg.init,
+            initial["epoch"],
+            initial["val_dice"],
+            *initial["input_size"],
+        )
 
     def restore(self, resumed: dict) -> None:
         if "optimizer" not in resumed:
@@ -300,8 +334,12 @@ class Trainer:
         total_steps = math.ceil(cfg.epochs * len(batches))
         warmup_steps = round(cfg.warmup_epochs * len(batches))
         losses, seen, start = [], 0, time.perf_counter()
-        bar = tqdm(total=sum(len(b) for b in batches), desc=f"epoch {self.state.epoch + 1}/{cfg.epochs}",
-                   unit="img", disable=not self.progress)
+        bar = tqdm(
+            total=sum(len(b) for b in batches),
+            desc=f"epoch {self.state.epoch + 1}/{cfg.epochs}",
+            unit="img",
+            disable=not self.progress,
+        )
         with bar:
             for idx in batches:
                 lr = lr_at(self.state.step, total_steps, warmup_steps, cfg.lr)
@@ -343,8 +381,13 @@ class Trainer:
         return sum(losses) / len(data), scores
 
 
-def train(cfg: TrainConfig, model_cfg: UNetConfig, resume: str | Path | None = None, progress: bool = True,
-          stop_after: int | None = None) -> RunState:
+def train(
+    cfg: TrainConfig,
+    model_cfg: UNetConfig,
+    resume: str | Path | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> RunState:
     """Train a U-Net as ``cfg`` says; return the run's state (epochs done, best Dice, per-epoch history).
 
     ``stop_after`` pauses after that many epochs of this call, on the schedule of ``cfg.epochs``: a

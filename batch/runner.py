@@ -1,4 +1,4 @@
-"""``segment``: a folder of photos -> masks, on the :class:`~batch.api.Segmenter` stream, with a writer pool.
+"""The folder runner (``unet-batch segment``): photos -> masks on the :class:`~batch.api.Segmenter` stream.
 
     discover -> Segmenter.stream: [decode thread] -> queue -> [inference: main thread] -> [writer pool]
 
@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path, PurePosixPath
-from typing import TextIO
+from typing import Any, TextIO
 
 from PIL import Image
 from tqdm import tqdm
@@ -49,7 +49,17 @@ class SegmentError(RuntimeError):
     """A run that cannot start (bad folders, model, device or options); the message says what to fix."""
 
 
-def segment(config: SegmentConfig) -> Report:
+def segment(input_dir: str | Path, output_dir: str | Path, **options: Any) -> Report:
+    """``unet-batch segment INPUT_DIR OUTPUT_DIR`` from Python: folders (or URIs) as str or Path.
+
+    ``options`` are :class:`~batch.config.SegmentConfig`'s fields (``model``, ``device``, ``formats``,
+    ``tta``, ``overwrite``, ``progress``, ...) with its defaults; a bad one raises ``ValueError`` or
+    ``TypeError``. Otherwise as :func:`run`.
+    """
+    return run(SegmentConfig(input_dir, output_dir, **options))
+
+
+def run(config: SegmentConfig) -> Report:
     """Segment every photo under ``config.input_dir``; write outputs and the report; return the report.
 
     Raises :class:`SegmentError` for anything that prevents the run from starting; such a run leaves
@@ -104,6 +114,30 @@ def segment(config: SegmentConfig) -> Report:
 def make_report(
     config: SegmentConfig, plan: Plan, segmenter: Segmenter, results: Results, seconds: float, interrupted: bool, stopped: str
 ) -> Report:
+    return run_report(
+        config,
+        plan,
+        results,
+        seconds,
+        interrupted,
+        stopped,
+        stages=segmenter.clock.snapshot(),
+        device=segmenter.device,
+        provider=segmenter.model.provider,
+        decoder=segmenter.decoder.name,
+        pillow_fallbacks=segmenter.decoder.pillow_fallbacks,
+        model=segmenter.model.describe(),
+        batch_size=segmenter.batch_size,
+        threshold=segmenter.threshold,
+        tta=segmenter.tta,
+    )
+
+
+def run_report(
+    config: SegmentConfig, plan: Plan, results: Results, seconds: float, interrupted: bool, stopped: str, **engine: Any
+) -> Report:
+    """The report of a run on either engine: what was asked and what was done, plus ``engine``'s fields
+    (the device, model, decoder, stages, ... as the engine saw them)."""
     failed = sorted(results.failed, key=lambda failure: failure[0].rel.parts)
     return Report(
         input_dir=str(config.input_dir),
@@ -114,19 +148,11 @@ def make_report(
         failed=[{"path": str(job.source), "reason": reason} for job, reason in failed],
         seconds=round(seconds, 4),
         images_per_second=round(results.processed / seconds, 3),
-        stages=segmenter.clock.snapshot(),
-        device=segmenter.device,
-        provider=segmenter.model.provider,
-        decoder=segmenter.decoder.name,
-        pillow_fallbacks=segmenter.decoder.pillow_fallbacks,
-        model=segmenter.model.describe(),
-        batch_size=segmenter.batch_size,
         formats=list(config.formats),
-        threshold=segmenter.threshold,
-        tta=segmenter.tta,
         interrupted=interrupted,
         stopped=stopped,
         version=package_version(),
+        **engine,
     )
 
 
