@@ -14,6 +14,8 @@
 #   STAGES  which steps to run, comma-separated                            [all of them, in order]
 #           install, test, segment, bench, classic
 #   DEVICE  the GPU                                                        [cuda]
+#   AGREEMENT_MODEL  the one model every path of the agreement check runs, so that only decoding
+#           and the provider differ (the CPU default is INT8, a GPU's is not)  [batch/models/default.onnx]
 #   SITE    where the wheels are installed (put first on PYTHONPATH)       [/tmp/gpu-site]
 #   WORK    masks and other bulky intermediate files (not results)         [/tmp/unet-acceptance]
 #
@@ -28,6 +30,7 @@ PHOTOS=${PHOTOS:-/tmp/carvana/photos}
 TRUTH=${TRUTH:-/tmp/carvana/truth}
 STAGES=${STAGES:-install,test,segment,bench,classic}
 DEVICE=${DEVICE:-cuda}
+AGREEMENT_MODEL=${AGREEMENT_MODEL:-batch/models/default.onnx}
 SITE=${SITE:-/tmp/gpu-site}
 WORK=${WORK:-/tmp/unet-acceptance}
 PYTHON=${PYTHON:-python3}
@@ -134,9 +137,9 @@ run_segment_checks() {
   local val
   val=$(validation_photos)
   log "validation photos present: $(find "$val" -name '*.jpg' | wc -l)"
-  step segment-cpu-pillow segment_and_score cpu-pillow "$PHOTOS" --device cpu --decoder pillow
-  step segment-gpu-dali segment_and_score gpu-dali "$PHOTOS" --device "$DEVICE" --decoder dali
-  step segment-gpu-pillow segment_and_score gpu-pillow "$PHOTOS" --device "$DEVICE" --decoder pillow
+  step segment-cpu-pillow segment_and_score cpu-pillow "$PHOTOS" --device cpu --decoder pillow --model "$AGREEMENT_MODEL"
+  step segment-gpu-dali segment_and_score gpu-dali "$PHOTOS" --device "$DEVICE" --decoder dali --model "$AGREEMENT_MODEL"
+  step segment-gpu-pillow segment_and_score gpu-pillow "$PHOTOS" --device "$DEVICE" --decoder pillow --model "$AGREEMENT_MODEL"
   step agreement-dali agreement gpu-dali cpu-pillow
   step agreement-gpu-pillow agreement gpu-pillow cpu-pillow
   step segment-val-cpu segment_and_score val-cpu "$val" --device cpu --decoder pillow
@@ -154,6 +157,14 @@ bench() {
   unet-bench run --device "$DEVICE" --images "$PHOTOS" --out "$out/$name" --overwrite "$@"
 }
 
+# bench_bundled NAME: the full suite with the bundled model's weights (its checkpoint, at its input size).
+bench_bundled() {
+  local source
+  source=$("$PYTHON" -c "from benchmarks.models import bundled_source; c, s = bundled_source(); print(c, f'{s[0]}x{s[1]}')") || return 1
+  read -r checkpoint size <<<"$source"
+  bench "$1" --suite full --model "$checkpoint" --size "$size"
+}
+
 log "acceptance run: stages $STAGES, results in $out"
 describe_machine >"$out/machine.txt" 2>&1
 wants install && step install install_offline
@@ -163,7 +174,7 @@ if wants test; then
   step pytest-rest "$PYTHON" -m pytest -m "not gpu and not dali" -ra -q -p no:cacheprovider --junitxml="$out/pytest-rest.xml"
 fi
 wants segment && run_segment_checks
-wants bench && step bench-full bench bench-full --suite full --model checkpoints/w16-320x480/best.pt
+wants bench && step bench-full bench_bundled bench-full
 wants classic && step bench-classic bench bench-classic --suite classic --size 640x960 --width 64
 step summary "$PYTHON" -m benchmarks.acceptance "$out"
 cat "$out/summary.md" 2>/dev/null

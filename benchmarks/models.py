@@ -92,6 +92,28 @@ def source_hash() -> str:
     return digest.hexdigest()[:12]
 
 
+def bundled_source(checkpoints: Path = REPO / "checkpoints") -> tuple[Path, tuple[int, int]]:
+    """The checkpoint the bundled ``default.onnx`` was exported from, and the input size it was exported at.
+
+    The checkpoint is found in ``checkpoints`` by the SHA-256 the export recorded, so benchmarks of "the
+    bundled model's weights" (e.g. the PyTorch peer) never drift from the shipped file.
+    """
+    from batch.bundled import DEFAULT_MODEL, models_folder
+
+    bundled = read_model(models_folder() / DEFAULT_MODEL)
+    wanted = bundled.contract.provenance.get("source_checkpoint_sha256")
+    if wanted is None:
+        raise ModelError(f"{bundled.path} does not record the SHA-256 of its checkpoint: re-export it with unet-export")
+    for candidate in sorted(checkpoints.glob("*/*.pt")):
+        with open(candidate, "rb") as f:
+            if hashlib.file_digest(f, "sha256").hexdigest() == wanted:
+                return candidate, bundled.contract.input_size
+    raise ModelError(
+        f"no checkpoint under {checkpoints} has the SHA-256 {wanted[:12]}... that {bundled.path.name} was exported "
+        "from: commit the checkpoint beside the model (checkpoints/<run>/best.pt)"
+    )
+
+
 def random_model(
     width: int, depth: int, size: tuple[int, int], *, fp16: bool, seed: int, folder: Path, cache_dir: Path | None
 ) -> BenchModel:

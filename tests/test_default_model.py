@@ -7,6 +7,7 @@ from pathlib import Path
 
 import onnx
 import pytest
+from conftest import REPO
 
 from batch.bundled import DEFAULT_MODEL, models_folder
 from batch.contract import ModelContract
@@ -46,3 +47,15 @@ def test_bundled_model_masks_its_held_out_cars(bundled, carvana_dir, tmp_path):
     report = run(SegmentConfig(photos, tmp_path / "masks", device="cpu"))
     assert report.processed == len(list(photos.iterdir())) and not report.failed
     assert evaluate(tmp_path / "masks", carvana_dir / "train_masks").mean_dice >= 0.985
+
+
+def test_the_checkpoint_of_the_bundled_model_is_in_the_repository(bundled, tmp_path):
+    """benchmarks.models.bundled_source finds the weights default.onnx was exported from (the GPU run benchmarks them)."""
+    from benchmarks.models import ModelError, bundled_source
+
+    path, meta = bundled
+    checkpoint, size = bundled_source()
+    assert checkpoint.is_file() and checkpoint.is_relative_to(REPO / "checkpoints")
+    assert size == ModelContract.from_metadata(meta, source=str(path)).input_size
+    with pytest.raises(ModelError, match="commit the checkpoint"):
+        bundled_source(tmp_path)
