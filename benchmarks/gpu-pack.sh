@@ -2,10 +2,12 @@
 # Pack what a GPU acceptance run needs into parts that fit a transfer limit, on a machine with
 # network access; on the GPU host, unpack the parts into /tmp and run benchmarks/gpu-acceptance.sh.
 #
-#   benchmarks/gpu-pack.sh [CARVANA_DIR] [PHOTOS] [LIMIT_MIB]
+#   benchmarks/gpu-pack.sh [CARVANA_DIR] [PHOTOS] [LIMIT_MIB] [MASKS]
 #       CARVANA_DIR  Kaggle layout (train/, train_masks/)                [../shared/data/carvana]
 #       PHOTOS       how many photos: every validation photo of the bundled model, then others  [1024]
 #       LIMIT_MIB    what one transfer may carry, the repository included                         [64]
+#       MASKS        whose masks go into truth/: val (the validation photos', to score them) or all
+#                    (every packed photo's, to train on the GPU: PHOTOS=1600 MASKS=all)          [val]
 #
 # Writes .gpu-payload/part-NN/{wheels,photos}/ (add /.gpu-payload/ to .git/info/exclude): the wheels
 # of onnxruntime-gpu and DALI (staged by ../shared/tools/stage-gpu-wheels, cut into pieces) and
@@ -15,9 +17,10 @@
 # "Acceptance run on a new GPU host").
 set -euo pipefail
 cd "$(dirname "$0")/.."
-carvana=${1:-../shared/data/carvana} photos=${2:-1024} limit_mib=${3:-64}
+carvana=${1:-../shared/data/carvana} photos=${2:-1024} limit_mib=${3:-64} masks=${4:-val}
+case $masks in val | all) ;; *) echo "gpu-pack: MASKS is val or all, not '$masks'" >&2; exit 2 ;; esac
 payload=.gpu-payload
-stage=../shared/tools/stage-gpu-wheels
+stage=${STAGE_WHEELS:-../shared/tools/stage-gpu-wheels}  # overridable (tests)
 
 tree_bytes=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | xargs -0 -r stat -c %s -- 2>/dev/null | awk '{s += $1} END {print s + 0}')
 part_mib=$((limit_mib - tree_bytes / 1048576 - 3))
@@ -40,10 +43,12 @@ val = [f"{stem}.jpg" for stem in json.loads(Path("checkpoints/w16-320x480/config
 others = [p.name for p in sorted((carvana / "train").glob("*.jpg")) if p.name not in set(val)]
 print("\n".join(f"train/{name}" for name in (val + others)[: max(count, len(val))]))
 PY
-python3 >"$scratch/truth.txt" <<'PY'
-import json
+python3 - "$masks" "$scratch/photos.txt" >"$scratch/truth.txt" <<'PY'
+import json, sys
 from pathlib import Path
-print("\n".join(f"train_masks/{stem}_mask.gif" for stem in json.loads(Path("checkpoints/w16-320x480/config.json").read_text())["val_images"]))
+masks, photos = sys.argv[1], Path(sys.argv[2]).read_text().split()
+stems = json.loads(Path("checkpoints/w16-320x480/config.json").read_text())["val_images"] if masks == "val" else [Path(p).stem for p in photos]
+print("\n".join(f"train_masks/{stem}_mask.gif" for stem in stems))
 PY
 cat "$scratch/photos.txt" "$scratch/truth.txt" >"$scratch/files.txt"
 tar -cf "$scratch/photos.tar" -C "$carvana" -T "$scratch/files.txt" --transform 's,^train/,photos/,;s,^train_masks/,truth/,'
