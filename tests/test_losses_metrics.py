@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from batch.masks import dice, iou
-from unet.losses import bce_dice_loss, soft_dice_loss
+from unet.config import LOSS_NAMES
+from unet.losses import LOSSES, bce_dice_loss, bce_lovasz_loss, lovasz_hinge_loss, soft_dice_loss
 from unet.metrics import full_resolution_dice
 
 
@@ -21,6 +22,34 @@ def test_losses_near_zero_for_confident_right_answer():
     target = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
     logits = (target * 2 - 1) * 20
     assert bce_dice_loss(logits, target).item() < 1e-3
+
+
+def test_lovasz_hinge_equals_one_minus_iou_at_binary_errors():
+    """The Lovász extension agrees with the Jaccard loss wherever the hinge errors are 0 or 1."""
+    rng = np.random.default_rng(0)
+    truth = rng.random((3, 1, 16, 16)) > 0.6
+    truth[2] = False  # an image without a car
+    wrong = rng.random(truth.shape) < 0.15  # pixels the prediction gets wrong
+    sign = torch.from_numpy(truth).float() * 2 - 1
+    logits = torch.where(torch.from_numpy(wrong), 0.0, 1.0) * sign  # margin 1 (error 0) or 0 (error 1)
+    prediction = truth ^ wrong
+    expected = np.mean([1 - iou(prediction[b, 0], truth[b, 0]) if (prediction[b] | truth[b]).any() else 0.0 for b in range(3)])
+    assert lovasz_hinge_loss(logits, torch.from_numpy(truth).float()).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_lovasz_hinge_by_hand_and_its_gradient():
+    target = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+    assert lovasz_hinge_loss((target * 2 - 1) * 5, target).item() == 0.0  # confident and right
+    logits = torch.zeros_like(target, requires_grad=True)  # undecided: every pixel wrong by 1
+    loss = lovasz_hinge_loss(logits, target * 0.8 + 0.1)  # soft targets count as car above 0.5
+    assert loss.item() == pytest.approx(1.0)
+    loss.backward()
+    assert torch.all(logits.grad[target > 0] < 0) and torch.all(logits.grad[target == 0] > 0)  # pushes the right way
+    assert bce_lovasz_loss(torch.zeros_like(target), target).item() == pytest.approx(math.log(2) + 1.0)
+
+
+def test_every_configurable_loss_exists():
+    assert set(LOSSES) == set(LOSS_NAMES)
 
 
 def test_dice_and_iou_by_hand():

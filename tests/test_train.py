@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -278,6 +279,17 @@ def test_zoom_and_shift_moves_photo_and_target_together():
     assert not torch.allclose(moved_y, y)  # something moved
     assert torch.allclose(moved_x[:, :1], moved_y) and torch.allclose(moved_x[:, 1:], moved_y.expand(-1, 2, -1, -1))
     assert torch.allclose(zoom_and_shift(x, y, 0.0, draw)[1], y, atol=1e-6)  # no jitter: the identity
+
+
+def test_loss_is_chosen_validated_and_recorded(kaggle_dir, tmp_path):
+    with pytest.raises(ValueError, match="loss must be one of bce-dice, bce-lovasz"):
+        TrainConfig(data_dir=str(kaggle_dir), out_dir=str(tmp_path), loss="dice")
+    run = tmp_path / "run"
+    args = [str(kaggle_dir), "--out", str(run), "--width", "4", "--depth", "2", "--epochs", "1", "--no-progress"]
+    result = CliRunner().invoke(train_cli, args + ["--loss", "bce-lovasz", "--scale", "0.25"])
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(run / "best.pt")["train_config"]["loss"] == "bce-lovasz"
+    assert math.isfinite(read_metrics(run)[0]["train_loss"])
 
 
 def test_scale_jitter_is_validated_and_recorded(kaggle_dir, tmp_path):

@@ -13,7 +13,7 @@ import click
 from batch.clitypes import DEVICE, SIZE, InputError, setup_logging, version_option
 from batch.devices import DeviceError
 from batch.extras import require
-from unet.config import TrainConfig, UNetConfig
+from unet.config import LOSS_NAMES, TrainConfig, UNetConfig
 
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
@@ -51,6 +51,13 @@ from unet.config import TrainConfig, UNetConfig
     default=TrainConfig.scale_jitter,
     type=click.FloatRange(0, 0.5, max_open=True),
     help="Random zoom in or out by up to this fraction, with a shift of as much of the half-size (0: off).",
+)
+@click.option(
+    "--loss",
+    default=TrainConfig.loss,
+    type=click.Choice(LOSS_NAMES),
+    help="bce-dice: BCE + soft Dice per image; bce-lovasz: BCE + the Lovász hinge, a surrogate of the overlap "
+    "metric (for fine-tuning with --init).",
 )
 @click.option("--val-cars", default=None, type=click.IntRange(min=1), help="Cars held out for validation [default: ~10%].")
 @click.option(
@@ -90,6 +97,7 @@ def main(
     upsample,
     lr,
     scale_jitter,
+    loss,
     val_cars,
     device,
     workers,
@@ -127,6 +135,7 @@ def main(
             size=size,
             lr=lr,
             scale_jitter=scale_jitter,
+            loss=loss,
             val_cars=val_cars,
             seed=seed,
             device=device,

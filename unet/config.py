@@ -12,6 +12,7 @@ from batch.contract import IMAGENET_MEAN, IMAGENET_STD
 from batch.devices import parse_device
 
 Upsample = Literal["transpose", "bilinear"]
+LOSS_NAMES = ("bce-dice", "bce-lovasz")  # unet.losses.LOSSES: BCE + soft Dice, or BCE + Lovász hinge
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class TrainConfig:
     pixel_mean: tuple[float, float, float] = IMAGENET_MEAN  # input normalisation: (pixel/255 - mean) / std
     pixel_std: tuple[float, float, float] = IMAGENET_STD
     init: str | None = None  # start from this checkpoint's weights and architecture, on a new schedule (fine-tuning)
+    loss: str = "bce-dice"  # training loss (validation always reports bce-dice, so runs compare): one of LOSS_NAMES
 
     def __post_init__(self) -> None:
         if self.init is not None:
@@ -85,6 +87,7 @@ class TrainConfig:
             "color_jitter must be in [0, 1)": 0 <= self.color_jitter < 1,
             "scale_jitter must be in [0, 0.5)": 0 <= self.scale_jitter < 0.5,
             "pixel_std must be positive": all(s > 0 for s in self.pixel_std),
+            f"loss must be one of {', '.join(LOSS_NAMES)}": self.loss in LOSS_NAMES,
         }
         failed = [message for message, ok in checks.items() if not ok]
         if failed:

@@ -19,3 +19,34 @@ def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float
     """Binary cross-entropy on logits plus ``dice_weight`` times the soft Dice loss."""
     bce = F.binary_cross_entropy_with_logits(logits.float(), target.float())
     return bce + dice_weight * soft_dice_loss(logits, target)
+
+
+def lovasz_hinge_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Lovász hinge (Berman et al., CVPR 2018): the tight convex surrogate of 1 - IoU, per image, averaged
+    over the batch. logits, target: (B, 1, H, W); soft targets count as car above 0.5.
+
+    At a vector of hinge errors in {0, 1} it equals 1 - IoU of the prediction those errors describe;
+    it optimises the image's overlap, not each pixel's, as the Dice/IoU metric does.
+    """
+    logits = logits.float().flatten(1)  # (B, N)
+    labels = (target.float().flatten(1) > 0.5).float()
+    errors = 1.0 - logits * (2.0 * labels - 1.0)  # hinge errors, (B, N)
+    errors_sorted, order = torch.sort(errors, dim=1, descending=True)
+    return (F.relu(errors_sorted) * lovasz_grad(torch.gather(labels, 1, order))).sum(1).mean()
+
+
+def lovasz_grad(labels_sorted: torch.Tensor) -> torch.Tensor:
+    """Gradient of the Lovász extension of the Jaccard loss at labels sorted by decreasing error: (B, N) -> (B, N)."""
+    positives = labels_sorted.sum(1, keepdim=True)  # (B, 1)
+    intersection = positives - labels_sorted.cumsum(1)
+    union = positives + (1.0 - labels_sorted).cumsum(1)
+    jaccard = 1.0 - intersection / union  # (B, N), union >= 1 from the first background pixel on
+    return torch.cat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], dim=1)
+
+
+def bce_lovasz_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy on logits plus the Lovász hinge: fine-tuning towards the overlap metric."""
+    return F.binary_cross_entropy_with_logits(logits.float(), target.float()) + lovasz_hinge_loss(logits, target)
+
+
+LOSSES = {"bce-dice": bce_dice_loss, "bce-lovasz": bce_lovasz_loss}  # unet-train --loss

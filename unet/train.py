@@ -30,7 +30,7 @@ from unet.data import (
     resolve_size,
     split_by_car,
 )
-from unet.losses import bce_dice_loss
+from unet.losses import LOSSES, bce_dice_loss
 from unet.metrics import full_resolution_dice, mean_dice
 from unet.model import UNet
 
@@ -350,7 +350,7 @@ class Trainer:
                 x, y = augment(x, y, cfg, self.gen)
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     logits = model(normalize(x, cfg))  # (B, 1, H, W)
-                loss = bce_dice_loss(logits, y)
+                loss = LOSSES[cfg.loss](logits, y)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss.item()} at step {self.state.step}: lower --lr")
                 self.optimizer.zero_grad(set_to_none=True)
@@ -366,7 +366,8 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> tuple[float, list[float]]:
-        """Validation loss at training size and Dice per image at full resolution (logits upsampled first)."""
+        """Validation loss (BCE + Dice whatever ``cfg.loss`` is, so runs compare) at training size, and Dice per
+        image at full resolution (logits upsampled first)."""
         cfg, model, data = self.cfg, self.model, self.val_set
         model.eval()
         losses, scores = [], []
