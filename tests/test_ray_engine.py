@@ -120,6 +120,53 @@ def test_a_worker_that_dies_is_replaced_and_every_photo_is_done_once(photos: Pat
     assert len(rows) == len({row.split(",")[0] for row in rows}) == PHOTOS  # one row per photo
 
 
+def crashes_on(name: str) -> type:
+    """A worker whose process dies whenever it segments the photo ``name`` (as a decoder's segfault would)."""
+
+    class CrashesOn(SegmentWorker):
+        def segment(self, items, results):
+            if any(item.tag.rel.as_posix() == name for item in items):
+                os._exit(1)
+            super().segment(items, results)
+
+    return CrashesOn
+
+
+def test_a_photo_that_kills_its_worker_is_failed_and_the_rest_is_done(photos: Path, tmp_path: Path, tiny_onnx: Path,
+                                                                      ray_cluster):  # fmt: skip
+    from batch.config import SegmentConfig
+    from batch.ray_engine import CRASHED, ClusterConfig, segment_on_ray
+
+    poison = "day2/car05.jpg"
+    config = SegmentConfig(input_dir=photos, output_dir=tmp_path / "masks", model=tiny_onnx, batch_size=2, progress=False)
+    report = segment_on_ray(config, ClusterConfig(workers=1), worker=crashes_on(poison))
+
+    assert report.processed == PHOTOS - 1  # its call's other photos too
+    assert {failure["path"]: failure["reason"] for failure in report.failed}[str(photos / poison)] == CRASHED
+    assert len(report.failed) == len(BAD) + 1
+    assert len(list((tmp_path / "masks").rglob("*.png"))) == PHOTOS - 1
+
+
+def test_the_crash_journal_suspects_a_call_then_names_its_photo(tmp_path: Path):
+    from batch.ray_engine import CrashJournal
+
+    path = tmp_path / "actor.json"
+    journal = CrashJournal(path)
+    with journal.running(["a.jpg", "b.jpg"], one_by_one=False):
+        pass  # a call that finished leaves nothing in flight
+    assert not CrashJournal(path).suspected(["a.jpg"])
+
+    journal.write({"in_flight": ["a.jpg", "b.jpg"], "one_by_one": False})  # what running() leaves when the process dies
+    restarted = CrashJournal(path)
+    assert restarted.suspected(["b.jpg", "c.jpg"]) and not restarted.poisoned
+    restarted.write({"in_flight": ["b.jpg"], "one_by_one": True})  # and dies again with b.jpg alone
+    again = CrashJournal(path)
+    assert again.poisoned == {"b.jpg"} and again.suspected(["a.jpg"])
+
+    path.write_text('{"in_flight": ["a.j')  # cut short: a fresh start
+    assert not CrashJournal(path).suspects
+
+
 def test_s3_to_s3_gives_the_local_engines_masks(photos: Path, tmp_path: Path, tiny_onnx: Path, s3_bucket: str, ray_cluster):
     bucket_in = open_location(f"{s3_bucket}/photos")
     for path in sorted(photos.rglob("*")):
