@@ -319,7 +319,10 @@ class CrashJournal:
         try:
             yield
         finally:
-            self.write({"in_flight": [], "one_by_one": False})
+            if self.suspects or self.poisoned:
+                self.write({"in_flight": [], "one_by_one": False})
+            else:
+                self.path.unlink(missing_ok=True)  # nothing to remember: no file left behind on the node
 
     def write(self, state: dict) -> None:
         state |= {"suspects": sorted(self.suspects), "poisoned": sorted(self.poisoned)}
