@@ -45,6 +45,13 @@ from unet.config import LOSS_NAMES, TrainConfig, UNetConfig
     type=click.Choice(["transpose", "bilinear"]),
     help=f"Decoder upsampling: a learned transposed conv, or bilinear + 1x1 conv [default: {UNetConfig.upsample}].",
 )
+@click.option(
+    "--fold",
+    default=None,
+    type=click.IntRange(1, 4),
+    help="Space-to-depth fold: the U-Net sees and predicts at --size but computes at 1/fold of it; with --init from "
+    "an unfolded checkpoint its weights are refolded (the fold as a block average, the head copied) [default: 1].",
+)
 @click.option("--lr", default=TrainConfig.lr, type=click.FloatRange(min=0, min_open=True), help="Peak learning rate.")
 @click.option(
     "--scale-jitter",
@@ -58,6 +65,12 @@ from unet.config import LOSS_NAMES, TrainConfig, UNetConfig
     type=click.Choice(LOSS_NAMES),
     help="bce-dice: BCE + soft Dice per image; bce-lovasz: BCE + the Lovász hinge, a surrogate of the overlap "
     "metric (for fine-tuning with --init).",
+)
+@click.option(
+    "--boundary-weight",
+    default=TrainConfig.boundary_weight,
+    type=click.FloatRange(min=0),
+    help="Extra BCE weight on pixels within 2 px (at --size) of the true outline, where most wrong pixels are (0: off).",
 )
 @click.option("--val-cars", default=None, type=click.IntRange(min=1), help="Cars held out for validation [default: ~10%].")
 @click.option(
@@ -95,9 +108,11 @@ def main(
     width,
     depth,
     upsample,
+    fold,
     lr,
     scale_jitter,
     loss,
+    boundary_weight,
     val_cars,
     device,
     workers,
@@ -117,6 +132,8 @@ def main(
     for flag, given in (("--resume", resume), ("--init", init)):
         if given and any(v is not None for v in (width, depth, upsample)):
             raise click.UsageError(f"{flag} takes the architecture from the checkpoint: drop --width/--depth/--upsample")
+    if resume and fold is not None:
+        raise click.UsageError("--resume takes the fold from the checkpoint: drop --fold")
     require("torch", "train", what="unet-train")
     from unet.checkpoint import CheckpointError
     from unet.data import DataError
@@ -124,7 +141,10 @@ def main(
 
     try:
         model_cfg = UNetConfig(
-            width=width or UNetConfig.width, depth=depth or UNetConfig.depth, upsample=upsample or UNetConfig.upsample
+            width=width or UNetConfig.width,
+            depth=depth or UNetConfig.depth,
+            upsample=upsample or UNetConfig.upsample,
+            fold=fold or UNetConfig.fold,
         )
         cfg = TrainConfig(
             data_dir=data_dir,
@@ -136,6 +156,7 @@ def main(
             lr=lr,
             scale_jitter=scale_jitter,
             loss=loss,
+            boundary_weight=boundary_weight,
             val_cars=val_cars,
             seed=seed,
             device=device,

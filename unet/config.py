@@ -22,6 +22,7 @@ class UNetConfig:
     width: int = 64  # channels of the first stage; stage k has width * 2**k
     depth: int = 4  # number of 2x poolings; input sides must be multiples of 2**depth
     upsample: Upsample = "transpose"  # "transpose": learned 2x2 transposed conv; "bilinear": resize + 1x1 conv
+    fold: int = 1  # space-to-depth factor: the U-Net computes on a grid `fold` times coarser than its input and output
 
     def __post_init__(self) -> None:
         if self.in_channels < 1 or self.out_channels < 1:
@@ -32,11 +33,13 @@ class UNetConfig:
             raise ValueError(f"depth must be between 1 and 8 poolings, got {self.depth}")
         if self.upsample not in ("transpose", "bilinear"):
             raise ValueError(f"upsample must be 'transpose' or 'bilinear', got {self.upsample!r}")
+        if not 1 <= self.fold <= 4:
+            raise ValueError(f"fold must be between 1 (off) and 4 pixels per side, got {self.fold}")
 
     @property
     def multiple(self) -> int:
         """Input height and width must be multiples of this."""
-        return 2**self.depth
+        return 2**self.depth * self.fold
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,6 +73,7 @@ class TrainConfig:
     pixel_std: tuple[float, float, float] = IMAGENET_STD
     init: str | None = None  # start from this checkpoint's weights and architecture, on a new schedule (fine-tuning)
     loss: str = "bce-dice"  # training loss (validation always reports bce-dice, so runs compare): one of LOSS_NAMES
+    boundary_weight: float = 0.0  # extra BCE weight on pixels near the true outline (0: off); see unet.losses
 
     def __post_init__(self) -> None:
         if self.init is not None:
@@ -88,6 +92,7 @@ class TrainConfig:
             "scale_jitter must be in [0, 0.5)": 0 <= self.scale_jitter < 0.5,
             "pixel_std must be positive": all(s > 0 for s in self.pixel_std),
             f"loss must be one of {', '.join(LOSS_NAMES)}": self.loss in LOSS_NAMES,
+            "boundary_weight must be >= 0": self.boundary_weight >= 0,
         }
         failed = [message for message, ok in checks.items() if not ok]
         if failed:

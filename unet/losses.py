@@ -15,9 +15,24 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0)
     return (1.0 - (2.0 * intersection + eps) / (total + eps)).mean()
 
 
-def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0) -> torch.Tensor:
-    """Binary cross-entropy on logits plus ``dice_weight`` times the soft Dice loss."""
-    bce = F.binary_cross_entropy_with_logits(logits.float(), target.float())
+def boundary_weights(target: torch.Tensor, weight: float, radius: int = 2) -> torch.Tensor:
+    """Per-pixel BCE weights: 1 + ``weight`` within ``radius`` pixels of the target's outline, 1 elsewhere.
+
+    The outline is where a (2 radius + 1)-square window holds both car and background (the target's
+    dilation differs from its erosion). Most wrong pixels of a good model lie there (the 2017 3rd-place
+    Carvana solution weighted its BCE the same way). target: (B, 1, H, W) in [0, 1] -> (B, 1, H, W).
+    """
+    window = 2 * radius + 1
+    dilated = F.max_pool2d(target.float(), window, stride=1, padding=radius)
+    eroded = -F.max_pool2d(-target.float(), window, stride=1, padding=radius)
+    return 1.0 + weight * (dilated > eroded).float()
+
+
+def bce_dice_loss(
+    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None, dice_weight: float = 1.0
+) -> torch.Tensor:
+    """Binary cross-entropy on logits (per-pixel ``weight``, e.g. ``boundary_weights``) plus the soft Dice loss."""
+    bce = F.binary_cross_entropy_with_logits(logits.float(), target.float(), weight=weight)
     return bce + dice_weight * soft_dice_loss(logits, target)
 
 
@@ -44,9 +59,10 @@ def lovasz_grad(labels_sorted: torch.Tensor) -> torch.Tensor:
     return torch.cat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], dim=1)
 
 
-def bce_lovasz_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy on logits plus the Lovász hinge: fine-tuning towards the overlap metric."""
-    return F.binary_cross_entropy_with_logits(logits.float(), target.float()) + lovasz_hinge_loss(logits, target)
+def bce_lovasz_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Binary cross-entropy on logits (per-pixel ``weight``) plus the Lovász hinge: fine-tuning towards the overlap metric."""
+    bce = F.binary_cross_entropy_with_logits(logits.float(), target.float(), weight=weight)
+    return bce + lovasz_hinge_loss(logits, target)
 
 
 LOSSES = {"bce-dice": bce_dice_loss, "bce-lovasz": bce_lovasz_loss}  # unet-train --loss

@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +30,9 @@ from unet.data import (
     resolve_size,
     split_by_car,
 )
-from unet.losses import LOSSES, bce_dice_loss
+from unet.losses import LOSSES, bce_dice_loss, boundary_weights
 from unet.metrics import full_resolution_dice, mean_dice
-from unet.model import UNet
+from unet.model import UNet, refold
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,15 @@ def resolve_device(name: str) -> torch.device:
     if device.index >= torch.cuda.device_count():
         raise DeviceError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
     return torch.device("cuda", device.index)
+
+
+def init_architecture(source: UNetConfig, fold: int) -> UNetConfig:
+    """The architecture of an ``--init`` run: the checkpoint's, folded when the run asks for a fold (``refold``)."""
+    if fold in (1, source.fold):
+        return source
+    if source.fold != 1:
+        raise DataError(f"the --init checkpoint is folded {source.fold}x{source.fold}: it cannot be refolded to {fold}")
+    return replace(source, fold=fold)
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
@@ -149,9 +158,10 @@ class Trainer:
             keep_freed_memory()
         resumed = load_checkpoint(resume, map_location="cpu") if resume else None
         initial = load_checkpoint(cfg.init, map_location="cpu") if cfg.init and resumed is None else None
-        for source in (resumed, initial):
-            if source is not None:
-                model_cfg = UNetConfig.from_dict(source["model_config"])
+        if resumed is not None:
+            model_cfg = UNetConfig.from_dict(resumed["model_config"])
+        elif initial is not None:
+            model_cfg = init_architecture(UNetConfig.from_dict(initial["model_config"]), model_cfg.fold)
         self.model_cfg = model_cfg
         torch.manual_seed(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
@@ -243,13 +253,18 @@ class Trainer:
                 raise DataError(
                     f"--init {self.cfg.init} was trained with {key} {initial[key]}, not {list(getattr(self.cfg, key))}"
                 )
-        self.model.load_state_dict(initial["model"])
+        weights, source = initial["model"], UNetConfig.from_dict(initial["model_config"])
+        if source.fold != self.model_cfg.fold:
+            weights = refold(weights, source, self.model_cfg)
+        self.model.load_state_dict(weights)
         log.info(
-            "starting from the weights of %s (epoch %d, validation Dice %.4f at %dx%d)",
+            "starting from the weights of %s (epoch %d, validation Dice %.4f at %dx%d, fold %d -> %d)",
             self.cfg.init,
             initial["epoch"],
             initial["val_dice"],
             *initial["input_size"],
+            source.fold,
+            self.model_cfg.fold,
         )
 
     def restore(self, resumed: dict) -> None:
@@ -350,7 +365,8 @@ class Trainer:
                 x, y = augment(x, y, cfg, self.gen)
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     logits = model(normalize(x, cfg))  # (B, 1, H, W)
-                loss = LOSSES[cfg.loss](logits, y)
+                weight = boundary_weights(y, cfg.boundary_weight) if cfg.boundary_weight else None
+                loss = LOSSES[cfg.loss](logits, y, weight)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss.item()} at step {self.state.step}: lower --lr")
                 self.optimizer.zero_grad(set_to_none=True)
