@@ -14,7 +14,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from batch.files import write_atomic
+from batch.core.files import write_atomic
 
 AGREEMENT_MIN = 0.999  # mean Dice of the GPU masks against the CPU/Pillow masks
 TRUTH_TOLERANCE = 0.0005  # GPU path's Dice against the truth, within this of the Pillow path's

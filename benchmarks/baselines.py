@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from batch import runtime
-from batch.devices import Device
+from batch.core.devices import Device
+from batch.inference import runtime
 from benchmarks.errors import describe_error
 from benchmarks.inference import model_input
 from benchmarks.models import BenchModel

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import click
 
-from batch.clitypes import DEVICE, LOCATION, SIZE, InputError, setup_logging, version_option
-from batch.extras import require
-from batch.files import spread_evenly
+from batch.cli.options import DEVICE, LOCATION, SIZE, Group, InputError, setup_logging, version_option
+from batch.core.errors import CarvanaError
+from batch.core.extras import require
+from batch.core.files import spread_evenly
 from benchmarks.config import DEFAULT_INPUT_SIZE, SUITES, RunConfig
 from benchmarks.errors import BenchError
 from benchmarks.report import load_results, ratio_lines, render_comparison
@@ -64,7 +65,7 @@ def keep_as(results: dict) -> str | None:
     return f"{name}.json"
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(cls=Group, context_settings=CONTEXT)
 @version_option
 def main():
     """Benchmark decode, inference, end-to-end segmentation and naive baselines on this machine."""
@@ -130,7 +131,7 @@ def run(
         with setup_logging(verbose):
             results = run_suite(config, cache_dir=None if no_cache else cache_dir, progress=not no_progress)
             paths = write_outputs(results, out_dir)
-    except (BenchError, ValueError) as e:
+    except (BenchError, CarvanaError, ValueError) as e:
         raise InputError(str(e)) from e
     click.echo("\n".join(ratio_lines(results)))
     click.echo(f"wrote {paths['json']}, {paths['md']} and {paths['png']} in {results['duration_seconds']:.0f} s")
@@ -153,7 +154,7 @@ def compare(a, b):
     """Print two runs side by side, with B / A ratios: each a results.json or a run folder (--out of `run`) holding one."""
     try:
         first, second = load_results(a), load_results(b)
-    except BenchError as e:
+    except (BenchError, CarvanaError) as e:
         raise InputError(str(e)) from e
     click.echo(render_comparison(first, second, str(a), str(b)), nl=False)
 
@@ -215,7 +216,7 @@ def tradeoff(masks_dir, limit, sizes, widths, depths, run_dirs, device, out_dir,
                 progress=not no_progress,
             )
             paths = write_tradeoff(results, out_dir)
-    except (BenchError, ValueError) as e:
+    except (BenchError, CarvanaError, ValueError) as e:
         raise InputError(str(e)) from e
     click.echo(paths["md"].read_text(), nl=False)
     click.echo(f"wrote {paths['json']} and {paths['md']}")
@@ -251,14 +252,13 @@ def scaling(images, model, worker_counts, device, limit, address, out_dir, no_pr
     (the same photos and model): how a host's GPUs, or a cluster's nodes, add up."""
     require("onnxruntime", "cpu", what="unet-bench scaling")
     require("ray", "ray", what="unet-bench scaling")
-    from batch.runner import SegmentError
     from benchmarks.scaling import render, run_scaling, write_scaling
 
     try:
         with setup_logging(verbose):
             rows = run_scaling(images, model, worker_counts, device, limit, address, progress=not no_progress)
             paths = write_scaling(rows, out_dir)
-    except (SegmentError, ValueError) as e:
+    except (CarvanaError, ValueError) as e:
         raise InputError(str(e)) from e
     click.echo(render(rows), nl=False)
     click.echo(f"wrote {paths['json']} and {paths['md']}")

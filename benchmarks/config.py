@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from batch.devices import parse_device
-from batch.extras import require
+from batch.core.devices import DeviceError, parse_device
+from batch.core.extras import require
 
 DEFAULT_INPUT_SIZE = (320, 480)  # (H, W): Carvana photos at scale 0.25, the project's training size
 DEFAULT_WIDTH = 16  # width of the random-weight model run end to end when no --model is given
@@ -21,7 +21,7 @@ NEEDS = (  # (module, extra, what for): run and tradeoff need all of them, so th
 
 
 def check_extras(command: str) -> None:
-    """:class:`~batch.extras.MissingExtra` naming the extra to install, before any measurement."""
+    """:class:`~batch.core.extras.MissingExtra` naming the extra to install, before any measurement."""
     for module, extra, purpose in NEEDS:
         require(module, extra, what=f"{command} ({purpose})")
 
@@ -192,7 +192,10 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.suite not in SUITES:
             raise ValueError(f"suite {self.suite!r} is not one of {', '.join(SUITES)}")
-        object.__setattr__(self, "device", str(parse_device(self.device)))  # DeviceError (a ValueError) when malformed
+        try:
+            object.__setattr__(self, "device", str(parse_device(self.device)))
+        except DeviceError as e:
+            raise ValueError(str(e)) from e
         if self.width < 1 or not 1 <= self.depth <= 8:
             raise ValueError(f"width must be >= 1 and depth 1..8, got width={self.width}, depth={self.depth}")
         if self.input_size is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from batch.logs import first_line
+from batch.core.logs import first_line
 
 
 class BenchError(Exception):

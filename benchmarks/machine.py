@@ -12,7 +12,7 @@ import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from batch.devices import cpu_count, parse_device
+from batch.core.devices import cpu_count, parse_device
 
 log = logging.getLogger(__name__)
 

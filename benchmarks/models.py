@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from batch.contract import IMAGENET_MEAN, IMAGENET_STD, ContractError, ModelContract
+from batch.core.contract import IMAGENET_MEAN, IMAGENET_STD, ContractError, ModelContract
 from benchmarks.errors import BenchError
 from benchmarks.flops import unet_gflops
 
@@ -98,7 +98,7 @@ def bundled_source(checkpoints: Path = REPO / "checkpoints") -> tuple[Path, tupl
     The checkpoint is found in ``checkpoints`` by the SHA-256 the export recorded, so benchmarks of "the
     bundled model's weights" (e.g. the PyTorch peer) never drift from the shipped file.
     """
-    from batch.bundled import DEFAULT_MODEL, models_folder
+    from batch.inference.bundled import DEFAULT_MODEL, models_folder
 
     bundled = read_model(models_folder() / DEFAULT_MODEL)
     wanted = bundled.contract.provenance.get("source_checkpoint_sha256")

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from batch.devices import parse_device
+from batch.core.devices import parse_device
 from benchmarks.errors import BenchError
 
 SCHEMA_PREFIX = "unet-bench/"

@@ -23,10 +23,10 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from batch.bundled import default_model_path
-from batch.config import SegmentConfig
-from batch.files import write_atomic
-from batch.report import Report
+from batch.core.files import write_atomic
+from batch.inference.bundled import default_model_path
+from batch.runs.config import ClusterConfig, RunConfig
+from batch.runs.report import Report
 from benchmarks.machine import machine_facts
 
 
@@ -47,20 +47,20 @@ def run_scaling(images: str, model: Path | None, worker_counts: tuple[int, ...],
                 address: str | None, progress: bool) -> list[ScalingRow]:  # fmt: skip
     """The local engine, then the Ray engine with each of ``worker_counts`` actors, over the same photos with the
     same model (``model``, or the bundled one for ``device``)."""
-    from batch.ray_engine import ClusterConfig, ray_session, segment_on_ray
-    from batch.runner import run
+    from batch.runs.ray_engine import ray_session
+    from batch.runs.run import run
 
     model = model or default_model_path(device)  # one file for every run, even if the bundled choice changes meanwhile
     with tempfile.TemporaryDirectory(prefix="unet-bench-scaling-") as scratch:
 
-        def config(name: str) -> SegmentConfig:
-            return SegmentConfig(input_dir=images, output_dir=Path(scratch, name), model=model, device=device,
+        def config(name: str) -> RunConfig:
+            return RunConfig(input_dir=images, output_dir=Path(scratch, name), model=model, device=device,
                                  limit=limit, progress=progress)  # fmt: skip
 
         reports = [("local", 1, run(config("local-before")))]
         with ray_session(address, verbose=False):
             for count in worker_counts:
-                reports.append(("ray", count, segment_on_ray(config(f"ray-{count}"), ClusterConfig(address, count))))
+                reports.append(("ray", count, run(config(f"ray-{count}"), "ray", ClusterConfig(address, count))))
         reports.append(("local", 1, run(config("local-after"))))
     baseline = (steady_rate(reports[0][2]) + steady_rate(reports[-1][2])) / 2  # before and after: drift on a shared machine
     return [row(engine, workers, report, baseline) for engine, workers, report in reports]

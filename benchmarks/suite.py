@@ -14,9 +14,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from batch.devices import Device, parse_device
-from batch.images import is_image_file
-from batch.runtime import check_device, provider_missing
+from batch.core.devices import Device, parse_device
+from batch.core.images import is_image_file
+from batch.inference.runtime import check_device, provider_missing
 from benchmarks.baselines import BASELINES, run_baseline
 from benchmarks.config import DEFAULT_INPUT_SIZE, RunConfig, SuiteConfig, check_extras
 from benchmarks.decode import bench_decoders

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from batch.contract import probability_to_logit
+from batch.core.contract import probability_to_logit
 from benchmarks.errors import describe_error
 from benchmarks.models import BenchModel
 from benchmarks.timing import rates, summarize

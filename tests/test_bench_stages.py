@@ -12,8 +12,8 @@ import onnx
 import pytest
 from PIL import Image
 
-from batch.contract import ModelContract
-from batch.images import load_resized_rgb
+from batch.core.contract import ModelContract
+from batch.core.images import load_resized_rgb
 from benchmarks import end_to_end, inference, models
 from benchmarks.baselines import run_baseline
 from benchmarks.decode import bench_decoders, load_resized_rgb_no_draft, source_megapixels

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from batch.masks import dice, iou
+from batch.core.masks import dice, iou
 from unet.config import LOSS_NAMES
 from unet.losses import LOSSES, bce_dice_loss, bce_lovasz_loss, lovasz_hinge_loss, soft_dice_loss
 from unet.metrics import full_resolution_dice

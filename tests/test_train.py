@@ -5,9 +5,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from batch.devices import DeviceError
+from batch.core.devices import DeviceError
 from unet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from unet.cli import main as train_cli
+from unet.data import DataError
 from unet.model import UNetConfig
 from unet.train import TrainConfig, Trainer, TrainingInterrupted, lr_at, train
 
@@ -93,7 +94,7 @@ def test_resume_into_a_new_folder_carries_the_history(kaggle_dir, tmp_path):
 def test_resume_needs_last_not_best(kaggle_dir, tmp_path):
     run = tmp_path / "run"
     train(tiny_config(kaggle_dir, run, epochs=1), TINY, progress=False)
-    with pytest.raises(ValueError, match="last.pt"):
+    with pytest.raises(DataError, match="last.pt"):
         Trainer(tiny_config(kaggle_dir, run, epochs=2), TINY, resume=run / "best.pt", progress=False)
 
 
@@ -115,7 +116,7 @@ def test_init_starts_a_new_schedule_from_a_checkpoints_weights(kaggle_dir, tmp_p
 def test_init_refuses_a_checkpoint_validated_on_other_cars(kaggle_dir, tmp_path):
     run = tmp_path / "run"
     train(tiny_config(kaggle_dir, run, epochs=1), TINY, progress=False)
-    with pytest.raises(ValueError, match="validated on other cars"):
+    with pytest.raises(DataError, match="validated on other cars"):
         Trainer(tiny_config(kaggle_dir, tmp_path / "b", val_cars=2, init=run / "best.pt"), TINY, progress=False)
 
 
