@@ -28,6 +28,7 @@ from onnx import TensorProto
 
 from batch.core.contract import ContractError, ModelContract, prepare_input
 from batch.core.devices import CPU, Device, parse_device
+from batch.core.errors import CarvanaError
 from batch.core.timing import StageClock
 from batch.inference.decode import Batch
 from batch.inference.postprocess import average_flipped, build_postprocess_model, threshold_in_output_units, upsample_threshold
@@ -174,6 +175,10 @@ def make_predictor(model: Model, threshold: float, tta: bool, clock: StageClock 
     return CpuPredictor(model, threshold, tta, clock=clock)
 
 
+class NonFiniteOutput(CarvanaError):
+    """The model returned NaN or infinite scores for a photo: no mask is made from them."""
+
+
 @dataclass
 class LowResScores:
     """Model output at the model's size; upsampled and thresholded on demand (in a writer thread)."""
@@ -183,6 +188,13 @@ class LowResScores:
     cut: float  # threshold in the output's units
 
     def mask(self) -> np.ndarray:
+        """The full-size mask; :class:`NonFiniteOutput` when the scores are not all finite numbers (a NaN is
+        never car, so thresholding it would write an empty mask that a rerun then keeps as done)."""
+        if not np.isfinite(self.scores).all():
+            raise NonFiniteOutput(
+                "the model returned NaN or infinite scores for this photo, so no mask was written; the model file "
+                "may be damaged or mis-exported: check it with `unet-export --verify`, or use another model"
+            )
         return upsample_threshold(self.scores, self.size, self.cut)
 
 

@@ -36,12 +36,23 @@ from batch.core.logs import first_line
 from batch.core.timing import StageClock
 from batch.inference.bundled import default_model_path
 from batch.inference.config import DEFAULT_BATCH_SIZE, SegmenterConfig, segmenter_options
-from batch.inference.decode import Batch, DaliDecoder, Decoder, DecoderError, Failure, Item, PillowDecoder, dali_available
+from batch.inference.decode import (
+    Batch,
+    DaliDecoder,
+    Decoder,
+    DecoderError,
+    Failure,
+    Item,
+    PillowDecoder,
+    ReadLimits,
+    dali_available,
+)
 from batch.inference.model import Model, Prediction, Predictor, load_model, make_predictor
 
 log = logging.getLogger(__name__)
 
 PREFETCH_BATCHES = 2  # decoded batches waiting for inference
+STOP_WAIT_SECONDS = 5.0  # how long closing a stream waits for its decode thread before leaving it behind
 FAILED_BATCHES_IN_A_ROW = 3  # inference failing this often in a row means the model or device is broken: stop
 
 ImageLike = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
@@ -81,6 +92,7 @@ class Segmenter:
         decoder: str = "auto",
         workers: int | None = None,
         threads: int | None = None,
+        read_timeout: float = SegmenterConfig.read_timeout,
         *,
         clock: StageClock | None = None,
     ):
@@ -93,6 +105,7 @@ class Segmenter:
             decoder=decoder,
             workers=workers,
             threads=threads,
+            read_timeout=read_timeout,
         )
         self.clock = clock or StageClock()
         self.streaming = threading.Lock()
@@ -106,9 +119,7 @@ class Segmenter:
             self.batch_size: int = self.config.batch_size or DEFAULT_BATCH_SIZE["cuda" if self.model.on_gpu else "cpu"]
             self.workers: int = self.config.workers or cpu_count()
             self.predictor: Predictor = make_predictor(self.model, self.threshold, self.config.tta, self.clock)
-            self.decoder: Decoder = make_decoder(
-                self.config.decoder, self.model, self.predictor, self.batch_size, self.workers, self.config.tta
-            )
+            self.decoder: Decoder = make_decoder(self.config, self.model, self.predictor, self.batch_size, self.workers)
 
     @classmethod
     def from_config(cls, config: SegmenterConfig, clock: StageClock | None = None) -> Segmenter:
@@ -269,21 +280,22 @@ def as_item(image: ImageLike, name: str) -> Item:
     )
 
 
-def make_decoder(choice: str, model: Model, predictor: Predictor, batch_size: int, workers: int, tta: bool) -> Decoder:
+def make_decoder(config: SegmenterConfig, model: Model, predictor: Predictor, batch_size: int, workers: int) -> Decoder:
     """``auto``: DALI on a GPU (Pillow when DALI is not installed, with a log line), Pillow on the CPU."""
+    choice, limits = config.decoder, ReadLimits(timeout=config.read_timeout)
     if choice == "pillow" or (choice == "auto" and not model.on_gpu):
-        return PillowDecoder(model.contract.input_size, batch_size, workers)
+        return PillowDecoder(model.contract.input_size, batch_size, workers, limits=limits)
     if not dali_available():
         if choice == "dali":
             raise DecoderError(
                 "decoder dali: NVIDIA DALI is not installed; pip install '.[gpu]', or use the pillow decoder (--decoder pillow)"
             )
         log.info("decoder auto: NVIDIA DALI is not installed, decoding with Pillow on the CPU (pip install '.[gpu]' for nvJPEG)")
-        return PillowDecoder(model.contract.input_size, batch_size, workers)
+        return PillowDecoder(model.contract.input_size, batch_size, workers, limits=limits)
     device_id = model.device_index if model.on_gpu else None
     allocate = predictor.allocate if model.on_gpu else None
     try:
-        return DaliDecoder(model.contract, batch_size, workers, device_id, tta, allocate=allocate)
+        return DaliDecoder(model.contract, batch_size, workers, device_id, config.tta, allocate=allocate, limits=limits)
     except RuntimeError as e:
         raise DecoderError(
             f"cannot start the DALI decoder on {model.device}: {e}; use the pillow decoder (--decoder pillow)"
@@ -347,5 +359,8 @@ class Prefetcher:
             yield item
 
     def close(self) -> None:
+        """Stop the thread; wait for it a moment only: one stuck in a read that never returns is a daemon, left behind."""
         self.stop.set()
-        self.thread.join()
+        self.thread.join(timeout=STOP_WAIT_SECONDS)
+        if self.thread.is_alive():
+            log.warning("the %s stage is stuck (a read that does not return?): leaving it behind", self.stage)

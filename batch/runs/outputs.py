@@ -21,6 +21,7 @@ from pathlib import PurePosixPath
 from PIL import Image
 from tqdm import tqdm
 
+from batch.core.errors import CarvanaError
 from batch.core.images import ImageError, load_rgb
 from batch.core.timing import StageClock
 from batch.inference.decode import Failure, Item
@@ -68,10 +69,7 @@ def write_all(items: list[Item], segmenter: Segmenter, output: Storage, results:
             results.done()
         else:
             log.debug("writing %s failed", job.source, exc_info=error)
-            results.fail(
-                job,
-                str(error).removeprefix(f"{job.source}: ") if isinstance(error, ImageError) else f"cannot write outputs: {error}",
-            )
+            results.fail(job, _reason_of(job, error))
         bar.update(1)
 
     # Leaving the block (also on Ctrl-C) stops decoding first, then lets the writers finish what was predicted (few, bounded).
@@ -89,6 +87,13 @@ def write_all(items: list[Item], segmenter: Segmenter, output: Storage, results:
             pending_writes.acquire()
             future = writers.submit(_write_outputs, item, result, output, segmenter.clock)
             future.add_done_callback(lambda f, job=job: finished(job, f))
+
+
+def _reason_of(job: Job, error: BaseException) -> str:
+    """Why a photo's outputs were not written, for the report: the project's own message, or the write that failed."""
+    if isinstance(error, CarvanaError):
+        return str(error).removeprefix(f"{job.source}: ")
+    return f"cannot write outputs: {error}; check OUTPUT_DIR's free space and permissions, then rerun"
 
 
 def _write_outputs(item: Item, prediction: Prediction, output: Storage, clock: StageClock) -> None:

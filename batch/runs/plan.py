@@ -3,7 +3,8 @@
 - Inputs: what the input location lists (:meth:`batch.runs.storage.Storage.find_images`).
 - The output tree mirrors the input tree (see :func:`batch.runs.formats.output_paths`).
 - Two inputs that would write the same output file (``a/x.jpg`` and ``a/x.png``) are a conflict:
-  neither is segmented, both are reported.
+  neither is segmented, both are reported. So is a photo whose outputs' names would be too long, and
+  every entry the listing skipped (:class:`batch.runs.storage.Listing`): all are ``refused``.
 - A photo whose requested outputs all exist is skipped (done by an earlier run), unless
   ``overwrite``; if only some exist, only the missing ones are written.
 """
@@ -16,9 +17,10 @@ from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
 
 from batch.runs.formats import output_paths
+from batch.runs.names import UnsafeName, check_output_names
 
 if TYPE_CHECKING:
-    from batch.runs.storage import Storage
+    from batch.runs.storage import Listing, Storage
 
 
 @dataclass(frozen=True)
@@ -38,12 +40,12 @@ class Job:
 class Plan:
     jobs: list[Job]  # to segment, in input order
     done: list[Job]  # every output already there (skipped)
-    conflicts: list[tuple[Job, str]]  # (job, reason): inputs that would overwrite each other's outputs
+    refused: list[tuple[Job, str]]  # (job, reason): conflicts, names too long, entries the listing skipped
 
     @property
     def size(self) -> int:
-        """Every input found (after --limit)."""
-        return len(self.jobs) + len(self.done) + len(self.conflicts)
+        """Every input found (after --limit), refused ones included."""
+        return len(self.jobs) + len(self.done) + len(self.refused)
 
     @property
     def all_jobs(self) -> list[Job]:
@@ -51,9 +53,23 @@ class Plan:
         return sorted(self.jobs + self.done, key=lambda job: job.rel.parts)
 
 
-def make_plan(source: Storage, output: Storage, rels: list[PurePosixPath], formats: tuple[str, ...], overwrite: bool) -> Plan:
-    """Jobs for the photos ``rels`` of ``source`` (a folder or a bucket) writing ``formats`` into ``output``."""
-    candidates = [Job(source.locate(rel), rel, output_paths(PurePosixPath(), rel, formats)) for rel in rels]
+def make_plan(source: Storage, output: Storage, listing: Listing, formats: tuple[str, ...], overwrite: bool) -> Plan:
+    """Jobs for the photos of ``listing`` in ``source`` (a folder or a bucket) writing ``formats`` into ``output``."""
+    candidates = [Job(source.locate(rel), rel, output_paths(PurePosixPath(), rel, formats)) for rel in listing.images]
+    refusals = find_conflicts(candidates, output) | long_names(candidates, output)
+    refused = [(Job(name, PurePosixPath(name), {}), reason) for name, reason in listing.skipped]
+    refused += [(job, refusals[job.rel]) for job in candidates if job.rel in refusals]
+    candidates = [job for job in candidates if job.rel not in refusals]
+    existing = set() if overwrite else output.existing(path for job in candidates for path in job.outputs.values())
+    todo, done = [], []
+    for job in candidates:
+        missing = tuple(fmt for fmt, path in job.outputs.items() if path not in existing)
+        (todo if missing else done).append(Job(job.source, job.rel, job.outputs, missing))
+    return Plan(todo, done, refused)
+
+
+def find_conflicts(candidates: list[Job], output: Storage) -> dict[PurePosixPath, str]:
+    """rel -> reason for the inputs that would write one output file between them (neither is segmented)."""
     writers: dict[PurePosixPath, list[Job]] = defaultdict(list)
     for job in candidates:
         for path in job.outputs.values():
@@ -64,13 +80,15 @@ def make_plan(source: Storage, output: Storage, rels: list[PurePosixPath], forma
             names = " and ".join(job.name for job in jobs)
             for job in jobs:
                 clashing.setdefault(job.rel, f"conflict: {names} would both write {output.locate(path)}; rename one of them")
+    return clashing
 
-    existing = set() if overwrite else output.existing(path for job in candidates for path in job.outputs.values())
-    todo, done, conflicts = [], [], []
+
+def long_names(candidates: list[Job], output: Storage) -> dict[PurePosixPath, str]:
+    """rel -> reason for the inputs whose outputs' names the output location cannot take."""
+    refused = {}
     for job in candidates:
-        if job.rel in clashing:
-            conflicts.append((job, clashing[job.rel]))
-            continue
-        missing = tuple(fmt for fmt, path in job.outputs.items() if path not in existing)
-        (todo if missing else done).append(Job(job.source, job.rel, job.outputs, missing))
-    return Plan(todo, done, conflicts)
+        try:
+            check_output_names(list(job.outputs.values()), output.key_prefix_bytes)
+        except UnsafeName as e:
+            refused[job.rel] = str(e)
+    return refused

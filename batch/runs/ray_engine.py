@@ -1,4 +1,5 @@
-"""``unet-batch segment --engine ray``: the same run on a Ray cluster, one :class:`~batch.inference.segmenter.Segmenter` per actor.
+"""``unet-batch segment --engine ray``: the same run on a Ray cluster, one :class:`~batch.inference.segmenter.Segmenter`
+per actor.
 
     driver: the run's skeleton (batch.runs.run: discover, plan, resume, conflicts, --limit), then
       RayEngine.process:
@@ -34,8 +35,8 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import numpy as np
 import ray
@@ -47,7 +48,7 @@ from batch.core.images import ImageError
 from batch.core.logs import first_line
 from batch.core.timing import StageClock
 from batch.inference.config import DEFAULT_BATCH_SIZE, SegmenterConfig, segmenter_options
-from batch.inference.decode import Item, read_file
+from batch.inference.decode import Item, ReadLimits, read_file
 from batch.inference.segmenter import Segmenter
 from batch.runs.config import ClusterConfig, RunConfig, SegmentError
 from batch.runs.outputs import Results, write_all
@@ -229,8 +230,8 @@ def _run_pipeline(
     rows = ray.data.from_items(
         [{"job": pickle.dumps(job)} for job in jobs], override_num_blocks=min(blocks, len(jobs), MAX_BLOCKS)
     )
-    photos = rows.map_batches(_read_photos, fn_kwargs={"source": source}, batch_size=batch_size, num_cpus=READ_CPUS,
-                              runtime_env=environment)  # fmt: skip
+    reading = {"source": source, "limits": ReadLimits(timeout=config.read_timeout)}
+    photos = rows.map_batches(_read_photos, fn_kwargs=reading, batch_size=batch_size, num_cpus=READ_CPUS, runtime_env=environment)
     outcomes = photos.map_batches(
         worker,
         fn_constructor_kwargs={"config": _actor_config(config, actors), "output": output, "model": _model_bytes(config)},
@@ -261,14 +262,16 @@ def _model_bytes(config: RunConfig) -> bytes | None:
         raise SegmentError(f"cannot read the model {config.model} ({e.strerror or e})") from e
 
 
-def _read_photos(batch: dict[str, np.ndarray], source: Storage) -> dict[str, list]:
+def _read_photos(batch: dict[str, np.ndarray], source: Storage, limits: ReadLimits) -> dict[str, list]:
     """The read stage: each job's photo bytes from IN; an empty ``data`` and the reason when they cannot be read.
 
     Jobs travel pickled (a binary column: Arrow has no type for them)."""
     data, errors = [], []
     for job in map(pickle.loads, batch["job"]):
         try:
-            data.append(read_file(Item(job.source, path=source.file(job.rel))))  # the local engine's read, and its message
+            data.append(
+                read_file(Item(job.source, path=source.file(job.rel)), limits)
+            )  # the local engine's read, and its message
             errors.append("")
         except ImageError as e:
             data.append(b"")
@@ -392,7 +395,6 @@ class SegmentWorker:
     def segment(self, items: list[Item], results: Results) -> None:
         """The local engine's decode -> infer -> write for these photos (tests override it to crash)."""
         write_all(items, self.segmenter, self.output, results, progress=False)
-
 
 
 class Tally:

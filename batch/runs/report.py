@@ -39,6 +39,7 @@ class Report:
     workers: int = 1  # inference workers: Ray actors, or the local engine's one
     per_worker: dict[str, dict] = field(default_factory=dict)  # Ray: worker -> {"device", "processed", "failed"}
     version: str = field(default="")
+    report_error: str = ""  # why report.json could not be written at the end ("" when it was); never in the file itself
 
     def to_dict(self) -> dict:
         return asdict(self)

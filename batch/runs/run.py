@@ -15,12 +15,14 @@ several batches in a row the run stops there, with ``report.stopped`` saying why
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
+from batch.core.images import is_image_file
 from batch.core.logs import first_line
 from batch.core.timing import StageClock
 from batch.core.version import package_version
@@ -30,7 +32,7 @@ from batch.runs.lock import output_folder
 from batch.runs.outputs import Results, write_report, write_submission
 from batch.runs.plan import Job, Plan, make_plan
 from batch.runs.report import Report
-from batch.runs.storage import Storage, StorageError, open_location
+from batch.runs.storage import Listing, LocalFolder, Storage, StorageError, open_location
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +85,8 @@ def run(config: RunConfig, engine: str | Engine = "local", cluster: ClusterConfi
         with runner.open(), output_folder(output):
             with clock("discover"):
                 plan = make_plan(source, output, inputs, config.formats, config.overwrite)
-            log.info("%d photos: %d to segment, %d already done, %d in conflict; %s", plan.size, len(plan.jobs),
-                     len(plan.done), len(plan.conflicts), runner.summary())  # fmt: skip
+            log.info("%d photos: %d to segment, %d already done, %d refused; %s", plan.size, len(plan.jobs),
+                     len(plan.done), len(plan.refused), runner.summary())  # fmt: skip
             output.clean()
             return _process(config, plan, source, output, runner, clock, started)
     except StorageError as e:  # the output folder cannot be made or is locked by another run
@@ -96,7 +98,7 @@ def _process(
 ) -> Report:
     """The run proper: the engine segments the jobs; the report is written whatever happens, then an interrupt propagates."""
     results = Results()
-    for job, reason in plan.conflicts:
+    for job, reason in plan.refused:
         results.fail(job, reason)
     interruption: KeyboardInterrupt | None = None
     stopped = ""
@@ -164,6 +166,7 @@ def _open_locations(config: RunConfig) -> tuple[Storage, Storage]:
         output.check(writable=True)
     except StorageError as e:
         raise SegmentError(str(e)) from e
+    _check_report_path(config, source)
     inside = source.relative_to(output)
     if inside == PurePosixPath("."):
         raise SegmentError(f"OUTPUT_DIR {output} is the input folder; choose another folder for the masks")
@@ -175,15 +178,29 @@ def _open_locations(config: RunConfig) -> tuple[Storage, Storage]:
     return source, output
 
 
-def _find_inputs(config: RunConfig, source: Storage, output: Storage) -> list[PurePosixPath]:
-    """The photos under INPUT_DIR (relative paths, sorted, at most ``limit``; none inside OUTPUT_DIR)."""
+def _check_report_path(config: RunConfig, source: Storage) -> None:
+    """``--report`` must be writable, and never a photo or a file among the photos: checked before any work."""
+    if config.report is None:
+        return
+    path = config.report.resolve()
+    if LocalFolder(path.parent).relative_to(source) is not None:
+        raise SegmentError(f"--report {config.report} lies in the input folder {source}: choose a path outside it")
+    if path.exists() and (is_image_file(path) or not path.is_file()):
+        raise SegmentError(f"--report {config.report} is a photo or not a file: choose a new .json path")
+    existing = next(folder for folder in (path.parent, *path.parents) if folder.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise SegmentError(f"--report {config.report} cannot be written: {existing} is not a writable folder")
+
+
+def _find_inputs(config: RunConfig, source: Storage, output: Storage) -> Listing:
+    """The photos under INPUT_DIR (sorted, at most ``limit``; none inside OUTPUT_DIR), and the entries skipped."""
     try:
-        inputs = source.find_images(exclude=output)
+        listing = source.find_images(exclude=output)
     except StorageError as e:
         raise SegmentError(str(e)) from e
-    if not inputs:
+    if not listing.images and not listing.skipped:
         raise SegmentError(f"no .jpg, .jpeg or .png files under {source}")
-    return inputs[: config.limit]
+    return Listing(listing.images[: config.limit], listing.skipped)
 
 
 def _finish(config: RunConfig, plan: Plan, output: Storage, clock: StageClock, report: Callable[[], Report]) -> Report:
@@ -193,5 +210,9 @@ def _finish(config: RunConfig, plan: Plan, output: Storage, clock: StageClock, r
         with clock("write"):
             write_submission(output, [(job.name, job.outputs["rle"]) for job in plan.all_jobs])
     made = report()
-    write_report(made, config, output)
+    try:
+        write_report(made, config, output)
+    except OSError as e:  # a full disk, a bucket gone: the caller still gets the report, failures and all
+        made.report_error = f"cannot write the report to {config.report_path} ({e.strerror or e})"
+        log.error("%s; the failed photos are listed below", made.report_error)
     return made
