@@ -50,9 +50,17 @@ def parse_sizes(ctx, param, value: str) -> tuple[tuple[int, int], ...]:
 
 
 parse_widths = int_list("widths", "16,32,64")
+FOLDER, FILE = click.Path(exists=True, file_okay=False, path_type=Path), click.Path(exists=True, dir_okay=False, path_type=Path)
+NEW_FOLDER = click.Path(file_okay=False, path_type=Path)
+
+
+def out_option(default: str, files: str):
+    return click.option("--out", "out_dir", type=NEW_FOLDER, default=Path(default), help=f"Folder for {files}.")
+
+
 cache_dir_option = click.option(
     "--cache-dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=NEW_FOLDER,
     default=default_cache_dir,
     show_default="$XDG_CACHE_HOME/unet-bench or ~/.cache/unet-bench",
     help="Where exported random-weight models are kept between runs.",
@@ -72,24 +80,11 @@ def main():
 @click.option(
     "--device", type=DEVICE, default=RunConfig.device, help="auto picks the first CUDA GPU when ONNX Runtime can use it."
 )
+@click.option("--images", "images_dir", type=FOLDER, help="Folder of real photos [default: synthesize 1918x1280 JPEGs].")
 @click.option(
-    "--images",
-    "images_dir",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Folder of real photos (e.g. ../shared/data/carvana/train) [default: synthesize 1918x1280 JPEGs].",
+    "--model", type=FILE, help="Exported .onnx (or unet-train .pt) to run end to end [default: random weights, --width]."
 )
-@click.option(
-    "--model",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Exported .onnx (or unet-train .pt) to run end to end [default: a random-weight U-Net of --width].",
-)
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("unet-bench-results"),
-    help="Folder for results.json, results.md and results.png.",
-)
+@out_option("unet-bench-results", "results.json, results.md and results.png")
 @click.option("--overwrite", is_flag=True, help="Replace results already in --out.")
 @click.option("--size", type=SIZE, default=None, help="Model input HxW [default: the model's own, else 320x480].")
 @click.option("--width", type=click.IntRange(min=1), default=RunConfig.width, help="U-Net width run end to end without --model.")
@@ -142,34 +137,18 @@ def compare(a, b):
 
 
 @main.command(context_settings=CONTEXT)
-@click.option(
-    "--masks",
-    "masks_dir",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    required=True,
-    help="Ground-truth masks for the resolution ceiling, e.g. ../shared/data/carvana/train_masks.",
-)
+@click.option("--masks", "masks_dir", type=FOLDER, required=True, help="Ground-truth masks for the resolution ceiling.")
 @click.option("--limit", type=click.IntRange(min=1), default=160, help="Masks used, evenly spaced over the sorted folder.")
 @click.option("--sizes", callback=parse_sizes, default="160x240,256x384,320x480,480x720,640x960", help="Input sizes HxW.")
 @click.option("--widths", callback=parse_widths, default="8,16,32", help="U-Net widths.")
 @click.option("--depths", callback=int_list("depths", "4,5", high=8), default="4", help="U-Net depths.")
 @click.option(
-    "--run",
-    "run_dirs",
-    multiple=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="A unet-train run folder whose best validation Dice joins the table (repeatable).",
+    "--run", "run_dirs", multiple=True, type=FOLDER, help="A unet-train run whose best Dice joins the table (repeatable)."
 )
 @click.option(
     "--device", type=DEVICE, default="auto", help="cpu (FP32) or cuda[:N] (FP16, I/O binding); auto: the first GPU, else the CPU."
 )
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("unet-bench-tradeoff"),
-    help="Folder for tradeoff.json and tradeoff.md.",
-)
+@out_option("unet-bench-tradeoff", "tradeoff.json and tradeoff.md")
 @cache_dir_option
 @no_progress_option
 @verbose_option
@@ -192,27 +171,19 @@ def tradeoff(masks_dir, limit, sizes, widths, depths, run_dirs, device, out_dir,
 
 @main.command(context_settings=CONTEXT)
 @click.option("--images", required=True, type=LOCATION, help="Photos to segment: a folder or a URI (s3://bucket/prefix).")
-@click.option(
-    "--model", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="ONNX model [default: the bundled one]."
-)
+@click.option("--model", type=FILE, help="ONNX model [default: the bundled one].")
 @click.option(
     "--workers",
     "worker_counts",
     type=click.IntRange(min=1),
     multiple=True,
     default=(1, 2),
-    help="Ray worker counts to measure (repeatable).",
+    help="Ray worker counts (repeatable).",
 )
 @click.option("--device", type=DEVICE, default="auto", help="auto: the GPUs when there are, else the CPU.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N photos [default: all].")
 @click.option("--address", help="Ray cluster [default: $RAY_ADDRESS, else a local Ray using every GPU and core here].")
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("unet-bench-scaling"),
-    help="Folder for results.json and results.md.",
-)
+@out_option("unet-bench-scaling", "results.json and results.md")
 @no_progress_option
 @verbose_option
 def scaling(images, model, worker_counts, device, limit, address, out_dir, no_progress, verbose):

@@ -91,10 +91,8 @@ class SuiteConfig:
         checks = {
             "images must be >= 1": self.images >= 1,
             "widths must be positive": bool(self.widths) and min(self.widths) >= 1,
-            "e2e_images, e2e_repeats and baseline_images must be >= 1": min(
-                self.e2e_images, self.e2e_repeats, self.baseline_images
-            )
-            >= 1,
+            "e2e_images, e2e_repeats and baseline_images must be >= 1": min(self.e2e_images, self.e2e_repeats) >= 1
+            and self.baseline_images >= 1,
             "dali_batch must be between 1 and images": 1 <= self.dali_batch <= self.images,
         }
         fail_unless(checks | sweep_checks(self), f"suite {self.name!r}")
@@ -155,8 +153,9 @@ class RunConfig:
         object.__setattr__(self, "device", str(parse_device(self.device)))  # DeviceError (a ValueError) when malformed
         if self.width < 1 or not 1 <= self.depth <= 8:
             raise ValueError(f"width must be >= 1 and depth 1..8, got width={self.width}, depth={self.depth}")
-        if self.input_size is not None:
-            check_size(self.input_size, self.depth)
+        height, width = self.input_size or (2**self.depth, 2**self.depth)
+        if height <= 0 or width <= 0 or height % 2**self.depth or width % 2**self.depth:
+            raise ValueError(f"input size {height}x{width} must be positive multiples of 2**depth = {2**self.depth}")
         if self.images_dir is not None and not Path(self.images_dir).is_dir():
             raise ValueError(f"--images {self.images_dir} is not a folder of photos")
         if self.model is not None and Path(self.model).suffix not in (".onnx", ".pt"):
@@ -178,11 +177,3 @@ class RunConfig:
         """The suite for ``kind`` ("cpu" or "cuda"), with ``widths`` applied."""
         suite = SUITES[self.suite][kind]
         return replace(suite, widths=self.widths) if self.widths else suite
-
-
-def check_size(size: tuple[int, int], depth: int) -> None:
-    """A U-Net of ``depth`` halves the input ``depth`` times: both sides must be multiples of 2**depth."""
-    height, width = size
-    multiple = 2**depth
-    if height <= 0 or width <= 0 or height % multiple or width % multiple:
-        raise ValueError(f"input size {height}x{width} must be positive multiples of 2**depth = {multiple}")

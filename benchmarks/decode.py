@@ -65,18 +65,9 @@ class DecodeJob:
     ) -> DecodeResult:
         """The row of ``decoder``; with ``seconds`` (one per repeat of ``images`` photos), its rates."""
         rate = rates([images] * len(seconds), seconds) if seconds else None
-        return DecodeResult(
-            decoder=decoder,
-            label=DECODERS[decoder],
-            threads=self.threads,
-            images=images,
-            input_size=self.size,
-            source_megapixels=self.megapixels,
-            status=status,
-            reason=reason,
-            images_per_second=rate,
-            megapixels_per_second=rate.scaled(self.megapixels) if rate else None,
-        )
+        megapixels = rate.scaled(self.megapixels) if rate else None
+        row = (decoder, DECODERS[decoder], self.threads, images, self.size, self.megapixels, status, reason, rate, megapixels)
+        return DecodeResult(*row)
 
 
 def load_resized_rgb_no_draft(path: str | Path, size: tuple[int, int]) -> np.ndarray:

@@ -74,12 +74,10 @@ class EndToEndResult:
 def batch_command() -> list[str]:
     """The installed ``unet-batch`` console script (beside this interpreter first)."""
     beside = Path(sys.executable).with_name("unet-batch")
-    if beside.is_file():
-        return [str(beside)]
-    found = shutil.which("unet-batch")
-    if found:
-        return [found]
-    raise BenchError("the unet-batch command is not installed: run `pip install -e .` in the repository")
+    found = str(beside) if beside.is_file() else shutil.which("unet-batch")
+    if found is None:
+        raise BenchError("the unet-batch command is not installed: run `pip install -e .` in the repository")
+    return [found]
 
 
 def segment_command(images_dir: Path, model: BenchModel, hardware: Hardware, config: EndToEndConfig, out: Path) -> list[str]:
@@ -92,9 +90,8 @@ def segment_command(images_dir: Path, model: BenchModel, hardware: Hardware, con
 
 def run_end_to_end(images_dir: Path, model: BenchModel, hardware: Hardware, config: EndToEndConfig) -> EndToEndResult:
     """Run ``unet-batch segment`` ``config.repeats`` times; a run that fails is the result's reason."""
-    base = dict(
-        model=model.name, width=model.width, precision=model.precision, batch_size=config.batch_size, images=config.images
-    )
+    base = dict(model=model.name, width=model.width, precision=model.precision, images=config.images)
+    base["batch_size"] = config.batch_size
     runs: list[tuple[dict, ChildRun]] = []
     command: list[str] = []
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -165,20 +165,18 @@ class Trial:
     backend: Backend
     images: np.ndarray  # (N, H, W, 3) uint8
 
+    @property
+    def name(self) -> str:
+        return f"{self.backend.label} {self.model.name}"
+
     def row(self, batch: int, status: str, **measured) -> InferenceResult:
         b, m = self.backend, self.model
         return InferenceResult(b.name, b.label, b.precision, m.name, m.width, batch, m.contract.input_size, status, **measured)
 
 
-@dataclass(frozen=True)
-class Sweep:
-    """What a provider/model pair did across batch sizes."""
-
-    results: list[InferenceResult] = field(default_factory=list)
-
-    def best(self) -> InferenceResult | None:
-        done = [r for r in self.results if r.status == "ok"]
-        return max(done, key=lambda r: r.images_per_second.median) if done else None
+def fastest(rows: list[InferenceResult]) -> InferenceResult | None:
+    """The measured row with the highest median images/s; None when nothing was measured."""
+    return max((r for r in rows if r.status == "ok"), key=lambda r: r.images_per_second.median, default=None)
 
 
 def is_oom(error: Exception) -> bool:
@@ -186,7 +184,7 @@ def is_oom(error: Exception) -> bool:
     return any(marker in text for marker in OOM_MARKERS)
 
 
-def sweep_batches(model: BenchModel, backend: Backend, images: np.ndarray, sweep: SweepConfig) -> Sweep:
+def sweep_batches(model: BenchModel, backend: Backend, images: np.ndarray, sweep: SweepConfig) -> list[InferenceResult]:
     """Measure ``model`` on ``backend`` at each batch size, smallest first (see :func:`sweep_session`).
 
     A provider this ONNX Runtime lacks is a recorded skip; one it has but cannot start is an error
@@ -195,17 +193,17 @@ def sweep_batches(model: BenchModel, backend: Backend, images: np.ndarray, sweep
     trial, first = Trial(model, backend, images), sweep.batch_sizes[0]
     missing = provider_missing(backend)
     if missing:
-        return Sweep([trial.row(first, "skipped", reason=missing)])
+        return [trial.row(first, "skipped", reason=missing)]
     with tempfile.TemporaryDirectory(prefix="unet-bench-trt-") as trt_cache:
         try:
             session = make_session(model, backend, max(sweep.batch_sizes), trt_cache)
         except ProviderError as e:
             if backend.name != "tensorrt":
                 raise
-            return Sweep([trial.row(first, "skipped", reason=str(e))])
+            return [trial.row(first, "skipped", reason=str(e))]
         except Exception as e:  # noqa: BLE001 - ORT raises its own types (Fail, RuntimeException, ...)
-            return Sweep([trial.row(first, "failed", reason=f"session creation failed: {describe_error(e)}")])
-        return Sweep(sweep_session(session, trial, sweep))
+            return [trial.row(first, "failed", reason=f"session creation failed: {describe_error(e)}")]
+        return sweep_session(session, trial, sweep)
 
 
 def sweep_session(session, trial: Trial, sweep: SweepConfig) -> list[InferenceResult]:
@@ -227,16 +225,10 @@ def sweep_session(session, trial: Trial, sweep: SweepConfig) -> list[InferenceRe
             results.append(trial.row(batch, "oom" if oom else "failed", reason=describe_error(e)))
             smaller = batch // 2
             queue = [smaller] if oom and smaller >= 1 and smaller not in {r.batch_size for r in results} else []
-            if queue:
-                log.warning(
-                    "%s %s batch %d: out of GPU memory; retrying at %d", trial.backend.label, trial.model.name, batch, smaller
-                )
-            elif not oom:
-                log.error("%s %s batch %d failed: %s", trial.backend.label, trial.model.name, batch, describe_error(e))
+            retry = f"; retrying at {smaller}" if queue else ""
+            log.log(logging.WARNING if queue else logging.ERROR, "%s batch %d: %s%s", trial.name, batch, describe_error(e), retry)
             continue
-        log.info(
-            "%s %s batch %d: %.2f images/s", trial.backend.label, trial.model.name, batch, results[-1].images_per_second.median
-        )
+        log.info("%s batch %d: %.2f images/s", trial.name, batch, results[-1].images_per_second.median)
     return results
 
 

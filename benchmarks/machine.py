@@ -69,16 +69,17 @@ def peak_tflops(gpu_name: str | None, precision: str) -> float | None:
 
 
 def package_versions() -> dict[str, str | None]:
-    found: dict[str, str | None] = {}
-    for label, names in PACKAGES.items():
-        found[label] = None
-        for name in names:
-            try:
-                found[label] = f"{version(name)} ({name})" if len(names) > 1 else version(name)
-                break
-            except PackageNotFoundError:
-                continue
-    return found
+    return {label: installed_version(names) for label, names in PACKAGES.items()}
+
+
+def installed_version(names: tuple[str, ...]) -> str | None:
+    """The version of the first of ``names`` installed, naming it when there are alternatives."""
+    for name in names:
+        try:
+            return f"{version(name)} ({name})" if len(names) > 1 else version(name)
+        except PackageNotFoundError:
+            continue
+    return None
 
 
 def run_quietly(command: list[str], timeout: float = 20) -> str | None:
@@ -103,24 +104,21 @@ def git_revision() -> dict[str, str | bool | None]:
     }
 
 
+def search_file(path: str, pattern: str) -> str | None:
+    """The first group of ``pattern`` in the text file ``path`` (a /proc file), or None where there is none."""
+    text = Path(path).read_text(errors="replace") if Path(path).is_file() else ""
+    match = re.search(pattern, text, re.MULTILINE)
+    return match[1].strip() if match else None
+
+
 def cpu_facts() -> dict[str, object]:
-    model = None
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        match = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(errors="replace"), re.MULTILINE)
-        model = match[1].strip() if match else None
-    usable = cpu_count()
+    memory_kib = search_file("/proc/meminfo", r"^MemTotal:\s*(\d+) kB")
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    memory = None
-    meminfo = Path("/proc/meminfo")
-    if meminfo.is_file():
-        match = re.search(r"^MemTotal:\s*(\d+) kB", meminfo.read_text(), re.MULTILINE)
-        memory = round(int(match[1]) / 2**20, 1) if match else None
     return {
-        "model": model or platform.processor() or None,
+        "model": search_file("/proc/cpuinfo", r"^model name\s*:\s*(.+)$") or platform.processor() or None,
         "logical_cores": os.cpu_count(),
-        "usable_cores": usable,
-        "memory_gib": memory,
+        "usable_cores": cpu_count(),
+        "memory_gib": round(int(memory_kib) / 2**20, 1) if memory_kib else None,
         "load_average_1min": round(load[0], 2) if load else None,
     }
 
@@ -130,11 +128,8 @@ def gpu_facts() -> list[dict[str, object]]:
     out = run_quietly(["nvidia-smi", "--query-gpu=index,name,driver_version,memory.total", "--format=csv,noheader,nounits"])
     if not out:
         return []
-    cuda = None
-    header = run_quietly(["nvidia-smi"])
-    if header:
-        match = re.search(r"CUDA Version:\s*([\d.]+)", header)
-        cuda = match[1] if match else None
+    match = re.search(r"CUDA Version:\s*([\d.]+)", run_quietly(["nvidia-smi"]) or "")
+    cuda = match[1] if match else None
     gpus = []
     for line in out.strip().splitlines():
         parts = [part.strip() for part in line.split(",")]
@@ -156,16 +151,12 @@ def number_or_none(text: str) -> float | None:
         return None
 
 
-def onnxruntime_providers() -> list[str] | None:
+def machine_facts() -> dict[str, object]:
+    """Everything results.json records about where it ran."""
     try:
         import onnxruntime
     except ImportError:
-        return None
-    return onnxruntime.get_available_providers()
-
-
-def machine_facts() -> dict[str, object]:
-    """Everything results.json records about where it ran."""
+        onnxruntime = None
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "hostname": platform.node(),
@@ -174,7 +165,7 @@ def machine_facts() -> dict[str, object]:
         "cpu": cpu_facts(),
         "gpus": gpu_facts(),
         "packages": package_versions(),
-        "onnxruntime_providers": onnxruntime_providers(),
+        "onnxruntime_providers": onnxruntime.get_available_providers() if onnxruntime else None,
         "git": git_revision(),
     }
 

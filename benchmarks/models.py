@@ -25,12 +25,7 @@ from benchmarks.flops import unet_gflops
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
-EXPORT_SOURCES = (
-    REPO / "export" / "onnx_export.py",
-    REPO / "export" / "quantize.py",
-    REPO / "unet" / "model.py",
-    REPO / "batch" / "contract.py",
-)
+EXPORT_SOURCES = [REPO / path for path in ("export/onnx_export.py", "export/quantize.py", "unet/model.py", "batch/contract.py")]
 CALIBRATION_IMAGES = 8  # INT8 speed does not depend on the ranges; a few photos keep the quantization quick
 
 
@@ -186,9 +181,8 @@ def int8_model(fp32: BenchModel, photos: list[Path], *, folder: Path, cache_dir:
             raise ModelError(f"INT8 of {fp32.name}: {e}") from e
 
     path = cached(f"{fp32.path.stem}-int8", folder, cache_dir if fp32.random_weights else None, quantize)
-    return replace(
-        read_model(path, name=fp32.name), random_weights=fp32.random_weights, checkpoint=fp32.checkpoint, seed=fp32.seed
-    )
+    int8 = read_model(path, name=fp32.name)
+    return replace(int8, random_weights=fp32.random_weights, checkpoint=fp32.checkpoint, seed=fp32.seed)
 
 
 def user_model(path: Path, *, fp16: bool, input_size: tuple[int, int] | None, folder: Path, seed: int = 0) -> BenchModel:

@@ -1,24 +1,14 @@
 """What ``unet-batch`` is measured against: the naive per-photo loops, and on a GPU the strong PyTorch peer.
 
-The naive loops are what a first script would write, once with torch and once with ONNX Runtime:
-for each photo, Pillow open and full decode, resize to the model's input, batch of one through the
-network, logits upsampled to the photo's full size, sigmoid, threshold, PNG save. What
-``unet-batch`` gains over them is what batching, decoding at reduced size, overlapping stages and
-thresholding before upsampling buy.
-
-The peer is the PyTorch pipeline a skilled user would write instead, with the same inputs, weights
-and outputs (JPEG files in, full-size 8-bit PNG masks on disk):
-
-    read files (thread pool, prefetched)
-      -> torchvision.io.decode_jpeg(batch, device="cuda")       batched nvJPEG
-      -> resize (antialiased bilinear) + normalize on the GPU   (B, 3, h, w) FP16 channels-last
-      -> the U-Net, FP16, channels-last, torch.compile          (B, 1, h, w) logits
-      -> upsample to the photo's size, threshold on the GPU     (B, H, W) uint8, 0/255
-      -> one copy into pinned host memory                       non-blocking, one sync per batch
-      -> PNG encode + write (thread pool)
-
-Its batches are padded to a fixed size so the compiled graph never recompiles. Every loop's first
-photo (the peer's first batch: compilation, cuDNN autotuning) is an untimed warm-up.
+The naive loops are what a first script would do, with torch or ONNX Runtime: per photo, a full
+Pillow decode, resize, batch of one, logits upsampled to full size, sigmoid, threshold, PNG save.
+What ``unet-batch`` gains over them is what batching, decoding at reduced size, overlapping stages
+and thresholding before upsampling buy. The peer is what a skilled user would write with PyTorch
+alone, with the same inputs, weights and outputs: prefetched file reads, batched nvJPEG decoding,
+resize and normalize on the GPU, the U-Net in FP16 channels-last under ``torch.compile`` (batches
+padded to one shape, so it never recompiles), upsample and threshold on the GPU, one pinned copy
+back, PNG writes in a thread pool. Each loop's first photo (the peer's first batch: compilation,
+cuDNN autotuning) is an untimed warm-up.
 """
 
 from __future__ import annotations
@@ -157,18 +147,28 @@ def run_baseline(name: str, paths: Sequence[Path], model: BenchModel, hardware: 
     reason = "needs at least 2 photos (one is a warm-up)" if len(paths) < 2 else None
     if reason is None and name == "torch-eager":
         reason = torch_missing(model, hardware)
-    if reason:
-        return BaselineResult(status="skipped", reason=reason, **base)
-    try:
+
+    def measure() -> tuple[list[int], list[float]]:
         step = torch_step(model, str(hardware.device)) if name == "torch-eager" else ort_step(model, hardware)
         with tempfile.TemporaryDirectory(prefix="unet-bench-naive-") as out_dir:
             seconds = time_loop(step, paths, Path(out_dir))
+        return [1] * len(seconds), seconds
+
+    return measured(base, reason, measure)
+
+
+def measured(base: dict, reason: str | None, measure: Callable[[], tuple[list[int], list[float]]]) -> BaselineResult:
+    """A skip for ``reason``; else the rates of ``measure()`` (photos and seconds of each timing), or its failure."""
+    if reason:
+        return BaselineResult(status="skipped", reason=reason, **base)
+    try:
+        photos, seconds = measure()
     except Exception as e:  # noqa: BLE001 - record any failure of a baseline; the suite goes on
-        log.error("baseline %s failed: %s", BASELINES[name], describe_error(e))
+        log.error("baseline %s failed: %s", base["label"], describe_error(e))
         return BaselineResult(status="failed", reason=describe_error(e), **base)
-    rate = rates([1] * len(seconds), seconds)
-    log.info("baseline %s: %.2f images/s", BASELINES[name], rate.median)
-    return BaselineResult(status="ok", images=len(seconds), images_per_second=rate, seconds_per_image=summarize(seconds), **base)
+    rate, per_image = rates(photos, seconds), summarize([s / n for n, s in zip(photos, seconds)])
+    log.info("baseline %s: %.2f images/s", base["label"], rate.median)
+    return BaselineResult(status="ok", images=sum(photos), images_per_second=rate, seconds_per_image=per_image, **base)
 
 
 # ---- the PyTorch peer -------------------------------------------------------------------------------
@@ -210,7 +210,7 @@ class TorchPeer:
         self.net = torch.compile(net)
         self.pool = ThreadPoolExecutor(hardware.threads, thread_name_prefix="torch-peer")
 
-    def read(self, paths: Sequence[Path]) -> list:
+    def read(self, paths: Sequence[Path]) -> list:  # encoded JPEGs, as uint8 tensors
         return [self.torch.frombuffer(bytearray(p.read_bytes()), dtype=self.torch.uint8) for p in paths]
 
     def masks(self, encoded: list) -> np.ndarray:
@@ -260,7 +260,7 @@ class TorchPeer:
         self.pool.shutdown(wait=True)
 
 
-def time_peer(paths: Sequence[Path], model: BenchModel, hardware: Hardware, batch_size: int) -> float:
+def time_peer(paths: Sequence[Path], model: BenchModel, hardware: Hardware, batch_size: int) -> tuple[list[int], list[float]]:
     """Seconds the peer takes for every photo after the first batch (its warm-up: compilation and autotuning)."""
     peer = TorchPeer(model, hardware, batch_size)
     try:
@@ -268,7 +268,7 @@ def time_peer(paths: Sequence[Path], model: BenchModel, hardware: Hardware, batc
             peer.run(paths[:batch_size], Path(out_dir))
             start = time.perf_counter()
             peer.run(paths[batch_size:], Path(out_dir))
-            return time.perf_counter() - start
+            return [len(paths) - batch_size], [time.perf_counter() - start]
     finally:
         peer.close()
 
@@ -279,16 +279,4 @@ def run_torch_peer(paths: Sequence[Path], model: BenchModel, hardware: Hardware,
     reason = torch_missing(model, hardware, peer=True)
     if reason is None and len(paths) <= batch_size:
         reason = f"needs more than one batch of photos ({batch_size}): the first is the warm-up"
-    if reason:
-        return BaselineResult(status="skipped", reason=reason, **base)
-    try:
-        seconds = time_peer(paths, model, hardware, batch_size)
-    except Exception as e:  # noqa: BLE001 - record any failure of the peer; the suite goes on
-        log.error("baseline %s failed: %s", PEER_LABEL, describe_error(e))
-        return BaselineResult(status="failed", reason=describe_error(e), **base)
-    timed = len(paths) - batch_size
-    rate = rates([timed], [seconds])
-    log.info("baseline %s: %.1f images/s", PEER_LABEL, rate.median)
-    return BaselineResult(
-        status="ok", images=timed, images_per_second=rate, seconds_per_image=summarize([seconds / timed]), **base
-    )
+    return measured(base, reason, lambda: time_peer(paths, model, hardware, batch_size))

@@ -12,16 +12,15 @@ CPU-only host, whether splitting the cores between actors helps.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from batch.bundled import default_model_path
 from batch.config import SegmentConfig
-from batch.files import write_atomic
 from batch.report import Report
 from benchmarks.machine import machine_facts
+from benchmarks.report import as_json, table, write_files
 
 
 @dataclass(frozen=True)
@@ -37,10 +36,8 @@ class ScalingConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if not self.worker_counts or min(self.worker_counts) < 1:
-            raise ValueError(f"worker counts must be >= 1, got {self.worker_counts}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if min(self.worker_counts, default=0) < 1 or (self.limit or 1) < 1:
+            raise ValueError(f"worker counts and --limit must be >= 1, got {self.worker_counts} and {self.limit}")
 
 
 @dataclass(frozen=True)
@@ -66,8 +63,8 @@ def run_scaling(config: ScalingConfig) -> list[ScalingRow]:
     with tempfile.TemporaryDirectory(prefix="unet-bench-scaling-") as scratch:
 
         def segment_config(name: str) -> SegmentConfig:
-            return SegmentConfig(input_dir=config.images, output_dir=Path(scratch, name), model=model, device=config.device,
-                                 limit=config.limit, progress=config.progress)  # fmt: skip
+            chosen = dict(model=model, device=config.device, limit=config.limit, progress=config.progress)
+            return SegmentConfig(input_dir=config.images, output_dir=Path(scratch, name), **chosen)
 
         reports = [("local", 1, run(segment_config("local-before")))]
         with ray_session(config.address, verbose=False):
@@ -99,23 +96,16 @@ def row(engine: str, workers: int, report: Report, baseline: float) -> ScalingRo
 
 
 def render(rows: list[ScalingRow]) -> str:
-    lines = [
-        f"model: {rows[0].model}" if rows else "no runs",
-        "",
-        "| engine | workers | device | photos | seconds | images/s | steady images/s | steady vs local |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in rows:
-        lines.append(f"| {r.engine} | {r.workers} | {r.device} | {r.photos} | {r.seconds:.1f} | {r.images_per_second:.2f} "
-                     f"| {r.steady_images_per_second:.2f} | {r.ratio_to_local:.2f}x |")  # fmt: skip
-    return "\n".join(lines) + "\n"
+    header = ["engine", "workers", "device", "photos", "seconds", "images/s", "steady images/s", "steady vs local"]
+    return f"model: {rows[0].model}\n\n{table(header, [cells(r) for r in rows])}\n" if rows else "no runs\n"
+
+
+def cells(r: ScalingRow) -> list[str]:
+    rates = f"{r.images_per_second:.2f}", f"{r.steady_images_per_second:.2f}", f"{r.ratio_to_local:.2f}x"
+    return [r.engine, str(r.workers), r.device, str(r.photos), f"{r.seconds:.1f}", *rates]
 
 
 def write_scaling(rows: list[ScalingRow], out_dir: Path) -> dict[str, Path]:
     """``results.json`` (rows and the machine) and ``results.md`` (the table) in ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "results.json", "md": out_dir / "results.md"}
     document = {"machine": machine_facts(), "rows": [asdict(r) for r in rows]}
-    write_atomic(paths["json"], (json.dumps(document, indent=2) + "\n").encode())
-    write_atomic(paths["md"], render(rows).encode())
-    return paths
+    return write_files(out_dir, {"results.json": as_json(document), "results.md": render(rows)})

@@ -19,7 +19,7 @@ from batch.images import is_image_file
 from benchmarks.config import BenchError, RunConfig, SuiteConfig, check_extras
 from benchmarks.decode import bench_decoders
 from benchmarks.end_to_end import EndToEndConfig, EndToEndResult, run_end_to_end
-from benchmarks.inference import Backend, InferenceResult, backends_for, sweep_batches
+from benchmarks.inference import Backend, InferenceResult, backends_for, fastest, sweep_batches
 from benchmarks.machine import Hardware, cpu_facts, machine_facts, machine_slug, peak_rss_mib, resolve_hardware
 from benchmarks.models import BenchModel, Models
 from benchmarks.peers import BASELINES, BaselineResult, run_baseline, run_torch_peer
@@ -122,7 +122,7 @@ def measure_inference(run: Run, decoded) -> list[InferenceResult]:
     rows: list[InferenceResult] = []
     for model, backend in sweep_plan(run.config, run.suite, run.hardware, run.models):
         log.info("inference: %s on %s", model.name, backend.label)
-        rows += sweep_batches(model, backend, decoded, run.suite.sweep).results
+        rows += sweep_batches(model, backend, decoded, run.suite.sweep)
     return rows
 
 
@@ -151,12 +151,7 @@ def labelled(backend: Backend, precision: str) -> Backend:
 
 def best_row(inference: list[InferenceResult], model: BenchModel, backend: str) -> InferenceResult | None:
     """The fastest measured batch size of ``model`` (at its precision) on ``backend``."""
-    rows = [
-        r
-        for r in inference
-        if r.status == "ok" and r.model == model.name and r.backend == backend and r.precision == model.precision
-    ]
-    return max(rows, key=lambda r: r.images_per_second.median) if rows else None
+    return fastest([r for r in inference if (r.model, r.backend, r.precision) == (model.name, backend, model.precision)])
 
 
 def measure_end_to_end(run: Run, inference: list[InferenceResult], precision: str) -> EndToEnd:
@@ -213,26 +208,25 @@ def ratios(e2e: EndToEndResult, baselines: list[BaselineResult], reference: Infe
         if b.status == "ok":
             out["end_to_end_over_baseline"][b.baseline] = speed / b.images_per_second.median
     if reference is not None:
-        out["end_to_end_over_inference"] = speed / reference.images_per_second.median
-        out["inference_reference"] = {
-            "label": reference.label,
-            "model": reference.model,
-            "batch_size": reference.batch_size,
-            "images_per_second": reference.images_per_second.median,
-        }
+        rate = reference.images_per_second.median
+        out["end_to_end_over_inference"] = speed / rate
+        out["inference_reference"] = dict(label=reference.label, model=reference.model, batch_size=reference.batch_size)
+        out["inference_reference"]["images_per_second"] = rate
     return out
 
 
 def int8_ratios(int8: EndToEnd, fp32: EndToEnd, baselines: list[BaselineResult]) -> dict:
     """:func:`ratios` of the INT8 end-to-end run, and INT8 over FP32 end to end and in inference alone."""
     out = ratios(int8.result, baselines, int8.reference)
-    both = int8.result.status == "ok" and fp32.result.status == "ok"
-    out["end_to_end_over_fp32"] = int8.result.images_per_second.median / fp32.result.images_per_second.median if both else None
-    references = int8.reference and fp32.reference
-    out["inference_over_fp32"] = (
-        int8.reference.images_per_second.median / fp32.reference.images_per_second.median if references else None
-    )
+    out["end_to_end_over_fp32"] = speedup(int8.result, fp32.result)
+    out["inference_over_fp32"] = speedup(int8.reference, fp32.reference)
     return out
+
+
+def speedup(new, old) -> float | None:
+    """``new``'s median images/s over ``old``'s (results of any stage), when both were measured."""
+    measured = new is not None and old is not None and new.status == old.status == "ok"
+    return new.images_per_second.median / old.images_per_second.median if measured else None
 
 
 def memory_summary(inference: list[InferenceResult], e2e: EndToEndResult) -> dict:
@@ -272,13 +266,10 @@ def run_notes(run: Run, load_start: float | None, load_end: float | None) -> lis
 
 def write_outputs(results: dict, out_dir: Path) -> dict[str, Path]:
     """Write results.json, results.md and results.png into ``out_dir``; return their paths."""
-    from benchmarks.plot import draw_results
-    from benchmarks.report import render_markdown
+    from benchmarks.report import as_json, draw_results, render_markdown, write_files
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "results.json", "md": out_dir / "results.md", "png": out_dir / "results.png"}
-    paths["json"].write_text(json.dumps(results, indent=2) + "\n")
-    paths["md"].write_text(render_markdown(results))
+    paths = write_files(out_dir, {"results.json": as_json(results), "results.md": render_markdown(results)})
+    paths["png"] = out_dir / "results.png"
     draw_results(results).savefig(paths["png"])
     return paths
 

@@ -25,13 +25,13 @@ import numpy as np
 from tqdm import tqdm
 
 from batch.contract import probability_to_logit
-from batch.files import write_atomic
 from batch.masks import MaskError, area_fraction, dice, read_mask
 from batch.postprocess import upsample_threshold
-from benchmarks.config import BenchError, SweepConfig, check_extras
-from benchmarks.inference import Backend, backends_for, sweep_batches
+from benchmarks.config import BenchError, SweepConfig, check_extras, fail_unless
+from benchmarks.inference import Backend, backends_for, fastest, sweep_batches
 from benchmarks.machine import Hardware, machine_facts, resolve_hardware
 from benchmarks.models import BenchModel, random_model
+from benchmarks.report import as_json, table, write_files
 from benchmarks.timing import Stats
 
 log = logging.getLogger(__name__)
@@ -54,15 +54,14 @@ class TradeoffConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.mask_paths:
-            raise ValueError("no masks to measure the resolution ceiling on: pass --masks with a folder of mask files")
-        if not (self.sizes and self.widths and self.depths) or min(self.widths) < 1 or not all(1 <= d <= 8 for d in self.depths):
-            raise ValueError("tradeoff needs sizes, positive widths and depths between 1 and 8")
-        bad = [f"{h}x{w}" for h, w in self.sizes if h % 2 ** max(self.depths) or w % 2 ** max(self.depths)]
-        if bad:
-            raise ValueError(
-                f"sizes {', '.join(bad)} are not multiples of 2**depth = {2 ** max(self.depths)}: round them, e.g. 320x480"
-            )
+        multiple = 2 ** max(self.depths, default=0)
+        bad = ", ".join(f"{h}x{w}" for h, w in self.sizes if h % multiple or w % multiple)
+        checks = {
+            "no masks to measure the resolution ceiling on: pass --masks with a folder of mask files": bool(self.mask_paths),
+            "sizes, widths and depths must not be empty": bool(self.sizes and self.widths and self.depths),
+            f"sizes {bad} are not multiples of 2**depth = {multiple}: round them, e.g. 320x480": not bad,
+        }
+        fail_unless(checks, "unet-bench tradeoff")
 
 
 @dataclass(frozen=True)
@@ -112,10 +111,8 @@ def measure_ceilings(mask_paths: Sequence[Path], sizes: Sequence[tuple[int, int]
         except MaskError as e:
             raise BenchError(f"{e} (or leave it out of --masks)") from e
         scores[i] = [resolution_ceiling(truth, size) for size in sizes]
-    return [
-        Ceiling(tuple(size), float(scores[:, j].mean()), float(scores[:, j].min()), len(mask_paths))
-        for j, size in enumerate(sizes)
-    ]
+    means, worst = scores.mean(axis=0), scores.min(axis=0)
+    return [Ceiling(tuple(size), float(means[j]), float(worst[j]), len(mask_paths)) for j, size in enumerate(sizes)]
 
 
 def measure_speed(model: BenchModel, backend: Backend, sweep: SweepConfig, seed: int) -> SpeedPoint:
@@ -123,10 +120,10 @@ def measure_speed(model: BenchModel, backend: Backend, sweep: SweepConfig, seed:
     config, size = model.model_config, model.contract.input_size
     point = dict(width=config["width"], depth=config["depth"], size=size, gflop_per_image=model.gflops(size))
     images = np.random.default_rng(seed).integers(0, 256, (max(sweep.batch_sizes), *size, 3), dtype=np.uint8)  # (N, h, w, 3)
-    measured = sweep_batches(model, backend, images, sweep)
-    best = measured.best()
+    rows = sweep_batches(model, backend, images, sweep)
+    best = fastest(rows)
     if best is None:
-        return SpeedPoint(**point, status=measured.results[0].status, reason=measured.results[0].reason)
+        return SpeedPoint(**point, status=rows[0].status, reason=rows[0].reason)
     rate = best.images_per_second
     log.info("w%d d%d %dx%d: %.2f images/s at batch %d", point["width"], point["depth"], *size, rate.median, best.batch_size)
     return SpeedPoint(**point, status="ok", best_batch=best.batch_size, images_per_second=rate)
@@ -200,44 +197,36 @@ def run_tradeoff(config: TradeoffConfig, *, cache_dir: Path | None = None, progr
 
 def render_tradeoff(results: dict) -> str:
     """Markdown: one row per (size, depth, width) with its speed, the size's ceiling and any trained run's Dice."""
-    ceilings = {tuple(c["size"]): c for c in results["ceilings"]}
-    runs: dict[tuple, list[dict]] = {}
-    for run in results["runs"]:
-        runs.setdefault((run["width"], run["depth"], tuple(run["size"])), []).append(run)
-    lines = [
-        f"Device: {results['device']}; resolution ceiling over {results['settings']['masks']} masks; speed = best of "
-        f"batches {', '.join(map(str, results['settings']['batch_sizes']))} (median of {results['settings']['repeats']}), "
-        "inference only, random weights.",
-        "",
-        "| input size | depth | width | GFLOP/img | images/s (batch) | ceiling Dice (mean / worst) | trained Dice (epochs) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+    settings = results["settings"]
+    head = (
+        f"Device: {results['device']}; resolution ceiling over {settings['masks']} masks; speed = best of batches "
+        f"{', '.join(map(str, settings['batch_sizes']))} (median of {settings['repeats']}), inference only, random weights."
+    )
+    header = [
+        "input size",
+        "depth",
+        "width",
+        "GFLOP/img",
+        "images/s (batch)",
+        "ceiling Dice (mean / worst)",
+        "trained Dice (epochs)",
     ]
-    for point in results["speeds"]:
-        size = tuple(point["size"])
-        ceiling = ceilings.get(size)
-        speed = (
-            f"{point['images_per_second']['median']:.2f} ({point['best_batch']})"
-            if point["status"] == "ok"
-            else f"{point['status']}: {point['reason']}"
-        )
-        trained = (
-            "; ".join(
-                f"{r['val_dice']:.4f} ({r['best_epoch']} of {r['epochs']})"
-                for r in runs.get((point["width"], point["depth"], size), [])
-            )
-            or "not trained"
-        )
-        ceiling_text = f"{ceiling['mean_dice']:.5f} / {ceiling['min_dice']:.5f}" if ceiling else "-"
-        lines.append(
-            f"| {size[0]}x{size[1]} | {point['depth']} | {point['width']} | {point['gflop_per_image']:.3g} | "
-            f"{speed} | {ceiling_text} | {trained} |"
-        )
-    return "\n".join(lines) + "\n"
+    return f"{head}\n\n{table(header, [tradeoff_cells(point, results) for point in results['speeds']])}\n"
+
+
+def tradeoff_cells(point: dict, results: dict) -> list[str]:
+    size = tuple(point["size"])
+    ceiling = next((c for c in results["ceilings"] if tuple(c["size"]) == size), None)
+    ok = point["status"] == "ok"
+    speed = (
+        f"{point['images_per_second']['median']:.2f} ({point['best_batch']})" if ok else f"{point['status']}: {point['reason']}"
+    )
+    runs = [r for r in results["runs"] if (r["width"], r["depth"], tuple(r["size"])) == (point["width"], point["depth"], size)]
+    trained = "; ".join(f"{r['val_dice']:.4f} ({r['best_epoch']} of {r['epochs']})" for r in runs) or "not trained"
+    ceiling_text = f"{ceiling['mean_dice']:.5f} / {ceiling['min_dice']:.5f}" if ceiling else "-"
+    shape = f"{size[0]}x{size[1]}"
+    return [shape, str(point["depth"]), str(point["width"]), f"{point['gflop_per_image']:.3g}", speed, ceiling_text, trained]
 
 
 def write_tradeoff(results: dict, out_dir: Path) -> dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "tradeoff.json", "md": out_dir / "tradeoff.md"}
-    write_atomic(paths["json"], (json.dumps(results, indent=2) + "\n").encode())
-    write_atomic(paths["md"], render_tradeoff(results).encode())
-    return paths
+    return write_files(out_dir, {"tradeoff.json": as_json(results), "tradeoff.md": render_tradeoff(results)})

@@ -14,8 +14,7 @@ from PIL import Image
 from benchmarks import suite
 from benchmarks.cli import main
 from benchmarks.inference import CUDA
-from benchmarks.plot import draw_results
-from benchmarks.report import compare_rows, render_markdown
+from benchmarks.report import compare_rows, draw_results, render_markdown
 
 SMOKE = ["--suite", "smoke", "--device", "cpu", "--size", "32x48", "--width", "4", "--widths", "4", "--no-progress"]
 

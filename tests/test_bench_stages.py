@@ -20,7 +20,7 @@ from benchmarks.config import SUITES, BenchError, SweepConfig
 from benchmarks.decode import bench_decoders, load_resized_rgb_no_draft, source_megapixels
 from benchmarks.end_to_end import EndToEndConfig, read_report, run_end_to_end, steady_rate
 from benchmarks.flops import unet_gflops
-from benchmarks.inference import CUDA, Backend, backends_for, model_input, provider_missing, sweep_batches
+from benchmarks.inference import CUDA, Backend, backends_for, fastest, model_input, provider_missing, sweep_batches
 from benchmarks.machine import Hardware
 from benchmarks.models import BenchModel, ModelError, random_model, read_model
 from benchmarks.peers import run_baseline
@@ -121,19 +121,19 @@ def test_read_model_names_the_file_and_the_fix(tmp_path):
 def test_cpu_sweep_measures_each_batch_with_flops(bench_model, bench_photos):
     backend = backends_for(CPU)[0]
     sweep = sweep_batches(bench_model, backend, decoded_photos(bench_photos), SweepConfig((1, 2), warmup=1, repeats=2))
-    assert [(r.batch_size, r.status) for r in sweep.results] == [(1, "ok"), (2, "ok")]
-    row = sweep.results[1]
+    assert [(r.batch_size, r.status) for r in sweep] == [(1, "ok"), (2, "ok")]
+    row = sweep[1]
     assert row.images_per_second.n == 2 and row.gflop_per_image == pytest.approx(bench_model.gflops(SIZE))
     assert row.achieved_tflops == pytest.approx(row.gflop_per_image * row.images_per_second.median / 1e3)
     assert row.peak_tflops is None and row.fraction_of_peak is None  # no datasheet peak for CPUs
-    assert sweep.best() in sweep.results
+    assert fastest(sweep) in sweep
 
 
 def test_sweep_stops_before_a_batch_over_the_time_budget(bench_model, bench_photos):
     budget = SweepConfig((1, 2, 4), warmup=0, repeats=1, max_batch_seconds=1e-9)
     sweep = sweep_batches(bench_model, backends_for(CPU)[0], decoded_photos(bench_photos), budget)
-    assert [(r.batch_size, r.status) for r in sweep.results] == [(1, "ok"), (2, "skipped")]
-    assert "budget" in sweep.results[1].reason
+    assert [(r.batch_size, r.status) for r in sweep] == [(1, "ok"), (2, "skipped")]
+    assert "budget" in sweep[1].reason
 
 
 def test_out_of_memory_is_retried_at_half_the_batch(bench_model, monkeypatch):
@@ -151,8 +151,8 @@ def test_out_of_memory_is_retried_at_half_the_batch(bench_model, monkeypatch):
 
     monkeypatch.setattr(inference, "measure_batch", fake_measure)
     sweep = sweep_batches(bench_model, gpu, np.zeros((1, *SIZE, 3), np.uint8), SweepConfig((4, 16, 32), warmup=0, repeats=1))
-    assert [(r.batch_size, r.status) for r in sweep.results] == [(4, "ok"), (16, "oom"), (8, "ok")]
-    assert measured == [4, 8] and "out of memory" in sweep.results[1].reason
+    assert [(r.batch_size, r.status) for r in sweep] == [(4, "ok"), (16, "oom"), (8, "ok")]
+    assert measured == [4, 8] and "out of memory" in sweep[1].reason
 
 
 @pytest.mark.skipif(CUDA in __import__("onnxruntime").get_available_providers(), reason="this onnxruntime has CUDA")
@@ -160,7 +160,7 @@ def test_gpu_backends_without_cuda_are_skipped_with_the_fix(bench_model, bench_p
     backend = backends_for(Hardware(parse_device("cuda:0")))[0]
     assert "onnxruntime-gpu" in provider_missing(backend)
     sweep = sweep_batches(bench_model, backend, decoded_photos(bench_photos), SweepConfig((1,), warmup=0, repeats=1))
-    assert sweep.results[0].status == "skipped" and "onnxruntime-gpu" in sweep.results[0].reason
+    assert sweep[0].status == "skipped" and "onnxruntime-gpu" in sweep[0].reason
 
 
 def test_model_input_follows_the_contract(bench_model):

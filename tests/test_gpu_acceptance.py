@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import configparser
 import importlib.util
 import json
 import os
@@ -15,12 +16,12 @@ from conftest import REPO, synthetic_pair
 from PIL import Image
 from setuptools import find_packages
 
-CHECK = REPO / "benchmarks" / "acceptance" / "check.py"
+CHECK = REPO / "scripts" / "gpu_acceptance_verdict.py"
 VAL_IMAGES = json.loads((REPO / "checkpoints" / "w16-320x480" / "config.json").read_text())["val_images"]
 
 
 def load_check():
-    """benchmarks/acceptance/check.py, a script beside the package: loaded by its path, as gpu-acceptance.sh runs it."""
+    """The verdict script, outside the installed packages: loaded by its path, as gpu-acceptance.sh runs it."""
     spec = importlib.util.spec_from_file_location("acceptance_check", CHECK)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there
@@ -29,11 +30,12 @@ def load_check():
 
 
 def test_the_acceptance_tooling_is_not_in_the_installed_package():
-    packages = find_packages(
-        str(REPO), include=["unet", "unet.*", "export", "export.*", "batch", "batch.*", "benchmarks", "benchmarks.*"]
-    )
-    assert "benchmarks" in packages and not [p for p in packages if "acceptance" in p]
-    assert CHECK.is_file() and "benchmarks/acceptance/check.py" in (REPO / "benchmarks" / "gpu-acceptance.sh").read_text()
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg")
+    packages = find_packages(str(REPO), include=setup["options.packages.find"]["include"].split())
+    assert "benchmarks" in packages and not [p for p in packages if "acceptance" in p or p.startswith("scripts")]
+    assert not list((REPO / "benchmarks").glob("**/acceptance*.py"))
+    assert "scripts/gpu_acceptance_verdict.py" in (REPO / "benchmarks" / "gpu-acceptance.sh").read_text()
 
 
 def test_the_verdict_script_runs_with_the_standard_library_alone(tmp_path: Path):

@@ -1,14 +1,13 @@
 #!/usr/bin/env python3
-"""``python benchmarks/acceptance/check.py OUT_DIR``: the verdict of a GPU acceptance run (gpu-acceptance.sh).
+"""``python scripts/gpu_acceptance_verdict.py OUT_DIR``: the verdict of benchmarks/gpu-acceptance.sh's run.
 
 Reads what the script left in OUT_DIR (steps.tsv, the runner's reports, the evaluation CSVs, the
 benchmark results) and writes ``summary.json`` and ``summary.md``: each target of the GPU issue
 with its measured figure and whether it is met. A figure that is missing (its step did not run or
 failed) is reported as such, never as met.
 
-The targets are this project's acceptance criteria for a GPU host, not a library's: this is a
-script beside the package (no ``__init__.py`` here, so the installed package does not carry it),
-and it needs the standard library alone.
+The targets are this project's acceptance criteria for a GPU host, not a library's, so this is a
+script outside the installed packages, and it needs the standard library alone.
 """
 
 from __future__ import annotations
@@ -178,7 +177,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1 or not Path(argv[0]).is_dir():
-        sys.stderr.write("usage: python benchmarks/acceptance/check.py OUT_DIR (the folder gpu-acceptance.sh wrote)\n")
+        sys.stderr.write("usage: python scripts/gpu_acceptance_verdict.py OUT_DIR (the folder gpu-acceptance.sh wrote)\n")
         return 2
     out = Path(argv[0])
     targets = summarize(out)
