@@ -24,11 +24,12 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import UnidentifiedImageError
 
-from batch.files import DuplicateNameError, index_by_stem, write_atomic
-from batch.formats import SUBMISSION_NAME, encode_jpeg, render_errors
-from batch.images import load_rgb
-from batch.masks import MaskError, dice, iou, read_mask, rle_decode
-from batch.report import REPORT_NAME
+from batch.core.errors import CarvanaError
+from batch.core.files import DuplicateNameError, index_by_stem, write_atomic
+from batch.core.images import load_rgb
+from batch.core.masks import MaskError, dice, iou, read_mask, rle_decode
+from batch.runs.formats import SUBMISSION_NAME, encode_jpeg, render_errors
+from batch.runs.report import REPORT_NAME
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ NOT_MASKS = ("_cutout", "_overlay")  # other outputs of unet-batch segment
 KAGGLE_TRUTH = "_mask.gif"  # how Kaggle names its ground truth; unet-batch never names a prediction so
 
 
-class EvaluationError(ValueError):
+class EvaluationError(CarvanaError):
     """Folders that cannot be evaluated against each other; the message says why."""
 
 
@@ -241,7 +242,7 @@ def evaluate(pred_dir: str | Path, gt_dir: str | Path, workers: int = 4) -> Eval
 def write_error_maps(
     evaluation: Evaluation, pred_dir: str | Path, photos_dir: str | Path, out_dir: str | Path, worst: int
 ) -> list[Path]:
-    """Draw the ``worst`` lowest-Dice images' errors on their photos (``batch.formats.render_errors``) as
+    """Draw the ``worst`` lowest-Dice images' errors on their photos (``batch.runs.formats.render_errors``) as
     ``out_dir/<rank>_<name>_dice<score>.jpg``; returns the files written."""
     try:
         photos = index_by_stem(image_files(photos_dir, PHOTO_SUFFIXES))

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import click
 
-from batch.clitypes import DEVICE, LOCATION, SIZE, InputError, setup_logging, version_option
-from batch.extras import require
-from batch.files import spread_evenly
-from benchmarks.config import SUITES, BenchError, RunConfig
+from batch.cli.options import DEVICE, LOCATION, SIZE, Group, InputError, exit_on, setup_logging, version_option
+from batch.core.errors import CarvanaError
+from batch.core.extras import require
+from batch.core.files import spread_evenly
+from benchmarks.config import SUITES, RunConfig
 from benchmarks.report import load_results, ratio_lines, render_comparison
 
 CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
@@ -69,7 +70,7 @@ no_progress_option = click.option("--no-progress", is_flag=True, help="Hide prog
 verbose_option = click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(cls=Group, context_settings=CONTEXT)
 @version_option
 def main():
     """Benchmark decode, inference, end-to-end segmentation and naive baselines on this machine."""
@@ -104,15 +105,13 @@ def run(
         raise InputError(f"{out_dir / 'results.json'} exists: choose another --out or pass --overwrite")
     from benchmarks.suite import failures, run_suite, write_outputs
 
-    try:
+    with exit_on(CarvanaError, ValueError):
         config = RunConfig(
             suite=suite, device=device, images_dir=images_dir, model=model, input_size=size, width=width, seed=seed, widths=widths
         )
         with setup_logging(verbose):
             results = run_suite(config, cache_dir=None if no_cache else cache_dir, progress=not no_progress)
             paths = write_outputs(results, out_dir)
-    except (BenchError, ValueError) as e:
-        raise InputError(str(e)) from e
     click.echo("\n".join(ratio_lines(results)))
     click.echo(f"wrote {paths['json']}, {paths['md']} and {paths['png']} in {results['duration_seconds']:.0f} s")
     if results["suite"] == "smoke":
@@ -129,10 +128,8 @@ def run(
 @click.argument("b", type=click.Path(exists=True, path_type=Path))
 def compare(a, b):
     """Print two runs side by side, with B / A ratios: each a results.json or a run folder (--out of `run`) holding one."""
-    try:
+    with exit_on(CarvanaError):
         first, second = load_results(a), load_results(b)
-    except BenchError as e:
-        raise InputError(str(e)) from e
     click.echo(render_comparison(first, second, str(a), str(b)), nl=False)
 
 
@@ -158,13 +155,11 @@ def tradeoff(masks_dir, limit, sizes, widths, depths, run_dirs, device, out_dir,
     from benchmarks.tradeoff import TradeoffConfig, run_tradeoff, write_tradeoff
 
     masks = spread_evenly(sorted(p for p in masks_dir.iterdir() if p.is_file() and not p.name.startswith(".")), limit)
-    try:
+    with exit_on(CarvanaError, ValueError):
         config = TradeoffConfig(tuple(masks), sizes, widths, depths, tuple(run_dirs), device)
         with setup_logging(verbose):
             results = run_tradeoff(config, cache_dir=cache_dir, progress=not no_progress)
             paths = write_tradeoff(results, out_dir)
-    except (BenchError, ValueError) as e:
-        raise InputError(str(e)) from e
     click.echo(paths["md"].read_text(), nl=False)
     click.echo(f"wrote {paths['json']} and {paths['md']}")
 
@@ -191,15 +186,12 @@ def scaling(images, model, worker_counts, device, limit, address, out_dir, no_pr
     (the same photos and model): how a host's GPUs, or a cluster's nodes, add up."""
     require("onnxruntime", "cpu", what="unet-bench scaling")
     require("ray", "ray", what="unet-bench scaling")
-    from batch.runner import SegmentError
     from benchmarks.scaling import ScalingConfig, render, run_scaling, write_scaling
 
-    try:
+    with exit_on(CarvanaError, ValueError):
         config = ScalingConfig(images, model, worker_counts, device, limit, address, progress=not no_progress)
         with setup_logging(verbose):
             rows = run_scaling(config)
             paths = write_scaling(rows, out_dir)
-    except (SegmentError, ValueError) as e:
-        raise InputError(str(e)) from e
     click.echo(render(rows), nl=False)
     click.echo(f"wrote {paths['json']} and {paths['md']}")

@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from batch.devices import parse_device
-from batch.extras import require
-from batch.logs import first_line
+from batch.core.devices import DeviceError, parse_device
+from batch.core.errors import CarvanaError
+from batch.core.extras import require
+from batch.core.logs import first_line
 
 DEFAULT_INPUT_SIZE = (320, 480)  # (H, W): Carvana photos at scale 0.25, the project's training size
 DEFAULT_WIDTH = 16  # width of the random-weight model run end to end when no --model is given
@@ -26,7 +27,7 @@ NEEDS = (  # (module, extra, what for): run and tradeoff need all of them, so th
 PLOT_NEEDS = (("matplotlib", "bench", "drawing results.png"),)
 
 
-class BenchError(Exception):
+class BenchError(CarvanaError):
     """A benchmark that cannot run as asked; the message names the file or option and the fix."""
 
 
@@ -36,7 +37,7 @@ def describe_error(error: BaseException, limit: int = 500) -> str:
 
 
 def check_extras(command: str, *, plots: bool = False) -> None:
-    """:class:`~batch.extras.MissingExtra` naming the extra to install, before any measurement (not after minutes)."""
+    """:class:`~batch.core.extras.MissingExtra` naming the extra to install, before any measurement (not after minutes)."""
     for module, extra, purpose in NEEDS + (PLOT_NEEDS if plots else ()):
         require(module, extra, what=f"{command} ({purpose})")
 
@@ -150,7 +151,10 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.suite not in SUITES:
             raise ValueError(f"suite {self.suite!r} is not one of {', '.join(SUITES)}")
-        object.__setattr__(self, "device", str(parse_device(self.device)))  # DeviceError (a ValueError) when malformed
+        try:
+            object.__setattr__(self, "device", str(parse_device(self.device)))
+        except DeviceError as e:  # a malformed value, like every other option's
+            raise ValueError(str(e)) from e
         if self.width < 1 or not 1 <= self.depth <= 8:
             raise ValueError(f"width must be >= 1 and depth 1..8, got width={self.width}, depth={self.depth}")
         height, width = self.input_size or (2**self.depth, 2**self.depth)

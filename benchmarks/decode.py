@@ -3,7 +3,7 @@
 Every decoder reads the same files (from the page cache after the first pass) and produces
 (H, W, 3) uint8 RGB at the model's input size. Pillow runs in a thread pool as wide as DALI's
 (both release the GIL while decoding), so the comparison is of decoders, not of parallelism.
-DALI is the runner's own decoder (:class:`batch.decode.DaliDecoder`: files read and header-checked,
+DALI is the runner's own decoder (:class:`batch.inference.decode.DaliDecoder`: files read and header-checked,
 fed to its pipeline one batch at a time, copied out), for the uint8 NHWC input ``unet-export`` writes.
 Megapixels/s counts the source photos' pixels: what a decoder had to get through.
 """
@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from batch import runtime
-from batch.contract import ModelContract
-from batch.decode import DaliDecoder, Failure, Item
-from batch.images import load_resized_rgb
+from batch.core.contract import ModelContract
+from batch.core.images import load_resized_rgb
+from batch.inference import runtime
+from batch.inference.decode import DaliDecoder, Failure, Item
 from benchmarks.config import BenchError, SuiteConfig, describe_error
 from benchmarks.machine import Hardware
 from benchmarks.timing import Stats, rates, time_calls
@@ -71,7 +71,7 @@ class DecodeJob:
 
 
 def load_resized_rgb_no_draft(path: str | Path, size: tuple[int, int]) -> np.ndarray:
-    """Like ``batch.images.load_resized_rgb`` but decoding every pixel: what draft mode saves."""
+    """Like ``batch.core.images.load_resized_rgb`` but decoding every pixel: what draft mode saves."""
     height, width = size
     with Image.open(path) as im:
         rgb = im.convert("RGB")

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from batch import runtime
-from batch.contract import prepare_input
-from batch.devices import Device, DeviceError
+from batch.core.contract import prepare_input
+from batch.core.devices import Device, DeviceError
+from batch.inference import runtime
 from benchmarks.config import BenchError, SweepConfig, describe_error
 from benchmarks.machine import Hardware, gpu_memory_of, peak_tflops, this_process
 from benchmarks.models import BenchModel
@@ -74,7 +74,7 @@ def provider_missing(backend: Backend) -> str | None:
 
 
 def make_session(model: BenchModel, backend: Backend, max_batch: int, cache_dir: str):
-    """The runner's kind of session (batch.runtime) on exactly ``backend``'s provider; ProviderError if ORT cannot."""
+    """The runner's kind of session (batch.inference.runtime) on exactly ``backend``'s provider; ProviderError if ORT cannot."""
     if not backend.on_gpu:
         return runtime.open_session(model.path, "cpu")
     cuda = {"cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": 1}

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from batch.devices import Device, cpu_count, parse_device
+from batch.core.devices import Device, cpu_count, parse_device
 from benchmarks.config import BenchError
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ def resolve_hardware(requested: str, facts: dict) -> Hardware:
 
     A GPU that was asked for and cannot be used is an error, never a silent CPU run.
     """
-    from batch.runtime import CUDA_PROVIDER, check_device, provider_missing
+    from batch.inference.runtime import CUDA_PROVIDER, check_device, provider_missing
 
     gpus, threads = facts["gpus"], facts["cpu"]["usable_cores"] or 1
     device = parse_device(requested)

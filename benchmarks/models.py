@@ -18,14 +18,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from batch.contract import IMAGENET_MEAN, IMAGENET_STD, ModelContract
+from batch.core.contract import IMAGENET_MEAN, IMAGENET_STD, ModelContract
 from benchmarks.config import DEFAULT_INPUT_SIZE, BenchError, RunConfig
 from benchmarks.flops import unet_gflops
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
-EXPORT_SOURCES = [REPO / path for path in ("export/onnx_export.py", "export/quantize.py", "unet/model.py", "batch/contract.py")]
+EXPORT_SOURCES = [
+    REPO / path for path in ("export/onnx_export.py", "export/quantize.py", "unet/model.py", "batch/core/contract.py")
+]
 CALIBRATION_IMAGES = 8  # INT8 speed does not depend on the ranges; a few photos keep the quantization quick
 
 
@@ -67,8 +69,8 @@ class BenchModel:
 
 def read_model(path: str | Path, name: str | None = None) -> BenchModel:
     """Describe an exported model by its contract, read and checked as ``unet-batch`` reads it."""
-    from batch.engine import read_contract
-    from batch.runtime import ModelError as RunnerModelError
+    from batch.inference.model import read_contract
+    from batch.inference.runtime import ModelError as RunnerModelError
 
     path = Path(path)
     if not path.is_file():
@@ -107,7 +109,7 @@ def bundled_source(checkpoints: Path = REPO / "checkpoints") -> tuple[Path, tupl
     The checkpoint is found in ``checkpoints`` by the SHA-256 the export recorded, so benchmarks of "the
     bundled model's weights" (e.g. the PyTorch peer) never drift from the shipped file.
     """
-    from batch.bundled import DEFAULT_MODEL, models_folder
+    from batch.inference.bundled import DEFAULT_MODEL, models_folder
 
     bundled = read_model(models_folder() / DEFAULT_MODEL)
     wanted = bundled.contract.provenance.get("source_checkpoint_sha256")

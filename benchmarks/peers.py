@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from batch import runtime
-from batch.contract import probability_to_logit
+from batch.core.contract import probability_to_logit
+from batch.inference import runtime
 from benchmarks.config import describe_error
 from benchmarks.inference import model_input
 from benchmarks.machine import Hardware

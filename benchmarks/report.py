@@ -12,9 +12,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from batch.devices import parse_device
-from batch.extras import require
-from batch.files import write_atomic
+from batch.core.devices import parse_device
+from batch.core.extras import require
+from batch.core.files import write_atomic
 from benchmarks.config import BenchError
 from benchmarks.end_to_end import ONE_TIME_STAGES
 

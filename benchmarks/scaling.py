@@ -16,9 +16,9 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from batch.bundled import default_model_path
-from batch.config import SegmentConfig
-from batch.report import Report
+from batch.inference.bundled import default_model_path
+from batch.runs.config import ClusterConfig, RunConfig
+from batch.runs.report import Report
 from benchmarks.machine import machine_facts
 from benchmarks.report import as_json, table, write_files
 
@@ -56,21 +56,21 @@ class ScalingRow:
 def run_scaling(config: ScalingConfig) -> list[ScalingRow]:
     """The local engine, then the Ray engine with each worker count, then the local engine again: the same photos
     and model (``config.model``, or the bundled one for the device) each time."""
-    from batch.ray_engine import ClusterConfig, ray_session, segment_on_ray
-    from batch.runner import run
+    from batch.runs.ray_engine import ray_session
+    from batch.runs.run import run
 
     model = config.model or default_model_path(config.device)  # one file for every run, even if the bundled choice changes
     with tempfile.TemporaryDirectory(prefix="unet-bench-scaling-") as scratch:
 
-        def segment_config(name: str) -> SegmentConfig:
+        def segment_config(name: str) -> RunConfig:
             chosen = dict(model=model, device=config.device, limit=config.limit, progress=config.progress)
-            return SegmentConfig(input_dir=config.images, output_dir=Path(scratch, name), **chosen)
+            return RunConfig(input_dir=config.images, output_dir=Path(scratch, name), **chosen)
 
         reports = [("local", 1, run(segment_config("local-before")))]
         with ray_session(config.address, verbose=False):
             for count in config.worker_counts:
                 cluster = ClusterConfig(config.address, count)
-                reports.append(("ray", count, segment_on_ray(segment_config(f"ray-{count}"), cluster)))
+                reports.append(("ray", count, run(segment_config(f"ray-{count}"), "ray", cluster)))
         reports.append(("local", 1, run(segment_config("local-after"))))
     baseline = (steady_rate(reports[0][2]) + steady_rate(reports[-1][2])) / 2  # before and after: drift on a shared machine
     return [row(engine, workers, report, baseline) for engine, workers, report in reports]

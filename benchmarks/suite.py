@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from batch.images import is_image_file
+from batch.core.images import is_image_file
 from benchmarks.config import BenchError, RunConfig, SuiteConfig, check_extras
 from benchmarks.decode import bench_decoders
 from benchmarks.end_to_end import EndToEndConfig, EndToEndResult, run_end_to_end

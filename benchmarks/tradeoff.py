@@ -4,8 +4,8 @@ Three measurements, each cheap enough for a 2-core CPU, joined into one table:
 
 - **Resolution ceiling** of an input size: the full-resolution Dice of a *perfect* model at that
   size. Each ground-truth mask is shrunk to (h, w) by area (exactly the training target,
-  :func:`batch.masks.area_fraction`), turned into logits, resized back and thresholded the way the
-  batch runner treats model output (:func:`batch.postprocess.upsample_threshold`). No trained model
+  :func:`batch.core.masks.area_fraction`), turned into logits, resized back and thresholded the way the
+  batch runner treats model output (:func:`batch.inference.postprocess.upsample_threshold`). No trained model
   can beat it; the gap between a run's Dice and this ceiling is what the network, not the size, costs.
 - **Speed** of every (width, depth, size): a random-weight U-Net exported by the project's exporter,
   swept over batch sizes on one ONNX Runtime provider (speed does not depend on the weights).
@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from batch.contract import probability_to_logit
-from batch.masks import MaskError, area_fraction, dice, read_mask
-from batch.postprocess import upsample_threshold
+from batch.core.contract import probability_to_logit
+from batch.core.masks import MaskError, area_fraction, dice, read_mask
+from batch.inference.postprocess import upsample_threshold
 from benchmarks.config import BenchError, SweepConfig, check_extras, fail_unless
 from benchmarks.inference import Backend, backends_for, fastest, sweep_batches
 from benchmarks.machine import Hardware, machine_facts, resolve_hardware

@@ -11,16 +11,16 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from batch.clitypes import DEVICE, SIZE, InputError, setup_logging, version_option
-from batch.contract import ModelContract
-from batch.devices import DeviceError
-from batch.extras import require
+from batch.cli.options import DEVICE, SIZE, Group, InputError, setup_logging, version_option
+from batch.core.contract import ModelContract
+from batch.core.devices import DeviceError
+from batch.core.extras import require
 from export.config import LAYOUTS, MAX_OPSET, MIN_OPSET, ExportError, ExportOptions, QuantizeOptions, VerifyOptions
 
 CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(cls=Group, context_settings=CONTEXT)
 @version_option
 def main() -> None:
     """Export trained U-Net checkpoints for the batch runner."""
@@ -91,7 +91,7 @@ def to_onnx(
     require("onnx", "train", what="unet-export")
     if verify_dir is not None or int8:
         require("onnxruntime", "cpu", what="unet-export --int8" if int8 else "unet-export --verify")
-    from batch.runtime import device_for_precision
+    from batch.inference.runtime import device_for_precision
     from export.onnx_export import export_checkpoint
     from export.verify import VerifyError, export_verified
     from unet.checkpoint import CheckpointError

@@ -26,9 +26,9 @@ from torch import nn
 from torch.export import Dim
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from batch.contract import ContractError, ModelContract
-from batch.files import write_atomic as write_file_atomic
-from batch.logs import first_line, quiet_loggers
+from batch.core.contract import ContractError, ModelContract
+from batch.core.files import write_atomic as write_file_atomic
+from batch.core.logs import first_line, quiet_loggers
 from export.config import ExportError, ExportOptions
 from unet import __version__
 from unet.checkpoint import load_checkpoint, model_from_checkpoint

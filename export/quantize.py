@@ -12,8 +12,8 @@ fuses into integer kernels (``QLinearConv``, ``QLinearConcat``, uint8 ``MaxPool`
   stem (the convolutions before the first pooling: they see the normalized photo at full
   resolution and cost about 6 % of the FLOPs) and the head, so the logits come out in FP32.
 
-Calibration photos go through the runner's own preprocessing (``batch.images.load_resized_rgb``,
-then ``batch.contract.prepare_input``), so the ranges are those inference will see. Photos of the
+Calibration photos go through the runner's own preprocessing (``batch.core.images.load_resized_rgb``,
+then ``batch.core.contract.prepare_input``), so the ranges are those inference will see. Photos of the
 checkpoint's validation cars (``val_cars``) are left out, so that its validation score stays a score
 on unseen cars. The file records ``precision: int8`` and the calibration set (count and SHA-256).
 """
@@ -34,10 +34,10 @@ import onnxruntime
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
 from tqdm import tqdm
 
-from batch.contract import ModelContract, prepare_input
-from batch.files import spread_evenly
-from batch.images import DECODE_ERRORS, load_resized_rgb
-from batch.logs import first_line
+from batch.core.contract import ModelContract, prepare_input
+from batch.core.files import spread_evenly
+from batch.core.images import DECODE_ERRORS, load_resized_rgb
+from batch.core.logs import first_line
 from export.config import ExportError, ExportOptions, QuantizeOptions
 from export.onnx_export import check_output_path, export_checkpoint, write_atomic
 from export.verify import VerifyError, list_photos
@@ -171,7 +171,7 @@ def load_calibration(photos: Sequence[Path], contract: ModelContract, count: int
             log.warning("calibration: skipped %s, which cannot be read (%s)", photo, first_line(e))
             continue
         names.append(photo.name)
-        inputs.append(prepare_input(rgb[None], contract))  # what batch.engine feeds the graph
+        inputs.append(prepare_input(rgb[None], contract))  # what batch.inference.model feeds the graph
         lines.append(f"{hashlib.sha256(data).hexdigest()}  {photo.name}\n")
     if not names:
         why = "they are all photos of the checkpoint's validation cars" if not eligible else "none of them can be read"

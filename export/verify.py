@@ -1,7 +1,7 @@
 """Parity of an exported ONNX model with its PyTorch checkpoint, on real photos.
 
 For each photo: PyTorch FP32 logits (the reference, on CPU) against the ONNX model's on the chosen ONNX
-Runtime provider, both fed the same pixels (``batch.images.load_resized_rgb``: training's own
+Runtime provider, both fed the same pixels (``batch.core.images.load_resized_rgb``: training's own
 preprocessing, at the model's recorded input size). Criteria (``ImageParity.failures``):
 
 - every precision: the ONNX logits are finite, and the mask is not blank where PyTorch finds a car;
@@ -29,13 +29,13 @@ import torch
 from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
-from batch.contract import ContractError, ModelContract, probability_to_logit
-from batch.devices import DeviceError
-from batch.files import spread_evenly, temporary_path
-from batch.images import is_image_file, load_resized_rgb
-from batch.masks import dice
-from batch.runtime import ModelError, check_device, session_options
-from batch.runtime import open_session as open_runtime_session
+from batch.core.contract import ContractError, ModelContract, probability_to_logit
+from batch.core.devices import DeviceError
+from batch.core.files import spread_evenly, temporary_path
+from batch.core.images import is_image_file, load_resized_rgb
+from batch.core.masks import dice
+from batch.inference.runtime import ModelError, check_device, session_options
+from batch.inference.runtime import open_session as open_runtime_session
 from export.config import VerifyOptions
 from export.onnx_export import (
     FP16_MAX,
@@ -226,7 +226,7 @@ def list_photos(folder: Path, option: str) -> list[Path]:
 
 
 def open_session(onnx_path: str | Path, device: str):
-    """An ONNX Runtime session on ``device`` (batch.runtime: explicit providers, no silent CPU fallback)."""
+    """An ONNX Runtime session on ``device`` (batch.inference.runtime: explicit providers, no silent CPU fallback)."""
     try:
         return open_runtime_session(onnx_path, device, session_options())
     except (DeviceError, ModelError) as e:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batch.contract import IMAGENET_MEAN, IMAGENET_STD
+from batch.core.contract import IMAGENET_MEAN, IMAGENET_STD
 
 REPO = Path(__file__).resolve().parents[1]
 CARVANA = REPO.parent / "shared" / "data" / "carvana"
@@ -98,7 +98,7 @@ def make_tiny_onnx(
     import onnx
     from onnx import TensorProto, helper
 
-    from batch.contract import ModelContract
+    from batch.core.contract import ModelContract
 
     mean, std = np.array(pixel_mean), np.array(pixel_std)
     # On normalized x_c = (p_c / 255 - m_c) / s_c: mean RGB = sum_c 255 (x_c s_c + m_c) / 3.
@@ -187,12 +187,12 @@ def write_photo(path: Path, size: tuple[int, int], seed: int, fmt: str | None = 
 
 @pytest.fixture
 def failing_inference(monkeypatch):
-    """failing_inference(error, when): CpuEngine.predict raises ``error`` on the calls (1, 2, ...) where
+    """failing_inference(error, when): CpuPredictor.predict raises ``error`` on the calls (1, 2, ...) where
     ``when(call)`` is true and runs normally otherwise; returns the list of batch sizes it was called with.
     ``monkeypatch.undo()`` restores it."""
-    from batch.engine import CpuEngine
+    from batch.inference.model import CpuPredictor
 
-    real_predict = CpuEngine.predict
+    real_predict = CpuPredictor.predict
 
     def install(error: BaseException, when) -> list[int]:
         calls: list[int] = []
@@ -203,7 +203,7 @@ def failing_inference(monkeypatch):
                 raise error
             return real_predict(engine, batch)
 
-        monkeypatch.setattr(CpuEngine, "predict", predict)
+        monkeypatch.setattr(CpuPredictor, "predict", predict)
         return calls
 
     return install
@@ -245,8 +245,8 @@ def sharp_checkpoint(tiny_checkpoint: Path, parity_photos: Path, tmp_path_factor
     import torch
     import torch.nn.functional as F
 
-    from batch.images import load_resized_rgb
-    from batch.masks import read_mask
+    from batch.core.images import load_resized_rgb
+    from batch.core.masks import read_mask
     from unet.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 
     state = load_checkpoint(tiny_checkpoint)
@@ -342,7 +342,7 @@ def s3_bucket(s3_endpoint: str, monkeypatch, request) -> str:
         "AWS_REGION": "eu-west-1",
     }.items():
         monkeypatch.setenv(name, value)
-    from batch.storage import open_location
+    from batch.runs.storage import open_location
 
     bucket = "test-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
     store = open_location(f"s3://{bucket}")

@@ -16,8 +16,8 @@ from PIL import Image
 import batch
 from batch import ImageError, InferenceError, Item, Segmenter, default_model_path
 from batch.cli import main
-from batch.decode import Failure, dali_available
-from batch.formats import encode_png_mask
+from batch.inference.decode import Failure, dali_available
+from batch.runs.formats import encode_png_mask
 
 GOOD = ["a.jpg", "b.JPEG", "c.png", "day1/d.jpg", "day1/deep/f.jpeg", "day1/e.jpg", "day2/g.png"]  # photo_tree, sorted
 
@@ -212,7 +212,7 @@ def test_bad_options_are_refused_before_loading_anything(tiny_onnx: Path):
 
 
 def test_default_model_path_picks_the_devices_file(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr("batch.bundled.models_folder", lambda: tmp_path)
+    monkeypatch.setattr("batch.inference.bundled.models_folder", lambda: tmp_path)
     with pytest.raises(FileNotFoundError, match="no bundled model"):
         default_model_path()
     (tmp_path / "default.onnx").write_bytes(b"fp32")
@@ -229,7 +229,7 @@ def test_import_batch_is_cheap_and_the_api_comes_on_first_use():
     script = (
         "import sys, batch\n"
         "assert not any(m.startswith(('onnxruntime', 'onnx', 'torch')) for m in sys.modules), 'eager import'\n"
-        "assert batch.Segmenter.__module__ == 'batch.api' and 'onnxruntime' in sys.modules\n"
+        "assert batch.Segmenter.__module__ == 'batch.inference.segmenter' and 'onnxruntime' in sys.modules\n"
         "print(sorted(batch.__all__))\n"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60, check=False)

@@ -18,9 +18,9 @@ from conftest import synthetic_pair, write_photo
 from PIL import Image
 
 from batch.cli import main
-from batch.decode import dali_available
-from batch.masks import dice, read_mask, rle_decode
-from batch.runner import LOCK_NAME, output_lock
+from batch.core.masks import dice, read_mask, rle_decode
+from batch.inference.decode import dali_available
+from batch.runs.lock import LOCK_NAME, output_lock
 
 GOOD = ["a.jpg", "b.JPEG", "c.png", "day1/d.jpg", "day1/deep/f.jpeg", "day1/e.jpg", "day2/g.png"]  # photo_tree, sorted
 SEEDS = {"a.jpg": 1, "b.JPEG": 2, "c.png": 3, "day1/d.jpg": 4, "day1/e.jpg": 5, "day1/deep/f.jpeg": 6, "day2/g.png": 7}
@@ -159,14 +159,14 @@ def test_interrupted_run_resumes_consistently(photo_tree: Path, tmp_path: Path, 
 
 SLOW_SECOND_BATCH = """
 import sys, time
-from batch.engine import CpuEngine
-real_predict, calls = CpuEngine.predict, []
+from batch.inference.model import CpuPredictor
+real_predict, calls = CpuPredictor.predict, []
 def predict(engine, batch):
     calls.append(len(batch))
     if len(calls) == 2:
         time.sleep(120)  # SIGTERM arrives here, after the first batch is written
     return real_predict(engine, batch)
-CpuEngine.predict = predict
+CpuPredictor.predict = predict
 from batch.cli import main
 main(sys.argv[1:])
 """
@@ -323,7 +323,7 @@ def test_report_has_what_the_benchmarks_read(photo_tree: Path, tmp_path: Path, t
 
 
 def test_default_model_when_bundled_and_a_clear_error_when_not(photo_tree: Path, tmp_path: Path, tiny_onnx: Path, monkeypatch):
-    monkeypatch.setattr("batch.bundled.models_folder", lambda: tmp_path / "models")
+    monkeypatch.setattr("batch.inference.bundled.models_folder", lambda: tmp_path / "models")
     result = segment(photo_tree, tmp_path / "out")
     assert result.exit_code == 2 and "no bundled model" in result.output and "--model PATH" in result.output
     (tmp_path / "models").mkdir()
@@ -393,7 +393,7 @@ def test_usage_errors_exit_2(case: str, message: str, photo_tree: Path, tmp_path
 
 
 def test_a_run_that_cannot_start_removes_the_folders_it_made(photo_tree: Path, tmp_path: Path, tiny_onnx: Path, monkeypatch):
-    monkeypatch.setattr("batch.runner.make_plan", lambda *args: (_ for _ in ()).throw(OSError("disk on fire")))
+    monkeypatch.setattr("batch.runs.run.make_plan", lambda *args: (_ for _ in ()).throw(OSError("disk on fire")))
     with pytest.raises(OSError, match="disk on fire"):
         segment(photo_tree, tmp_path / "new" / "deeper" / "out", "--model", tiny_onnx)
     assert not (tmp_path / "new").exists()
@@ -406,7 +406,7 @@ def test_dali_requested_but_missing_is_an_error(photo_tree: Path, tmp_path: Path
 
 
 def test_dali_requested_but_missing_is_an_error_simulated(photo_tree: Path, tmp_path: Path, tiny_onnx: Path, monkeypatch):
-    monkeypatch.setattr("batch.api.dali_available", lambda: False)
+    monkeypatch.setattr("batch.inference.segmenter.dali_available", lambda: False)
     result = segment(photo_tree, tmp_path / "out", "--model", tiny_onnx, "--decoder", "dali")
     assert result.exit_code == 2 and "DALI is not installed" in result.output
 

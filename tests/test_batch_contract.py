@@ -1,4 +1,4 @@
-"""The model contract (batch.contract): one set of defaults, metadata round trip, input preparation, thresholds."""
+"""The model contract (batch.core.contract): one set of defaults, metadata round trip, input preparation, thresholds."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from batch.contract import (
+from batch.core.contract import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ContractError,

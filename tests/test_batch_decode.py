@@ -11,11 +11,11 @@ import pytest
 from conftest import write_photo
 from PIL import Image
 
-from batch.contract import ModelContract, prepare_input
-from batch.decode import Batch, DaliDecoder, Failure, Item, PillowDecoder, dali_available
-from batch.engine import CpuEngine, load_model
-from batch.images import ImageError, draft_request, load_resized_rgb, probe_image
-from batch.masks import dice
+from batch.core.contract import ModelContract, prepare_input
+from batch.core.images import ImageError, draft_request, load_resized_rgb, probe_image
+from batch.core.masks import dice
+from batch.inference.decode import Batch, DaliDecoder, Failure, Item, PillowDecoder, dali_available
+from batch.inference.model import CpuPredictor, load_model
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed (pip install '.[dev]')")
 
@@ -42,7 +42,7 @@ def run_decoder(decoder, items: list[Item]) -> tuple[dict[str, np.ndarray], dict
     return images, failures, kinds
 
 
-def full_mask(engine: CpuEngine, item: Item, pixels: np.ndarray) -> np.ndarray:
+def full_mask(engine: CpuPredictor, item: Item, pixels: np.ndarray) -> np.ndarray:
     """The (H, W) bool mask the engine makes for one photo from its model-sized pixels."""
     with Image.open(item.path) as im:
         size = (im.height, im.width)
@@ -176,7 +176,7 @@ def test_dali_cpu_and_pillow_agree(photo_folder: Path, tiny_onnx: Path):
     dali_images, dali_failures, kinds = run_decoder(DaliDecoder(contract, 4, 2, device_id=None, tta=False), items)
     pillow_images, _, _ = run_decoder(PillowDecoder(contract.input_size, 4, 2), items)
     assert not dali_failures and set(kinds) == {"dali-cpu"} and dali_images.keys() == pillow_images.keys()
-    engine = CpuEngine(model, threshold=0.5, tta=False)
+    engine = CpuPredictor(model, threshold=0.5, tta=False)
     for item in items:
         dali_pixels, pillow_pixels = dali_images[name_of(item)], pillow_images[name_of(item)]
         assert np.abs(dali_pixels.astype(int) - pillow_pixels.astype(int)).mean() < 4  # grey levels

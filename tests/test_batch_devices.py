@@ -1,4 +1,4 @@
-"""Device names (batch.devices), the --device option, and ONNX Runtime sessions on them (batch.runtime)."""
+"""Device names (batch.core.devices), the --device option, and ONNX Runtime sessions on them (batch.inference.runtime)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from batch.clitypes import DEVICE
-from batch.devices import Device, DeviceError, parse_device
+from batch.cli.options import DEVICE
+from batch.core.devices import Device, DeviceError, parse_device
 
 
 @pytest.mark.parametrize(
@@ -69,7 +69,7 @@ HAS_CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 def test_providers_for_each_device():
-    from batch.runtime import providers_for
+    from batch.inference.runtime import providers_for
 
     assert providers_for(parse_device("cpu")) == ["CPUExecutionProvider"]
     assert providers_for(parse_device("cuda:2")) == [("CUDAExecutionProvider", {"device_id": 2}), "CPUExecutionProvider"]
@@ -85,7 +85,7 @@ def test_providers_for_each_device():
 
 
 def test_cpu_session_from_a_file_or_bytes(tiny_onnx: Path):
-    from batch.runtime import open_session, session_options
+    from batch.inference.runtime import open_session, session_options
 
     session = open_session(tiny_onnx, "CPU", session_options(threads=1))
     assert session.get_providers() == ["CPUExecutionProvider"]
@@ -93,7 +93,7 @@ def test_cpu_session_from_a_file_or_bytes(tiny_onnx: Path):
 
 
 def test_unloadable_model_is_a_model_error(tmp_path: Path):
-    from batch.runtime import ModelError, open_session
+    from batch.inference.runtime import ModelError, open_session
 
     (tmp_path / "junk.onnx").write_bytes(b"not a model" * 10)
     with pytest.raises(ModelError, match=r"junk.onnx: ONNX Runtime cannot load this model .* `unet-export to-onnx`"):
@@ -102,12 +102,12 @@ def test_unloadable_model_is_a_model_error(tmp_path: Path):
 
 @pytest.mark.skipif(HAS_CUDA_EP, reason="this onnxruntime has CUDA")
 def test_explicit_cuda_without_the_provider_is_an_error_and_auto_says_what_it_chose(tiny_onnx: Path, caplog):
-    from batch.runtime import open_session
+    from batch.inference.runtime import open_session
 
     with pytest.raises(DeviceError, match=r"--device cuda:1 cannot be used: .*no CUDA provider.*'\.\[gpu\]'.*--device cpu"):
         open_session(tiny_onnx, "cuda:1")
     with pytest.raises(DeviceError, match=r"--device cuda:0 cannot be used: .*no TensorRT provider"):
         open_session(tiny_onnx, "cuda", tensorrt_options={})
-    caplog.set_level("INFO", logger="batch.runtime")
+    caplog.set_level("INFO", logger="batch.inference.runtime")
     assert open_session(tiny_onnx, "auto").get_providers() == ["CPUExecutionProvider"]
     assert "device auto: running on the CPU (this onnxruntime" in caplog.text

@@ -10,13 +10,13 @@ import onnxruntime as ort
 import pytest
 from conftest import synthetic_pair
 
-from batch.contract import prepare_input
-from batch.decode import Batch, Item
-from batch.devices import DeviceError
-from batch.engine import BoundEngine, CpuEngine, load_model, runs_of_equal
-from batch.images import load_resized_rgb
-from batch.masks import dice
-from batch.runtime import ModelError
+from batch.core.contract import prepare_input
+from batch.core.devices import DeviceError
+from batch.core.images import load_resized_rgb
+from batch.core.masks import dice
+from batch.inference.decode import Batch, Item
+from batch.inference.model import BoundPredictor, CpuPredictor, load_model, runs_of_equal
+from batch.inference.runtime import ModelError
 
 SIZES = [(96, 144), (96, 144), (120, 180), (70, 100), (70, 100)]
 
@@ -97,7 +97,7 @@ def test_cuda_without_the_cuda_provider_is_an_error_not_a_cpu_run(tiny_onnx: Pat
 
 
 def test_prepare_input_normalizes_and_transposes():
-    from batch.contract import ModelContract
+    from batch.core.contract import ModelContract
 
     pixels = np.random.default_rng(0).integers(0, 256, (2, 4, 6, 3), dtype=np.uint8)
     contract = ModelContract(
@@ -125,8 +125,8 @@ def test_prepare_input_normalizes_and_transposes():
 )
 def test_every_input_contract_gives_the_same_masks(make_onnx, tiny_onnx: Path, host_batch, options):
     batch, _ = host_batch
-    reference = masks_of(CpuEngine(load_model(tiny_onnx, "cpu"), 0.5, tta=False), batch)
-    other = masks_of(CpuEngine(load_model(make_onnx(**options), "cpu"), 0.5, tta=False), batch)
+    reference = masks_of(CpuPredictor(load_model(tiny_onnx, "cpu"), 0.5, tta=False), batch)
+    other = masks_of(CpuPredictor(load_model(make_onnx(**options), "cpu"), 0.5, tta=False), batch)
     for a, b in zip(reference, other):
         assert a.shape == b.shape
         if options.get("output_kind") == "probabilities":  # interpolating probabilities, not logits: a hair different
@@ -137,7 +137,7 @@ def test_every_input_contract_gives_the_same_masks(make_onnx, tiny_onnx: Path, h
 
 def test_masks_have_each_photos_size_and_find_the_car(tiny_onnx: Path, host_batch):
     batch, truths = host_batch
-    masks = masks_of(CpuEngine(load_model(tiny_onnx, "cpu"), 0.5, tta=True), batch)
+    masks = masks_of(CpuPredictor(load_model(tiny_onnx, "cpu"), 0.5, tta=True), batch)
     for mask, truth in zip(masks, truths):
         assert mask.shape == truth.shape and mask.dtype == np.uint8
         assert dice(mask == 255, truth) > 0.9
@@ -146,7 +146,7 @@ def test_masks_have_each_photos_size_and_find_the_car(tiny_onnx: Path, host_batc
 def test_a_higher_threshold_marks_fewer_pixels(tiny_onnx: Path, host_batch):
     batch, _ = host_batch
     model = load_model(tiny_onnx, "cpu")
-    low, high = (sum(int((m == 255).sum()) for m in masks_of(CpuEngine(model, t, tta=False), batch)) for t in (0.2, 0.8))
+    low, high = (sum(int((m == 255).sum()) for m in masks_of(CpuPredictor(model, t, tta=False), batch)) for t in (0.2, 0.8))
     assert low > high
 
 
@@ -158,8 +158,8 @@ def test_a_higher_threshold_marks_fewer_pixels(tiny_onnx: Path, host_batch):
 def test_bound_engine_matches_the_cpu_engine(make_onnx, host_batch, tta, options):
     batch, _ = host_batch
     model = load_model(make_onnx(**options), "cpu")
-    expected = masks_of(CpuEngine(model, 0.6, tta=tta), batch)
-    bound = masks_of(BoundEngine(model, 0.6, tta=tta, device_type="cpu"), batch)
+    expected = masks_of(CpuPredictor(model, 0.6, tta=tta), batch)
+    bound = masks_of(BoundPredictor(model, 0.6, tta=tta, device_type="cpu"), batch)
     assert [m.shape for m in bound] == SIZES
     for a, b in zip(expected, bound):
         assert (a != b).mean() < 1e-3
@@ -169,7 +169,7 @@ def test_bound_engine_takes_prepared_device_buffers(tiny_onnx: Path, host_batch)
     """DALI's GPU batches arrive as OrtValues already in the model's layout."""
     batch, _ = host_batch
     model = load_model(tiny_onnx, "cpu")
-    engine = BoundEngine(model, 0.5, tta=True, device_type="cpu")
+    engine = BoundPredictor(model, 0.5, tta=True, device_type="cpu")
     x = engine.allocate(batch.pixels.shape, np.uint8)
     x.update_inplace(batch.pixels)
     flipped = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(batch.pixels[:, :, ::-1]), "cpu", 0)

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from batch.cli import main
+from batch.core.masks import rle_encode
 from batch.evaluation import EvaluationError, evaluate
-from batch.masks import rle_encode
 
 
 def save_png(path: Path, mask: np.ndarray) -> None:

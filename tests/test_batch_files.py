@@ -1,4 +1,4 @@
-"""Atomic writes, stale temporaries, files indexed by stem, evenly spread picks (batch.files)."""
+"""Atomic writes, stale temporaries, files indexed by stem, evenly spread picks (batch.core.files)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from batch.files import DuplicateNameError, index_by_stem, remove_stale_temporaries, spread_evenly, write_atomic
+from batch.core.files import DuplicateNameError, index_by_stem, remove_stale_temporaries, spread_evenly, write_atomic
 
 
 def test_write_atomic_replaces_and_leaves_no_temporary(tmp_path: Path):
@@ -24,7 +24,7 @@ def test_write_atomic_failure_keeps_the_old_file(tmp_path: Path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("batch.files.os.replace", broken_replace)
+    monkeypatch.setattr("batch.core.files.os.replace", broken_replace)
     with pytest.raises(OSError):
         write_atomic(target, b"new")
     assert target.read_bytes() == b"finished"

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batch.formats import encode, encode_png_mask, output_paths, write_submission
-from batch.masks import read_mask, rle_decode
-from batch.storage import LocalFolder
+from batch.core.masks import read_mask, rle_decode
+from batch.runs.formats import encode, encode_png_mask, output_paths
+from batch.runs.outputs import write_submission
+from batch.runs.storage import LocalFolder
 
 
 @pytest.fixture

@@ -10,10 +10,10 @@ import pytest
 from click.testing import CliRunner
 
 from batch.cli import main
-from batch.decode import Batch, Item, dali_available
-from batch.devices import DeviceError
-from batch.engine import BoundEngine, CpuEngine, load_model
-from batch.masks import dice, read_mask
+from batch.core.devices import DeviceError
+from batch.core.masks import dice, read_mask
+from batch.inference.decode import Batch, Item, dali_available
+from batch.inference.model import BoundPredictor, CpuPredictor, load_model
 
 pytestmark = pytest.mark.gpu
 
@@ -37,8 +37,8 @@ def test_bound_engine_on_the_gpu_matches_the_cpu(cuda_model, tiny_onnx: Path):
     pixels = rng.integers(0, 256, (3, 64, 96, 3), dtype=np.uint8)
     items = [Item(f"random {i}", image=image) for i, image in enumerate(pixels)]
     batch = Batch(items, [0, 1, 2], sizes=[(96, 144), (96, 144), (50, 70)], decoder="pillow", pixels=pixels)
-    gpu = [p.mask() for p in BoundEngine(cuda_model, 0.5, tta=True).predict(batch)]
-    cpu = [p.mask() for p in CpuEngine(load_model(tiny_onnx, "cpu"), 0.5, tta=True).predict(batch)]
+    gpu = [p.mask() for p in BoundPredictor(cuda_model, 0.5, tta=True).predict(batch)]
+    cpu = [p.mask() for p in CpuPredictor(load_model(tiny_onnx, "cpu"), 0.5, tta=True).predict(batch)]
     for a, b in zip(gpu, cpu):
         assert a.shape == b.shape and (a != b).mean() < 1e-3
 

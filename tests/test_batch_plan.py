@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
-from batch.plan import find_images, make_plan
-from batch.storage import LocalFolder
+from batch.runs.plan import make_plan
+from batch.runs.storage import LocalFolder, walk_images
 
 
 def touch(root: Path, *names: str) -> None:
@@ -22,19 +22,19 @@ def rels(*names: str) -> list[PurePosixPath]:
 def test_find_images_is_recursive_sorted_and_case_blind(tmp_path: Path):
     touch(tmp_path, "b.JPG", "a.png", "z/y.jpeg", "m/n/o.Jpg", "notes.txt", "x.gif", ".hidden.jpg", ".cache/k.jpg")
     (tmp_path / "dir.jpg").mkdir()  # a folder named like an image is not one
-    assert find_images(tmp_path) == rels("a.png", "b.JPG", "m/n/o.Jpg", "z/y.jpeg")
+    assert walk_images(tmp_path) == rels("a.png", "b.JPG", "m/n/o.Jpg", "z/y.jpeg")
 
 
 def test_output_folder_inside_the_input_is_not_read(tmp_path: Path):
     touch(tmp_path, "a.jpg", "masks/a.png", "masks/sub/b.png", "other/c.jpg")
-    assert find_images(tmp_path, exclude=tmp_path / "masks") == rels("a.jpg", "other/c.jpg")
+    assert walk_images(tmp_path, exclude=tmp_path / "masks") == rels("a.jpg", "other/c.jpg")
 
 
 def test_symlinked_output_folder_is_recognised(tmp_path: Path):
     touch(tmp_path, "in/a.jpg", "real_out/a.png")
     (tmp_path / "in" / "out").symlink_to(tmp_path / "real_out")
     # links to folders are not followed anyway; the excluded folder is matched by identity
-    assert find_images(tmp_path / "in", exclude=tmp_path / "real_out") == rels("a.jpg")
+    assert walk_images(tmp_path / "in", exclude=tmp_path / "real_out") == rels("a.jpg")
 
 
 def plan_of(source: Path, output: Path, names: list[PurePosixPath], formats: tuple[str, ...], overwrite: bool):

@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from batch.postprocess import (
+from batch.inference.postprocess import (
     average_flipped,
     bilinear_resize,
     build_postprocess_model,

@@ -12,9 +12,9 @@ import onnx
 import pytest
 from PIL import Image
 
-from batch.contract import ModelContract
-from batch.devices import parse_device
-from batch.images import load_resized_rgb
+from batch.core.contract import ModelContract
+from batch.core.devices import parse_device
+from batch.core.images import load_resized_rgb
 from benchmarks import end_to_end, inference, models
 from benchmarks.config import SUITES, BenchError, SweepConfig
 from benchmarks.decode import bench_decoders, load_resized_rgb_no_draft, source_megapixels

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batch.devices import parse_device
+from batch.core.devices import parse_device
 from benchmarks.config import SUITES, RunConfig, SweepConfig
 from benchmarks.flops import unet_gflops, unet_macs
 from benchmarks.machine import Hardware, machine_facts, machine_slug, peak_tflops

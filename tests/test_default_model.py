@@ -9,10 +9,11 @@ import onnx
 import pytest
 from conftest import REPO
 
-from batch.bundled import DEFAULT_MODEL, models_folder
-from batch.contract import ModelContract
+from batch.core.contract import ModelContract
 from batch.evaluation import evaluate
-from batch.runner import SegmentConfig, run
+from batch.inference.bundled import DEFAULT_MODEL, models_folder
+from batch.runs.config import RunConfig
+from batch.runs.run import run
 
 MAX_BYTES = 20 * 1024 * 1024  # what the repository may carry
 
@@ -44,7 +45,7 @@ def test_bundled_model_masks_its_held_out_cars(bundled, carvana_dir, tmp_path):
         for view in ("03", "11"):  # a side and a three-quarter view
             name = f"{car}_{view}.jpg"
             os.symlink((carvana_dir / "train" / name).resolve(), photos / name)
-    report = run(SegmentConfig(photos, tmp_path / "masks", device="cpu"))
+    report = run(RunConfig(photos, tmp_path / "masks", device="cpu"))
     assert report.processed == len(list(photos.iterdir())) and not report.failed
     assert evaluate(tmp_path / "masks", carvana_dir / "train_masks").mean_dice >= 0.985
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from onnx import TensorProto
 
-from batch.contract import ModelContract
+from batch.core.contract import ModelContract
 from export.config import DEFAULT_OPSET, ExportError
 from export.onnx_export import export_checkpoint, export_model, fold_batchnorm, write_atomic
 from unet import __version__
@@ -363,7 +363,7 @@ def test_failed_write_leaves_no_partial_file_and_keeps_the_old_one(tmp_path, mon
     def disk_full(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("batch.files.os.replace", disk_full)
+    monkeypatch.setattr("batch.core.files.os.replace", disk_full)
     with pytest.raises(ExportError, match="cannot write .*m.onnx: No space left on device"):
         write_atomic(small_model_proto(), out)
     assert files_in(tmp_path) == ["m.onnx"] and out.read_bytes() == b"the previous model"
@@ -373,7 +373,7 @@ def test_interrupted_write_leaves_no_temp_file(tmp_path, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("batch.files.os.fsync", interrupt)
+    monkeypatch.setattr("batch.core.files.os.fsync", interrupt)
     with pytest.raises(KeyboardInterrupt):
         write_atomic(small_model_proto(), tmp_path / "m.onnx")
     assert files_in(tmp_path) == []

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 import export.onnx_export
-from batch.contract import ModelContract
+from batch.core.contract import ModelContract
 from export.cli import main
 from unet.model import UNet, UNetConfig
 

@@ -15,11 +15,11 @@ from PIL import Image
 
 import batch.cli
 import export.quantize
-from batch.bundled import DEFAULT_MODEL, default_model_path, models_folder
-from batch.contract import ModelContract
-from batch.devices import DeviceError
-from batch.engine import load_model
-from batch.runtime import device_for_precision
+from batch.core.contract import ModelContract
+from batch.core.devices import DeviceError
+from batch.inference.bundled import DEFAULT_MODEL, default_model_path, models_folder
+from batch.inference.model import load_model
+from batch.inference.runtime import device_for_precision
 from export.cli import main
 from export.quantize import QuantizeError, float_nodes, load_calibration
 from unet.checkpoint import load_checkpoint
@@ -111,7 +111,7 @@ def test_int8_runs_on_the_cpu_only(int8_export, caplog):
     out, _ = int8_export
     with pytest.raises(DeviceError, match=r"--device cuda:0 cannot be used: .*m-int8.onnx is an INT8 model.*CPU only"):
         load_model(out, device="cuda")
-    with caplog.at_level(logging.INFO, logger="batch.runtime"):
+    with caplog.at_level(logging.INFO, logger="batch.inference.runtime"):
         model = load_model(out, device="auto")
     assert (model.device, model.provider) == ("cpu", "CPUExecutionProvider")
     assert "device auto: " in caplog.text and "INT8 model" in caplog.text

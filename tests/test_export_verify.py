@@ -179,7 +179,7 @@ def test_peak_activation_sees_what_the_folded_graph_holds():
 
 
 def test_fp16_activations_beyond_its_range_fail_even_when_the_logits_agree():
-    from batch.contract import ModelContract
+    from batch.core.contract import ModelContract
     from export.verify import compare
 
     contract = ModelContract(input_height=4, input_width=4, input_multiple=4, precision="fp16")

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from batch.masks import dice, iou
+from batch.core.masks import dice, iou
 from unet.config import LOSS_NAMES
-from unet.losses import LOSSES, bce_dice_loss, bce_lovasz_loss, lovasz_hinge_loss, soft_dice_loss
+from unet.losses import LOSSES, bce_dice_loss, bce_lovasz_loss, boundary_weights, lovasz_hinge_loss, soft_dice_loss
 from unet.metrics import full_resolution_dice
 
 
@@ -73,3 +73,26 @@ def test_full_resolution_dice_upsamples_logits_before_threshold():
     assert full_resolution_dice(logits, np.array([[1, 0, 0, 0]], bool)) == pytest.approx(1.0)
     # upsampling the thresholded mask instead would have marked two pixels
     assert full_resolution_dice(logits, np.array([[1, 1, 0, 0]], bool)) == pytest.approx(2 / 3)
+
+
+def test_boundary_weights_mark_the_band_around_the_outline():
+    target = torch.zeros(1, 1, 12, 12)
+    target[..., 4:8, 4:8] = 1  # a 4x4 car
+    weights = boundary_weights(target, weight=2.0, radius=1)
+    band = weights[0, 0] > 1
+    assert weights.min() == 1 and weights.max() == 3
+    ring = torch.zeros(12, 12, dtype=torch.bool)
+    ring[3:9, 3:9] = True
+    ring[5:7, 5:7] = False  # the car's inside, 2 px from its outline
+    assert torch.equal(band, ring)  # within 1 px of the outline, on both sides, and nowhere else
+    assert boundary_weights(torch.zeros(1, 1, 8, 8), weight=2.0).eq(1).all()  # no car, no outline
+
+
+def test_boundary_weighting_raises_the_loss_of_errors_on_the_outline():
+    target = torch.zeros(1, 1, 12, 12)
+    target[..., 4:8, 4:8] = 1
+    logits = torch.where(target > 0, 4.0, -4.0)
+    logits[..., 4, 4] = -4.0  # one wrong pixel on the outline
+    weights = boundary_weights(target, weight=4.0)
+    for loss in (bce_dice_loss, bce_lovasz_loss):
+        assert loss(logits, target, weights) > loss(logits, target)

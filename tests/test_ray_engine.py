@@ -12,12 +12,13 @@ from click.testing import CliRunner
 from conftest import write_photo
 
 from batch.cli import main
-from batch.devices import parse_device
-from batch.storage import open_location
+from batch.core.devices import parse_device
+from batch.core.timing import StageClock
+from batch.runs.storage import open_location
 
 ray = pytest.importorskip("ray", reason="the Ray engine needs the 'ray' extra")
 
-from batch.ray_engine import SegmentWorker  # noqa: E402  (after the skip: it imports ray)
+from batch.runs.ray_engine import SegmentWorker  # noqa: E402  (after the skip: it imports ray)
 
 PHOTOS = 10  # two calls of an actor at --batch-size 2 (CALL_BATCHES batches a call) and a remainder
 BAD = {"bad/empty.jpg": b"", "bad/notes.png": b"shopping list"}
@@ -106,13 +107,14 @@ def dies_once(marker: Path) -> type:
 
 
 def test_a_worker_that_dies_is_replaced_and_every_photo_is_done_once(photos: Path, tmp_path: Path, tiny_onnx: Path, ray_cluster):
-    from batch.config import SegmentConfig
-    from batch.ray_engine import ClusterConfig, segment_on_ray
+    from batch.runs.config import ClusterConfig, RunConfig
+    from batch.runs.ray_engine import RayEngine
+    from batch.runs.run import run
 
     marker = tmp_path / "died"
-    config = SegmentConfig(input_dir=photos, output_dir=tmp_path / "masks", model=tiny_onnx, batch_size=2,
+    config = RunConfig(input_dir=photos, output_dir=tmp_path / "masks", model=tiny_onnx, batch_size=2,
                            formats=("png", "rle"), progress=False)  # fmt: skip
-    report = segment_on_ray(config, ClusterConfig(workers=1), worker=dies_once(marker))
+    report = run(config, RayEngine(config, ClusterConfig(workers=1), StageClock(), worker=dies_once(marker)))
 
     assert marker.exists()  # it did die
     assert (report.processed, len(report.failed)) == (PHOTOS, len(BAD))
@@ -134,12 +136,13 @@ def crashes_on(name: str) -> type:
 
 def test_a_photo_that_kills_its_worker_is_failed_and_the_rest_is_done(photos: Path, tmp_path: Path, tiny_onnx: Path,
                                                                       ray_cluster):  # fmt: skip
-    from batch.config import SegmentConfig
-    from batch.ray_engine import CRASHED, ClusterConfig, segment_on_ray
+    from batch.runs.config import ClusterConfig, RunConfig
+    from batch.runs.ray_engine import CRASHED, RayEngine
+    from batch.runs.run import run
 
     poison = "day2/car05.jpg"
-    config = SegmentConfig(input_dir=photos, output_dir=tmp_path / "masks", model=tiny_onnx, batch_size=2, progress=False)
-    report = segment_on_ray(config, ClusterConfig(workers=1), worker=crashes_on(poison))
+    config = RunConfig(input_dir=photos, output_dir=tmp_path / "masks", model=tiny_onnx, batch_size=2, progress=False)
+    report = run(config, RayEngine(config, ClusterConfig(workers=1), StageClock(), worker=crashes_on(poison)))
 
     assert report.processed == PHOTOS - 1  # its call's other photos too
     assert {failure["path"]: failure["reason"] for failure in report.failed}[str(photos / poison)] == CRASHED
@@ -148,7 +151,7 @@ def test_a_photo_that_kills_its_worker_is_failed_and_the_rest_is_done(photos: Pa
 
 
 def test_the_crash_journal_suspects_a_call_then_names_its_photo(tmp_path: Path):
-    from batch.ray_engine import CrashJournal
+    from batch.runs.ray_engine import CrashJournal
 
     path = tmp_path / "actor.json"
     journal = CrashJournal(path)
@@ -214,7 +217,7 @@ def test_s3_problems_exit_2_saying_what_to_do(engine: str, photos: Path, tmp_pat
     ],
 )
 def test_actors_are_placed_by_the_cluster_resources(resources, nodes, device, workers, expected):
-    from batch.ray_engine import plan_actors
+    from batch.runs.ray_engine import plan_actors
 
     plan = plan_actors(resources, nodes, device, workers)
     assert (plan.count, plan.num_gpus, plan.num_cpus, plan.threads) == expected
@@ -225,8 +228,8 @@ def test_actors_are_placed_by_the_cluster_resources(resources, nodes, device, wo
     [({"CPU": 2}, "cuda", "has no GPUs"), ({"CPU": 8, "GPU": 2}, "cuda:1", "use --device cuda")],
 )
 def test_gpus_that_the_cluster_cannot_give_are_an_error(resources, device, message):
-    from batch.ray_engine import ClusterError, plan_actors
-    from batch.runner import SegmentError
+    from batch.runs.config import SegmentError
+    from batch.runs.ray_engine import ClusterError, plan_actors
 
     with pytest.raises(ClusterError, match=message) as error:
         plan_actors(resources, 1, str(parse_device(device)), None)
@@ -255,7 +258,7 @@ def fails_to_infer() -> type:
 
     class FailsToInfer(SegmentWorker):
         def __call__(self, batch):
-            from batch.api import InferenceError
+            from batch.inference.segmenter import InferenceError
 
             raise InferenceError("inference failed on 3 batches in a row")
 
@@ -263,11 +266,12 @@ def fails_to_infer() -> type:
 
 
 def test_a_broken_engine_stops_the_run_with_a_report(photos: Path, tmp_path: Path, tiny_onnx: Path, ray_cluster):
-    from batch.config import SegmentConfig
-    from batch.ray_engine import ClusterConfig, segment_on_ray
+    from batch.runs.config import ClusterConfig, RunConfig
+    from batch.runs.ray_engine import RayEngine
+    from batch.runs.run import run
 
-    config = SegmentConfig(input_dir=photos, output_dir=tmp_path / "masks", model=tiny_onnx, progress=False)
-    report = segment_on_ray(config, ClusterConfig(workers=1), worker=fails_to_infer())
+    config = RunConfig(input_dir=photos, output_dir=tmp_path / "masks", model=tiny_onnx, progress=False)
+    report = run(config, RayEngine(config, ClusterConfig(workers=1), StageClock(), worker=fails_to_infer()))
 
     assert "inference failed on 3 batches in a row" in report.stopped
     assert report.processed == 0

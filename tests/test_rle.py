@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from batch.masks import read_mask, rle_decode, rle_encode
+from batch.core.masks import read_mask, rle_decode, rle_encode
 
 
 def test_rle_by_hand():

@@ -1,4 +1,4 @@
-"""batch.storage: local folders and s3:// locations behave alike (against a real S3-compatible server on 127.0.0.1)."""
+"""batch.runs.storage: local folders and s3:// locations behave alike (against a real S3-compatible server on 127.0.0.1)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from batch.storage import LocalFolder, ObjectStore, StorageError, is_uri, open_location
+from batch.runs.storage import LocalFolder, ObjectStore, StorageError, is_uri, open_location
 
 TREE = {
     "a.jpg": b"\xff\xd8\xff a",
@@ -120,10 +120,35 @@ def test_object_stores_pickle_without_their_connections(s3_bucket: str):
 
 
 def test_files_read_like_paths(tmp_path: Path, s3_bucket: str):
-    """What batch.decode.Item reads: ``read_bytes()``, and ``str()`` naming the file as the user would."""
+    """What batch.inference.decode.Item reads: ``read_bytes()``, and ``str()`` naming the file as the user would."""
     for store in (open_location(tmp_path), open_location(s3_bucket)):
         store.write(PurePosixPath("a/b.jpg"), b"photo")
         file = store.file(PurePosixPath("a/b.jpg"))
         assert (file.read_bytes(), str(file)) == (b"photo", store.locate(PurePosixPath("a/b.jpg")))
         with pytest.raises(FileNotFoundError):
             store.file(PurePosixPath("a/none.jpg")).read_bytes()
+
+
+def test_memory_locations_list_read_and_write_like_the_others(tmp_path: Path, tiny_onnx: Path):
+    """memory:// (fsspec's in-process store, documented as supported) lists its keys, and a whole run goes through it."""
+    import fsspec
+    from conftest import write_photo
+
+    import batch
+
+    store = open_location("memory://unet-batch-test/in")
+    fill(store)
+    expected = [PurePosixPath(p) for p in ("B.JPEG", "a.jpg", "day1/c.png", "day1/deep/d.jpeg", "masks/old.png")]
+    try:
+        assert store.find_images() == expected
+        for name in ("p.jpg", "sub/q.png"):
+            write_photo(tmp_path / name, (48, 64), seed=len(name))
+            store.write(PurePosixPath("photos", name), (tmp_path / name).read_bytes())
+        report = batch.segment(
+            "memory://unet-batch-test/in/photos", "memory://unet-batch-test/out", model=tiny_onnx, progress=False
+        )
+        out = open_location("memory://unet-batch-test/out")
+        assert (report.processed, report.failed) == (2, [])
+        assert {PurePosixPath("p.png"), PurePosixPath("sub/q.png")} <= set(out.list_files())
+    finally:
+        fsspec.filesystem("memory").rm("/unet-batch-test", recursive=True)

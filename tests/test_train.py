@@ -5,9 +5,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from batch.devices import DeviceError
+from batch.core.devices import DeviceError
 from unet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from unet.cli import main as train_cli
+from unet.data import DataError
 from unet.model import UNetConfig
 from unet.train import TrainConfig, Trainer, TrainingInterrupted, lr_at, train
 
@@ -93,7 +94,7 @@ def test_resume_into_a_new_folder_carries_the_history(kaggle_dir, tmp_path):
 def test_resume_needs_last_not_best(kaggle_dir, tmp_path):
     run = tmp_path / "run"
     train(tiny_config(kaggle_dir, run, epochs=1), TINY, progress=False)
-    with pytest.raises(ValueError, match="last.pt"):
+    with pytest.raises(DataError, match="last.pt"):
         Trainer(tiny_config(kaggle_dir, run, epochs=2), TINY, resume=run / "best.pt", progress=False)
 
 
@@ -112,10 +113,27 @@ def test_init_starts_a_new_schedule_from_a_checkpoints_weights(kaggle_dir, tmp_p
     assert best["train_config"]["init"] == str(first / "best.pt") and best["input_size"] != source["input_size"]
 
 
+def test_init_with_a_fold_refolds_the_weights_and_records_it(kaggle_dir, tmp_path):
+    """unet-train --init unfolded.pt --fold 2 trains a folded network and records the fold and the boundary weight."""
+    first, folded = tmp_path / "first", tmp_path / "folded"
+    train(tiny_config(kaggle_dir, first, epochs=1, size=(32, 48)), TINY, progress=False)
+    options = "--fold 2 --size 64x96 --epochs 1 --batch-size 4 --val-cars 1 --device cpu --no-progress --boundary-weight 2"
+    args = [str(kaggle_dir), "--out", str(folded), "--init", str(first / "best.pt"), *options.split()]
+    result = CliRunner().invoke(train_cli, args)
+    assert result.exit_code == 0, result.output
+    last = load_checkpoint(folded / "last.pt")
+    assert last["model_config"]["fold"] == 2 and last["input_size"] == [64, 96]
+    assert last["train_config"]["boundary_weight"] == 2.0
+    assert model_from_checkpoint(last)(torch.zeros(1, 3, 64, 96)).shape == (1, 1, 64, 96)
+    resume = ["--out", str(tmp_path / "r"), "--resume", str(folded / "last.pt"), "--fold", "2"]
+    refused = CliRunner().invoke(train_cli, [str(kaggle_dir), *resume])
+    assert refused.exit_code == 2 and "--fold" in refused.output
+
+
 def test_init_refuses_a_checkpoint_validated_on_other_cars(kaggle_dir, tmp_path):
     run = tmp_path / "run"
     train(tiny_config(kaggle_dir, run, epochs=1), TINY, progress=False)
-    with pytest.raises(ValueError, match="validated on other cars"):
+    with pytest.raises(DataError, match="validated on other cars"):
         Trainer(tiny_config(kaggle_dir, tmp_path / "b", val_cars=2, init=run / "best.pt"), TINY, progress=False)
 
 

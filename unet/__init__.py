@@ -1,5 +1,5 @@
 """A from-scratch U-Net for Carvana car masks, and its training module."""
 
-from batch.version import package_version
+from batch.core.version import package_version
 
 __version__ = package_version()

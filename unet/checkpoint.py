@@ -15,14 +15,15 @@ from pathlib import Path
 
 import torch
 
-from batch.files import write_atomic
+from batch.core.errors import CarvanaError
+from batch.core.files import write_atomic
 from unet.model import UNet, UNetConfig
 
 KIND = "carvana-unet-checkpoint"
 FORMAT = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CarvanaError):
     """A file that is not a readable checkpoint of this project; the message names it."""
 
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import click
 
-from batch.clitypes import DEVICE, SIZE, InputError, setup_logging, version_option
-from batch.devices import DeviceError
-from batch.extras import require
+from batch.cli.options import DEVICE, SIZE, Command, InputError, setup_logging, version_option
+from batch.core.devices import DeviceError
+from batch.core.extras import require
 from unet.config import LOSS_NAMES, TrainConfig, UNetConfig
 
 
-@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, writable=True), help="Run folder.")
 @click.option(

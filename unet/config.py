@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from batch.contract import IMAGENET_MEAN, IMAGENET_STD
-from batch.devices import parse_device
+from batch.core.contract import IMAGENET_MEAN, IMAGENET_STD
+from batch.core.devices import parse_device
 
 Upsample = Literal["transpose", "bilinear"]
 LOSS_NAMES = ("bce-dice", "bce-lovasz")  # unet.losses.LOSSES: BCE + soft Dice, or BCE + Lovász hinge
@@ -78,7 +78,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.init is not None:
             object.__setattr__(self, "init", str(self.init))
-        object.__setattr__(self, "device", str(parse_device(self.device)))  # DeviceError (a ValueError) names the choices
+        object.__setattr__(self, "device", str(parse_device(self.device)))  # a DeviceError names the choices
         checks = {
             "epochs must be >= 1": self.epochs >= 1,
             "batch size must be >= 2 (BatchNorm needs more than one image)": self.batch_size >= 2,

@@ -20,9 +20,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from batch.files import DuplicateNameError, index_by_stem
-from batch.images import is_image_file, load_resized_rgb
-from batch.masks import MaskError, area_fraction, read_mask
+from batch.core.errors import CarvanaError
+from batch.core.files import DuplicateNameError, index_by_stem
+from batch.core.images import is_image_file, load_resized_rgb
+from batch.core.masks import MaskError, area_fraction, read_mask
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ MASK_SUFFIXES = (".png", ".gif", ".jpg", ".jpeg")
 CAR_VIEW = re.compile(r"^(?P<car>.+)_(?P<view>\d+)$")
 
 
-class DataError(ValueError):
+class DataError(CarvanaError):
     """Unusable training data; the message names the file or folder and the fix."""
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from batch.contract import probability_to_logit
-from batch.masks import dice
+from batch.core.contract import probability_to_logit
+from batch.core.masks import dice
 
 
 def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

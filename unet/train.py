@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from batch.devices import DeviceError, parse_device
+from batch.core.devices import DeviceError, parse_device
 from unet import __version__
 from unet.checkpoint import compact_optimizer_state, load_checkpoint, save_checkpoint
 from unet.config import TrainConfig, UNetConfig

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from batch.core.errors import CarvanaError
+
 log = logging.getLogger(__name__)
 
 TEMP_SUFFIX = ".unet-batch-tmp"
@@ -21,7 +23,7 @@ TEMP_SUFFIX = ".unet-batch-tmp"
 T = TypeVar("T")
 
 
-class DuplicateNameError(ValueError):
+class DuplicateNameError(CarvanaError):
     """Two files that give the same name; the message names both."""
 
 

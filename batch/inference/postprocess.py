@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from batch.contract import probability_to_logit
-from batch.extras import require
+from batch.core.contract import probability_to_logit
+from batch.core.extras import require
 
 if TYPE_CHECKING:
     import onnx

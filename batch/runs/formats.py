@@ -1,26 +1,21 @@
 """Output formats of ``unet-batch segment``: where each file goes and how it is encoded.
 
-Every file is written atomically (:func:`batch.files.write_atomic`); leftover temporaries of a killed
-run are removed by the next run (:func:`batch.files.remove_stale_temporaries`).
+Every file is written atomically (:func:`batch.core.files.write_atomic`); leftover temporaries of a killed
+run are removed by the next run (:func:`batch.core.files.remove_stale_temporaries`).
 """
 
 from __future__ import annotations
 
-import csv
 import io
 import struct
 import zlib
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from batch.images import PNG_SIGNATURE
-from batch.masks import rle_encode
-
-if TYPE_CHECKING:
-    from batch.storage import Storage
+from batch.core.images import PNG_SIGNATURE
+from batch.core.masks import rle_encode
 
 FORMATS = ("png", "gif", "rle", "overlay", "cutout")
 PHOTO_FORMATS = ("overlay", "cutout")  # formats that need the full-size photo
@@ -129,24 +124,3 @@ def encode(fmt: str, mask: np.ndarray, photo: Image.Image | None = None) -> byte
         return encode_overlay(photo, mask) if fmt == "overlay" else encode_cutout(photo, mask)
     encoders = {"png": encode_png_mask, "gif": encode_gif_mask, "rle": encode_rle}
     return encoders[fmt](mask)
-
-
-# ---------------------------------------------------------------------------------------------
-# The Kaggle submission.
-
-
-def write_submission(output: Storage, entries: list[tuple[str, PurePosixPath]]) -> int:
-    """Rebuild ``submission.csv`` in ``output`` from the per-image RLE files there; return its row count.
-
-    ``entries``: (img column value, RLE file relative to ``output``) in the order the rows should have;
-    those without a file are left out. The CSV is written atomically, so it is always the complete
-    list of the masks finished so far.
-    """
-    rles = output.read_many(rel for _, rel in entries)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["img", "rle_mask"])
-    rows = [(name, rles[rel].decode("ascii")) for name, rel in entries if rel in rles]
-    writer.writerows(rows)
-    output.write(PurePosixPath(SUBMISSION_NAME), buffer.getvalue().encode("utf-8"))
-    return len(rows)

@@ -3,41 +3,12 @@
 from __future__ import annotations
 
 import json
-import threading
-import time
-from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from batch.files import write_atomic
+from batch.core.files import write_atomic
 
-STAGES = ("discover", "setup", "decode", "infer", "postprocess", "write")
 REPORT_NAME = "report.json"  # in OUTPUT_DIR unless --report says otherwise
-
-
-class StageClock:
-    """Busy seconds per stage, summed over the threads doing it (thread-safe)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.lock = threading.Lock()
-
-    def add(self, stage: str, seconds: float) -> None:
-        with self.lock:
-            self.seconds[stage] += seconds
-
-    @contextmanager
-    def __call__(self, stage: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.add(stage, time.perf_counter() - start)
-
-    def snapshot(self) -> dict[str, float]:
-        with self.lock:
-            return {stage: round(self.seconds.get(stage, 0.0), 4) for stage in STAGES}
 
 
 @dataclass
@@ -64,7 +35,7 @@ class Report:
     tta: bool
     interrupted: bool = False  # stopped by Ctrl-C or SIGTERM before the end
     stopped: str = ""  # why the run stopped before the end on its own (inference failing batch after batch); "" if it did not
-    engine: str = "local"  # "local" (this process) or "ray" (batch.ray_engine)
+    engine: str = "local"  # "local" (this process) or "ray" (batch.runs.ray_engine)
     workers: int = 1  # inference workers: Ray actors, or the local engine's one
     per_worker: dict[str, dict] = field(default_factory=dict)  # Ray: worker -> {"device", "processed", "failed"}
     version: str = field(default="")

@@ -1,4 +1,4 @@
-"""The Python API: :class:`Segmenter`, the one engine behind notebooks, ``unet-batch segment`` and the Ray engine.
+"""The Python API: :class:`Segmenter`, the one inference path behind notebooks, ``unet-batch segment`` and the Ray engine.
 
     from batch import Segmenter
 
@@ -11,7 +11,7 @@ Every way in goes through :meth:`Segmenter.stream`, the one decode -> infer -> p
     items -> [decode thread: Pillow pool or DALI] -> queue (2 batches) -> [inference: the calling thread] -> (item, prediction)
 
 ``__call__`` and :meth:`Segmenter.predict` feed it images held in memory or named by path and
-finish the masks in a thread pool; the folder runner (:mod:`batch.runner`) feeds it the files of
+finish the masks in a thread pool; a folder run (:mod:`batch.runs`) feeds it the files of
 a folder and hands each prediction to its writers; the Ray engine feeds it the bytes Ray Data read.
 """
 
@@ -30,27 +30,28 @@ from typing import Any, Literal, Self
 import numpy as np
 from PIL import Image
 
-from batch.bundled import default_model_path
-from batch.config import DEFAULT_BATCH_SIZE, SegmenterConfig, engine_options
-from batch.decode import Batch, DaliDecoder, Decoder, DecoderError, Failure, Item, PillowDecoder, dali_available
-from batch.devices import cpu_count
-from batch.engine import Engine, Model, Prediction, load_model, make_engine
-from batch.logs import first_line
-from batch.report import StageClock
+from batch.core.devices import cpu_count
+from batch.core.errors import CarvanaError
+from batch.core.logs import first_line
+from batch.core.timing import StageClock
+from batch.inference.bundled import default_model_path
+from batch.inference.config import DEFAULT_BATCH_SIZE, SegmenterConfig, segmenter_options
+from batch.inference.decode import Batch, DaliDecoder, Decoder, DecoderError, Failure, Item, PillowDecoder, dali_available
+from batch.inference.model import Model, Prediction, Predictor, load_model, make_predictor
 
 log = logging.getLogger(__name__)
 
 PREFETCH_BATCHES = 2  # decoded batches waiting for inference
-FAILED_BATCHES_IN_A_ROW = 3  # inference failing this often in a row means the engine itself is broken: stop
+FAILED_BATCHES_IN_A_ROW = 3  # inference failing this often in a row means the model or device is broken: stop
 
 ImageLike = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
 SINGLE_IMAGE_TYPES = (str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray)
 MaskOrError = np.ndarray | Exception
 
 
-class InferenceError(RuntimeError):
+class InferenceError(CarvanaError):
     """Inference failed: on one batch (its images fail with this error, the others go on), or on several
-    batches in a row (the engine is unusable: raised, the stream stops)."""
+    batches in a row (the model or device is unusable: raised, the stream stops)."""
 
 
 class Segmenter:
@@ -59,15 +60,15 @@ class Segmenter:
     ``model``: an ONNX file from ``unet-export to-onnx``; None: the bundled model for the device
     (:func:`batch.default_model_path`). ``device``: ``auto`` (the GPU when ONNX Runtime's CUDA provider
     works, else the CPU), ``cpu``, ``cuda``, ``cuda:N``; a GPU asked for and not had raises
-    :class:`~batch.devices.DeviceError`. ``threshold``: car probability cut (default: the model's).
+    :class:`~batch.core.devices.DeviceError`. ``threshold``: car probability cut (default: the model's).
     ``batch_size``: images per inference (default 32 on a GPU, 8 on the CPU). ``decoder``: ``auto``
     (DALI's nvJPEG on a GPU, Pillow on the CPU), ``dali`` or ``pillow``. ``workers``: decode and
     post-processing threads each; ``threads``: ONNX Runtime's (default: this process's CPU cores).
     ``clock``: where the stage times go (the folder runner's report); a new one by default.
 
-    Raises ``ValueError`` for bad options, :class:`~batch.runtime.ModelError` for a model that cannot be
+    Raises ``ValueError`` for bad options, :class:`~batch.inference.runtime.ModelError` for a model that cannot be
     used, :class:`FileNotFoundError` when ``model`` is None and the installation has no bundled model,
-    :class:`~batch.decode.DecoderError` for ``decoder="dali"`` without DALI.
+    :class:`~batch.inference.decode.DecoderError` for ``decoder="dali"`` without DALI.
     """
 
     def __init__(
@@ -104,15 +105,15 @@ class Segmenter:
             self.threshold: float = self.model.contract.threshold if self.config.threshold is None else self.config.threshold
             self.batch_size: int = self.config.batch_size or DEFAULT_BATCH_SIZE["cuda" if self.model.on_gpu else "cpu"]
             self.workers: int = self.config.workers or cpu_count()
-            self.engine: Engine = make_engine(self.model, self.threshold, self.config.tta, self.clock)
+            self.predictor: Predictor = make_predictor(self.model, self.threshold, self.config.tta, self.clock)
             self.decoder: Decoder = make_decoder(
-                self.config.decoder, self.model, self.engine, self.batch_size, self.workers, self.config.tta
+                self.config.decoder, self.model, self.predictor, self.batch_size, self.workers, self.config.tta
             )
 
     @classmethod
     def from_config(cls, config: SegmenterConfig, clock: StageClock | None = None) -> Segmenter:
-        """A Segmenter with the engine options of ``config`` (a :class:`~batch.config.SegmentConfig` works too)."""
-        return cls(**engine_options(config), clock=clock)
+        """A Segmenter with the options of ``config`` (a run's :class:`~batch.runs.config.RunConfig` works too)."""
+        return cls(**segmenter_options(config), clock=clock)
 
     @property
     def device(self) -> str:
@@ -122,6 +123,20 @@ class Segmenter:
     @property
     def tta(self) -> bool:
         return self.config.tta
+
+    def describe(self) -> dict:
+        """How this Segmenter runs, as report.json records it (the one source of a report's engine fields)."""
+        return {
+            "device": self.device,
+            "provider": self.model.provider,
+            "decoder": self.decoder.name,
+            "pillow_fallbacks": self.decoder.pillow_fallbacks,
+            "model": self.model.describe(),
+            "batch_size": self.batch_size,
+            "threshold": self.threshold,
+            "tta": self.tta,
+            "stages": self.clock.snapshot(),
+        }
 
     def __repr__(self) -> str:
         return (
@@ -140,7 +155,7 @@ class Segmenter:
         uint8 RGB array. A file (path or bytes) gets exactly the mask ``unet-batch segment`` writes for it;
         a PIL image or an array is taken as it is (no JPEG draft-mode decoding), so its mask may differ
         from its file's by a few edge pixels. An image that cannot be segmented raises its
-        :class:`~batch.images.ImageError` (the message names it: its path, or its index in the list);
+        :class:`~batch.core.images.ImageError` (the message names it: its path, or its index in the list);
         with ``errors="return"`` its entry is the error instead and the others are still masked. An
         inference failure (out of memory: lower ``batch_size``) is an :class:`InferenceError` likewise.
         """
@@ -202,7 +217,7 @@ class Segmenter:
                 yield entry.position, entry.item, entry
                 continue
             try:
-                predictions = self.engine.predict(entry)
+                predictions = self.predictor.predict(entry)
             except Exception as e:  # onnxruntime's error types; out of memory is the usual one
                 failed_in_a_row += 1
                 if failed_in_a_row == FAILED_BATCHES_IN_A_ROW:
@@ -254,7 +269,7 @@ def as_item(image: ImageLike, name: str) -> Item:
     )
 
 
-def make_decoder(choice: str, model: Model, engine: Engine, batch_size: int, workers: int, tta: bool) -> Decoder:
+def make_decoder(choice: str, model: Model, predictor: Predictor, batch_size: int, workers: int, tta: bool) -> Decoder:
     """``auto``: DALI on a GPU (Pillow when DALI is not installed, with a log line), Pillow on the CPU."""
     if choice == "pillow" or (choice == "auto" and not model.on_gpu):
         return PillowDecoder(model.contract.input_size, batch_size, workers)
@@ -266,7 +281,7 @@ def make_decoder(choice: str, model: Model, engine: Engine, batch_size: int, wor
         log.info("decoder auto: NVIDIA DALI is not installed, decoding with Pillow on the CPU (pip install '.[gpu]' for nvJPEG)")
         return PillowDecoder(model.contract.input_size, batch_size, workers)
     device_id = model.device_index if model.on_gpu else None
-    allocate = engine.allocate if model.on_gpu else None
+    allocate = predictor.allocate if model.on_gpu else None
     try:
         return DaliDecoder(model.contract, batch_size, workers, device_id, tta, allocate=allocate)
     except RuntimeError as e:

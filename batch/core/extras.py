@@ -9,15 +9,13 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-import click
+from batch.core.errors import CarvanaError
 
 ALTERNATIVES = {"cpu": "gpu"}  # onnxruntime comes with either; the GPU build replaces the CPU one
 
 
-class MissingExtra(click.ClickException, ImportError):
-    """A library of an extra that is not installed: exit code 2, like a usage error; also an ImportError."""
-
-    exit_code = 2
+class MissingExtra(CarvanaError, ImportError):
+    """A library of an extra that is not installed (also an ImportError); the commands exit with status 2."""
 
 
 def install_hint(extra: str) -> str:

@@ -1,7 +1,9 @@
 """Where photos come from and outputs go: a local folder or an object-storage URI, one interface.
 
-- :class:`LocalFolder`: a folder on this machine (or a shared mount every node sees). Listing follows
-  :func:`batch.plan.find_images`' rules; files are written by :func:`batch.files.write_atomic`
+- :class:`LocalFolder`: a folder on this machine (or a shared mount every node sees). Listing (:func:`walk_images`):
+  ``.jpg``/``.jpeg``/``.png`` in any letter case, recursively, sorted; hidden files and folders (names
+  starting with ``.``) and the output folder, when it lies inside, are not read; links to files are
+  followed, links to folders are not (no cycles); files are written by :func:`batch.core.files.write_atomic`
   (temporary name + rename).
 - :class:`ObjectStore`: ``s3://bucket/prefix`` and any other fsspec filesystem (``gs://``, ``az://``,
   ``memory://``, ...; each needs its package: s3fs for S3). Listing applies the same rules to the
@@ -34,10 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from batch.extras import require
-from batch.files import remove_stale_temporaries, write_atomic
-from batch.images import is_image_file
-from batch.plan import find_images
+from batch.core.errors import CarvanaError
+from batch.core.extras import require
+from batch.core.files import remove_stale_temporaries, write_atomic
+from batch.core.images import is_image_file
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
@@ -53,7 +55,7 @@ CREDENTIALS_HINT = (
 )
 
 
-class StorageError(RuntimeError):
+class StorageError(CarvanaError):
     """A location that cannot be used; the message names it and says what to set or install."""
 
 
@@ -103,7 +105,7 @@ class Storage(ABC):
 
     @abstractmethod
     def file(self, rel: PurePosixPath) -> Path | StoredFile:
-        """The file ``rel`` as something with ``read_bytes()`` (what :class:`batch.decode.Item` reads a path with)."""
+        """The file ``rel`` as something with ``read_bytes()`` (what :class:`batch.inference.decode.Item` reads a path with)."""
 
     @abstractmethod
     def write(self, rel: PurePosixPath, data: bytes) -> None:
@@ -156,7 +158,7 @@ class LocalFolder(Storage):
         return str(self.path(rel))
 
     def find_images(self, exclude: Storage | None = None) -> list[PurePosixPath]:
-        return find_images(self.root, exclude=exclude.root if isinstance(exclude, LocalFolder) else None)
+        return walk_images(self.root, exclude=exclude.root if isinstance(exclude, LocalFolder) else None)
 
     def read(self, rel: PurePosixPath) -> bytes:
         return self.path(rel).read_bytes()
@@ -176,7 +178,7 @@ class LocalFolder(Storage):
         return {rel for rel in rels if self.path(rel).exists()}
 
     def check(self, writable: bool) -> None:
-        if writable:  # made when the run starts (batch.runner.output_folder)
+        if writable:  # made when the run starts (batch.runs.run.output_folder)
             if self.root.exists() and not self.root.is_dir():
                 raise StorageError(f"cannot create output folder {self.root}: a file has that name")
         elif not self.root.is_dir():
@@ -241,7 +243,8 @@ class ObjectStore(Storage):
         """Every object under the prefix as a relative path; names with a part starting with ``.`` only if ``hidden``."""
         with self.errors(writable=False):
             keys = self.fs.find(self.root, withdirs=False)
-        rels = [PurePosixPath(key[len(self.root) + 1 :]) for key in keys if key.startswith(self.root + "/")]
+        base = self.fs.root_marker + self.root + "/"  # the prefix as the listing spells it ("/bkt/in/" in memory://)
+        rels = [PurePosixPath(key[len(base) :]) for key in keys if key.startswith(base)]
         return [rel for rel in rels if hidden or not any(part.startswith(".") for part in rel.parts)]
 
     def read(self, rel: PurePosixPath) -> bytes:
@@ -310,6 +313,27 @@ class StoredFile:
 
     def __str__(self) -> str:
         return self.store.locate(self.rel)
+
+
+def walk_images(input_dir: Path, exclude: Path | None = None) -> list[PurePosixPath]:
+    """Image files under ``input_dir`` as sorted relative paths, leaving out the folder ``exclude``."""
+    excluded = dir_identity(exclude) if exclude is not None and exclude.is_dir() else None
+    found = []
+    for folder, dirs, files in os.walk(input_dir):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and dir_identity(Path(folder, d)) != excluded]
+        rel_folder = PurePosixPath(Path(folder).relative_to(input_dir).as_posix())
+        for name in files:
+            if not name.startswith(".") and is_image_file(Path(name)) and Path(folder, name).is_file():
+                found.append(rel_folder / name)
+    return sorted(found, key=lambda rel: rel.parts)
+
+
+def dir_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Devices as the commands name them: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (any case).
 
 The one parser of device names; every package (the runner, training, export, benchmarks) uses it and
-adds only the checks of its own framework (ONNX Runtime's providers in :mod:`batch.runtime`, torch's
+adds only the checks of its own framework (ONNX Runtime's providers in :mod:`batch.inference.runtime`, torch's
 CUDA in ``unet.train``).
 """
 
@@ -12,12 +12,14 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from batch.core.errors import CarvanaError
+
 DeviceKind = Literal["auto", "cpu", "cuda"]
 DEVICE_NAMES = "auto|cpu|cuda[:N]"  # how help texts show the accepted names
 PATTERN = re.compile(r"(auto|cpu|cuda)(?::(\d+))?")
 
 
-class DeviceError(ValueError):
+class DeviceError(CarvanaError):
     """A device that was asked for and cannot be used; the message says why and what to do."""
 
 

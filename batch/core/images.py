@@ -16,6 +16,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
+from batch.core.errors import CarvanaError
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 JPEG_SOI = b"\xff\xd8\xff"
 JPEG_EOI = b"\xff\xd9"
@@ -35,7 +37,7 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image
 Source = str | Path | BinaryIO
 
 
-class ImageError(ValueError):
+class ImageError(CarvanaError):
     """A file that cannot be segmented; the message says what is wrong with it and what to do."""
 
 

@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from batch.core.errors import CarvanaError
 
-class MaskError(ValueError):
+
+class MaskError(CarvanaError):
     """A mask file that cannot be read; the message names the file."""
 
 

@@ -5,7 +5,7 @@ engine reads them itself), or an image already decoded (a PIL image or an RGB ar
 Every :class:`Decoder` turns a stream of items into a stream of :class:`Batch` and :class:`Failure`
 entries, each tagged with the items' positions in the input so that the caller can restore its order:
 
-- :class:`PillowDecoder`: a thread pool running :func:`batch.images.load_resized_rgb` (JPEG draft
+- :class:`PillowDecoder`: a thread pool running :func:`batch.core.images.load_resized_rgb` (JPEG draft
   mode + antialiased bilinear, the preprocessing training used). Yields host uint8 NHWC pixels.
 - :class:`DaliDecoder`: NVIDIA DALI, ``"mixed"`` backend (nvJPEG, hardware decoder) on a GPU or
   ``"cpu"`` backend, fed file bytes through ``external_source``. Resizing and the model's own input
@@ -33,9 +33,10 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from batch.contract import ModelContract
-from batch.images import DECODE_ERRORS, ImageError, ImageInfo, has_jpeg_end, load_resized_rgb, probe_image, resize_rgb
-from batch.logs import first_line
+from batch.core.contract import ModelContract
+from batch.core.errors import CarvanaError
+from batch.core.images import DECODE_ERRORS, ImageError, ImageInfo, has_jpeg_end, load_resized_rgb, probe_image, resize_rgb
+from batch.core.logs import first_line
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class Failure:
     """An item without a mask; ``error``'s message starts with the item's name and says what to do."""
 
     item: Item
-    error: Exception  # ImageError: the image itself; batch.api.InferenceError: the batch it was in
+    error: Exception  # ImageError: the image itself; batch.inference.segmenter.InferenceError: the batch it was in
     position: int  # the item's position in the decoder's input
 
     @property
@@ -104,7 +105,7 @@ class Decoder(Protocol):
     def close(self) -> None: ...
 
 
-class DecoderError(RuntimeError):
+class DecoderError(CarvanaError):
     """A decoder that was asked for and cannot run here; the message says what to install or choose."""
 
 

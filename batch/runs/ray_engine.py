@@ -1,16 +1,17 @@
-"""``unet-batch segment --engine ray``: the same run on a Ray cluster, one :class:`~batch.api.Segmenter` per actor.
+"""``unet-batch segment --engine ray``: the same run on a Ray cluster, one :class:`~batch.inference.segmenter.Segmenter` per actor.
 
-    driver: discover + plan (as the local engine: resume, conflicts, --limit)
+    driver: the run's skeleton (batch.runs.run: discover, plan, resume, conflicts, --limit), then
+      RayEngine.process:
       -> ray.data.from_items(photos to do)                         paths only
-      -> map_batches(read_photos)              Ray tasks          IN  -> each photo's bytes
+      -> map_batches(_read_photos)             Ray tasks          IN  -> each photo's bytes
       -> map_batches(SegmentWorker)            actor pool         bytes -> Segmenter.stream -> outputs in OUT
       -> the driver iterates the outcomes      (photo, error, worker) -> progress bar, report.json
-    then, as the local engine: submission.csv from the per-photo RLE files (--format rle), report.json.
+    then the skeleton's end, as for the local engine: submission.csv (--format rle), report.json.
 
 Ray Data streams: blocks flow through the stages as they are made, and its back-pressure holds the
 readers back when the actors fall behind, so memory stays bounded whatever the number of photos.
 Each actor loads the model once and runs the same decode -> infer -> post-process path as the local
-engine (:meth:`Segmenter.stream`) and the same writers (:func:`batch.runner.write_all`), so the
+engine (:meth:`Segmenter.stream`) and the same writers (:func:`batch.runs.outputs.write_all`), so the
 outputs are the same files with the same bytes. Bad photos come back as failures and never stop the
 run. An actor that dies is restarted by Ray and its batch retried (Ray Data's actor fault tolerance,
 on by default); outputs are written atomically under names fixed by the photo, so a retried batch
@@ -33,6 +34,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -40,16 +42,17 @@ import ray
 import ray.data
 from tqdm import tqdm
 
-from batch.api import InferenceError, Segmenter
-from batch.config import DEFAULT_BATCH_SIZE, SegmentConfig, SegmenterConfig, engine_options
-from batch.decode import Item, read_file
-from batch.devices import parse_device
-from batch.images import ImageError
-from batch.logs import first_line
-from batch.plan import Job, Plan, make_plan
-from batch.report import Report, StageClock
-from batch.runner import Results, SegmentError, find_inputs, finish, open_locations, output_folder, run_report, write_all
-from batch.storage import Storage
+from batch.core.devices import parse_device
+from batch.core.images import ImageError
+from batch.core.logs import first_line
+from batch.core.timing import StageClock
+from batch.inference.config import DEFAULT_BATCH_SIZE, SegmenterConfig, segmenter_options
+from batch.inference.decode import Item, read_file
+from batch.inference.segmenter import Segmenter
+from batch.runs.config import ClusterConfig, RunConfig, SegmentError
+from batch.runs.outputs import Results, write_all
+from batch.runs.plan import Job
+from batch.runs.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -70,18 +73,6 @@ AWS_VARIABLES = (
 
 class ClusterError(SegmentError):
     """A Ray cluster that cannot be reached or cannot run what was asked; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class ClusterConfig:
-    """Where the run goes: a Ray cluster's address, and how many inference actors it gets."""
-
-    address: str | None = None  # None: RAY_ADDRESS, else a local Ray started for the run (every GPU and core here)
-    workers: int | None = None  # inference actors; None: one per GPU, or one per node on a CPU-only cluster
-
-    def __post_init__(self) -> None:
-        if self.workers is not None and self.workers < 1:
-            raise ValueError(f"workers must be a positive integer, not {self.workers}")
 
 
 @dataclass(frozen=True)
@@ -126,7 +117,7 @@ def plan_actors(resources: dict[str, float], nodes: int, device: str, workers: i
     return ActorPlan(count, 0, for_actors / per_node, max(1, cpus_per_node // per_node))
 
 
-def aws_environment() -> dict[str, str]:
+def _aws_environment() -> dict[str, str]:
     """The standard S3 variables set here, for the workers (a remote cluster's nodes do not share this environment)."""
     return {name: os.environ[name] for name in AWS_VARIABLES if os.environ.get(name)}
 
@@ -135,51 +126,62 @@ def aws_environment() -> dict[str, str]:
 # The run.
 
 
-def segment_on_ray(
-    config: SegmentConfig, cluster: ClusterConfig | None = None, worker: type[SegmentWorker] | None = None
-) -> Report:
-    """Segment every photo under ``config.input_dir`` on a Ray cluster; write the outputs and the report; return it.
+class RayEngine:
+    """Inference actors on a Ray cluster; the run's skeleton (:func:`batch.runs.run.run`) does the rest.
 
-    The contract of :func:`batch.runner.run`: a run that cannot start raises
-    :class:`~batch.runner.SegmentError` (an unreachable cluster or one without the GPUs asked for
-    too), bad photos are listed in ``report.failed``, Ctrl-C keeps the finished outputs, writes the
-    report and propagates. ``config.workers`` and ``config.threads`` are per actor (default: its
-    share of a node). ``worker``: the actor class, a :class:`SegmentWorker` (tests pass one that dies).
+    ``config.workers`` and ``config.threads`` are per actor (default: its share of a node).
+    ``worker``: the actor class, a :class:`SegmentWorker` (tests pass one that dies). An unreachable
+    cluster, or one without the GPUs asked for, is a :class:`ClusterError` (a run that cannot start).
     """
-    cluster = cluster or ClusterConfig()
-    started = time.perf_counter()
-    clock = StageClock()
-    source, output = open_locations(config)
-    with clock("discover"):
-        plan = make_plan(source, output, find_inputs(config, source, output), config.formats, config.overwrite)
-    results = Results()
-    for job, reason in plan.conflicts:
-        results.fail(job, reason)
-    interruption: KeyboardInterrupt | None = None
-    stopped = ""
-    with output_folder(output), ray_session(cluster.address, verbose=log.isEnabledFor(logging.DEBUG)) as resources:
-        actors = plan_actors(resources, len(ray.nodes()), config.device, cluster.workers)
-        log.info("%d photos: %d to segment, %d already done, %d in conflict; %d worker(s) on %s, %d thread(s) each",
-                 plan.size, len(plan.jobs), len(plan.done), len(plan.conflicts), actors.count, actors.device,
-                 actors.threads)  # fmt: skip
-        output.clean()
-        clock.add("setup", time.perf_counter() - started - clock.seconds["discover"])
-        tally = Tally(results, clock)
-        try:
-            tally.collect(
-                run_pipeline(plan.jobs, config, source, output, actors, worker or SegmentWorker), len(plan.jobs), config.progress
-            )
-        except KeyboardInterrupt as e:
-            interruption = e
-        except InferenceError as e:  # an actor's engine cannot go on; Ray raises a RayTaskError(InferenceError)
-            stopped = first_line(getattr(e, "cause", e))  # the actor's own error, without Ray's header line
-    report = finish(
-        config, plan, output, clock,
-        lambda: make_report(config, plan, tally, actors, time.perf_counter() - started, interruption is not None, stopped),
-    )  # fmt: skip
-    if interruption is not None:
-        raise interruption
-    return report
+
+    def __init__(self, config: RunConfig, cluster: ClusterConfig, clock: StageClock, worker: type[SegmentWorker] | None = None):
+        self.config, self.cluster, self.clock = config, cluster, clock
+        self.worker = worker or SegmentWorker
+        self.actors: ActorPlan | None = None
+        self.tally = Tally(clock)
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[None]:
+        started = time.perf_counter()
+        with ray_session(self.cluster.address, verbose=log.isEnabledFor(logging.DEBUG)) as resources:
+            self.actors = plan_actors(resources, len(ray.nodes()), self.config.device, self.cluster.workers)
+            self.clock.add("setup", time.perf_counter() - started)
+            yield
+
+    def summary(self) -> str:
+        return f"{self.actors.count} worker(s) on {self.actors.device}, {self.actors.threads} thread(s) each"
+
+    def process(self, jobs: list[Job], source: Storage, output: Storage, results: Results, progress: bool) -> None:
+        self.tally.results = results
+        outcomes = _run_pipeline(jobs, self.config, source, output, self.actors, self.worker)
+        self.tally.collect(outcomes, len(jobs), progress)
+
+    def describe(self) -> dict[str, Any]:
+        """The local engine's fields (from the workers' states; the model as the user named it), plus the
+        engine, the number of workers and what each did. Stage seconds are summed over the workers, like threads."""
+        config, actors, states = self.config, self.actors, list(self.tally.states.values())
+        first = states[0] if states else {}
+        stages = self.clock.snapshot()
+        for state in states:
+            for stage in ("decode", "infer", "postprocess", "write"):
+                stages[stage] = round(stages[stage] + state["stages"].get(stage, 0.0), 4)
+        model = dict(first.get("model", {}))
+        if model and config.model is not None:
+            model["path"] = str(config.model)  # not the actors' copy
+        return {
+            "stages": stages,
+            "device": first.get("device", actors.device),
+            "provider": first.get("provider", ""),
+            "decoder": first.get("decoder", ""),
+            "pillow_fallbacks": sum(state["pillow_fallbacks"] for state in states),
+            "model": model,
+            "batch_size": first.get("batch_size", config.batch_size or DEFAULT_BATCH_SIZE[actors.device]),
+            "threshold": first.get("threshold", config.threshold),
+            "tta": config.tta,
+            "engine": "ray",
+            "workers": actors.count,
+            "per_worker": self.tally.workers,
+        }
 
 
 @contextlib.contextmanager
@@ -211,8 +213,8 @@ def ray_session(address: str | None, verbose: bool = False) -> Iterator[dict[str
         ray.shutdown()
 
 
-def run_pipeline(
-    jobs: list[Job], config: SegmentConfig, source: Storage, output: Storage, actors: ActorPlan, worker: type[SegmentWorker]
+def _run_pipeline(
+    jobs: list[Job], config: RunConfig, source: Storage, output: Storage, actors: ActorPlan, worker: type[SegmentWorker]
 ) -> Iterator[dict[str, np.ndarray]]:
     """The dataset, streamed: jobs -> their photos' bytes (read tasks) -> outcomes (the inference actors)."""
     if not jobs:
@@ -222,16 +224,16 @@ def run_pipeline(
     context.enable_auto_log_stats = False
     context.raise_original_map_exception = True  # an actor's InferenceError reaches the driver as one, not as "UDF failed"
     batch_size = config.batch_size or DEFAULT_BATCH_SIZE[actors.device]
-    environment = {"env_vars": aws_environment()}  # a remote cluster's nodes do not share this shell's variables
+    environment = {"env_vars": _aws_environment()}  # a remote cluster's nodes do not share this shell's variables
     blocks = max(actors.count, len(jobs) // (CALL_BATCHES * batch_size))  # at least one per actor
     rows = ray.data.from_items(
         [{"job": pickle.dumps(job)} for job in jobs], override_num_blocks=min(blocks, len(jobs), MAX_BLOCKS)
     )
-    photos = rows.map_batches(read_photos, fn_kwargs={"source": source}, batch_size=batch_size, num_cpus=READ_CPUS,
+    photos = rows.map_batches(_read_photos, fn_kwargs={"source": source}, batch_size=batch_size, num_cpus=READ_CPUS,
                               runtime_env=environment)  # fmt: skip
     outcomes = photos.map_batches(
         worker,
-        fn_constructor_kwargs={"config": actor_config(config, actors), "output": output, "model": model_bytes(config)},
+        fn_constructor_kwargs={"config": _actor_config(config, actors), "output": output, "model": _model_bytes(config)},
         batch_size=CALL_BATCHES * batch_size,
         compute=ray.data.ActorPoolStrategy(size=actors.count),
         num_gpus=actors.num_gpus,
@@ -241,15 +243,15 @@ def run_pipeline(
     return outcomes.iter_batches(batch_size=None, batch_format="numpy")
 
 
-def actor_config(config: SegmentConfig, actors: ActorPlan) -> SegmenterConfig:
+def _actor_config(config: RunConfig, actors: ActorPlan) -> SegmenterConfig:
     """What each actor's Segmenter is made with: the run's options on the device Ray gave it, its share of threads."""
-    options = engine_options(config) | {"model": None, "device": actors.device}
+    options = segmenter_options(config) | {"model": None, "device": actors.device}
     options["workers"] = config.workers or actors.threads
     options["threads"] = config.threads or actors.threads
     return SegmenterConfig(**options)
 
 
-def model_bytes(config: SegmentConfig) -> bytes | None:
+def _model_bytes(config: RunConfig) -> bytes | None:
     """The model file, shipped to the actors (any node runs the driver's model); None: each node's bundled one."""
     if config.model is None:
         return None
@@ -259,7 +261,7 @@ def model_bytes(config: SegmentConfig) -> bytes | None:
         raise SegmentError(f"cannot read the model {config.model} ({e.strerror or e})") from e
 
 
-def read_photos(batch: dict[str, np.ndarray], source: Storage) -> dict[str, list]:
+def _read_photos(batch: dict[str, np.ndarray], source: Storage) -> dict[str, list]:
     """The read stage: each job's photo bytes from IN; an empty ``data`` and the reason when they cannot be read.
 
     Jobs travel pickled (a binary column: Arrow has no type for them)."""
@@ -332,13 +334,13 @@ class CrashJournal:
         os.replace(temporary, self.path)  # whole or not at all, even if the process dies mid-write
 
 
-def journal_path(actor_id: str) -> Path:
+def _journal_path(actor_id: str) -> Path:
     """The journal of one actor (the id survives restarts), in its node's temporary folder."""
     return Path(tempfile.gettempdir()) / "unet-batch-ray" / f"{actor_id}.json"
 
 
 class SegmentWorker:
-    """An inference actor: one Segmenter, loaded once, feeding the local engine's writers (:func:`batch.runner.write_all`).
+    """An inference actor: one Segmenter, loaded once, feeding the local engine's writers (:func:`batch.runs.outputs.write_all`).
 
     ``model``: the driver's model file as bytes (None: the bundled model of this node's installation).
     Each call gets photos (their jobs and bytes) and returns, for each, the error ("" when its outputs
@@ -356,7 +358,7 @@ class SegmentWorker:
         self.output = output
         actor_id = ray.get_runtime_context().get_actor_id()
         self.name = f"{ray.util.get_node_ip_address()}/{actor_id[:8]}"
-        self.journal = CrashJournal(journal_path(actor_id))
+        self.journal = CrashJournal(_journal_path(actor_id))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         jobs = [pickle.loads(job) for job in batch["job"]]
@@ -378,7 +380,7 @@ class SegmentWorker:
             with self.journal.running(rels, one_by_one=False):
                 self.segment(items, results)
         errors = {job.rel: reason for job, reason in results.failed}
-        state = json.dumps(self.state())
+        state = json.dumps(self.segmenter.describe())
         return {
             "source": [job.source for job in jobs],
             "rel": [job.rel.as_posix() for job in jobs],
@@ -391,25 +393,13 @@ class SegmentWorker:
         """The local engine's decode -> infer -> write for these photos (tests override it to crash)."""
         write_all(items, self.segmenter, self.output, results, progress=False)
 
-    def state(self) -> dict:
-        segmenter = self.segmenter
-        return {
-            "device": segmenter.device,
-            "provider": segmenter.model.provider,
-            "decoder": segmenter.decoder.name,
-            "pillow_fallbacks": segmenter.decoder.pillow_fallbacks,
-            "model": segmenter.model.describe(),
-            "batch_size": segmenter.batch_size,
-            "threshold": segmenter.threshold,
-            "stages": segmenter.clock.snapshot(),
-        }
 
 
 class Tally:
     """The outcomes as they stream in: the run's results, and each worker's count and latest state."""
 
-    def __init__(self, results: Results, clock: StageClock):
-        self.results = results
+    def __init__(self, clock: StageClock):
+        self.results = Results()
         self.clock = clock  # the driver's: discover, setup (reaching the cluster), write (submission.csv)
         self.workers: dict[str, dict] = {}
         self.states: dict[str, dict] = {}
@@ -432,39 +422,3 @@ class Tally:
         else:
             counts["processed"] += 1
             self.results.done()
-
-
-def make_report(config: SegmentConfig, plan: Plan, tally: Tally, actors: ActorPlan, seconds: float, interrupted: bool,
-                stopped: str) -> Report:  # fmt: skip
-    """report.json: the local engine's keys (from the workers' states; the model as the user named it), plus the
-    engine, the number of workers and what each did. Stage seconds are summed over the workers, like threads."""
-    results = tally.results
-    states = list(tally.states.values())
-    first = states[0] if states else {}
-    stages = tally.clock.snapshot()
-    for state in states:
-        for stage in ("decode", "infer", "postprocess", "write"):
-            stages[stage] = round(stages[stage] + state["stages"].get(stage, 0.0), 4)
-    model = dict(first.get("model", {}))
-    if model and config.model is not None:
-        model["path"] = str(config.model)  # not the actors' copy
-    return run_report(
-        config,
-        plan,
-        results,
-        seconds,
-        interrupted,
-        stopped,
-        stages=stages,
-        device=first.get("device", actors.device),
-        provider=first.get("provider", ""),
-        decoder=first.get("decoder", ""),
-        pillow_fallbacks=sum(state["pillow_fallbacks"] for state in states),
-        model=model,
-        batch_size=first.get("batch_size", config.batch_size or DEFAULT_BATCH_SIZE[actors.device]),
-        threshold=first.get("threshold", config.threshold),
-        tta=config.tta,
-        engine="ray",
-        workers=actors.count,
-        per_worker=tally.workers,
-    )

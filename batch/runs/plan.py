@@ -1,9 +1,7 @@
 """Discovery and planning: which photos to segment, where their outputs go, what is already done.
 
-- Inputs: ``.jpg``/``.jpeg``/``.png`` in any letter case, recursively, sorted; hidden files and
-  folders (names starting with ``.``) and the output folder, when it lies inside the input folder,
-  are not read. Symbolic links to files are followed, links to folders are not (no cycles).
-- The output tree mirrors the input tree (see :func:`batch.formats.output_paths`).
+- Inputs: what the input location lists (:meth:`batch.runs.storage.Storage.find_images`).
+- The output tree mirrors the input tree (see :func:`batch.runs.formats.output_paths`).
 - Two inputs that would write the same output file (``a/x.jpg`` and ``a/x.png``) are a conflict:
   neither is segmented, both are reported.
 - A photo whose requested outputs all exist is skipped (done by an earlier run), unless
@@ -12,17 +10,15 @@
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
 
-from batch.formats import output_paths
-from batch.images import is_image_file
+from batch.runs.formats import output_paths
 
 if TYPE_CHECKING:
-    from batch.storage import Storage
+    from batch.runs.storage import Storage
 
 
 @dataclass(frozen=True)
@@ -53,27 +49,6 @@ class Plan:
     def all_jobs(self) -> list[Job]:
         """Every input that has outputs (to do or done), in input order."""
         return sorted(self.jobs + self.done, key=lambda job: job.rel.parts)
-
-
-def find_images(input_dir: Path, exclude: Path | None = None) -> list[PurePosixPath]:
-    """Image files under ``input_dir`` as sorted relative paths, leaving out the folder ``exclude``."""
-    excluded = dir_identity(exclude) if exclude is not None and exclude.is_dir() else None
-    found = []
-    for folder, dirs, files in os.walk(input_dir):
-        dirs[:] = [d for d in dirs if not d.startswith(".") and dir_identity(Path(folder, d)) != excluded]
-        rel_folder = PurePosixPath(Path(folder).relative_to(input_dir).as_posix())
-        for name in files:
-            if not name.startswith(".") and is_image_file(Path(name)) and Path(folder, name).is_file():
-                found.append(rel_folder / name)
-    return sorted(found, key=lambda rel: rel.parts)
-
-
-def dir_identity(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 def make_plan(source: Storage, output: Storage, rels: list[PurePosixPath], formats: tuple[str, ...], overwrite: bool) -> Plan:

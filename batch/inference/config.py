@@ -1,7 +1,8 @@
-"""What a segmentation run is asked to do: the options of :class:`batch.api.Segmenter` and of ``unet-batch segment``.
+"""How images are segmented: the options of :class:`batch.inference.segmenter.Segmenter`.
 
-Plain frozen dataclasses, checked when they are made, importable without ONNX Runtime: the command
-line takes its option defaults from them, so ``unet-batch --help`` works with any extras installed.
+A plain frozen dataclass, checked when it is made, importable without ONNX Runtime: the command line
+takes its option defaults from it, so ``unet-batch --help`` works with any extras installed. A folder
+run's options extend it (:class:`batch.runs.config.RunConfig`).
 """
 
 from __future__ import annotations
@@ -9,10 +10,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
-from batch.devices import DeviceError, parse_device
-from batch.formats import FORMATS
-from batch.report import REPORT_NAME
-from batch.storage import as_location, is_uri
+from batch.core.devices import DeviceError, parse_device
 
 DECODERS = ("auto", "dali", "pillow")
 DEFAULT_BATCH_SIZE = {"cpu": 8, "cuda": 32}  # photos per inference batch when none is given
@@ -46,38 +44,6 @@ class SegmenterConfig:
             raise ValueError(f"threshold must be a probability strictly between 0 and 1, not {self.threshold}")
 
 
-@dataclass(frozen=True)
-class SegmentConfig(SegmenterConfig):
-    """A folder run (``unet-batch segment``): every photo under ``input_dir`` -> outputs under ``output_dir``."""
-
-    input_dir: Path | str  # a folder, or a URI (s3://bucket/prefix: batch.storage), kept as a str
-    output_dir: Path | str
-    formats: tuple[str, ...] = ("png",)  # only these are written: ("overlay",) alone writes no mask
-    overwrite: bool = False  # redo photos whose outputs exist
-    limit: int | None = None  # only the first N photos (sorted)
-    report: Path | None = None  # None: OUTPUT_DIR/report.json
-    progress: bool = True  # a progress bar on stderr
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        object.__setattr__(self, "input_dir", as_location(self.input_dir))
-        object.__setattr__(self, "output_dir", as_location(self.output_dir))
-        if self.report is not None:
-            object.__setattr__(self, "report", Path(self.report))
-        formats = tuple(dict.fromkeys(self.formats or ("png",)))
-        unknown = [f for f in formats if f not in FORMATS]
-        if unknown:
-            raise ValueError(f"unknown format(s) {unknown}; choose from {', '.join(FORMATS)}")
-        object.__setattr__(self, "formats", formats)
-        check_positive("limit", self.limit)
-
-    @property
-    def report_path(self) -> Path | str:
-        if self.report is not None:
-            return self.report
-        return f"{self.output_dir}/{REPORT_NAME}" if is_uri(self.output_dir) else self.output_dir / REPORT_NAME
-
-
 def check_positive(name: str, value: int | None) -> None:
     if value is not None and value < 1:
         raise ValueError(f"{name} must be a positive integer, not {value}")
@@ -88,6 +54,6 @@ def defaults(config: type) -> dict[str, object]:
     return {f.name: f.default for f in fields(config) if f.default is not MISSING}
 
 
-def engine_options(config: SegmenterConfig) -> dict[str, object]:
-    """The :class:`SegmenterConfig` fields of ``config`` (also of a :class:`SegmentConfig`), as keyword arguments."""
+def segmenter_options(config: SegmenterConfig) -> dict[str, object]:
+    """The :class:`SegmenterConfig` fields of ``config`` (also of a run's config, which extends it), as keyword arguments."""
     return {f.name: getattr(config, f.name) for f in fields(SegmenterConfig)}

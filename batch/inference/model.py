@@ -1,12 +1,12 @@
 """Inference stage: the exported model in ONNX Runtime, on the CPU or a CUDA GPU.
 
-- :func:`load_model` reads and checks the ONNX file and its contract (batch/contract.py), then
+- :func:`load_model` reads and checks the ONNX file and its contract (batch/core/contract.py), then
   opens an ``InferenceSession`` with explicit providers. ``cuda`` that cannot be honoured (no CUDA
   provider in this onnxruntime, no GPU, missing CUDA libraries) is a :class:`DeviceError`, never a
   silent CPU run; ``auto`` picks the GPU when it works and says which it took.
-- :class:`CpuEngine`: host arrays in, low-resolution scores out; the upsample + threshold to each
-  photo's size (:func:`batch.postprocess.upsample_threshold`) runs later, in the writer threads.
-- :class:`BoundEngine`: IOBinding on the session's device. Inputs come as device buffers (DALI's
+- :class:`CpuPredictor`: host arrays in, low-resolution scores out; the upsample + threshold to each
+  photo's size (:func:`batch.inference.postprocess.upsample_threshold`) runs later, in the writer threads.
+- :class:`BoundPredictor`: IOBinding on the session's device. Inputs come as device buffers (DALI's
   GPU output) or are uploaded once; logits stay on the device, where a second tiny ONNX graph
   (flip-average for TTA, Resize to the photo's size, threshold) turns them into uint8 masks, the
   only data that comes back to the host. This is the CUDA path; it also runs with CPU buffers,
@@ -26,12 +26,12 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto
 
-from batch.contract import ContractError, ModelContract, prepare_input
-from batch.decode import Batch
-from batch.devices import CPU, Device, parse_device
-from batch.postprocess import average_flipped, build_postprocess_model, threshold_in_output_units, upsample_threshold
-from batch.report import StageClock
-from batch.runtime import CUDA_PROVIDER, ModelError, device_for_precision, open_session, session_options
+from batch.core.contract import ContractError, ModelContract, prepare_input
+from batch.core.devices import CPU, Device, parse_device
+from batch.core.timing import StageClock
+from batch.inference.decode import Batch
+from batch.inference.postprocess import average_flipped, build_postprocess_model, threshold_in_output_units, upsample_threshold
+from batch.inference.runtime import CUDA_PROVIDER, ModelError, device_for_precision, open_session, session_options
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def load_model(path: Path, device: str = "auto", threads: int | None = None, ver
 
 
 # ---------------------------------------------------------------------------------------------
-# Input preparation on the host (Pillow batches): batch.contract.prepare_input, and the mirrored copy for TTA.
+# Input preparation on the host (Pillow batches): batch.core.contract.prepare_input, and the mirrored copy for TTA.
 
 
 def mirrored(pixels: np.ndarray) -> np.ndarray:
@@ -161,17 +161,17 @@ class Prediction(Protocol):
         ...
 
 
-class Engine(Protocol):
+class Predictor(Protocol):
     def predict(self, batch: Batch) -> Sequence[Prediction]:
         """One prediction per image of ``batch``, in order; raises what ONNX Runtime raises (out of memory, ...)."""
         ...
 
 
-def make_engine(model: Model, threshold: float, tta: bool, clock: StageClock | None = None) -> Engine:
+def make_predictor(model: Model, threshold: float, tta: bool, clock: StageClock | None = None) -> Predictor:
     """IOBinding with masks made on the device for a GPU model; host arrays and deferred post-processing on the CPU."""
     if model.on_gpu:
-        return BoundEngine(model, threshold, tta, clock=clock)
-    return CpuEngine(model, threshold, tta, clock=clock)
+        return BoundPredictor(model, threshold, tta, clock=clock)
+    return CpuPredictor(model, threshold, tta, clock=clock)
 
 
 @dataclass
@@ -196,7 +196,7 @@ class FinishedMask:
         return self.value
 
 
-class CpuEngine:
+class CpuPredictor:
     """ONNX Runtime on host arrays; post-processing deferred to the writers."""
 
     def __init__(self, model: Model, threshold: float, tta: bool, clock: StageClock | None = None):
@@ -222,7 +222,7 @@ class CpuEngine:
         return [LowResScores(scores[i, 0], size, self.cut) for i, size in enumerate(batch.sizes)]
 
 
-class BoundEngine:
+class BoundPredictor:
     """ONNX Runtime with IOBinding on the model's device; masks made there (the GPU path)."""
 
     def __init__(

@@ -12,8 +12,8 @@ from __future__ import annotations
 import importlib.resources
 from pathlib import Path
 
-from batch.devices import Device, parse_device
-from batch.runtime import CUDA_PROVIDER, onnxruntime
+from batch.core.devices import Device, parse_device
+from batch.inference.runtime import CUDA_PROVIDER, onnxruntime
 
 DEFAULT_MODEL = "default.onnx"
 MODEL_FOR = {"cpu": "default-int8.onnx", "cuda": "default-fp16.onnx"}  # the preferred file per device kind, when shipped

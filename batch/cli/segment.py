@@ -1,15 +1,8 @@
-"""``unet-batch``: segment folders of car photos with an exported U-Net, and score the masks.
-
-Exit codes: 0 everything succeeded; 1 some photos failed, or inference stopped the run (the rest are
-done; see report.json); 2 usage errors (missing input folder, bad model file, unusable device,
-unwritable output, a missing extra); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM). The
-libraries (ONNX Runtime, the runner) are imported inside the commands, so ``--help`` needs none.
-"""
+"""``unet-batch segment``: every photo of a folder or bucket to masks (batch.runs does the work)."""
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import signal
 import threading
 from collections.abc import Iterator
@@ -17,18 +10,17 @@ from pathlib import Path
 
 import click
 
-from batch.clitypes import DEVICE, LOCATION, InputError, setup_logging, version_option
-from batch.config import DECODERS, SegmentConfig, defaults
-from batch.devices import cpu_count
-from batch.evaluation import EvaluationError, evaluate, write_csv, write_error_maps
-from batch.extras import require
-from batch.formats import FORMATS
+from batch.cli.options import DEVICE, LOCATION, SHOWN_FAILURES, Command, InputError, setup_logging
+from batch.core.devices import cpu_count
+from batch.core.errors import CarvanaError
+from batch.core.extras import require
+from batch.inference.config import DECODERS, defaults
+from batch.runs.config import ENGINES, ClusterConfig, RunConfig
+from batch.runs.formats import FORMATS
 
-SHOWN_FAILURES = 10
-ENGINES = ("local", "ray")
 INTERRUPTED = 130  # 128 + SIGINT
 TERMINATED = 143  # 128 + SIGTERM
-SEGMENT = defaults(SegmentConfig)
+SEGMENT = defaults(RunConfig)
 
 
 class Terminated(KeyboardInterrupt):
@@ -52,13 +44,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@version_option
-def main() -> None:
-    """Segment car photos with an exported U-Net (ONNX Runtime; no torch needed)."""
-
-
-@main.command("segment")
+@click.command("segment", cls=Command)
 @click.argument("input_dir", type=LOCATION)
 @click.argument("output_dir", type=LOCATION)
 @click.option(
@@ -121,22 +107,20 @@ def segment_command(input_dir: Path | str, output_dir: Path | str, engine: str, 
     """
     for module in ("onnxruntime", "onnx"):
         require(module, "cpu", what="unet-batch segment")
-    from batch.runner import SegmentError, run
+    from batch.runs.run import run
 
+    cluster = None
     if engine == "ray":
         require("ray", "ray", what="--engine ray")
-        from batch.ray_engine import ClusterConfig, segment_on_ray
-
         cluster = ClusterConfig(address=address, workers=options.pop("workers"))
-        run = functools.partial(segment_on_ray, cluster=cluster)  # the same contract as the local engine's
     try:
-        config = SegmentConfig(input_dir=input_dir, output_dir=output_dir, **options)
+        config = RunConfig(input_dir=input_dir, output_dir=output_dir, **options)
     except ValueError as e:
         raise InputError(str(e)) from e
     with setup_logging(verbose), sigterm_as_interrupt():
         try:
-            report = run(config)
-        except SegmentError as e:
+            report = run(config, engine, cluster)
+        except CarvanaError as e:  # a run that cannot start
             raise InputError(str(e)) from e
         except KeyboardInterrupt as e:
             click.echo("interrupted: finished masks are kept; rerun the same command to do the rest", err=True)
@@ -152,67 +136,3 @@ def segment_command(input_dir: Path | str, output_dir: Path | str, engine: str, 
         click.echo(f"stopped: {report.stopped}; rerun the same command to do the rest", err=True)
     if report.failed or report.stopped:
         raise SystemExit(1)
-
-
-@main.command("evaluate")
-@click.argument("pred_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("gt_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option(
-    "--csv",
-    "csv_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="per-image scores [default: PRED_DIR/evaluation.csv]",
-)
-@click.option("--workers", type=click.IntRange(min=1), default=cpu_count(), help="reader threads")
-@click.option(
-    "--photos",
-    "photos_dir",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="the segmented photos: draw the worst images' errors on them into PRED_DIR/errors/",
-)
-@click.option("--worst", type=click.IntRange(min=1), default=5, help="how many error pictures --photos draws")
-@click.option("-v", "--verbose", is_flag=True, help="debug logging")
-def evaluate_command(
-    pred_dir: Path, gt_dir: Path, csv_path: Path | None, workers: int, photos_dir: Path | None, worst: int, verbose: bool
-) -> None:
-    """Mean per-image Dice (the Kaggle metric) and IoU of the masks in PRED_DIR against GT_DIR.
-
-    Files are matched by name: x.png in PRED_DIR (any sub-folder) against x.png, x.gif or Kaggle's
-    x_mask.gif in GT_DIR. When PRED_DIR holds both .png and .gif masks of a photo (`unet-batch
-    segment --format png --format gif`), the .png is scored. Without mask images,
-    PRED_DIR/submission.csv is read. Nothing is ever written into GT_DIR.
-    """
-    csv_path = csv_path or pred_dir / "evaluation.csv"
-    errors_dir = pred_dir / "errors"
-    for path, option in ((csv_path, "--csv"), (errors_dir if photos_dir else None, "--photos")):
-        if path is not None and path.resolve().is_relative_to(gt_dir.resolve()):
-            raise InputError(
-                f"{option} would write {path} into GT_DIR {gt_dir}, which is never written to; "
-                "choose a PRED_DIR (or --csv) outside the truth folder"
-            )
-    with setup_logging(verbose):
-        try:
-            evaluation = evaluate(pred_dir, gt_dir, workers=workers)
-            write_csv(evaluation, csv_path)
-            pictures = write_error_maps(evaluation, pred_dir, photos_dir, errors_dir, worst) if photos_dir else []
-        except EvaluationError as e:
-            raise InputError(str(e)) from e
-    if evaluation.ignored_predictions:
-        click.echo(
-            f"PRED_DIR has both a .png and a .gif mask of {len(evaluation.ignored_predictions)} photos: scored the .png ones"
-        )
-    click.echo(evaluation.summary())
-    click.echo(f"per-image scores: {csv_path}")
-    if pictures:
-        click.echo(
-            f"errors of the {len(pictures)} worst (green: car found, red: car missed, blue: background taken "
-            f"for car): {pictures[0].parent}"
-        )
-    if evaluation.errors:
-        for row in evaluation.errors[:SHOWN_FAILURES]:
-            click.echo(f"  {row.name}: {row.error}", err=True)
-        raise SystemExit(1)
-
-
-if __name__ == "__main__":
-    main()

@@ -3,7 +3,7 @@
 - ``cpu``: the CPU provider.
 - ``cuda[:N]``: the CUDA provider on GPU N (TensorRT first, when asked for). One that cannot be
   honoured (no such provider in this onnxruntime, no GPU, missing CUDA libraries, a session that
-  falls back to the CPU) is a :class:`~batch.devices.DeviceError`, never a silent CPU run.
+  falls back to the CPU) is a :class:`~batch.core.devices.DeviceError`, never a silent CPU run.
 - ``auto``: the GPU when it works, else the CPU, with a log line saying which it took and why.
 
 onnxruntime is imported inside the functions, so this module imports without the ``cpu`` extra.
@@ -15,8 +15,9 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from batch.devices import CPU, Device, DeviceError, cpu_count, parse_device
-from batch.extras import require
+from batch.core.devices import CPU, Device, DeviceError, cpu_count, parse_device
+from batch.core.errors import CarvanaError
+from batch.core.extras import require
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -32,15 +33,15 @@ PROVIDER_FIXES = {
     TENSORRT_PROVIDER: "install TensorRT and an onnxruntime-gpu build with its provider",
 }
 
-Model = str | Path | bytes  # an .onnx file, or a serialized model
+ModelSource = str | Path | bytes  # an .onnx file, or a serialized model
 
 
-class ModelError(ValueError):
+class ModelError(CarvanaError):
     """A model file that cannot be used; the message names the file and the fix."""
 
 
 def onnxruntime():
-    """The onnxruntime module; :class:`~batch.extras.MissingExtra` naming the extra when it is not installed."""
+    """The onnxruntime module; :class:`~batch.core.extras.MissingExtra` naming the extra when it is not installed."""
     return require("onnxruntime", "cpu", what="ONNX Runtime inference")
 
 
@@ -87,7 +88,7 @@ def device_for_precision(device: Device | str, precision: str, model: str | Path
 
     ONNX Runtime fuses QDQ graphs into integer kernels on its CPU provider only; its CUDA provider would run
     every layer in float between quantize/dequantize steps. So ``cuda`` with an INT8 model is a
-    :class:`~batch.devices.DeviceError`, and ``auto`` takes the CPU (with a log line).
+    :class:`~batch.core.devices.DeviceError`, and ``auto`` takes the CPU (with a log line).
     """
     device = parse_device(device)
     if precision != "int8" or device.kind == "cpu":
@@ -110,7 +111,7 @@ def providers_for(device: Device, cuda_options: dict | None = None, tensorrt_opt
 
 
 def open_session(
-    model: Model,
+    model: ModelSource,
     device: Device | str = "auto",
     options: ort.SessionOptions | None = None,
     *,
@@ -130,16 +131,16 @@ def open_session(
     return create_session(model, options, [CPU_PROVIDER])
 
 
-def model_name(model: Model) -> str:
+def model_name(model: ModelSource) -> str:
     return "the in-memory model" if isinstance(model, bytes) else str(model)
 
 
-def new_session(model: Model, options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
+def new_session(model: ModelSource, options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
     source = model if isinstance(model, bytes) else str(model)
     return onnxruntime().InferenceSession(source, sess_options=options, providers=providers)
 
 
-def create_session(model: Model, options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
+def create_session(model: ModelSource, options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
     try:
         return new_session(model, options, providers)
     except Exception as e:  # onnxruntime raises its own Fail / InvalidGraph / ... types
@@ -148,7 +149,9 @@ def create_session(model: Model, options: ort.SessionOptions, providers: list) -
         ) from e
 
 
-def open_gpu_session(model: Model, device: Device, options: ort.SessionOptions, providers: list) -> ort.InferenceSession | None:
+def open_gpu_session(
+    model: ModelSource, device: Device, options: ort.SessionOptions, providers: list
+) -> ort.InferenceSession | None:
     """A session whose first provider is ``providers[0]``; None (with a log line saying why) when ``auto`` cannot have one."""
     ort = onnxruntime()
     wanted = providers[0][0]

@@ -13,6 +13,8 @@ from typing import Literal
 
 import numpy as np
 
+from batch.core.errors import CarvanaError
+
 Layout = Literal["NCHW", "NHWC"]
 OutputKind = Literal["logits", "probabilities"]
 
@@ -21,7 +23,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB normalization of the ImageNet-style
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ContractError(ValueError):
+class ContractError(CarvanaError):
     """Metadata that is missing or malformed; the message names the key and the fix."""
 
 

@@ -1,0 +1,197 @@
+"""A run over a folder or a bucket (``unet-batch segment``, :func:`batch.segment`): one skeleton, either engine.
+
+    locations -> inputs -> engine opened -> OUTPUT_DIR locked -> plan (resume, conflicts) -> clean
+      -> engine.process(jobs)  [local: this process's Segmenter; ray: actors on a cluster]
+      -> submission.csv (--format rle) -> report.json
+
+Everything that can refuse the run happens before OUTPUT_DIR is touched, and a run that cannot start
+raises :class:`SegmentError` and leaves nothing behind. Per-photo problems never stop it: they are listed
+in ``report.failed``, and so are the photos of a batch whose inference failed. When inference fails on
+several batches in a row the run stops there, with ``report.stopped`` saying why. On KeyboardInterrupt
+(or SIGTERM turned into one by the CLI) the finished outputs stay, the report is written with
+``interrupted: true``, and the interrupt propagates. See docs/batch.md for the options and the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol
+
+from batch.core.logs import first_line
+from batch.core.timing import StageClock
+from batch.core.version import package_version
+from batch.inference.segmenter import InferenceError
+from batch.runs.config import ClusterConfig, RunConfig, SegmentError
+from batch.runs.lock import output_folder
+from batch.runs.outputs import Results, write_report, write_submission
+from batch.runs.plan import Job, Plan, make_plan
+from batch.runs.report import Report
+from batch.runs.storage import Storage, StorageError, open_location
+
+log = logging.getLogger(__name__)
+
+
+class Engine(Protocol):
+    """Where a run's photos are segmented: this process (:mod:`batch.runs._local`) or a Ray cluster
+    (:mod:`batch.runs.ray_engine`). The skeleton does everything else."""
+
+    def open(self) -> AbstractContextManager[None]:
+        """Load the model (or reach the cluster); what keeps the engine from starting is a :class:`SegmentError`."""
+
+    def summary(self) -> str:
+        """How the engine runs, for the run's first log line."""
+
+    def process(self, jobs: list[Job], source: Storage, output: Storage, results: Results, progress: bool) -> None:
+        """Segment ``jobs`` from ``source`` into ``output``, counting each in ``results``; an
+        :class:`InferenceError` when inference cannot go on; KeyboardInterrupt passes through."""
+
+    def describe(self) -> dict[str, Any]:
+        """The report's engine fields (device, provider, decoder, model, stages, batch size, ...)."""
+
+
+def segment(
+    input_dir: str | Path, output_dir: str | Path, *, engine: str = "local", cluster: ClusterConfig | None = None, **options: Any
+) -> Report:
+    """``unet-batch segment INPUT_DIR OUTPUT_DIR`` from Python: folders (or URIs) as str or Path.
+
+    ``options`` are :class:`~batch.runs.config.RunConfig`'s fields (``model``, ``device``, ``formats``,
+    ``tta``, ``overwrite``, ``progress``, ...) with its defaults; a bad one raises ``ValueError`` or
+    ``TypeError``. ``engine``: ``local`` or ``ray`` (``cluster`` says which cluster). Otherwise as :func:`run`.
+
+    Example:
+        >>> report = batch.segment("photos/", "masks/", device="cpu", formats=("png", "rle"))
+    """
+    return run(RunConfig(input_dir, output_dir, **options), engine, cluster)
+
+
+def run(config: RunConfig, engine: str | Engine = "local", cluster: ClusterConfig | None = None) -> Report:
+    """Segment every photo under ``config.input_dir``; write outputs and the report; return the report.
+
+    ``engine``: ``"local"``, ``"ray"`` (on ``cluster``), or an :class:`Engine` made by the caller.
+    """
+    started = time.perf_counter()
+    clock = StageClock()
+    source, output = _open_locations(config)
+    with clock("discover"):
+        inputs = _find_inputs(config, source, output)
+    runner = _make_engine(engine, config, cluster, clock)
+    try:
+        with runner.open(), output_folder(output):
+            with clock("discover"):
+                plan = make_plan(source, output, inputs, config.formats, config.overwrite)
+            log.info("%d photos: %d to segment, %d already done, %d in conflict; %s", plan.size, len(plan.jobs),
+                     len(plan.done), len(plan.conflicts), runner.summary())  # fmt: skip
+            output.clean()
+            return _process(config, plan, source, output, runner, clock, started)
+    except StorageError as e:  # the output folder cannot be made or is locked by another run
+        raise SegmentError(str(e)) from e
+
+
+def _process(
+    config: RunConfig, plan: Plan, source: Storage, output: Storage, engine: Engine, clock: StageClock, started: float
+) -> Report:
+    """The run proper: the engine segments the jobs; the report is written whatever happens, then an interrupt propagates."""
+    results = Results()
+    for job, reason in plan.conflicts:
+        results.fail(job, reason)
+    interruption: KeyboardInterrupt | None = None
+    stopped = ""
+    try:
+        engine.process(plan.jobs, source, output, results, config.progress)
+    except KeyboardInterrupt as e:
+        interruption = e
+    except InferenceError as e:  # Ray wraps an actor's InferenceError; its ``cause`` is the actor's own
+        stopped = first_line(getattr(e, "cause", e))
+    report = _finish(
+        config, plan, output, clock,
+        lambda: _make_report(config, plan, results, time.perf_counter() - started, interruption is not None, stopped,
+                            engine.describe()),
+    )  # fmt: skip
+    if interruption is not None:
+        raise interruption
+    return report
+
+
+def _make_engine(engine: str | Engine, config: RunConfig, cluster: ClusterConfig | None, clock: StageClock) -> Engine:
+    if not isinstance(engine, str):
+        return engine
+    if engine == "local":
+        from batch.runs._local import LocalEngine
+
+        return LocalEngine(config, clock)
+    if engine == "ray":
+        from batch.runs.ray_engine import RayEngine  # imports ray: only when asked for
+
+        return RayEngine(config, cluster or ClusterConfig(), clock)
+    raise SegmentError(f"engine must be 'local' or 'ray', not {engine!r}")
+
+
+def _make_report(
+    config: RunConfig, plan: Plan, results: Results, seconds: float, interrupted: bool, stopped: str, engine: dict[str, Any]
+) -> Report:
+    """The report of a run: what was asked and what was done, plus the engine's fields (device, model, decoder, stages, ...)."""
+    failed = sorted(results.failed, key=lambda failure: failure[0].rel.parts)
+    return Report(
+        input_dir=str(config.input_dir),
+        output_dir=str(config.output_dir),
+        inputs=plan.size,
+        processed=results.processed,
+        skipped=len(plan.done),
+        failed=[{"path": str(job.source), "reason": reason} for job, reason in failed],
+        seconds=round(seconds, 4),
+        images_per_second=round(results.processed / seconds, 3),
+        formats=list(config.formats),
+        interrupted=interrupted,
+        stopped=stopped,
+        version=package_version(),
+        **engine,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up: checked before anything is created.
+
+
+def _open_locations(config: RunConfig) -> tuple[Storage, Storage]:
+    """INPUT_DIR and OUTPUT_DIR (folders or URIs, batch.runs.storage), checked without creating anything."""
+    try:
+        source, output = open_location(config.input_dir), open_location(config.output_dir)
+        source.check(writable=False)
+        output.check(writable=True)
+    except StorageError as e:
+        raise SegmentError(str(e)) from e
+    inside = source.relative_to(output)
+    if inside == PurePosixPath("."):
+        raise SegmentError(f"OUTPUT_DIR {output} is the input folder; choose another folder for the masks")
+    if inside is not None:
+        raise SegmentError(
+            f"INPUT_DIR {source} lies inside OUTPUT_DIR {output}: masks would land among the photos; "
+            "choose an OUTPUT_DIR outside the input folder"
+        )
+    return source, output
+
+
+def _find_inputs(config: RunConfig, source: Storage, output: Storage) -> list[PurePosixPath]:
+    """The photos under INPUT_DIR (relative paths, sorted, at most ``limit``; none inside OUTPUT_DIR)."""
+    try:
+        inputs = source.find_images(exclude=output)
+    except StorageError as e:
+        raise SegmentError(str(e)) from e
+    if not inputs:
+        raise SegmentError(f"no .jpg, .jpeg or .png files under {source}")
+    return inputs[: config.limit]
+
+
+def _finish(config: RunConfig, plan: Plan, output: Storage, clock: StageClock, report: Callable[[], Report]) -> Report:
+    """What ends a run: submission.csv from every finished photo's RLE file (--format rle), then the report
+    (made after it, so that its time counts) written to report.json."""
+    if "rle" in config.formats:
+        with clock("write"):
+            write_submission(output, [(job.name, job.outputs["rle"]) for job in plan.all_jobs])
+    made = report()
+    write_report(made, config, output)
+    return made
