@@ -46,7 +46,8 @@ def failed_reasons(report: dict) -> dict[str, str]:
 
 
 def files_under(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+    """The files under ``root``, the runs' own records (``.unet-batch/``) aside."""
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and ".unet-batch" not in p.parts}
 
 
 # -- 1. object keys and file names are untrusted ------------------------------------------------------------

@@ -7,6 +7,7 @@ Leftover temporaries of a killed run are removed by :func:`remove_stale_temporar
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
@@ -95,6 +96,15 @@ def read_regular_file(path: str | Path, max_bytes: int) -> bytes:
     if len(data) > max_bytes:  # it grew after the check
         raise FileRefused(f"grew past the {max_bytes / 2**20:.0f} MiB limit while being read")
     return data
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, in hex (the identity of a model file)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def remove_stale_temporaries(folder: Path) -> int:

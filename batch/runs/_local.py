@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from batch.core.errors import CarvanaError
+from batch.core.files import file_sha256
 from batch.core.timing import StageClock
 from batch.inference.decode import Item
 from batch.inference.segmenter import Segmenter
@@ -51,3 +52,7 @@ class LocalEngine:
 
     def describe(self) -> dict[str, Any]:
         return self.segmenter.describe()
+
+    def model_identity(self) -> tuple[str, str, float]:
+        model = self.segmenter.model
+        return str(model.path), file_sha256(model.path), self.segmenter.threshold

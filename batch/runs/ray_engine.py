@@ -44,11 +44,14 @@ import ray.data
 from tqdm import tqdm
 
 from batch.core.devices import parse_device
+from batch.core.files import file_sha256
 from batch.core.images import ImageError
 from batch.core.logs import first_line
 from batch.core.timing import StageClock
+from batch.inference.bundled import default_model_path
 from batch.inference.config import DEFAULT_BATCH_SIZE, SegmenterConfig, segmenter_options
 from batch.inference.decode import Item, ReadLimits, read_file
+from batch.inference.model import read_contract
 from batch.inference.segmenter import Segmenter
 from batch.runs.config import ClusterConfig, RunConfig, SegmentError
 from batch.runs.outputs import Results, write_all
@@ -156,6 +159,12 @@ class RayEngine:
         self.tally.results = results
         outcomes = _run_pipeline(jobs, self.config, source, output, self.actors, self.worker)
         self.tally.collect(outcomes, len(jobs), progress)
+
+    def model_identity(self) -> tuple[str, str, float]:
+        """The model the actors load: the driver's file, or the bundled one for the actors' device."""
+        path = Path(self.config.model or default_model_path(self.actors.device))
+        threshold = self.config.threshold if self.config.threshold is not None else read_contract(path).threshold
+        return str(path), file_sha256(path), threshold
 
     def describe(self) -> dict[str, Any]:
         """The local engine's fields (from the workers' states; the model as the user named it), plus the

@@ -42,7 +42,7 @@ class Report:
     report_error: str = ""  # why report.json could not be written at the end ("" when it was); never in the file itself
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {key: value for key, value in asdict(self).items() if key != "report_error"}
 
     def to_json(self) -> bytes:
         return (json.dumps(self.to_dict(), indent=2) + "\n").encode("utf-8")

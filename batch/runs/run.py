@@ -29,9 +29,10 @@ from batch.core.version import package_version
 from batch.inference.segmenter import InferenceError
 from batch.runs.config import ClusterConfig, RunConfig, SegmentError
 from batch.runs.lock import output_folder
+from batch.runs.manifest import MadeBy, append_history, check_and_record, finish_overwrite
 from batch.runs.outputs import Results, write_report, write_submission
 from batch.runs.plan import Job, Plan, make_plan
-from batch.runs.report import Report
+from batch.runs.report import REPORT_NAME, Report
 from batch.runs.storage import Listing, LocalFolder, Storage, StorageError, open_location
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,9 @@ class Engine(Protocol):
 
     def describe(self) -> dict[str, Any]:
         """The report's engine fields (device, provider, decoder, model, stages, batch size, ...)."""
+
+    def model_identity(self) -> tuple[str, str, float]:
+        """The model that makes the masks: its path (for messages), its file's SHA-256, the threshold applied."""
 
 
 def segment(
@@ -88,6 +92,9 @@ def run(config: RunConfig, engine: str | Engine = "local", cluster: ClusterConfi
             log.info("%d photos: %d to segment, %d already done, %d refused; %s", plan.size, len(plan.jobs),
                      len(plan.done), len(plan.refused), runner.summary())  # fmt: skip
             output.clean()
+            path, sha256, threshold = runner.model_identity()
+            made = MadeBy(sha256, path, threshold, config.tta, config.formats)
+            check_and_record(output, made, config.overwrite)
             return _process(config, plan, source, output, runner, clock, started)
     except StorageError as e:  # the output folder cannot be made or is locked by another run
         raise SegmentError(str(e)) from e
@@ -115,6 +122,8 @@ def _process(
     )  # fmt: skip
     if interruption is not None:
         raise interruption
+    if config.overwrite and not stopped:
+        finish_overwrite(output)
     return report
 
 
@@ -210,8 +219,11 @@ def _finish(config: RunConfig, plan: Plan, output: Storage, clock: StageClock, r
         with clock("write"):
             write_submission(output, [(job.name, job.outputs["rle"]) for job in plan.all_jobs])
     made = report()
+    did_work = bool(plan.jobs) or config.report is not None or not output.existing([PurePosixPath(REPORT_NAME)])
     try:
-        write_report(made, config, output)
+        append_history(output, made)
+        if did_work:  # a rerun with nothing to do keeps the report of the run that did the work
+            write_report(made, config, output)
     except OSError as e:  # a full disk, a bucket gone: the caller still gets the report, failures and all
         made.report_error = f"cannot write the report to {config.report_path} ({e.strerror or e})"
         log.error("%s; the failed photos are listed below", made.report_error)
