@@ -70,7 +70,7 @@ def test_object_keys_never_write_outside_the_output_folder(tmp_path: Path, s3_bu
 
     assert code == 1, output
     assert not victim.exists() and not (tmp_path / "escape.png").exists() and not (tmp_path / "up.png").exists()
-    assert files_under(out) == {"good.png", "good_cutout.png", "report.json"}
+    assert files_under(out) == {"good.png", "good_cutout.png", "report.json", "confidence.csv"}
     reasons = failed_reasons(report_of(out))
     assert len(reasons) == len(hostile) - 1  # "g/" has no photo suffix: not an input at all
     assert all("OUTPUT_DIR" in reason for reason in reasons.values()), reasons
@@ -280,7 +280,7 @@ def test_output_locations_are_compared_as_places_not_as_text(tmp_path: Path, tin
     for _ in range(2):  # a folder inside the input, named through the alias: its masks are never taken for photos
         code, output = segment(str(tmp_path / "in"), str(tmp_path / "alias" / "masks"), model=tiny_onnx)
         assert code == 0, output
-    assert files_under(tmp_path / "in") == {"a.jpg", "masks/a.png", "masks/report.json"}
+    assert files_under(tmp_path / "in") == {"a.jpg", "masks/a.png", "masks/report.json", "masks/confidence.csv"}
     code, output = segment(f"{s3_bucket}/in", f"{s3_bucket.replace('s3://', 's3a://')}/in", model=tiny_onnx)
     assert code == 2, output
     code, output = segment(str(tmp_path / "in"), "s3://", model=tiny_onnx)

@@ -57,7 +57,7 @@ FAILED_BATCHES_IN_A_ROW = 3  # inference failing this often in a row means the m
 
 ImageLike = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
 SINGLE_IMAGE_TYPES = (str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray)
-MaskOrError = np.ndarray | Exception
+MaskOrError = np.ndarray | tuple[np.ndarray, float] | Exception
 
 
 class InferenceError(CarvanaError):
@@ -158,9 +158,13 @@ class Segmenter:
     # -- masks of images in memory or named by path -----------------------------------------------
 
     def __call__(
-        self, images: ImageLike | Iterable[ImageLike], errors: Literal["raise", "return"] = "raise"
+        self, images: ImageLike | Iterable[ImageLike], errors: Literal["raise", "return"] = "raise", confidence: bool = False
     ) -> MaskOrError | list[MaskOrError]:
         """The mask of one image, or the list of masks of several, in order: (H, W) uint8, 0 or 255, each at its image's size.
+
+        ``confidence=True``: each entry is ``(mask, confidence)`` instead, the confidence in [0, 1] telling how sure
+        the model is of the mask (:func:`batch.inference.postprocess.mask_confidence`; the lowest are the masks to
+        check first).
 
         An image is a path (str or Path), the bytes of a JPEG or PNG file, a PIL image, or an (H, W, 3)
         uint8 RGB array. A file (path or bytes) gets exactly the mask ``unet-batch segment`` writes for it;
@@ -175,25 +179,27 @@ class Segmenter:
         single = isinstance(images, SINGLE_IMAGE_TYPES)
         listed = [images] if single else list(images)
         names = ["the image"] if single else [f"image at index {i} of the list" for i in range(len(listed))]
-        results = self.predict([as_item(image, name) for image, name in zip(listed, names)])
+        results = self.predict([as_item(image, name) for image, name in zip(listed, names)], confidence)
         if errors == "raise":
             failed = next((result for result in results if isinstance(result, Exception)), None)
             if failed is not None:
                 raise failed
         return results[0] if single else results
 
-    def predict(self, items: Iterable[Item]) -> list[MaskOrError]:
-        """Full-size masks of ``items``, in order; a failed item's entry is its error (ImageError or InferenceError).
+    def predict(self, items: Iterable[Item], confidence: bool = False) -> list[MaskOrError]:
+        """Full-size masks of ``items`` (with ``confidence``: ``(mask, confidence)`` pairs), in order; a failed item's
+        entry is its error (ImageError, InferenceError, or the model's NaN scores).
 
         The masks are finished (upsampled and thresholded) in ``workers`` threads while inference goes on.
         """
         if self.pool is None:
             self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="mask")
+        finish = finish_with_confidence if confidence else finish_mask
         pending: list[Future | Exception] = []
         with closing(self.stream(items)) as results:
             for _, result in results:
-                pending.append(result.error if isinstance(result, Failure) else self.pool.submit(result.mask))
-        return [entry.result() if isinstance(entry, Future) else entry for entry in pending]
+                pending.append(result.error if isinstance(result, Failure) else self.pool.submit(finish, result))
+        return [outcome(entry) for entry in pending]
 
     # -- the one decode -> infer -> post-process path --------------------------------------------------
 
@@ -264,6 +270,24 @@ class Segmenter:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def finish_mask(prediction: Prediction) -> np.ndarray:
+    return prediction.mask()
+
+
+def finish_with_confidence(prediction: Prediction) -> tuple[np.ndarray, float]:
+    return prediction.mask(), prediction.confidence()
+
+
+def outcome(entry: Future | Exception) -> Any:
+    """A finished entry of :meth:`Segmenter.predict`: its result, or the project's error that kept it from one."""
+    if not isinstance(entry, Future):
+        return entry
+    try:
+        return entry.result()
+    except CarvanaError as e:
+        return e
 
 
 def as_item(image: ImageLike, name: str) -> Item:

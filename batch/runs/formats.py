@@ -20,6 +20,7 @@ from batch.core.masks import rle_encode
 FORMATS = ("png", "gif", "rle", "overlay", "cutout")
 PHOTO_FORMATS = ("overlay", "cutout")  # formats that need the full-size photo
 SUBMISSION_NAME = "submission.csv"
+CONFIDENCE_NAME = "confidence.csv"  # photo,confidence: which masks a person should look at first
 RLE_DIR = ".rle"  # per-image run-length encodings, the source of truth for submission.csv
 OVERLAY_COLOR = (255, 0, 160)  # magenta tint: stands out on cars and on studio backgrounds alike
 OVERLAY_ALPHA = 0.45

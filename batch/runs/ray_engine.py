@@ -397,6 +397,7 @@ class SegmentWorker:
             "source": [job.source for job in jobs],
             "rel": [job.rel.as_posix() for job in jobs],
             "error": [errors.get(job.rel, "") for job in jobs],
+            "confidence": [results.confidence.get(job.name, math.nan) for job in jobs],
             "worker": [self.name] * len(jobs),
             "state": [state] * len(jobs),
         }
@@ -418,13 +419,12 @@ class Tally:
     def collect(self, outcomes: Iterable[dict[str, np.ndarray]], total: int, progress: bool) -> None:
         with tqdm(total=total, unit="img", desc="segment", disable=not progress, dynamic_ncols=True) as bar:
             for batch in outcomes:
-                for source, rel, error, worker, state in zip(
-                    batch["source"], batch["rel"], batch["error"], batch["worker"], batch["state"]
-                ):
-                    self.count(Job(str(source), PurePosixPath(rel), {}), str(error), str(worker), state)
+                columns = ("source", "rel", "error", "confidence", "worker", "state")
+                for source, rel, error, confidence, worker, state in zip(*(batch[name] for name in columns)):
+                    self.count(Job(str(source), PurePosixPath(rel), {}), str(error), float(confidence), str(worker), state)
                 bar.update(len(batch["rel"]))
 
-    def count(self, job: Job, error: str, worker: str, state: str) -> None:
+    def count(self, job: Job, error: str, confidence: float, worker: str, state: str) -> None:
         self.states[worker] = json.loads(state)
         counts = self.workers.setdefault(worker, {"device": self.states[worker]["device"], "processed": 0, "failed": 0})
         if error:
@@ -432,4 +432,4 @@ class Tally:
             self.results.fail(job, error)
         else:
             counts["processed"] += 1
-            self.results.done()
+            self.results.done(job, confidence)

@@ -30,9 +30,9 @@ from batch.inference.segmenter import InferenceError
 from batch.runs.config import ClusterConfig, RunConfig, SegmentError
 from batch.runs.lock import output_folder
 from batch.runs.manifest import MadeBy, append_history, check_and_record, finish_overwrite
-from batch.runs.outputs import Results, write_report, write_submission
+from batch.runs.outputs import Results, write_confidence, write_report, write_submission
 from batch.runs.plan import Job, Plan, make_plan
-from batch.runs.report import REPORT_NAME, Report
+from batch.runs.report import REPORT_NAME, Report, summarize_confidence
 from batch.runs.storage import Listing, LocalFolder, Storage, StorageError, open_location
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def _process(
     except InferenceError as e:  # Ray wraps an actor's InferenceError; its ``cause`` is the actor's own
         stopped = first_line(getattr(e, "cause", e))
     report = _finish(
-        config, plan, output, clock,
+        config, plan, output, clock, results,
         lambda: _make_report(config, plan, results, time.perf_counter() - started, interruption is not None, stopped,
                             engine.describe()),
     )  # fmt: skip
@@ -212,13 +212,17 @@ def _find_inputs(config: RunConfig, source: Storage, output: Storage) -> Listing
     return Listing(listing.images[: config.limit], listing.skipped)
 
 
-def _finish(config: RunConfig, plan: Plan, output: Storage, clock: StageClock, report: Callable[[], Report]) -> Report:
-    """What ends a run: submission.csv from every finished photo's RLE file (--format rle), then the report
-    (made after it, so that its time counts) written to report.json."""
-    if "rle" in config.formats:
-        with clock("write"):
+def _finish(
+    config: RunConfig, plan: Plan, output: Storage, clock: StageClock, results: Results, report: Callable[[], Report]
+) -> Report:
+    """What ends a run: submission.csv from every finished photo's RLE file (--format rle), confidence.csv, then the
+    report (made after them, so that their time counts) written to report.json."""
+    with clock("write"):
+        if "rle" in config.formats:
             write_submission(output, [(job.name, job.outputs["rle"]) for job in plan.all_jobs])
+        confidence = write_confidence(output, results) if results.confidence or plan.done else {}
     made = report()
+    made.confidence = summarize_confidence(confidence)
     did_work = bool(plan.jobs) or config.report is not None or not output.existing([PurePosixPath(REPORT_NAME)])
     try:
         append_history(output, made)
