@@ -74,7 +74,7 @@ def test_verdict_meets_misses_and_never_invents(tmp_path: Path):
 @pytest.mark.dali
 def test_acceptance_script_segments_scores_and_summarizes_on_the_cpu(tmp_path: Path):
     """DEVICE=cpu: every segment step (Pillow, DALI's CPU backend, TTA) runs, is scored, and lands in OUT_DIR."""
-    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install '.[dev]')")
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install '.[dali]')")
     photos, truth = tmp_path / "carvana" / "photos", tmp_path / "carvana" / "truth"
     photos.mkdir(parents=True)
     truth.mkdir()
