@@ -82,11 +82,12 @@ def test_run_help_explains_every_suite():
     assert "classic: the classic width-64 U-Net alone at large input sizes (use with --size 640x960 --width 64)" in help_text
 
 
-def test_run_without_matplotlib_names_the_bench_extra_before_measuring(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails, as without the bench extra
+@pytest.mark.parametrize(("module", "extra"), [("matplotlib", "bench"), ("torch", "train")])
+def test_run_without_an_extra_names_it_before_measuring(tmp_path, monkeypatch, module, extra):
+    monkeypatch.setitem(sys.modules, module, None)  # importing it now fails, as without its extra
     result = CliRunner().invoke(main, ["run", *SMOKE, "--out", str(tmp_path / "R")])
     assert result.exit_code == 2, result.output
-    assert "needs the 'bench' extra" in result.output and "pip install '.[bench]'" in result.output
+    assert f"needs the '{extra}' extra" in result.output and f"pip install '.[{extra}]'" in result.output
     assert not (tmp_path / "R").exists()
 
 
@@ -121,14 +122,6 @@ def test_compare_takes_run_folders(smoke_run, tmp_path):
     empty.mkdir()
     result = CliRunner().invoke(main, ["compare", str(out), str(empty)])
     assert result.exit_code == 2 and "empty holds no results.json" in result.output
-
-
-def test_run_without_torch_names_the_extra_before_measuring(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now fails, as without the train extra
-    result = CliRunner().invoke(main, ["run", *SMOKE, "--out", str(tmp_path / "R")])
-    assert result.exit_code == 2, result.output
-    assert "needs the 'train' extra" in result.output and "pip install '.[train]'" in result.output
-    assert not (tmp_path / "R").exists()
 
 
 def test_compare_rows_keep_metrics_only_one_side_has(smoke_run):
