@@ -77,3 +77,15 @@ def test_finished_photos_are_skipped_and_partial_ones_completed(tmp_path: Path):
     assert [job.name for job in plan.all_jobs] == ["a.jpg", "b.jpg", "c.jpg"]
     again = plan_of(tmp_path, out, rels("a.jpg", "b.jpg", "c.jpg"), ("png", "gif"), overwrite=True)
     assert not again.done and all(job.todo == ("png", "gif") for job in again.jobs)
+
+
+def test_a_newcomer_that_clashes_with_a_finished_photo_is_the_only_one_refused(tmp_path: Path):
+    """x.png added beside x.jpg, which an earlier run finished: x.jpg stays done, x.png alone is refused."""
+    out = tmp_path / "out"
+    touch(out, "x.png")
+    names = rels("x.jpg", "x.png")
+    plan = make_plan(LocalFolder(tmp_path), LocalFolder(out), Listing(names, []), ("png",), False, finished={"x.jpg"})
+    assert [job.name for job in plan.done] == ["x.jpg"]
+    assert [(job.name, "x.jpg by an earlier run" in reason) for job, reason in plan.refused] == [("x.png", True)]
+    fresh = make_plan(LocalFolder(tmp_path), LocalFolder(out), Listing(names, []), ("png",), False)
+    assert [job.name for job, _ in fresh.refused] == ["x.jpg", "x.png"]  # no earlier run: neither is preferred

@@ -364,3 +364,15 @@ def test_reasons_say_what_to_do_and_never_show_a_files_bytes(tmp_path: Path, tin
     reasons = failed_reasons(json.loads(report))
     assert "convert it to JPEG or PNG" in reasons[str(photos / "secret.jpg")]
     assert "BytesIO" not in report and "copy it again" in reasons[str(photos / "cut.jpg")], reasons
+
+
+def test_pillow_messages_never_show_an_in_memory_file_object():
+    import io
+
+    from PIL import UnidentifiedImageError
+
+    from batch.core.images import pillow_message
+
+    with pytest.raises(UnidentifiedImageError) as raised:
+        Image.open(io.BytesIO(b"not an image"))
+    assert "BytesIO" in str(raised.value) and pillow_message(raised.value) == "cannot identify image file"

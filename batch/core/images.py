@@ -8,6 +8,7 @@ or a JPEG the GPU decoder cannot take is recognised before it spoils a batch.
 from __future__ import annotations
 
 import io
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ OTHER_SIGNATURES = {
     b"II*\x00": "TIFF",
     b"MM\x00*": "TIFF",
 }
+IN_MEMORY_FILE = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 EXIF_ORIENTATION = 0x0112
 ORIENTATIONS = {  # EXIF orientation -> the transposition that shows the photo upright
     1: None,
@@ -64,6 +66,11 @@ class ImageInfo:
     @property
     def size(self) -> tuple[int, int]:
         return self.height, self.width
+
+
+def pillow_message(error: BaseException) -> str:
+    """Pillow's message for a user, without the in-memory file object it names (``<_io.BytesIO object at 0x...>``)."""
+    return IN_MEMORY_FILE.sub("", str(error)).strip() or type(error).__name__
 
 
 def is_image_file(path: Path) -> bool:
@@ -164,9 +171,9 @@ def probe_image(data: bytes, path: Path | str, max_pixels: int | None = None) ->
             height, width = shown_size((im.height, im.width), orientation)
             info = ImageInfo(format=kind, mode=im.mode, height=height, width=width, orientation=orientation)
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{path}: too large to decode safely ({e}); downscale it") from e
+        raise ImageError(f"{path}: too large to decode safely ({pillow_message(e)}); downscale it") from e
     except Exception as e:  # Pillow's parsers raise many types (OSError, SyntaxError, struct.error, ...)
-        raise ImageError(f"{path}: unreadable {kind} header ({e}); re-save the file as JPEG or PNG") from e
+        raise ImageError(f"{path}: unreadable {kind} header ({pillow_message(e)}); re-save the file as JPEG or PNG") from e
     limit = max_pixels or Image.MAX_IMAGE_PIXELS
     if info.height < 1 or info.width < 1:
         raise ImageError(f"{path}: {kind} header gives an empty {info.width}x{info.height} image")

@@ -39,7 +39,16 @@ from PIL import Image
 from batch.core.contract import ModelContract
 from batch.core.errors import CarvanaError
 from batch.core.files import FileRefused, read_regular_file
-from batch.core.images import DECODE_ERRORS, ImageError, ImageInfo, has_jpeg_end, load_resized_rgb, probe_image, resize_rgb
+from batch.core.images import (
+    DECODE_ERRORS,
+    ImageError,
+    ImageInfo,
+    has_jpeg_end,
+    load_resized_rgb,
+    pillow_message,
+    probe_image,
+    resize_rgb,
+)
 from batch.core.logs import first_line
 
 log = logging.getLogger(__name__)
@@ -259,7 +268,7 @@ def decode_with_pillow(probed: Probed, size: tuple[int, int]) -> np.ndarray:
     except MemoryError as e:
         raise ImageError(f"{probed.item.name}: not enough memory to decode it; free memory or downscale the photo") from e
     except DECODE_ERRORS as e:
-        raise ImageError(f"{probed.item.name}: cannot decode {probed.info.format} ({e}); {decode_fix(e)}") from e
+        raise ImageError(f"{probed.item.name}: cannot decode {probed.info.format} ({pillow_message(e)}); {decode_fix(e)}") from e
     except Exception as e:  # a decoder bug on one odd file must not stop the run
         log.debug("Pillow failed on %s", probed.item.name, exc_info=True)
         raise ImageError(f"{probed.item.name}: decoder error {type(e).__name__}: {e}") from e

@@ -23,9 +23,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from batch.core.errors import CarvanaError
-from batch.core.images import ImageError, load_rgb
+from batch.core.images import ImageError, load_rgb, pillow_message
 from batch.core.timing import StageClock
-from batch.inference.decode import Failure, Item
+from batch.inference.decode import Failure, Item, decode_fix
 from batch.inference.model import Prediction
 from batch.inference.segmenter import Segmenter
 from batch.runs.config import RunConfig
@@ -119,7 +119,9 @@ def _load_photo(item: Item) -> Image.Image:
     try:
         return load_rgb(io.BytesIO(item.data if item.data is not None else item.path.read_bytes()))
     except Exception as e:  # Pillow's many error types, or the file gone: the photo cannot be read at full size
-        raise ImageError(f"{item.name}: cannot decode the full-size photo for overlay/cutout ({e})") from e
+        raise ImageError(
+            f"{item.name}: cannot decode the full-size photo for overlay/cutout ({pillow_message(e)}); {decode_fix(e)}"
+        ) from e
 
 
 def write_submission(output: Storage, entries: list[tuple[str, PurePosixPath]]) -> int:

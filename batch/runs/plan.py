@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
@@ -53,10 +54,21 @@ class Plan:
         return sorted(self.jobs + self.done, key=lambda job: job.rel.parts)
 
 
-def make_plan(source: Storage, output: Storage, listing: Listing, formats: tuple[str, ...], overwrite: bool) -> Plan:
-    """Jobs for the photos of ``listing`` in ``source`` (a folder or a bucket) writing ``formats`` into ``output``."""
+def make_plan(
+    source: Storage,
+    output: Storage,
+    listing: Listing,
+    formats: tuple[str, ...],
+    overwrite: bool,
+    finished: Collection[str] = (),
+) -> Plan:
+    """Jobs for the photos of ``listing`` in ``source`` (a folder or a bucket) writing ``formats`` into ``output``.
+
+    ``finished``: the photos (``Job.name``) an earlier run segmented into ``output`` (confidence.csv): in a conflict
+    such a photo keeps its outputs, and only the newcomers are refused.
+    """
     candidates = [Job(source.locate(rel), rel, output_paths(PurePosixPath(), rel, formats)) for rel in listing.images]
-    refusals = find_conflicts(candidates, output) | long_names(candidates, output)
+    refusals = find_conflicts(candidates, output, () if overwrite else finished) | long_names(candidates, output)
     refused = [(Job(name, PurePosixPath(name), {}), reason) for name, reason in listing.skipped]
     refused += [(job, refusals[job.rel]) for job in candidates if job.rel in refusals]
     candidates = [job for job in candidates if job.rel not in refusals]
@@ -68,18 +80,30 @@ def make_plan(source: Storage, output: Storage, listing: Listing, formats: tuple
     return Plan(todo, done, refused)
 
 
-def find_conflicts(candidates: list[Job], output: Storage) -> dict[PurePosixPath, str]:
-    """rel -> reason for the inputs that would write one output file between them (neither is segmented)."""
+def find_conflicts(candidates: list[Job], output: Storage, finished: Collection[str]) -> dict[PurePosixPath, str]:
+    """rel -> reason for the inputs that would write one output file between them: none is segmented, unless one of
+    them was finished by an earlier run (``finished``): that one keeps its outputs."""
     writers: dict[PurePosixPath, list[Job]] = defaultdict(list)
     for job in candidates:
         for path in job.outputs.values():
             writers[path].append(job)
     clashing: dict[PurePosixPath, str] = {}
     for path, jobs in writers.items():
-        if len(jobs) > 1:
-            names = " and ".join(job.name for job in jobs)
+        if len(jobs) < 2:
+            continue
+        owners = [job for job in jobs if job.name in finished]
+        if len(owners) == 1:
             for job in jobs:
-                clashing.setdefault(job.rel, f"conflict: {names} would both write {output.locate(path)}; rename one of them")
+                if job is not owners[0]:
+                    clashing.setdefault(
+                        job.rel,
+                        f"conflict: it would overwrite {output.locate(path)}, written for {owners[0].name} by an earlier "
+                        "run; rename it",
+                    )
+            continue
+        names = " and ".join(job.name for job in jobs)
+        for job in jobs:
+            clashing.setdefault(job.rel, f"conflict: {names} would both write {output.locate(path)}; rename one of them")
     return clashing
 
 

@@ -30,7 +30,7 @@ from batch.inference.segmenter import InferenceError
 from batch.runs.config import ClusterConfig, RunConfig, SegmentError
 from batch.runs.lock import output_folder
 from batch.runs.manifest import MadeBy, append_history, check_and_record, finish_overwrite
-from batch.runs.outputs import Results, write_confidence, write_report, write_submission
+from batch.runs.outputs import Results, read_confidence, write_confidence, write_report, write_submission
 from batch.runs.plan import Job, Plan, make_plan
 from batch.runs.report import REPORT_NAME, Report, summarize_confidence
 from batch.runs.storage import Listing, LocalFolder, Storage, StorageError, open_location
@@ -88,7 +88,7 @@ def run(config: RunConfig, engine: str | Engine = "local", cluster: ClusterConfi
     try:
         with runner.open(), output_folder(output):
             with clock("discover"):
-                plan = make_plan(source, output, inputs, config.formats, config.overwrite)
+                plan = make_plan(source, output, inputs, config.formats, config.overwrite, read_confidence(output).keys())
             log.info("%d photos: %d to segment, %d already done, %d refused; %s", plan.size, len(plan.jobs),
                      len(plan.done), len(plan.refused), runner.summary())  # fmt: skip
             output.clean()
