@@ -139,7 +139,8 @@ def crashes_on(name: str) -> type:
 def test_a_photo_that_kills_its_worker_is_failed_and_the_rest_is_done(photos: Path, tmp_path: Path, tiny_onnx: Path,
                                                                       ray_cluster):  # fmt: skip
     from batch.runs.config import ClusterConfig, RunConfig
-    from batch.runs.ray_engine import CRASHED, RayEngine
+    from batch.runs.journal import CRASHED
+    from batch.runs.ray_engine import RayEngine
     from batch.runs.run import run
 
     poison = "day2/car05.jpg"
@@ -150,26 +151,6 @@ def test_a_photo_that_kills_its_worker_is_failed_and_the_rest_is_done(photos: Pa
     assert {failure["path"]: failure["reason"] for failure in report.failed}[str(photos / poison)] == CRASHED
     assert len(report.failed) == len(BAD) + 1
     assert len(list((tmp_path / "masks").rglob("*.png"))) == PHOTOS - 1
-
-
-def test_the_crash_journal_suspects_a_call_then_names_its_photo(tmp_path: Path):
-    from batch.runs.ray_engine import CrashJournal
-
-    path = tmp_path / "actor.json"
-    journal = CrashJournal(path)
-    with journal.running(["a.jpg", "b.jpg"], one_by_one=False):
-        assert path.exists()
-    assert not path.exists()  # a call that finished leaves nothing behind
-
-    journal.write({"in_flight": ["a.jpg", "b.jpg"], "one_by_one": False})  # what running() leaves when the process dies
-    restarted = CrashJournal(path)
-    assert restarted.suspected(["b.jpg", "c.jpg"]) and not restarted.poisoned
-    restarted.write({"in_flight": ["b.jpg"], "one_by_one": True})  # and dies again with b.jpg alone
-    again = CrashJournal(path)
-    assert again.poisoned == {"b.jpg"} and again.suspected(["a.jpg"])
-
-    path.write_text('{"in_flight": ["a.j')  # cut short: a fresh start
-    assert not CrashJournal(path).suspects
 
 
 def test_s3_to_s3_gives_the_local_engines_masks(photos: Path, tmp_path: Path, tiny_onnx: Path, s3_bucket: str, ray_cluster):

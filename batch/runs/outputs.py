@@ -58,9 +58,10 @@ class Results:
             self.failed.append((job, reason))
 
 
-def write_all(items: list[Item], segmenter: Segmenter, output: Storage, results: Results, progress: bool) -> None:
+def write_all(items: list[Item], segmenter: Segmenter, output: Storage, results: Results, bar: tqdm | None = None) -> None:
     """Stream ``items`` (each tagged with its Job) through the Segmenter (decode thread, inference here)
-    into the writer pool, which writes their outputs to ``output``. The Ray engine's actors run this too."""
+    into the writer pool, which writes their outputs to ``output``; ``bar`` counts them. The Ray engine's actors run
+    this too."""
     if not items:
         return
     pending_writes = threading.BoundedSemaphore(2 * segmenter.batch_size)
@@ -73,11 +74,11 @@ def write_all(items: list[Item], segmenter: Segmenter, output: Storage, results:
         else:
             log.debug("writing %s failed", job.source, exc_info=error)
             results.fail(job, _reason_of(job, error))
-        bar.update(1)
+        if bar is not None:
+            bar.update(1)
 
     # Leaving the block (also on Ctrl-C) stops decoding first, then lets the writers finish what was predicted (few, bounded).
     with (
-        tqdm(total=len(items), unit="img", desc="segment", disable=not progress, dynamic_ncols=True) as bar,
         ThreadPoolExecutor(segmenter.workers, thread_name_prefix="write") as writers,
         closing(segmenter.stream(items)) as stream,
     ):
@@ -85,7 +86,8 @@ def write_all(items: list[Item], segmenter: Segmenter, output: Storage, results:
             job = item.tag
             if isinstance(result, Failure):
                 results.fail(job, result.reason)
-                bar.update(1)
+                if bar is not None:
+                    bar.update(1)
                 continue
             pending_writes.acquire()
             future = writers.submit(_write_outputs, item, result, output, segmenter.clock)

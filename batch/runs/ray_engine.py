@@ -17,7 +17,7 @@ outputs are the same files with the same bytes. Bad photos come back as failures
 run. An actor that dies is restarted by Ray and its batch retried (Ray Data's actor fault tolerance,
 on by default); outputs are written atomically under names fixed by the photo, so a retried batch
 rewrites the same files and every photo is counted once. A photo that kills its worker process
-(a decoder's crash, the kernel's out-of-memory killer) is found by the actor's :class:`CrashJournal`
+(a decoder's crash, the kernel's out-of-memory killer) is found by the actor's crash journal (batch.runs.journal)
 and failed, so it costs one restart or two, not an endless retry loop.
 
 This is the only module of the package that imports ray.
@@ -54,6 +54,7 @@ from batch.inference.decode import Item, ReadLimits, read_file
 from batch.inference.model import read_contract
 from batch.inference.segmenter import Segmenter
 from batch.runs.config import ClusterConfig, RunConfig, SegmentError
+from batch.runs.journal import CRASHED, CrashJournal
 from batch.runs.outputs import Results, write_all
 from batch.runs.plan import Job
 from batch.runs.storage import Storage
@@ -288,69 +289,6 @@ def _read_photos(batch: dict[str, np.ndarray], source: Storage, limits: ReadLimi
     return {"job": batch["job"], "data": data, "error": errors}
 
 
-CRASHED = (
-    "killed its worker process (a decoder crash or out of memory) while being segmented alone; it was skipped so "
-    "the run could go on. Check the file (open it, or re-encode it as a plain JPEG) and run again to retry it"
-)
-
-
-class CrashJournal:
-    """What an actor is segmenting, kept on its node's disk, so that the actor Ray restarts after a crash knows.
-
-    A photo that kills its worker process would otherwise be retried without end: Ray restarts the
-    actor and gives it the same call again. Before each call the actor writes the call's photos here
-    (``in_flight``); the restarted actor, which has the same actor id, reads them back as suspects.
-    A call with suspects is segmented one photo at a time, each written here first, so a second crash
-    names the photo: it is ``poisoned``, failed with :data:`CRASHED`, and the call's other photos are
-    done. A node that is lost takes its journal with it; Ray then retries the call as before.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        state = self.read()
-        self.suspects: set[str] = set(state.get("suspects", ()))
-        self.poisoned: set[str] = set(state.get("poisoned", ()))
-        in_flight = state.get("in_flight", [])
-        if state.get("one_by_one") and len(in_flight) == 1:
-            self.poisoned.update(in_flight)  # died twice: with its call, then alone
-        else:
-            self.suspects.update(in_flight)
-
-    def read(self) -> dict:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}  # a first start, or a journal cut short by the crash itself: nothing to go on
-
-    def suspected(self, rels: list[str]) -> bool:
-        """Whether a call of these photos killed this actor before: then do them one at a time."""
-        return not self.suspects.isdisjoint(rels)
-
-    @contextlib.contextmanager
-    def running(self, rels: list[str], one_by_one: bool) -> Iterator[None]:
-        """Record ``rels`` as in flight while the block runs; a process that dies inside leaves them recorded."""
-        self.write({"in_flight": rels, "one_by_one": one_by_one})
-        try:
-            yield
-        finally:
-            if self.suspects or self.poisoned:
-                self.write({"in_flight": [], "one_by_one": False})
-            else:
-                self.path.unlink(missing_ok=True)  # nothing to remember: no file left behind on the node
-
-    def write(self, state: dict) -> None:
-        state |= {"suspects": sorted(self.suspects), "poisoned": sorted(self.poisoned)}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(state))
-        os.replace(temporary, self.path)  # whole or not at all, even if the process dies mid-write
-
-
-def _journal_path(actor_id: str) -> Path:
-    """The journal of one actor (the id survives restarts), in its node's temporary folder."""
-    return Path(tempfile.gettempdir()) / "unet-batch-ray" / f"{actor_id}.json"
-
-
 class SegmentWorker:
     """An inference actor: one Segmenter, loaded once, feeding the local engine's writers (:func:`batch.runs.outputs.write_all`).
 
@@ -370,7 +308,7 @@ class SegmentWorker:
         self.output = output
         actor_id = ray.get_runtime_context().get_actor_id()
         self.name = f"{ray.util.get_node_ip_address()}/{actor_id[:8]}"
-        self.journal = CrashJournal(_journal_path(actor_id))
+        self.journal = CrashJournal(output, actor_id)  # in OUTPUT_DIR: an actor restarted on another node finds it
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         jobs = [pickle.loads(job) for job in batch["job"]]
@@ -379,11 +317,11 @@ class SegmentWorker:
         for job, data, error in zip(jobs, batch["data"], batch["error"]):
             if error:
                 results.fail(job, str(error))
-            elif job.rel.as_posix() in self.journal.poisoned:
+            elif job.name in self.journal.poisoned:
                 results.fail(job, CRASHED)
             else:
                 items.append(Item(job.source, data=bytes(data), tag=job))
-        rels = [item.tag.rel.as_posix() for item in items]
+        rels = [item.tag.name for item in items]
         if self.journal.suspected(rels):  # this call killed the actor before: one photo at a time finds the culprit
             for item, rel in zip(items, rels):
                 with self.journal.running([rel], one_by_one=True):
@@ -404,7 +342,7 @@ class SegmentWorker:
 
     def segment(self, items: list[Item], results: Results) -> None:
         """The local engine's decode -> infer -> write for these photos (tests override it to crash)."""
-        write_all(items, self.segmenter, self.output, results, progress=False)
+        write_all(items, self.segmenter, self.output, results)
 
 
 class Tally:

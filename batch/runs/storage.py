@@ -139,6 +139,10 @@ class Storage(ABC):
         """Write the whole file atomically: ``rel`` holds its old content or ``data``, never a part."""
 
     @abstractmethod
+    def remove(self, rel: PurePosixPath) -> None:
+        """Delete the file ``rel`` if it exists (the runs' own records, never an output)."""
+
+    @abstractmethod
     def existing(self, rels: Iterable[PurePosixPath]) -> set[PurePosixPath]:
         """Those of ``rels`` that exist (a resumed run skips them)."""
 
@@ -200,6 +204,9 @@ class LocalFolder(Storage):
         except FileNotFoundError:  # the first file of its folder
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, data)
+
+    def remove(self, rel: PurePosixPath) -> None:
+        self.path(rel).unlink(missing_ok=True)
 
     def existing(self, rels: Iterable[PurePosixPath]) -> set[PurePosixPath]:
         return {rel for rel in rels if self.path(rel).exists()}
@@ -316,6 +323,10 @@ class ObjectStore(Storage):
     def write(self, rel: PurePosixPath, data: bytes) -> None:
         with as_os_error(self.locate(rel), "write"):
             self.fs.pipe_file(self.key(rel), data)  # one PUT: the object appears whole or not at all
+
+    def remove(self, rel: PurePosixPath) -> None:
+        with as_os_error(self.locate(rel), "delete"), contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.key(rel))
 
     def existing(self, rels: Iterable[PurePosixPath]) -> set[PurePosixPath]:
         wanted = set(rels)
