@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -60,10 +61,17 @@ def files_under(root: Path) -> dict[str, bytes]:
     }
 
 
+def temporary_files() -> set[str]:
+    """What the temporary folder holds, but for pytest's folders and Ray's session folder (the test cluster's)."""
+    return {name for name in os.listdir(tempfile.gettempdir()) if not name.startswith(("pytest-", "ray"))}
+
+
 def test_ray_engine_writes_what_the_local_engine_writes(photos: Path, tmp_path: Path, tiny_onnx: Path, ray_cluster):
     options = ["--model", tiny_onnx, "--format", "png", "--format", "rle", "--batch-size", "2"]
+    before = temporary_files()
     local = segment(photos, tmp_path / "local", *options)
     on_ray = segment(photos, tmp_path / "ray", *options, "--engine", "ray", "--workers", "2")
+    assert temporary_files() <= before  # no model copy, no crash journal left in /tmp by the actors
 
     assert local.exit_code == on_ray.exit_code == 1, on_ray.output  # the bad files fail, the rest is done
     outputs = files_under(tmp_path / "local")

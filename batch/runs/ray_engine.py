@@ -289,6 +289,17 @@ def _read_photos(batch: dict[str, np.ndarray], source: Storage, limits: ReadLimi
     return {"job": batch["job"], "data": data, "error": errors}
 
 
+def _open_segmenter(config: SegmenterConfig, model: bytes | None) -> Segmenter:
+    """The actor's Segmenter; the driver's model file is written to a temporary file only while it loads (ONNX Runtime
+    keeps the model in memory), so that an actor killed at the end of a run leaves no file behind."""
+    if model is None:
+        return Segmenter.from_config(config)
+    with tempfile.TemporaryDirectory(prefix="unet-batch-model-") as folder:
+        path = Path(folder, "model.onnx")
+        path.write_bytes(model)
+        return Segmenter.from_config(replace(config, model=path))
+
+
 class SegmentWorker:
     """An inference actor: one Segmenter, loaded once, feeding the local engine's writers (:func:`batch.runs.outputs.write_all`).
 
@@ -298,13 +309,7 @@ class SegmentWorker:
     """
 
     def __init__(self, config: SegmenterConfig, output: Storage, model: bytes | None):
-        self.model_file = None
-        if model is not None:
-            self.model_file = tempfile.NamedTemporaryFile(suffix=".onnx")  # noqa: SIM115  (held while the actor lives)
-            self.model_file.write(model)
-            self.model_file.flush()
-            config = replace(config, model=Path(self.model_file.name))
-        self.segmenter = Segmenter.from_config(config)
+        self.segmenter = _open_segmenter(config, model)
         self.output = output
         actor_id = ray.get_runtime_context().get_actor_id()
         self.name = f"{ray.util.get_node_ip_address()}/{actor_id[:8]}"
