@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+from test_rle import HOSTILE, make_hostile, png_claiming, unblock_later
 
 from batch.cli import main
 from batch.core.masks import rle_encode
 from batch.evaluation import EvaluationError, evaluate
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def save_png(path: Path, mask: np.ndarray) -> None:
@@ -195,3 +202,236 @@ def test_png_and_gif_of_the_same_photos_score_the_png(folders):
     save_kaggle_gif(pred / "elsewhere" / "car_03.gif", np.zeros((20, 30), bool))  # another folder: still ambiguous
     with pytest.raises(EvaluationError, match="both have the name 'car_03'"):
         evaluate(pred, truth)
+
+
+# -- hostile input (issue 23): a bad file or row costs its own row, never a traceback, a hang or a write elsewhere --
+
+
+def evaluate_in_child(*args: str | Path) -> subprocess.CompletedProcess:
+    """The command in its own interpreter with a time limit: code that waits on a FIFO fails the test, never hangs it."""
+    command = [sys.executable, "-m", "batch.cli", "evaluate", *map(str, args)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in done.stderr, done.stderr
+    return done
+
+
+def invoke(*args: str | Path) -> tuple[int, str]:
+    """The command in this process; its exit status and output, after checking that it ended without a traceback."""
+    result = CliRunner().invoke(main, ["evaluate", *map(str, args)])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    return result.exit_code, result.output
+
+
+def rows_of(csv_path: Path) -> dict[str, dict[str, str]]:
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        return {row["name"]: row for row in csv.DictReader(f)}
+
+
+CAR = block((20, 30), slice(0, 10), slice(0, 10))
+
+
+def test_hostile_truth_and_prediction_files_cost_only_their_own_row(tmp_path: Path):
+    """FIFOs, devices, dangling links, folders, truncated files, decompression bombs in a mask's place: each an error
+    row saying what to do, read without blocking, the rest scored; exit 1."""
+    pred, truth = tmp_path / "pred", tmp_path / "truth"
+    save_png(pred / "car_01.png", CAR)
+    save_kaggle_gif(truth / "car_01_mask.gif", CAR)
+    for kind in HOSTILE:
+        name = kind.replace(" ", "_")
+        save_png(pred / f"{name}.png", CAR)
+        make_hostile(kind, truth / f"{name}.png")
+    os.mkfifo(pred / "pred_fifo.png")  # and a prediction that is a FIFO
+    save_kaggle_gif(truth / "pred_fifo_mask.gif", CAR)
+    save_kaggle_gif(truth / "small.gif", CAR)  # and a prediction of another size
+    save_png(pred / "small.png", CAR[:10])
+    done = evaluate_in_child(pred, truth)
+    assert done.returncode == 1, done.stderr
+    rows = rows_of(pred / "evaluation.csv")
+    assert rows["car_01"]["dice"] == "1.000000" and "over 1 images" in done.stdout
+    expected = {kind.replace(" ", "_"): reason for kind, reason in HOSTILE.items() if kind != "folder"}
+    expected["folder.png"] = "is a folder named like an image file; rename it (its files are read)"  # listed, not read
+    for name, reason in expected.items():
+        assert reason in rows[name]["error"], (name, rows[name])
+    assert "FIFO (named pipe), not a file" in rows["pred_fifo"]["error"]
+    assert "prediction is 30x10, truth is 30x20" in rows["small"]["error"]
+
+
+def test_submission_rows_are_untrusted(tmp_path: Path):
+    """Rows naming paths outside any folder, control characters, no name, one photo twice, numbers past int64,
+    missing fields or bytes that are not UTF-8: each row an error row saying what to do; the good rows scored."""
+    pred, truth = tmp_path / "pred", tmp_path / "truth"
+    for i in range(1, 9):
+        save_kaggle_gif(truth / f"car_0{i}_mask.gif", CAR)
+    good = rle_encode(CAR)
+    lines = [
+        "img,rle_mask",
+        f"car_01.jpg,{good}",
+        f"../../etc/car_02.jpg,{good}",
+        f"/abs/car_03.jpg,{good}",
+        f'"car\n_04.jpg",{good}',
+        f",{good}",
+        f"car_05.jpg,{good}",
+        f"sub/car_05.jpg,{good}",
+        "car_06.jpg,1 99999999999999999999",
+        "car_07.jpg",
+    ]
+    pred.mkdir()
+    data = "\ufeff" + "\n".join(lines) + "\n"  # a byte-order mark before the header, as Excel writes
+    (pred / "submission.csv").write_bytes(data.encode("utf-8") + b"car_\xff08.jpg," + good.encode() + b"\n")
+    code, output = invoke(pred, truth)
+    assert code == 1, output
+    rows = rows_of(pred / "evaluation.csv")
+    assert rows["car_01"]["dice"] == "1.000000"
+    errors = {name: row["error"] for name, row in rows.items() if row["error"]}
+    assert "'..' part" in errors["submission.csv line 3"] and "fix or remove the row" in errors["submission.csv line 3"]
+    assert "empty part" in errors["submission.csv line 4"]
+    assert "control character" in errors["submission.csv line 5"]
+    assert "empty part" in errors["submission.csv line 7"]
+    assert "2 rows name it (lines 8, 9): keep one" in errors["car_05"]
+    assert "more than 18 digits" in errors["car_06"]
+    assert "has 1 fields" in errors["submission.csv line 11"]
+    assert "not valid UTF-8" in errors["submission.csv line 12"]
+    assert len(errors) == 8 and "over 1 images" in output
+    assert not (tmp_path.parent / "etc").exists()
+
+
+def test_a_submission_row_longer_than_the_csv_modules_limit_is_read(tmp_path: Path):
+    """What `segment --format rle` writes for a tall photo: one field of more than 128 KiB."""
+    pred, truth = tmp_path / "pred", tmp_path / "truth"
+    stripes = np.zeros((40_000, 1), bool)
+    stripes[::2] = True  # 20,000 runs: a field of ~240 KB
+    save_png(truth / "tall.png", stripes)
+    pred.mkdir()
+    (pred / "submission.csv").write_text(f"img,rle_mask\ntall.jpg,{rle_encode(stripes)}\n")
+    assert len(rle_encode(stripes)) > csv.field_size_limit()
+    assert evaluate(pred, truth).mean_dice == 1.0
+
+
+def test_a_submission_csv_that_is_not_a_file_is_refused_without_blocking(tmp_path: Path):
+    pred, truth = tmp_path / "pred", tmp_path / "truth"
+    save_kaggle_gif(truth / "car_01_mask.gif", CAR)
+    pred.mkdir()
+    os.mkfifo(pred / "submission.csv")
+    unblock_later(pred / "submission.csv", 5)
+    started = time.monotonic()
+    with pytest.raises(EvaluationError, match=r"submission.csv is a FIFO \(named pipe\), not a file"):
+        evaluate(pred, truth)
+    assert time.monotonic() - started < 4
+
+
+def test_a_read_only_prediction_folder_is_refused_before_the_work(folders, monkeypatch):
+    """The default CSV goes into PRED_DIR: a folder that cannot take it is refused with the fix, before scoring."""
+    pred, truth = folders
+    real_access = os.access
+
+    def access(path, mode, *args, **kwargs):  # as root, a chmod does not stop writing: answer as a read-only mount does
+        return False if Path(path) == pred and mode & os.W_OK else real_access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    code, output = invoke(pred, truth)
+    assert code == 2 and "cannot write" in output and "--csv" in output, output
+    assert "mean Dice" not in output and not (pred / "evaluation.csv").exists()
+
+
+def test_a_csv_that_cannot_be_written_at_the_end_keeps_the_scores_on_screen(folders, monkeypatch):
+    import batch.evaluation as evaluation
+
+    pred, truth = folders
+
+    def read_only(path, data, durable=False):
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(evaluation, "write_atomic", read_only)
+    code, output = invoke(pred, truth)
+    assert code == 1 and "mean Dice 0.50000" in output and "Read-only file system" in output and "--csv" in output, output
+
+
+def test_csv_never_overwrites_a_file_that_is_not_an_earlier_evaluation(folders, tmp_path: Path):
+    pred, truth = folders
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (30, 20)).save(photos / "car_01.jpg")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "submission.csv").write_text("img,rle_mask\n")
+    os.mkfifo(tmp_path / "fifo.csv")
+    targets = [pred / "car_01.png", tmp_path / "other" / "submission.csv", photos / "car_01.jpg", tmp_path / "fifo.csv"]
+    before = {path: path.read_bytes() for path in targets[:3]}
+    for target in targets:
+        code, output = invoke(pred, truth, "--csv", target)
+        assert code == 2 and "--csv" in output and "not an evaluation CSV" in output, output
+    assert {path: path.read_bytes() for path in targets[:3]} == before
+    for _ in range(2):  # an earlier evaluation is replaced
+        assert invoke(pred, truth)[0] == 0
+
+
+def test_error_pictures_are_never_written_outside_pred_dir(folders, tmp_path: Path):
+    pred, truth = folders
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("car_01", "car_02", "car_03"):
+        Image.new("RGB", (30, 20)).save(photos / f"{name}.jpg")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (pred / "errors").symlink_to(elsewhere)
+    code, output = invoke(pred, truth, "--photos", photos)
+    assert code == 2 and "errors" in output and "link" in output, output
+    assert list(elsewhere.iterdir()) == []
+    (pred / "errors").unlink()
+    (pred / "errors").write_text("a file")
+    code, output = invoke(pred, truth, "--photos", photos)
+    assert code == 2 and "is not a folder" in output, output
+
+
+def test_hostile_photos_cost_only_their_own_picture(tmp_path: Path):
+    """A FIFO, a decompression bomb, a photo of another size under --photos: those pictures are listed, the others drawn."""
+    pred, truth, photos = tmp_path / "pred", tmp_path / "truth", tmp_path / "photos"
+    photos.mkdir()
+    for name, dice_of in (("good", 9), ("fifo", 8), ("bomb", 7), ("small", 6)):
+        save_kaggle_gif(truth / f"{name}_mask.gif", CAR)
+        save_png(pred / f"{name}.png", block((20, 30), slice(0, 10), slice(0, dice_of)))
+    Image.new("RGB", (30, 20)).save(photos / "good.jpg")
+    os.mkfifo(photos / "fifo.jpg")
+    (photos / "bomb.png").write_bytes(png_claiming(100_000, 100_000))
+    Image.new("RGB", (15, 10)).save(photos / "small.jpg")
+    done = evaluate_in_child(pred, truth, "--photos", photos, "--worst", "4")
+    assert done.returncode == 1, done.stderr
+    assert [p.name.split("_dice")[0] for p in sorted((pred / "errors").iterdir())] == ["04_good"]
+    assert "FIFO" in done.stderr and "too large" in done.stderr and "photo" in done.stderr
+    assert "is 15x10, its mask 30x20" in done.stderr
+    assert rows_of(pred / "evaluation.csv")["good"]["dice"]  # the scores were written first
+
+
+def test_names_that_are_not_text_are_written_escaped(tmp_path: Path):
+    """File names with bytes that are not UTF-8, newlines or 240 bytes: scored, written to the CSV escaped, their error
+    pictures named within the 255 bytes a file name may have."""
+    pred, truth, photos = tmp_path / "pred", tmp_path / "truth", tmp_path / "photos"
+    photos.mkdir()
+    names = [os.fsdecode(b"car_\xff"), "car\n_nl", "c" * 240]
+    for name in names:
+        save_kaggle_gif(truth / f"{name}.gif", CAR)
+        save_png(pred / f"{name}.png", block((20, 30), slice(0, 10), slice(0, 5)))
+        Image.new("RGB", (30, 20)).save(photos / f"{name}.jpg")
+    code, output = invoke(pred, truth, "--photos", photos, "--worst", "3")
+    assert code == 0, output
+    assert set(rows_of(pred / "evaluation.csv")) == {"car_\\xff", "car\\x0a_nl", "c" * 240}
+    pictures = sorted(p.name for p in (pred / "errors").iterdir())
+    assert len(pictures) == 3 and all(len(os.fsencode(p)) <= 255 and "\n" not in p for p in pictures)
+
+
+def test_folders_that_cannot_be_listed_and_folders_named_like_masks_are_reported(folders, monkeypatch):
+    pred, truth = folders
+    (truth / "locked").mkdir()
+    (pred / "folder.png").mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # as root, chmod 000 does not stop listing: refuse the way the kernel would
+        if Path(path) == truth / "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    evaluation = evaluate(pred, truth)
+    errors = {row.name: row.error for row in evaluation.errors}
+    assert "cannot list this folder: Permission denied; check its permissions" in errors["locked"]
+    assert "is a folder named like an image file" in errors["folder.png"]
+    assert evaluation.mean_dice == pytest.approx(0.5)

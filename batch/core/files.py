@@ -7,6 +7,7 @@ Leftover temporaries of a killed run are removed by :func:`remove_stale_temporar
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -96,6 +97,33 @@ def read_regular_file(path: str | Path, max_bytes: int) -> bytes:
     if len(data) > max_bytes:  # it grew after the check
         raise FileRefused(f"grew past the {max_bytes / 2**20:.0f} MiB limit while being read")
     return data
+
+
+UNREADABLE_FIXES = {  # errno of a failed open or read -> what to do about it
+    errno.EACCES: "check its permissions (this user must be able to read it)",
+    errno.EPERM: "check its permissions (this user must be able to read it)",
+    errno.ENOENT: "it does not exist, or is a link to nothing: restore it or remove the link",
+    errno.ELOOP: "it is a link in a loop (it points back to itself): replace it by the file",
+    errno.EIO: "the disk or network filesystem failed to read it; check the storage and retry",
+}
+
+
+def why_unreadable(error: OSError) -> str:
+    """What the system said when a file could not be opened or read, and what to do: ``"Permission denied; check
+    its permissions (...)"``. For messages that name the file themselves (the error's own text repeats the path)."""
+    fix = UNREADABLE_FIXES.get(error.errno, "check the file and the storage, then retry")
+    return f"{error.strerror or type(error).__name__}; {fix}"
+
+
+def read_input_file(path: str | Path, max_bytes: int) -> bytes:
+    """:func:`read_regular_file`, with a file that cannot be opened or read refused too: one :class:`FileRefused` whose
+    message (to follow the file's name) says what the file is or what the system said, and what to do."""
+    try:
+        return read_regular_file(path, max_bytes)
+    except FileRefused:
+        raise
+    except OSError as e:
+        raise FileRefused(f"cannot be read ({why_unreadable(e)})") from e
 
 
 def file_sha256(path: str | Path) -> str:

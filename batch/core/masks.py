@@ -1,38 +1,91 @@
 """Binary masks without torch: reading, Kaggle run-length encoding, Dice and IoU.
 
-Shared by the trainer (``unet/``) and the batch runner, which must run without torch.
+Shared by the trainer (``unet/``) and the batch runner, which must run without torch. A mask file
+and a run-length encoding come from outside (a user's folder, a submission CSV): both are checked
+before any work is sized by them, so that a bad one costs one clear :class:`MaskError`, never a
+hang, a traceback or the memory of a decompression bomb.
 """
 
 from __future__ import annotations
 
+import io
+import re
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from batch.core.errors import CarvanaError
+from batch.core.files import FileRefused, read_input_file
+from batch.core.images import DECODE_ERRORS, pillow_message
+
+MASK_FORMATS = ("PNG", "GIF", "JPEG")
+MAX_MASK_BYTES = 512 * 2**20  # an 89-megapixel 8-bit mask stored raw is 90 MB: a bigger file is not a mask
+MAX_RLE_DIGITS = 18  # no mask has 10**18 pixels; numbers this short also add up inside int64
+BYTES_LITERAL = re.compile(r"\bb'(?:[^'\\]|\\.)*'" + r'|\bb"(?:[^"\\]|\\.)*"')  # how Pillow quotes a file's bytes (b'\xf2j')
+RLE_FIX = "encode the mask again (`unet-batch segment --format rle` writes Kaggle's encoding)"
 
 
 class MaskError(CarvanaError):
-    """A mask file that cannot be read; the message names the file."""
+    """A mask file or run-length encoding that cannot be read; the message names the file and the fix."""
 
 
-def read_mask(path: str | Path) -> np.ndarray:
+def read_mask(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     """Read a mask file (PNG, GIF or JPEG) as a (H, W) bool array: any non-zero value is car.
 
-    Palette images (Kaggle's GIFs) are read by palette index, not by colour.
+    Palette images (Kaggle's GIFs) are read by palette index, not by colour. Only a regular file
+    (a FIFO or device in a mask's place is refused, never waited on) of at most ``MAX_MASK_BYTES``
+    is read, and only a header of at most ``max_pixels`` (default: Pillow's decompression-bomb
+    limit) is decoded: a hostile file is refused before it costs time or memory.
     """
+    data = read_mask_file(path)
+    limit = max_pixels or Image.MAX_IMAGE_PIXELS
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data), formats=MASK_FORMATS) as im:
+            check_mask_size(im.width, im.height, limit, path)
             im.load()
             if im.mode not in ("1", "L", "P", "I", "I;16", "F"):
                 im = im.convert("L")
             values = np.asarray(im)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise MaskError(f"cannot read mask {path}: {e}. Re-export it as an 8-bit PNG or GIF.") from e
+    except Image.DecompressionBombError as e:  # Pillow's own refusal, at twice its limit, before our check
+        raise MaskError(f"mask {path} is too large to decode safely ({pillow_message(e)}): {TOO_LARGE_FIX}") from e
+    except DECODE_ERRORS as e:
+        raise MaskError(
+            f"cannot read mask {path}: not a PNG, GIF or JPEG image that decodes ({decode_message(e)}); "
+            "re-export it as an 8-bit PNG or GIF"
+        ) from e
+    except MemoryError as e:
+        raise MaskError(f"cannot read mask {path}: not enough memory to decode it; free memory or remove the file") from e
     if values.ndim != 2:
-        raise MaskError(f"mask {path} has shape {values.shape}; expected one channel")
+        raise MaskError(f"mask {path} has shape {values.shape}; re-export it with one channel")
     return values != 0
+
+
+TOO_LARGE_FIX = "a mask is the size of its photo; re-export it at that size"
+
+
+def decode_message(error: BaseException) -> str:
+    """Pillow's message without the bytes of the file it sometimes quotes (a mask's place may hold a secret)."""
+    return BYTES_LITERAL.sub("<bytes>", pillow_message(error))
+
+
+def read_mask_file(path: str | Path) -> bytes:
+    """The bytes of a mask file: a regular file of at most ``MAX_MASK_BYTES``, read without blocking."""
+    try:
+        return read_input_file(path, MAX_MASK_BYTES)
+    except FileRefused as e:
+        raise MaskError(f"mask {path} {e}: replace it by the mask file or remove it") from e
+
+
+def check_mask_size(width: int, height: int, limit: int, path: str | Path) -> None:
+    """A :class:`MaskError` for a header giving an empty image or more than ``limit`` pixels (before decoding)."""
+    if width < 1 or height < 1:
+        raise MaskError(f"mask {path} has an empty {width}x{height} header; re-export it as an 8-bit PNG or GIF")
+    if width * height > limit:
+        raise MaskError(
+            f"mask {path} is {width}x{height} ({width * height / 1e6:.0f} megapixels): too large to decode safely, more "
+            f"than the {limit / 1e6:.0f} MP limit; {TOO_LARGE_FIX}"
+        )
 
 
 def rle_encode(mask: np.ndarray) -> str:
@@ -45,18 +98,37 @@ def rle_encode(mask: np.ndarray) -> str:
 
 
 def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
-    """Inverse of :func:`rle_encode`: a (H, W) bool mask."""
+    """Inverse of :func:`rle_encode`: a (H, W) bool mask; a :class:`MaskError` for anything else.
+
+    The text comes from a CSV anyone may have written: it is checked to be ASCII decimal ``start
+    length`` pairs (no signs, no Unicode digits, numbers that fit int64), no more runs than pixels,
+    every run inside the mask, before a mask is made from it.
+    """
     height, width = shape
-    numbers = np.array(rle.split(), dtype=np.int64)
-    if numbers.size % 2:
-        raise ValueError("run-length encoding must have an even count of numbers (start length pairs)")
+    pixels = height * width
+    numbers = rle_numbers(rle, pixels)
     starts, lengths = numbers[::2] - 1, numbers[1::2]
-    if numbers.size and (starts.min() < 0 or (starts + lengths).max() > height * width):
-        raise ValueError(f"run-length encoding runs outside a {height}x{width} mask")
-    flat = np.zeros(height * width, dtype=bool)
+    if numbers.size and (starts.min() < 0 or (starts + lengths).max() > pixels):
+        raise MaskError(f"run-length encoding runs outside a {height}x{width} mask (starts count from 1); {RLE_FIX}")
+    flat = np.zeros(pixels, dtype=bool)
     for start, length in zip(starts, lengths):
         flat[start : start + length] = True
     return flat.reshape(height, width)
+
+
+def rle_numbers(rle: str, pixels: int) -> np.ndarray:
+    """The numbers of a run-length encoding as int64, each checked to be ASCII decimal of at most 18 digits."""
+    tokens = rle.split()
+    if len(tokens) % 2:
+        raise MaskError(f"run-length encoding must have an even count of numbers (start length pairs); {RLE_FIX}")
+    if len(tokens) > 2 * pixels:
+        raise MaskError(f"run-length encoding has {len(tokens) // 2} runs, more runs than the mask has pixels; {RLE_FIX}")
+    digits = "".join(tokens)
+    if not (digits.isascii() and digits.isdigit()) and tokens:
+        raise MaskError(f"run-length encoding must be decimal numbers separated by spaces; {RLE_FIX}")
+    if tokens and max(map(len, tokens)) > MAX_RLE_DIGITS:
+        raise MaskError(f"run-length encoding has a number of more than {MAX_RLE_DIGITS} digits; {RLE_FIX}")
+    return np.array(tokens, dtype=np.int64)
 
 
 def area_fraction(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
