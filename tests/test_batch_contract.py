@@ -46,12 +46,56 @@ def test_metadata_round_trip_keeps_provenance_apart():
             "m.onnx: metadata 'pixel_mean' = 'a,b,c' is malformed",
         ),
         ({"input_height": "32", "input_width": "x"}, "m.onnx: metadata 'input_width' = 'x' is malformed"),
-        ({"input_height": "32", "input_width": "48", "threshold": "2"}, r"m.onnx: threshold must be a probability in \(0, 1\)"),
+        ({"input_height": "32", "input_width": "48", "threshold": "2"}, r"m.onnx: 'threshold' must be a probability in \(0, 1\)"),
     ],
 )
 def test_bad_metadata_names_the_file_and_the_key(meta, message):
     with pytest.raises(ContractError, match=message):
         ModelContract.from_metadata(meta, source="m.onnx")
+
+
+SIZE = {"input_height": "32", "input_width": "48"}
+
+
+@pytest.mark.parametrize(
+    ("meta", "key"),
+    [
+        ({"input_height": "100000", "input_width": "48"}, "'input_height' x 'input_width' = 100000x48 is past"),
+        ({"input_height": "8192", "input_width": "8192"}, "'input_height' x 'input_width' = 8192x8192 is past"),  # 67 MP
+        ({"input_height": "\u0663\u0662", "input_width": "48"}, "'input_height' = '\u0663\u0662' is malformed"),  # Arabic 32
+        ({"input_height": "1_024", "input_width": "48"}, "'input_height' = '1_024' is malformed"),
+        (SIZE | {"pixel_std": "nan,0.2,0.2"}, "'pixel_std' must be three finite numbers"),
+        (SIZE | {"pixel_std": "inf,0.2,0.2"}, "'pixel_std' must be three finite numbers"),
+        (SIZE | {"pixel_std": "1e-30,0.2,0.2"}, r"'pixel_std' \(1e-30, 0.2, 0.2\) must lie in"),  # inf in float16
+        (SIZE | {"pixel_std": "0,0.2,0.2"}, "'pixel_std' .* must lie in"),
+        (SIZE | {"pixel_mean": "nan,0.4,0.4"}, "'pixel_mean' must be three finite numbers"),
+        (SIZE | {"pixel_mean": "1e9,0.4,0.4"}, "'pixel_mean' .* is past"),
+        (SIZE | {"precision": "bf16"}, "'precision' must be fp32, fp16, int8, unknown, not 'bf16'"),
+        (SIZE | {"contract_version": "2"}, "'contract_version' = '2' is not the version this package reads"),
+        (SIZE | {"note": "x" * 100_000}, "'note' has a 4-character key or 100000-character value"),
+        (SIZE | {"input_layout": "N" * 10_000}, "'input_layout' has a 12-character key or 10000-character value"),
+        (SIZE | {f"k{i}": "" for i in range(2000)}, "metadata has 2002 keys, more than 1000"),
+    ],
+)
+def test_absurd_or_hostile_metadata_is_refused_naming_the_file_and_the_key(meta, key):
+    """What a model file says sizes the work: values no exporter writes are refused before anything is made from them."""
+    with pytest.raises(ContractError, match=f"^m.onnx.*{key}") as caught:
+        ModelContract.from_metadata(meta, source="m.onnx")
+    assert "unet-export" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"threshold": "0.5"},  # a string where a number belongs: once a TypeError
+        {"pixel_std": (0.2, 0.2, "x")},
+        {"input_multiple": True},
+        {"input_multiple": 16.0},
+    ],
+)
+def test_values_of_the_wrong_type_are_a_contract_error(options):
+    with pytest.raises(ContractError, match=f"'{next(iter(options))}'"):
+        ModelContract(32, 48, **options)
 
 
 def test_prepare_input_follows_layout_dtype_and_normalization():

@@ -2,11 +2,19 @@
 
 Written by ``unet-export`` (``ModelContract.to_metadata``), read by the batch runner and by any other
 tool (``ModelContract.from_metadata``). All values are strings; see docs/onnx-contract.md.
+
+A model file may come from anywhere, and its metadata sizes the work (input sizes, normalization,
+the threshold): values are checked before anything is sized by them, with bounds no real model comes
+near (8192 pixels a side, 64 megapixels, normalized pixels within float16's range), so that a hostile
+or broken file is a :class:`ContractError` naming the file and the key, never an allocation of
+gigabytes, a NaN mask or a traceback.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Literal
@@ -21,6 +29,20 @@ OutputKind = Literal["logits", "probabilities"]
 CONTRACT_VERSION = "1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB normalization of the ImageNet-style inputs: (pixel / 255 - mean) / std
 IMAGENET_STD = (0.229, 0.224, 0.225)
+LAYOUTS = ("NCHW", "NHWC")
+DTYPES = ("uint8", "float32", "float16")
+OUTPUT_KINDS = ("logits", "probabilities")
+PRECISIONS = ("fp32", "fp16", "int8", "unknown")
+MAX_INPUT_SIDE = 8192  # pixels; the models here take 320x480 to 1280x1920
+MAX_INPUT_PIXELS = 64_000_000
+MAX_MEAN = 10.0  # |mean| and std bound the normalized pixel (x / 255 - mean) / std well inside float16's 65504
+STD_RANGE = (1e-3, 1e3)
+MAX_METADATA_KEYS = 1000
+MAX_KEY_CHARS = 256
+MAX_CONTRACT_VALUE_CHARS = 256  # a number, a name or three numbers
+MAX_PROVENANCE_VALUE_CHARS = 64 * 1024  # model_config JSON and the validation cars' ids are a few KB
+WHOLE_NUMBER = re.compile(r"-?[0-9]+")  # ASCII digits only: int() also takes '٣٢', '+3' and '1_000'
+FIX = "export the model again with `unet-export to-onnx`, or correct the key (docs/onnx-contract.md)"
 
 
 class ContractError(CarvanaError):
@@ -40,26 +62,47 @@ class ModelContract:
     pixel_std: tuple[float, float, float] = IMAGENET_STD
     output_kind: OutputKind = "logits"  # what the (N, 1, H, W) output holds
     threshold: float = 0.5  # probability above which a pixel is car
-    precision: str = "unknown"  # "fp16" or "fp32": the graph's weights and compute
+    precision: str = "unknown"  # "fp16", "fp32" or "int8": the graph's weights and compute
     provenance: dict[str, str] = field(default_factory=dict)  # model_config, val_dice, checkpoint SHA-256, ...
 
     def __post_init__(self) -> None:
-        if self.input_height <= 0 or self.input_width <= 0:
-            raise ContractError(f"input size {self.input_height}x{self.input_width} must be positive")
-        if self.input_multiple <= 0 or self.input_height % self.input_multiple or self.input_width % self.input_multiple:
+        """Every value checked, each message naming its key: the contract may come from a file anyone wrote."""
+        self.check_size()
+        for key, value, allowed in (
+            ("input_layout", self.input_layout, LAYOUTS),
+            ("input_dtype", self.input_dtype, DTYPES),
+            ("output_kind", self.output_kind, OUTPUT_KINDS),
+            ("precision", self.precision, PRECISIONS),
+        ):
+            if value not in allowed:
+                raise ContractError(f"'{key}' must be {', '.join(allowed)}, not {value!r}; {FIX}")
+        self.check_normalization()
+        if not (is_real(self.threshold) and 0 < self.threshold < 1):
+            raise ContractError(f"'threshold' must be a probability in (0, 1), not {self.threshold!r}; {FIX}")
+
+    def check_size(self) -> None:
+        sizes = {"input_height": self.input_height, "input_width": self.input_width, "input_multiple": self.input_multiple}
+        for key, value in sizes.items():
+            if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                raise ContractError(f"'{key}' must be a positive whole number, not {value!r}; {FIX}")
+        height, width, multiple = sizes.values()
+        if max(height, width) > MAX_INPUT_SIDE or height * width > MAX_INPUT_PIXELS:
             raise ContractError(
-                f"input size {self.input_height}x{self.input_width} is not a multiple of input_multiple={self.input_multiple}"
+                f"'input_height' x 'input_width' = {height}x{width} is past the {MAX_INPUT_SIDE} pixels a side and "
+                f"{MAX_INPUT_PIXELS / 1e6:.0f} megapixels a model may ask for; {FIX}"
             )
-        if self.input_layout not in ("NCHW", "NHWC"):
-            raise ContractError(f"input_layout must be NCHW or NHWC, not {self.input_layout!r}")
-        if self.input_dtype not in ("uint8", "float32", "float16"):
-            raise ContractError(f"input_dtype must be uint8, float32 or float16, not {self.input_dtype!r}")
-        if self.output_kind not in ("logits", "probabilities"):
-            raise ContractError(f"output_kind must be logits or probabilities, not {self.output_kind!r}")
-        if not 0 < self.threshold < 1:
-            raise ContractError(f"threshold must be a probability in (0, 1), not {self.threshold}")
-        if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3 or min(self.pixel_std) <= 0:
-            raise ContractError("pixel_mean and pixel_std need three values each, std positive")
+        if height % multiple or width % multiple:
+            raise ContractError(f"input size {height}x{width} is not a multiple of 'input_multiple' = {multiple}; {FIX}")
+
+    def check_normalization(self) -> None:
+        for key, values in (("pixel_mean", self.pixel_mean), ("pixel_std", self.pixel_std)):
+            if not (isinstance(values, tuple) and len(values) == 3 and all(map(is_real, values))):
+                raise ContractError(f"'{key}' must be three finite numbers (R, G, B), not {values!r}; {FIX}")
+        if max(map(abs, self.pixel_mean)) > MAX_MEAN:
+            raise ContractError(f"'pixel_mean' {self.pixel_mean} is past ±{MAX_MEAN:g} (pixels are 0..1); {FIX}")
+        low, high = STD_RANGE
+        if not all(low <= v <= high for v in self.pixel_std):
+            raise ContractError(f"'pixel_std' {self.pixel_std} must lie in [{low:g}, {high:g}] (std positive); {FIX}")
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -88,6 +131,13 @@ class ModelContract:
     def from_metadata(cls, meta: dict[str, str], source: str = "model") -> ModelContract:
         """Parse ``metadata_props``; ``source`` (the file name) goes into every error message."""
 
+        check_metadata_shape(meta, source)
+        version = meta.get("contract_version", CONTRACT_VERSION)
+        if version != CONTRACT_VERSION:
+            raise ContractError(
+                f"{source}: metadata 'contract_version' = {version!r} is not the version this package reads "
+                f"({CONTRACT_VERSION}): upgrade unet-batch, or export the model again with this one's `unet-export to-onnx`"
+            )
         known = {}
         for f in fields(cls):
             if f.name == "provenance":
@@ -96,7 +146,7 @@ class ModelContract:
                 try:
                     known[f.name] = PARSERS[f.name](meta[f.name])
                 except ValueError as e:
-                    raise ContractError(f"{source}: metadata '{f.name}' = {meta[f.name]!r} is malformed ({e})") from e
+                    raise ContractError(f"{source}: metadata '{f.name}' = {meta[f.name]!r} is malformed ({e}); {FIX}") from e
             elif f.default is MISSING:
                 raise ContractError(
                     f"{source} has no '{f.name}' in its metadata: export it with `unet-export to-onnx`, "
@@ -109,17 +159,45 @@ class ModelContract:
             raise ContractError(f"{source}: {e}") from e
 
 
+def check_metadata_shape(meta: dict[str, str], source: str) -> None:
+    """A :class:`ContractError` for metadata no exporter writes: too many keys, keys or values too long, not strings
+    (checked before any value is parsed, so that none costs more than its bound)."""
+    if len(meta) > MAX_METADATA_KEYS:
+        raise ContractError(f"{source}: metadata has {len(meta)} keys, more than {MAX_METADATA_KEYS}; {FIX}")
+    for key, value in meta.items():
+        if not (isinstance(key, str) and isinstance(value, str)):
+            raise ContractError(f"{source}: metadata key {str(key)[:40]!r} has a value that is not a string; {FIX}")
+        limit = MAX_CONTRACT_VALUE_CHARS if key in PARSERS or key == "contract_version" else MAX_PROVENANCE_VALUE_CHARS
+        if len(key) > MAX_KEY_CHARS or len(value) > limit:
+            raise ContractError(
+                f"{source}: metadata '{key[:40]}' has a {len(key)}-character key or {len(value)}-character value, "
+                f"more than the {MAX_KEY_CHARS} and {limit} allowed; {FIX}"
+            )
+
+
+def is_real(value: object) -> bool:
+    """A finite int or float (not a bool, not NaN or infinite)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def whole_number(text: str) -> int:
+    """``"320"`` -> 320; ASCII digits only (``int`` also reads Unicode digits, ``+`` and ``_``)."""
+    if not WHOLE_NUMBER.fullmatch(text):
+        raise ValueError("not a whole number in ASCII digits")
+    return int(text)
+
+
 def floats(text: str) -> tuple[float, ...]:
     """``"0.485,0.456,0.406"`` -> (0.485, 0.456, 0.406)."""
     return tuple(float(v) for v in text.split(","))
 
 
 PARSERS: dict[str, Callable[[str], object]] = {  # metadata value -> field value, for every field but provenance
-    "input_height": int,
-    "input_width": int,
+    "input_height": whole_number,
+    "input_width": whole_number,
     "input_layout": str,
     "input_dtype": str,
-    "input_multiple": int,
+    "input_multiple": whole_number,
     "pixel_mean": floats,
     "pixel_std": floats,
     "output_kind": str,
