@@ -236,17 +236,18 @@ def test_dali_batch_error_retries_files_one_by_one(photo_folder: Path):
 def test_files_dali_refuses_go_to_pillow(photo_folder: Path, monkeypatch):
     """What nvJPEG does with some JPEGs it cannot take, simulated: DALI errors, Pillow decodes."""
     decoder = DaliDecoder(ModelContract(64, 96), 8, 2, device_id=None, tta=False)
-    real_run = decoder.run_pipeline
+    real_outputs = decoder._outputs
     three = (photo_folder / "3.jpg").read_bytes()
 
-    def refuse_three(files):
-        if three in files:
+    def refuse_three(batch):
+        outputs = real_outputs(batch)
+        if three in [p.data for p in batch.probed]:
             raise RuntimeError(
                 "Critical error in pipeline:\nnvJPEG: unsupported sampling\nCurrent pipeline object is no longer valid."
             )
-        return real_run(files)
+        return outputs
 
-    monkeypatch.setattr(decoder, "run_pipeline", refuse_three)
+    monkeypatch.setattr(decoder, "_outputs", refuse_three)
     images, failures, kinds = run_decoder(decoder, items_in(photo_folder))
     assert not failures and sorted(images) == [f"{i}.jpg" for i in range(6)]
     assert decoder.pillow_fallbacks == 1 and kinds.count("pillow") == 1

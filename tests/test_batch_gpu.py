@@ -37,7 +37,7 @@ def test_bound_engine_on_the_gpu_matches_the_cpu(cuda_model, tiny_onnx: Path):
     pixels = rng.integers(0, 256, (3, 64, 96, 3), dtype=np.uint8)
     items = [Item(f"random {i}", image=image) for i, image in enumerate(pixels)]
     batch = Batch(items, [0, 1, 2], sizes=[(96, 144), (96, 144), (50, 70)], decoder="pillow", pixels=pixels)
-    gpu = [p.mask() for p in BoundPredictor(cuda_model, 0.5, tta=True).predict(batch)]
+    gpu = [p.mask() for p in BoundPredictor(cuda_model, 0.5, tta=True, batch_size=4).predict(batch)]
     cpu = [p.mask() for p in CpuPredictor(load_model(tiny_onnx, "cpu"), 0.5, tta=True).predict(batch)]
     for a, b in zip(gpu, cpu):
         assert a.shape == b.shape and (a != b).mean() < 1e-3
