@@ -321,3 +321,21 @@ def test_dali_strays_from_the_input_order_by_a_batch_at_most(photo_folder: Path)
     assert sorted(order) == list(range(len(items)))
     assert all(abs(position - index) <= 2 for index, position in enumerate(order))
     assert decoder.pillow_fallbacks == 6
+
+
+@needs_dali
+@pytest.mark.dali
+def test_dali_streams_of_any_length_and_a_stream_closed_early_leave_nothing_behind(photo_folder: Path):
+    """DALI runs a few batches ahead: a stream shorter than that still comes out whole, and batches in flight
+    when a stream is closed never reach the next one."""
+    decoder = DaliDecoder(ModelContract(64, 96), 2, 2, device_id=None, tta=False)
+    items = items_in(photo_folder)
+    one, _, _ = run_decoder(decoder, items[:1])
+    assert list(one) == ["0.jpg"]
+    stream = decoder.batches(items)
+    first = next(stream)
+    assert [name_of(item) for item in first.items] == ["0.jpg", "1.jpg"]
+    stream.close()  # 2.jpg .. 5.jpg were in flight
+    later, failures, _ = run_decoder(decoder, items[4:])
+    assert sorted(later) == ["4.jpg", "5.jpg"] and not failures
+    np.testing.assert_array_equal(later["4.jpg"], run_decoder(decoder, items[4:5])[0]["4.jpg"])

@@ -343,15 +343,17 @@ class DaliDecoder:
         return self.pipeline.outputs()
 
     def _copy_out(self, tensor_list) -> Any:
-        """One output into a buffer of its own: numpy for the CPU backend, ``allocate()``'s (padded) for the GPU."""
+        """One output into a buffer of its own: a CPU TensorList into numpy, a GPU one into ``allocate()``'s (padded)."""
+        from nvidia.dali.tensors import TensorListCPU
+
         sample_shape = tuple(tensor_list.shape()[0])  # uniform: every image is resized to the model size
         dtype = np.dtype(np.float16 if self.contract.input_dtype == "float16" else self.contract.input_dtype)
-        if self.device_id is None:
+        if isinstance(tensor_list, TensorListCPU):
             host = np.empty((len(tensor_list), *sample_shape), dtype=dtype)
             tensor_list.copy_to_external(ctypes.c_void_p(host.ctypes.data))
             return host
         buffer = self.allocate((self.batch_size, *sample_shape), dtype)
-        tensor_list.copy_to_external(ctypes.c_void_p(buffer.data_ptr()), non_blocking=False)  # waits for the copy
+        tensor_list.copy_to_external(ctypes.c_void_p(buffer.data_ptr()), cuda_stream=None, non_blocking=False)  # waits
         return buffer
 
     # -- batches ---------------------------------------------------------------------------------
