@@ -11,7 +11,9 @@ import ctypes
 import inspect
 import json
 import logging
+import os
 import re
+import subprocess
 import threading
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import REPO, write_photo
 from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException
+from PIL import Image
 
 from batch.cli import main
 from batch.core.contract import ModelContract
@@ -340,3 +343,85 @@ def test_elsewhere():
     pytester.runpytest_subprocess("--gpu-host").assert_outcomes(failed=1, skipped=1)
     if not any(Path("/dev").glob("nvidia[0-9]*")):
         pytester.runpytest_subprocess().assert_outcomes(skipped=2)  # no GPU here: a skip is a skip
+
+
+# ---- the acceptance run, cut into phases that fit a lease --------------------------------------------------
+
+
+def plan_lines() -> tuple[dict[str, tuple[int, float]], str]:
+    done = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu-acceptance.sh"), "--plan"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return {
+        m[1]: (int(m[2]), float(m[3]))
+        for m in re.finditer(r"^phase (\w): (\d+) calls, ([\d.]+) estimated device minutes", done.stdout, re.M)
+    }, done.stdout
+
+
+def test_the_plan_fits_phase_a_in_eight_calls_and_twelve_minutes_from_the_real_sizes():
+    phases, text = plan_lines()
+    assert set(phases) == {"A", "B", "C"}
+    calls, minutes = phases["A"]
+    assert calls <= 8 and minutes <= 12
+    # Every byte of the recorded wheels is carried once: the pieces of a wheel add up to its size.
+    carried = re.findall(r"(\S+\.whl)(?:\.piece-\d\d)? ([\d.]+)", text.split("phase B:")[0])
+    ort_wheel = next(
+        line.split("\t") for line in (REPO / "scripts" / "gpu_wheels.tsv").read_text().splitlines() if line.startswith("ort\t")
+    )
+    assert {name for name, _ in carried} == {ort_wheel[1]}  # phase A: onnxruntime-gpu alone, no DALI
+    assert sum(float(mib) for _, mib in carried) == pytest.approx(int(ort_wheel[2]) / 2**20, abs=0.1 * len(carried))
+    assert calls == len(re.findall(r"^  call \d+: carry \.gpu-payload/A/part-\d\d", text, re.M))
+
+
+def test_the_staged_wheels_pin_what_dali_needs():
+    """DALI 2.4 needs libcst~=1.8: gpu-pack.sh stages that, and the recorded sizes are of a libcst that satisfies it."""
+    assert "libcst~=1.8" in (REPO / "benchmarks" / "gpu-pack.sh").read_text()
+    recorded = (REPO / "scripts" / "gpu_wheels.tsv").read_text()
+    assert re.search(r"^dali\tlibcst-1\.(8|9|\d\d)\.", recorded, re.M)
+    if dali_available():
+        from importlib.metadata import requires
+
+        assert "libcst~=1.8" in requires("nvidia-dali-cuda130")
+
+
+@pytest.mark.slow
+def test_phase_a_checks_run_on_the_cpu_and_leave_their_results_in_the_archive(tmp_path: Path, tiny_onnx: Path):
+    """PHASE=A's segment, scoring and throughput steps with DEVICE=cpu; the CPU's reference masks made beforehand."""
+    import tarfile
+
+    carvana = tmp_path / "carvana"
+    for i in range(4):
+        mask = write_photo(carvana / "photos" / f"car{i}_01.jpg", (96, 144), seed=i)
+        (carvana / "truth").mkdir(exist_ok=True)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(carvana / "truth" / f"car{i}_01_mask.gif")
+    for tta in ("", "-tta"):
+        args = [
+            str(carvana / "photos"),
+            str(carvana / f"cpu{tta}"),
+            "--model",
+            str(tiny_onnx),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+        assert CliRunner().invoke(main, ["segment", *args, *(["--tta"] if tta else [])]).exit_code == 0
+    env = os.environ | {
+        "PHASE": "A", "STAGES": "val-pillow,throughput-pillow", "DEVICE": "cpu", "COPIES": "10",
+        "PHOTOS": str(carvana / "photos"), "TRUTH": str(carvana / "truth"), "REFERENCE": str(carvana),
+        "AGREEMENT_MODEL": str(tiny_onnx), "WORK": str(tmp_path / "work"), "ARCHIVE": str(tmp_path / "acceptance-A.tgz"),
+    }  # fmt: skip
+    out = tmp_path / "out"
+    done = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu-acceptance.sh"), str(out)], env=env, capture_output=True, text=True, timeout=600
+    )
+    steps = dict(line.split()[:2] for line in (out / "steps.tsv").read_text().splitlines())
+    assert {name for name, rc in steps.items() if rc != "0"} == set(), done.stderr[-3000:]
+    summary = {t["name"]: t for t in json.loads((out / "summary.json").read_text())}
+    agreement = summary["val-gpu-pillow masks vs val-cpu's (validation photos): mean Dice >= 0.999"]
+    assert agreement["met"] is True and agreement["figure"].startswith("1.000000 on 4 photos")  # same model, same decoder
+    assert summary["val-gpu-pillow-tta Dice vs truth within 0.0005 of val-cpu-tta's"]["met"] is True
+    assert json.loads((out / "throughput-pillow.report.json").read_text())["processed"] == 10
+    assert "throughput-pillow: 10 photos" in (out / "summary.md").read_text() and "bound by " in (out / "summary.md").read_text()
+    with tarfile.open(tmp_path / "acceptance-A.tgz") as archive:
+        assert {"./steps.tsv", "./summary.md", "./throughput-pillow.report.json"} <= set(archive.getnames())
