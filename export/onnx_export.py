@@ -316,6 +316,9 @@ def finish(proto: onnx.ModelProto, contract: ModelContract) -> None:
                 dim.dim_param = names[dim.dim_param]
     for node in proto.graph.node:  # stack traces with this machine's paths, FX node dumps
         del node.metadata_props[:]
+    # torch.export's graph signature and range constraints: the latter printed in an order that varies with
+    # PYTHONHASHSEED, so the same export would give different bytes from one run to the next
+    del proto.graph.metadata_props[:]
     for tensor in proto.graph.initializer:
         del tensor.metadata_props[:]
     onnx.helper.set_model_props(proto, contract.to_metadata())

@@ -133,6 +133,7 @@ def test_every_metadata_key_is_written(exported_onnx, sharp_checkpoint):
 def test_no_debug_annotations_or_local_paths_leak_into_the_graph(exported_onnx):
     model = onnx.load(str(exported_onnx["fp32"]))
     assert not any(node.metadata_props for node in model.graph.node)
+    assert not model.graph.metadata_props  # torch.export's signature, in an order that varies from run to run
     assert b"stack_trace" not in model.SerializeToString()
 
 
