@@ -321,11 +321,17 @@ def finish(proto: onnx.ModelProto, contract: ModelContract) -> None:
     del proto.graph.metadata_props[:]
     for tensor in proto.graph.initializer:
         del tensor.metadata_props[:]
-    onnx.helper.set_model_props(proto, contract.to_metadata())
+    stamp(proto, contract)
+
+
+def stamp(proto: onnx.ModelProto, contract: ModelContract, kind: str = "", use: str = "") -> None:
+    """Make ``metadata_props`` the contract, and say in the doc string what the file is (``kind``: the
+    precision unless given) and, in ``use``, where it is meant to run."""
+    onnx.helper.set_model_props(proto, contract.to_metadata())  # replaces whatever was there
     proto.doc_string = (
-        f"Carvana U-Net, {contract.precision}: uint8 RGB {contract.input_layout} in (any batch, sides multiples of "
-        f"{m}; recorded size {contract.input_height}x{contract.input_width}), float32 logits (N, 1, H, W) out. "
-        "Contract in metadata_props (docs/onnx-contract.md)."
+        f"Carvana U-Net, {kind or contract.precision}: uint8 RGB {contract.input_layout} in (any batch, sides multiples "
+        f"of {contract.input_multiple}; recorded size {contract.input_height}x{contract.input_width}), float32 logits "
+        f"(N, 1, H, W) out. {use}Contract in metadata_props (docs/onnx-contract.md)."
     )
 
 

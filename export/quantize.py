@@ -40,7 +40,7 @@ from batch.core.images import DECODE_ERRORS, load_resized_rgb
 from batch.core.logs import first_line
 from export.config import FP32_EXPORT, QUANTIZE_DEFAULTS, ExportError, ExportOptions, QuantizeOptions
 from export.legacy import accepts_old_keywords
-from export.onnx_export import check_output_path, export_checkpoint, write_atomic
+from export.onnx_export import check_output_path, export_checkpoint, stamp, write_atomic
 from export.verify import VerifyError, list_photos
 from unet.data import car_id
 
@@ -141,7 +141,7 @@ def quantize_model(
     calibration = load_calibration(photos, contract, options.calibration_images)
     proto = quantize(fp32, calibration, progress, source)
     contract = record_quantization(contract, calibration)
-    stamp(proto, contract)
+    stamp(proto, contract, kind="int8 (QDQ)", use="For ONNX Runtime's CPU provider. ")
     onnx.checker.check_model(proto, full_check=True)
     write_atomic(proto, out)
     log.debug("wrote %s (int8, %.1f MB, calibrated on %d photos)", out, out.stat().st_size / 1e6, len(calibration.names))
@@ -246,14 +246,3 @@ def find_float_nodes(graph: onnx.GraphProto) -> list[str]:
             stem.append(node.name)
     head = [node.name for node in graph.node if node.op_type == "Conv"][-1:]
     return stem + head
-
-
-def stamp(proto: onnx.ModelProto, contract: ModelContract) -> None:
-    """Make ``metadata_props`` the contract, and say what the file is in its doc string."""
-    del proto.metadata_props[:]
-    onnx.helper.set_model_props(proto, contract.to_metadata())
-    proto.doc_string = (
-        f"Carvana U-Net, int8 (QDQ): uint8 RGB {contract.input_layout} in (any batch, sides multiples of "
-        f"{contract.input_multiple}; recorded size {contract.input_height}x{contract.input_width}), float32 logits "
-        "(N, 1, H, W) out. For ONNX Runtime's CPU provider. Contract in metadata_props (docs/onnx-contract.md)."
-    )
