@@ -1,4 +1,9 @@
-"""What a benchmark run measures: the suite presets and the run's own settings."""
+"""What a benchmark run measures (the suite presets and the run's own settings), and how it fails.
+
+Every option reaches the measuring code as one of these frozen dataclasses, checked once in
+``__post_init__``: a bad value is a ``ValueError`` naming the option before anything is measured.
+This module imports no measuring library, so the CLI can build and check a config with no extra.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from batch.core.devices import DeviceError, parse_device
+from batch.core.errors import CarvanaError
 from batch.core.extras import require
+from batch.core.logs import first_line
 
 DEFAULT_INPUT_SIZE = (320, 480)  # (H, W): Carvana photos at scale 0.25, the project's training size
 DEFAULT_WIDTH = 16  # width of the random-weight model run end to end when no --model is given
-
 
 NEEDS = (  # (module, extra, what for): run and tradeoff need all of them, so they are checked before anything runs
     ("onnxruntime", "cpu", "ONNX Runtime inference"),
@@ -18,17 +24,56 @@ NEEDS = (  # (module, extra, what for): run and tradeoff need all of them, so th
     ("torch", "train", "exporting the random-weight U-Nets of the inference sweep"),
     ("onnxscript", "train", "exporting the random-weight U-Nets of the inference sweep"),
 )
+PLOT_NEEDS = (("matplotlib", "bench", "drawing results.png"),)
 
 
-def check_extras(command: str) -> None:
-    """:class:`~batch.core.extras.MissingExtra` naming the extra to install, before any measurement."""
-    for module, extra, purpose in NEEDS:
+class BenchError(CarvanaError):
+    """A benchmark that cannot run as asked; the message names the file or option and the fix."""
+
+
+def describe_error(error: BaseException, limit: int = 500) -> str:
+    """``Type: first line of the message``: what results.json records for a failed benchmark."""
+    return f"{type(error).__name__}: {first_line(error)}"[:limit]
+
+
+def check_extras(command: str, *, plots: bool = False) -> None:
+    """:class:`~batch.core.extras.MissingExtra` naming the extra to install, before any measurement (not after minutes)."""
+    for module, extra, purpose in NEEDS + (PLOT_NEEDS if plots else ()):
         require(module, extra, what=f"{command} ({purpose})")
+
+
+def fail_unless(checks: dict[str, bool], context: str) -> None:
+    """``ValueError`` listing every message whose check is False."""
+    failed = [message for message, ok in checks.items() if not ok]
+    if failed:
+        raise ValueError(f"{context}: " + "; ".join(failed))
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """How the inference sweep measures one model on one provider."""
+
+    batch_sizes: tuple[int, ...]  # tried smallest first
+    warmup: int = 1  # untimed calls before each measurement (at least one runs: the first call allocates)
+    repeats: int = 3  # timed calls per batch size
+    max_batch_seconds: float = 10.0  # the sweep stops before a batch predicted to take longer than this
+
+    def __post_init__(self) -> None:
+        fail_unless(sweep_checks(self), "inference sweep")
+
+
+def sweep_checks(config: SweepConfig | SuiteConfig) -> dict[str, bool]:
+    sizes = config.batch_sizes
+    return {
+        "batch sizes must be positive and increasing": bool(sizes) and min(sizes) >= 1 and list(sizes) == sorted(set(sizes)),
+        "warmup must be >= 0 and repeats >= 1": config.warmup >= 0 and config.repeats >= 1,
+        "max_batch_seconds must be positive": config.max_batch_seconds > 0,
+    }
 
 
 @dataclass(frozen=True)
 class SuiteConfig:
-    """How much of everything to measure on one kind of device."""
+    """How much of everything to measure on one kind of device (results.json records it as ``suite_config``)."""
 
     name: str
     images: int  # photos decoded per repeat, and the pool inference batches are drawn from
@@ -46,139 +91,53 @@ class SuiteConfig:
     def __post_init__(self) -> None:
         checks = {
             "images must be >= 1": self.images >= 1,
-            "warmup must be >= 0": self.warmup >= 0,
-            "repeats must be >= 1": self.repeats >= 1,
             "widths must be positive": bool(self.widths) and min(self.widths) >= 1,
-            "batch sizes must be positive and increasing": bool(self.batch_sizes)
-            and min(self.batch_sizes) >= 1
-            and list(self.batch_sizes) == sorted(set(self.batch_sizes)),
-            "max_batch_seconds must be positive": self.max_batch_seconds > 0,
-            "e2e_images, e2e_repeats and baseline_images must be >= 1": min(
-                self.e2e_images, self.e2e_repeats, self.baseline_images
-            )
-            >= 1,
+            "e2e_images, e2e_repeats and baseline_images must be >= 1": min(self.e2e_images, self.e2e_repeats) >= 1
+            and self.baseline_images >= 1,
             "dali_batch must be between 1 and images": 1 <= self.dali_batch <= self.images,
         }
-        failed = [message for message, ok in checks.items() if not ok]
-        if failed:
-            raise ValueError(f"suite {self.name!r}: " + "; ".join(failed))
+        fail_unless(checks | sweep_checks(self), f"suite {self.name!r}")
+
+    @property
+    def sweep(self) -> SweepConfig:
+        return SweepConfig(self.batch_sizes, self.warmup, self.repeats, self.max_batch_seconds)
 
 
 WIDTHS = (16, 32, 64)
 
 # Each suite has a CPU and a GPU preset: a GPU needs bigger batches and many more photos end to end
 # (the runner's first batch includes cuDNN's algorithm search, which a few photos would not amortize).
-SUITES: dict[str, dict[str, SuiteConfig]] = {
-    # About two minutes on a shared 2-core CPU.
-    "quick": {
-        "cpu": SuiteConfig(
-            name="quick",
-            images=16,
-            warmup=1,
-            repeats=3,
-            widths=WIDTHS,
-            batch_sizes=(1, 2, 4),
-            max_batch_seconds=2.5,
-            e2e_images=96,
-            e2e_repeats=2,
-            baseline_images=6,
-            dali_batch=8,
-        ),
-        "cuda": SuiteConfig(
-            name="quick",
-            images=64,
-            warmup=3,
-            repeats=5,
-            widths=WIDTHS,
-            batch_sizes=(1, 8, 32, 64),
-            max_batch_seconds=5.0,
-            e2e_images=512,
-            e2e_repeats=2,
-            baseline_images=16,
-            dali_batch=32,
-        ),
-    },
-    "full": {
-        "cpu": SuiteConfig(
-            name="full",
-            images=32,
-            warmup=2,
-            repeats=5,
-            widths=WIDTHS,
-            batch_sizes=(1, 2, 4, 8, 16),
-            max_batch_seconds=20.0,
-            e2e_images=64,
-            e2e_repeats=3,
-            baseline_images=16,
-            dali_batch=16,
-        ),
-        "cuda": SuiteConfig(
-            name="full",
-            images=256,
-            warmup=5,
-            repeats=10,
-            widths=WIDTHS,
-            batch_sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256),
-            max_batch_seconds=10.0,
-            e2e_images=1600,
-            e2e_repeats=3,
-            baseline_images=64,
-            dali_batch=64,
-            tensorrt_all_widths=True,
-        ),
-    },
-    # The classic width-64 U-Net alone, for `--size 640x960 --width 64`: few photos, since one takes
-    # seconds on a CPU; the end-to-end / inference / naive-loop ratios are what it is for.
-    "classic": {
-        "cpu": SuiteConfig(
-            name="classic",
-            images=4,
-            warmup=1,
-            repeats=2,
-            widths=(64,),
-            batch_sizes=(1, 2),
-            max_batch_seconds=120.0,
-            e2e_images=6,
-            e2e_repeats=1,
-            baseline_images=3,
-            dali_batch=4,
-        ),
-        "cuda": SuiteConfig(
-            name="classic",
-            images=64,
-            warmup=3,
-            repeats=5,
-            widths=(64,),
-            batch_sizes=(1, 8, 32, 64),
-            max_batch_seconds=5.0,
-            e2e_images=1024,
-            e2e_repeats=2,
-            baseline_images=16,
-            dali_batch=32,
-        ),
-    },
-    # Seconds: checks that every stage runs (CI). Its figures mean nothing; use it with --size 32x48.
-    "smoke": {
-        kind: SuiteConfig(
-            name="smoke",
-            images=4,
-            warmup=0,
-            repeats=2,
-            widths=(4, 8),
-            batch_sizes=(1, 2),
-            max_batch_seconds=5.0,
-            e2e_images=2,
-            e2e_repeats=1,
-            baseline_images=2,
-            dali_batch=2,
-        )
-        for kind in ("cpu", "cuda")
-    },
+# quick: about two minutes on a shared 2-core CPU. classic: the width-64 U-Net alone, for `--size
+# 640x960 --width 64`, with few photos on a CPU, where one takes seconds. smoke: seconds, to check that
+# every stage runs (CI); its figures mean nothing, use it with --size 32x48.
+PRESET_FIELDS = ("images", "warmup", "repeats", "widths", "batch_sizes", "max_batch_seconds")
+PRESET_FIELDS += ("e2e_images", "e2e_repeats", "baseline_images", "dali_batch", "tensorrt_all_widths")
+PRESETS = {  # (suite, device kind): the values of PRESET_FIELDS
+    ("quick", "cpu"): (16, 1, 3, WIDTHS, (1, 2, 4), 2.5, 96, 2, 6, 8, False),
+    ("quick", "cuda"): (64, 3, 5, WIDTHS, (1, 8, 32, 64), 5.0, 512, 2, 16, 32, False),
+    ("full", "cpu"): (32, 2, 5, WIDTHS, (1, 2, 4, 8, 16), 20.0, 64, 3, 16, 16, False),
+    ("full", "cuda"): (256, 5, 10, WIDTHS, (1, 2, 4, 8, 16, 32, 64, 128, 256), 10.0, 1600, 3, 64, 64, True),
+    ("classic", "cpu"): (4, 1, 2, (64,), (1, 2), 120.0, 6, 1, 3, 4, False),
+    ("classic", "cuda"): (64, 3, 5, (64,), (1, 8, 32, 64), 5.0, 1024, 2, 16, 32, False),
+    ("smoke", "cpu"): (4, 0, 2, (4, 8), (1, 2), 5.0, 2, 1, 2, 2, False),
+    ("smoke", "cuda"): (4, 0, 2, (4, 8), (1, 2), 5.0, 2, 1, 2, 2, False),
 }
+
+
+def suites_from_presets() -> dict[str, dict[str, SuiteConfig]]:
+    suites: dict[str, dict[str, SuiteConfig]] = {}
+    for (name, kind), values in PRESETS.items():
+        suites.setdefault(name, {})[kind] = SuiteConfig(name, **dict(zip(PRESET_FIELDS, values)))
+    return suites
+
+
+SUITES = suites_from_presets()  # suite -> device kind -> SuiteConfig
 
 
 @dataclass(frozen=True)
 class RunConfig:
+    """The options of ``unet-bench run``."""
+
     suite: str  # a key of SUITES; the CPU or GPU preset is chosen once the device is known
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     images_dir: Path | None = None  # real photos; None: synthesize Carvana-like JPEGs
@@ -194,15 +153,13 @@ class RunConfig:
             raise ValueError(f"suite {self.suite!r} is not one of {', '.join(SUITES)}")
         try:
             object.__setattr__(self, "device", str(parse_device(self.device)))
-        except DeviceError as e:
+        except DeviceError as e:  # a malformed value, like every other option's
             raise ValueError(str(e)) from e
         if self.width < 1 or not 1 <= self.depth <= 8:
             raise ValueError(f"width must be >= 1 and depth 1..8, got width={self.width}, depth={self.depth}")
-        if self.input_size is not None:
-            height, width = self.input_size
-            multiple = 2**self.depth
-            if height <= 0 or width <= 0 or height % multiple or width % multiple:
-                raise ValueError(f"input size {height}x{width} must be positive multiples of 2**depth = {multiple}")
+        height, width = self.input_size or (2**self.depth, 2**self.depth)
+        if height <= 0 or width <= 0 or height % 2**self.depth or width % 2**self.depth:
+            raise ValueError(f"input size {height}x{width} must be positive multiples of 2**depth = {2**self.depth}")
         if self.images_dir is not None and not Path(self.images_dir).is_dir():
             raise ValueError(f"--images {self.images_dir} is not a folder of photos")
         if self.model is not None and Path(self.model).suffix not in (".onnx", ".pt"):
@@ -214,6 +171,11 @@ class RunConfig:
             )
         if self.widths and min(self.widths) < 1:
             raise ValueError(f"widths must be positive, got {self.widths}")
+
+    @property
+    def checkpoint(self) -> Path | None:
+        """The unet-train checkpoint given as --model, whose weights the torch baselines load."""
+        return self.model if self.model is not None and self.model.suffix == ".pt" else None
 
     def preset(self, kind: str) -> SuiteConfig:
         """The suite for ``kind`` ("cpu" or "cuda"), with ``widths`` applied."""

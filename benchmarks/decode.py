@@ -23,7 +23,8 @@ from batch.core.contract import ModelContract
 from batch.core.images import load_resized_rgb
 from batch.inference import runtime
 from batch.inference.decode import DaliDecoder, Failure, Item
-from benchmarks.errors import BenchError, describe_error
+from benchmarks.config import BenchError, SuiteConfig, describe_error
+from benchmarks.machine import Hardware
 from benchmarks.timing import Stats, rates, time_calls
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,25 @@ class DecodeResult:
     megapixels_per_second: Stats | None = None
 
 
+@dataclass(frozen=True)
+class DecodeJob:
+    """What every decoder gets through: the same photos, to the same size, with as many threads."""
+
+    paths: tuple[Path, ...]
+    size: tuple[int, int]  # (H, W) of the model input
+    threads: int
+    megapixels: float  # mean size of the source photos
+
+    def result(
+        self, decoder: str, status: str, images: int = 0, reason: str | None = None, seconds: list[float] | None = None
+    ) -> DecodeResult:
+        """The row of ``decoder``; with ``seconds`` (one per repeat of ``images`` photos), its rates."""
+        rate = rates([images] * len(seconds), seconds) if seconds else None
+        megapixels = rate.scaled(self.megapixels) if rate else None
+        row = (decoder, DECODERS[decoder], self.threads, images, self.size, self.megapixels, status, reason, rate, megapixels)
+        return DecodeResult(*row)
+
+
 def load_resized_rgb_no_draft(path: str | Path, size: tuple[int, int]) -> np.ndarray:
     """Like ``batch.core.images.load_resized_rgb`` but decoding every pixel: what draft mode saves."""
     height, width = size
@@ -69,16 +89,14 @@ def source_megapixels(paths: Sequence[Path]) -> float:
     return total / len(paths) / 1e6
 
 
-def pillow_runner(paths: Sequence[Path], size: tuple[int, int], pool: ThreadPoolExecutor, draft: bool) -> Callable[[], list]:
+def pillow_runner(job: DecodeJob, pool: ThreadPoolExecutor, draft: bool) -> Callable[[], list]:
     def decode(path: Path) -> np.ndarray:
-        return load_resized_rgb(path, size)[0] if draft else load_resized_rgb_no_draft(path, size)
+        return load_resized_rgb(path, job.size)[0] if draft else load_resized_rgb_no_draft(path, job.size)
 
-    return lambda: list(pool.map(decode, paths))
+    return lambda: list(pool.map(decode, job.paths))
 
 
-def dali_runner(
-    paths: Sequence[Path], size: tuple[int, int], *, batch: int, threads: int, device_id: int | None
-) -> tuple[Callable[[], None], int]:
+def dali_runner(job: DecodeJob, batch: int, device_id: int | None) -> tuple[Callable[[], None], int]:
     """A function decoding ``len(paths) // batch`` batches with the runner's DALI decoder, and the photo count.
 
     ``device_id`` None: the CPU decoder; else the mixed (nvJPEG, GPU) decoder with a GPU resize, each
@@ -89,8 +107,8 @@ def dali_runner(
         return runtime.onnxruntime().OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, "cuda", device_id)
 
     allocate = on_gpu if device_id is not None else None
-    decoder = DaliDecoder(ModelContract(*size), batch, threads, device_id, tta=False, allocate=allocate)
-    items = [Item.from_path(p) for p in paths[: len(paths) // batch * batch]]
+    decoder = DaliDecoder(ModelContract(*job.size), batch, job.threads, device_id, tta=False, allocate=allocate)
+    items = [Item.from_path(p) for p in job.paths[: len(job.paths) // batch * batch]]
 
     def run() -> None:
         for entry in decoder.batches(items):
@@ -104,87 +122,36 @@ def dali_runner(
 
 
 def bench_decoders(
-    paths: Sequence[Path],
-    size: tuple[int, int],
-    *,
-    device_id: int | None,
-    threads: int,
-    warmup: int,
-    repeats: int,
-    dali_batch: int,
+    paths: Sequence[Path], size: tuple[int, int], suite: SuiteConfig, hardware: Hardware
 ) -> tuple[list[DecodeResult], np.ndarray]:
     """Measure every decoder; also return the photos decoded by Pillow, (N, H, W, 3) uint8, for inference."""
-    megapixels = source_megapixels(paths)
+    job = DecodeJob(tuple(paths), size, hardware.threads, source_megapixels(paths))
     results = []
-    with ThreadPoolExecutor(threads) as pool:
-        decoded = np.stack(pillow_runner(paths, size, pool, draft=True)())  # (N, H, W, 3) uint8
+    with ThreadPoolExecutor(job.threads) as pool:
+        decoded = np.stack(pillow_runner(job, pool, draft=True)())  # (N, H, W, 3) uint8
         for decoder, draft in (("pillow", True), ("pillow-no-draft", False)):
-            seconds = time_calls(pillow_runner(paths, size, pool, draft), warmup=warmup, repeats=repeats)
-            results.append(ok_result(decoder, threads, len(paths), size, megapixels, seconds))
-    for decoder in ("dali-cpu", "dali-mixed"):
-        results.append(
-            bench_dali(
-                decoder,
-                paths,
-                size,
-                device_id=device_id,
-                threads=threads,
-                warmup=warmup,
-                repeats=repeats,
-                batch=dali_batch,
-                megapixels=megapixels,
-            )
-        )
+            seconds = time_calls(pillow_runner(job, pool, draft), warmup=suite.warmup, repeats=suite.repeats)
+            results.append(job.result(decoder, "ok", len(paths), seconds=seconds))
+    results += [bench_dali(decoder, job, suite, hardware) for decoder in ("dali-cpu", "dali-mixed")]
     for r in results:
         if r.status == "ok":
             log.info("decode %s: %.1f images/s", r.label, r.images_per_second.median)
     return results, decoded
 
 
-def bench_dali(
-    decoder: str,
-    paths: Sequence[Path],
-    size: tuple[int, int],
-    *,
-    device_id: int | None,
-    threads: int,
-    warmup: int,
-    repeats: int,
-    batch: int,
-    megapixels: float,
-) -> DecodeResult:
-    base = dict(decoder=decoder, label=DECODERS[decoder], threads=threads, input_size=size, source_megapixels=megapixels)
-    if decoder == "dali-mixed" and device_id is None:
-        return DecodeResult(images=0, status="skipped", reason="needs a GPU: run with --device cuda", **base)
+def bench_dali(decoder: str, job: DecodeJob, suite: SuiteConfig, hardware: Hardware) -> DecodeResult:
+    """One DALI decoder (CPU, or mixed on the GPU); a missing GPU or DALI is a recorded skip, a failure a row."""
+    if decoder == "dali-mixed" and hardware.device_id is None:
+        return job.result(decoder, "skipped", reason="needs a GPU: run with --device cuda")
     try:
         import nvidia.dali  # noqa: F401
     except ImportError as e:
-        return DecodeResult(
-            images=0, status="skipped", reason=f"nvidia-dali is not installed ({e}): pip install -e '.[gpu]'", **base
-        )
+        return job.result(decoder, "skipped", reason=f"nvidia-dali is not installed ({e}): pip install -e '.[gpu]'")
+    batch = min(suite.dali_batch, len(job.paths))
     try:
-        run, images = dali_runner(
-            paths, size, batch=batch, threads=threads, device_id=device_id if decoder == "dali-mixed" else None
-        )
-        seconds = time_calls(run, warmup=max(warmup, 1), repeats=repeats)  # >= 1 warm-up: fills the prefetch queue
+        run, images = dali_runner(job, batch, hardware.device_id if decoder == "dali-mixed" else None)
+        seconds = time_calls(run, warmup=max(suite.warmup, 1), repeats=suite.repeats)  # >= 1 warm-up: fills the prefetch queue
     except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError subclasses from C++; record and go on
         log.error("decode %s failed: %s", DECODERS[decoder], e)
-        return DecodeResult(images=0, status="failed", reason=describe_error(e), **base)
-    return ok_result(decoder, threads, images, size, megapixels, seconds)
-
-
-def ok_result(
-    decoder: str, threads: int, images: int, size: tuple[int, int], megapixels: float, seconds: list[float]
-) -> DecodeResult:
-    rate = rates([images] * len(seconds), seconds)
-    return DecodeResult(
-        decoder=decoder,
-        label=DECODERS[decoder],
-        threads=threads,
-        images=images,
-        input_size=size,
-        source_megapixels=megapixels,
-        status="ok",
-        images_per_second=rate,
-        megapixels_per_second=rate.scaled(megapixels),
-    )
+        return job.result(decoder, "failed", reason=describe_error(e))
+    return job.result(decoder, "ok", images, seconds=seconds)

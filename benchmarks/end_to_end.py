@@ -18,14 +18,33 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.errors import BenchError
-from benchmarks.memory import run_child
+from benchmarks.config import BenchError
+from benchmarks.machine import ChildRun, Hardware, run_child
 from benchmarks.models import BenchModel
 from benchmarks.timing import Stats, summarize
 
 log = logging.getLogger(__name__)
 
 REPORT_KEYS = ("processed", "seconds", "images_per_second", "stages")
+ONE_TIME_STAGES = ("discover", "setup")
+
+
+@dataclass(frozen=True)
+class EndToEndConfig:
+    """How ``unet-batch segment`` is run: on the first ``images`` photos, ``repeats`` times, at ``batch_size``."""
+
+    batch_size: int
+    images: int
+    repeats: int
+
+    def __post_init__(self) -> None:
+        if min(self.batch_size, self.images, self.repeats) < 1:
+            raise ValueError(f"batch size, photos and repeats must be >= 1, got {self}")
+
+    @property
+    def timeout_s(self) -> float:
+        """Generous: a slow CPU takes seconds per photo; a hung runner must still not stop the suite."""
+        return max(600.0, 10.0 * self.images)
 
 
 @dataclass(frozen=True)
@@ -55,84 +74,54 @@ class EndToEndResult:
 def batch_command() -> list[str]:
     """The installed ``unet-batch`` console script (beside this interpreter first)."""
     beside = Path(sys.executable).with_name("unet-batch")
-    if beside.is_file():
-        return [str(beside)]
-    found = shutil.which("unet-batch")
-    if found:
-        return [found]
-    raise BenchError("the unet-batch command is not installed: run `pip install -e .` in the repository")
+    found = str(beside) if beside.is_file() else shutil.which("unet-batch")
+    if found is None:
+        raise BenchError("the unet-batch command is not installed: run `pip install -e .` in the repository")
+    return [found]
 
 
-def run_end_to_end(
-    images_dir: Path,
-    model: BenchModel,
-    *,
-    device: str,
-    gpu_index: int | None,
-    batch_size: int,
-    images: int,
-    repeats: int,
-    timeout_s: float,
-) -> EndToEndResult:
-    """Run ``unet-batch segment`` ``repeats`` times on the first ``images`` photos of ``images_dir``."""
-    base = dict(model=model.name, width=model.width, precision=model.precision, batch_size=batch_size, images=images)
-    try:
-        executable = batch_command()
-    except BenchError as e:
-        return EndToEndResult(status="failed", reason=str(e), **base)
-    reports, walls, rss, gpu = [], [], [], []
+def segment_command(images_dir: Path, model: BenchModel, hardware: Hardware, config: EndToEndConfig, out: Path) -> list[str]:
+    """``unet-batch segment`` on the first photos of ``images_dir``, masks into ``out/masks``, report in ``out``."""
+    options = {"--model": model.path, "--device": hardware.device, "--batch-size": config.batch_size, "--limit": config.images}
+    options["--report"] = out / "report.json"
+    flags = [str(part) for pair in options.items() for part in pair]
+    return [*batch_command(), "segment", str(images_dir), str(out / "masks"), *flags, "--overwrite", "--no-progress"]
+
+
+def run_end_to_end(images_dir: Path, model: BenchModel, hardware: Hardware, config: EndToEndConfig) -> EndToEndResult:
+    """Run ``unet-batch segment`` ``config.repeats`` times; a run that fails is the result's reason."""
+    base = dict(model=model.name, width=model.width, precision=model.precision, images=config.images)
+    base["batch_size"] = config.batch_size
+    runs: list[tuple[dict, ChildRun]] = []
     command: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="unet-bench-e2e-") as scratch:
-        for repeat in range(repeats):
-            out_dir, report_path, stderr_path = (Path(scratch) / f"{name}{repeat}" for name in ("masks", "report.json", "stderr"))
-            command = [
-                *executable,
-                "segment",
-                str(images_dir),
-                str(out_dir),
-                "--model",
-                str(model.path),
-                "--device",
-                device,
-                "--batch-size",
-                str(batch_size),
-                "--limit",
-                str(images),
-                "--report",
-                str(report_path),
-                "--overwrite",
-                "--no-progress",
-            ]
-            log.info("end to end %d/%d: %s", repeat + 1, repeats, " ".join(command))
-            with open(stderr_path, "w") as stderr:
-                child = run_child(command, stdout=stderr, stderr=stderr, timeout_s=timeout_s, gpu_index=gpu_index)
-            if child.returncode != 0:
-                tail = " | ".join(stderr_path.read_text(errors="replace").strip().splitlines()[-3:])
-                return EndToEndResult(
-                    status="failed", command=command, **base, reason=f"unet-batch exited with {child.returncode}: {tail}"[:1000]
-                )
-            try:
-                report = read_report(report_path)
-            except BenchError as e:
-                return EndToEndResult(status="failed", command=command, reason=str(e), **base)
-            if report["processed"] != images:
-                return EndToEndResult(
-                    status="failed",
-                    command=command,
-                    **base,
-                    reason=f"unet-batch processed {report['processed']} of {images} photos "
-                    f"(failed: {report.get('failed')}, skipped: {report.get('skipped')})",
-                )
-            try:
-                steady_rate(report)
-            except BenchError as e:
-                return EndToEndResult(status="failed", command=command, reason=str(e), **base)
-            reports.append(report)
-            walls.append(images / child.seconds)
-            rss.append(child.peak_rss_mib)
-            if child.gpu_memory is not None:
-                gpu.append(child.gpu_memory)
-    return summarize_runs(reports, walls, rss, gpu, command, base)
+    try:
+        with tempfile.TemporaryDirectory(prefix="unet-bench-e2e-") as scratch:
+            for repeat in range(config.repeats):
+                out = Path(scratch) / f"run{repeat}"
+                out.mkdir()
+                command = segment_command(images_dir, model, hardware, config, out)
+                log.info("end to end %d/%d: %s", repeat + 1, config.repeats, " ".join(command))
+                runs.append(run_once(command, out, hardware, config))
+    except BenchError as e:
+        return EndToEndResult(status="failed", reason=str(e), command=command, **base)
+    return summarize_runs(runs, command, config, base)
+
+
+def run_once(command: list[str], out: Path, hardware: Hardware, config: EndToEndConfig) -> tuple[dict, ChildRun]:
+    """One fresh ``unet-batch`` process: its checked report and how the process ran; BenchError saying why not."""
+    with open(out / "stderr", "w") as stderr:
+        child = run_child(command, stdout=stderr, stderr=stderr, timeout_s=config.timeout_s, gpu_index=hardware.device_id)
+    if child.returncode != 0:
+        tail = " | ".join((out / "stderr").read_text(errors="replace").strip().splitlines()[-3:])
+        raise BenchError(f"unet-batch exited with {child.returncode}: {tail}"[:1000])
+    report = read_report(out / "report.json")
+    if report["processed"] != config.images:
+        raise BenchError(
+            f"unet-batch processed {report['processed']} of {config.images} photos "
+            f"(failed: {report.get('failed')}, skipped: {report.get('skipped')})"
+        )
+    steady_rate(report)  # a report that is all set-up is an error now, not a division by zero later
+    return report, child
 
 
 def read_report(path: Path) -> dict:
@@ -144,9 +133,6 @@ def read_report(path: Path) -> dict:
     if missing:
         raise BenchError(f"unet-batch's report {path} lacks {', '.join(missing)}: is unet-batch older than unet-bench?")
     return report
-
-
-ONE_TIME_STAGES = ("discover", "setup")
 
 
 def setup_seconds(report: dict) -> float:
@@ -161,14 +147,14 @@ def steady_rate(report: dict) -> float:
     return report["processed"] / working
 
 
-def summarize_runs(
-    reports: list[dict], walls: list[float], rss: list[float], gpu: list, command: list[str], base: dict
-) -> EndToEndResult:
+def summarize_runs(runs: list[tuple[dict, ChildRun]], command: list[str], config: EndToEndConfig, base: dict) -> EndToEndResult:
+    """The rates over repeats, and the stages and report of the repeat closest to the median."""
+    reports = [report for report, _ in runs]
     steady = [steady_rate(r) for r in reports]
     rate = summarize(steady)
     median_report = reports[min(range(len(reports)), key=lambda i: abs(steady[i] - rate.median))]
     processed = median_report["processed"]
-    stages = {name: 1e3 * float(seconds) / processed for name, seconds in median_report["stages"].items()}
+    gpu = [child.gpu_memory for _, child in runs if child.gpu_memory is not None]
     peak_gpu = max((g for g in gpu if g.mib is not None), key=lambda g: g.mib, default=gpu[0] if gpu else None)
     return EndToEndResult(
         status="ok",
@@ -178,10 +164,10 @@ def summarize_runs(
         decoder=median_report.get("decoder"),
         images_per_second=rate,
         runner_images_per_second=summarize([r["images_per_second"] for r in reports]),
-        wall_images_per_second=summarize(walls),
+        wall_images_per_second=summarize([config.images / child.seconds for _, child in runs]),
         setup_seconds=summarize([setup_seconds(r) for r in reports]),
-        stage_ms_per_image=stages,
-        peak_rss_mib=max(rss),
+        stage_ms_per_image={name: 1e3 * float(seconds) / processed for name, seconds in median_report["stages"].items()},
+        peak_rss_mib=max(child.peak_rss_mib for _, child in runs),
         report=median_report,
         gpu_memory_mib=peak_gpu.mib if peak_gpu else None,
         gpu_memory_method=peak_gpu.method if peak_gpu else None,

@@ -176,6 +176,6 @@ fi
 wants segment && run_segment_checks
 wants bench && step bench-full bench_bundled bench-full
 wants classic && step bench-classic bench bench-classic --suite classic --size 640x960 --width 64
-step summary "$PYTHON" -m benchmarks.acceptance "$out"
+step summary "$PYTHON" scripts/gpu_acceptance_verdict.py "$out"
 cat "$out/summary.md" 2>/dev/null
 exit "$status"

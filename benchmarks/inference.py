@@ -3,6 +3,7 @@
 On a GPU the input batch is copied to the device once and the output stays there (I/O binding), so
 the figure is the network's own speed, not PCIe copies; ``run_with_iobinding`` returns after the
 provider's stream is synchronized. On the CPU provider a plain ``session.run`` is the real path.
+Like timm's benchmark, a batch that runs out of GPU memory is retried once at half the size.
 """
 
 from __future__ import annotations
@@ -10,16 +11,15 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from batch.core.contract import prepare_input
 from batch.core.devices import Device, DeviceError
 from batch.inference import runtime
-from benchmarks.errors import BenchError, describe_error
-from benchmarks.machine import peak_tflops
-from benchmarks.memory import gpu_memory_of, this_process
+from benchmarks.config import BenchError, SweepConfig, describe_error
+from benchmarks.machine import Hardware, gpu_memory_of, peak_tflops, this_process
 from benchmarks.models import BenchModel
 from benchmarks.timing import Stats, rates, summarize, time_calls
 
@@ -42,6 +42,7 @@ class Backend:
     precision: str  # "fp16", "fp32" or "int8": of the compute (TensorRT builds FP16 kernels from an FP32 graph)
     device_id: int | None  # CUDA device; None on the CPU
     graph_precision: str  # precision of the ONNX file it runs
+    gpu_name: str | None = None  # the card, for its datasheet peak
 
     @property
     def label(self) -> str:
@@ -52,17 +53,18 @@ class Backend:
         return self.device_id is not None
 
 
-def backends_for(device: str, device_id: int | None) -> list[Backend]:
-    """The providers benchmarked on ``device``: the CPU provider (FP32, INT8), or CUDA FP16/FP32 and TensorRT FP16.
+def backends_for(hardware: Hardware) -> list[Backend]:
+    """The providers benchmarked on ``hardware``: the CPU provider (FP32, INT8), or CUDA FP16/FP32 and TensorRT FP16.
 
     INT8 (QDQ) files are for the CPU only: ONNX Runtime runs them with integer kernels there alone.
     """
-    if device == "cpu":
+    if hardware.device_id is None:
         return [Backend("cpu", CPU, "fp32", None, "fp32"), Backend("cpu", CPU, "int8", None, "int8")]
+    gpu = hardware.device_id, hardware.gpu_name
     return [
-        Backend("cuda", CUDA, "fp16", device_id, "fp16"),
-        Backend("cuda", CUDA, "fp32", device_id, "fp32"),
-        Backend("tensorrt", TENSORRT, "fp16", device_id, "fp32"),
+        Backend("cuda", CUDA, "fp16", gpu[0], "fp16", gpu[1]),
+        Backend("cuda", CUDA, "fp32", gpu[0], "fp32", gpu[1]),
+        Backend("tensorrt", TENSORRT, "fp16", gpu[0], "fp32", gpu[1]),
     ]
 
 
@@ -71,31 +73,37 @@ def provider_missing(backend: Backend) -> str | None:
     return None if backend.provider == CPU else runtime.provider_missing(backend.provider)
 
 
-def make_session(model: BenchModel, backend: Backend, max_batch: int, cache_dir: str | None = None):
+def make_session(model: BenchModel, backend: Backend, max_batch: int, cache_dir: str):
     """The runner's kind of session (batch.inference.runtime) on exactly ``backend``'s provider; ProviderError if ORT cannot."""
     if not backend.on_gpu:
         return runtime.open_session(model.path, "cpu")
     cuda = {"cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": 1}
-    tensorrt = None
-    if backend.provider == TENSORRT:
-        height, width = model.contract.input_size
-        shape = (
-            (lambda n: f"{model.input_name}:{n}x{height}x{width}x3")
-            if model.contract.input_layout == "NHWC"
-            else (lambda n: f"{model.input_name}:{n}x3x{height}x{width}")
-        )
-        tensorrt = {
-            "trt_fp16_enable": 1,
-            "trt_engine_cache_enable": 1 if cache_dir else 0,
-            "trt_engine_cache_path": cache_dir or "",
-            "trt_profile_min_shapes": shape(1),
-            "trt_profile_opt_shapes": shape(max_batch),
-            "trt_profile_max_shapes": shape(max_batch),
-        }
+    tensorrt = tensorrt_options(model, max_batch, cache_dir) if backend.provider == TENSORRT else None
     try:
         return runtime.open_session(model.path, Device("cuda", backend.device_id), cuda_options=cuda, tensorrt_options=tensorrt)
     except DeviceError as e:
         raise ProviderError(str(e)) from e
+
+
+def tensorrt_options(model: BenchModel, max_batch: int, cache_dir: str) -> dict:
+    """One optimization profile from batch 1 to ``max_batch`` at the model's size: TensorRT builds its engine once."""
+    import onnx
+
+    name = onnx.load(str(model.path), load_external_data=False).graph.input[0].name
+    height, width = model.contract.input_size
+    dims = "{}x{}x{}x3" if model.contract.input_layout == "NHWC" else "{}x3x{}x{}"
+
+    def shape(batch: int) -> str:
+        return f"{name}:{dims.format(batch, height, width)}"
+
+    return {
+        "trt_fp16_enable": 1,
+        "trt_engine_cache_enable": 1,
+        "trt_engine_cache_path": cache_dir,
+        "trt_profile_min_shapes": shape(1),
+        "trt_profile_opt_shapes": shape(max_batch),
+        "trt_profile_max_shapes": shape(max_batch),
+    }
 
 
 def model_input(images: np.ndarray, model: BenchModel, batch: int) -> np.ndarray:
@@ -103,21 +111,20 @@ def model_input(images: np.ndarray, model: BenchModel, batch: int) -> np.ndarray
     return prepare_input(images[np.arange(batch) % len(images)], model.contract)  # (batch, ...) as the runner feeds it
 
 
-def runner(session, model: BenchModel, backend: Backend, batch: np.ndarray) -> Callable[[], None]:
+def runner(session, backend: Backend, batch: np.ndarray) -> Callable[[], None]:
     """A no-argument function that runs one batch (device-resident input and output on a GPU)."""
     if backend.on_gpu:
-        return bound_runner(session, model, batch, "cuda", backend.device_id)
-    feed = {model.input_name: batch}
+        return bound_runner(session, batch, "cuda", backend.device_id)
+    feed = {session.get_inputs()[0].name: batch}
     return lambda: session.run(None, feed)
 
 
-def bound_runner(session, model: BenchModel, batch: np.ndarray, device_type: str, device_id: int) -> Callable[[], None]:
+def bound_runner(session, batch: np.ndarray, device_type: str, device_id: int) -> Callable[[], None]:
     """Run ``batch`` copied once to the device, outputs left there (I/O binding); waits for the outputs."""
-    import onnxruntime as ort
-
+    ort = runtime.onnxruntime()
     binding = session.io_binding()
     device_input = ort.OrtValue.ortvalue_from_numpy(batch, device_type, device_id)
-    binding.bind_ortvalue_input(model.input_name, device_input)
+    binding.bind_ortvalue_input(session.get_inputs()[0].name, device_input)
     for output in session.get_outputs():
         binding.bind_output(output.name, device_type, device_id)
 
@@ -151,14 +158,25 @@ class InferenceResult:
 
 
 @dataclass(frozen=True)
-class Sweep:
-    """What a provider/model pair did across batch sizes."""
+class Trial:
+    """One model on one provider, fed batches drawn from the same decoded photos."""
 
-    results: list[InferenceResult] = field(default_factory=list)
+    model: BenchModel
+    backend: Backend
+    images: np.ndarray  # (N, H, W, 3) uint8
 
-    def best(self) -> InferenceResult | None:
-        done = [r for r in self.results if r.status == "ok"]
-        return max(done, key=lambda r: r.images_per_second.median) if done else None
+    @property
+    def name(self) -> str:
+        return f"{self.backend.label} {self.model.name}"
+
+    def row(self, batch: int, status: str, **measured) -> InferenceResult:
+        b, m = self.backend, self.model
+        return InferenceResult(b.name, b.label, b.precision, m.name, m.width, batch, m.contract.input_size, status, **measured)
+
+
+def fastest(rows: list[InferenceResult]) -> InferenceResult | None:
+    """The measured row with the highest median images/s; None when nothing was measured."""
+    return max((r for r in rows if r.status == "ok"), key=lambda r: r.images_per_second.median, default=None)
 
 
 def is_oom(error: Exception) -> bool:
@@ -166,140 +184,76 @@ def is_oom(error: Exception) -> bool:
     return any(marker in text for marker in OOM_MARKERS)
 
 
-def sweep_batches(
-    model: BenchModel,
-    backend: Backend,
-    images: np.ndarray,
-    batch_sizes: tuple[int, ...],
-    *,
-    warmup: int,
-    repeats: int,
-    max_batch_seconds: float,
-    gpu_name: str | None,
-) -> Sweep:
+def sweep_batches(model: BenchModel, backend: Backend, images: np.ndarray, sweep: SweepConfig) -> list[InferenceResult]:
     """Measure ``model`` on ``backend`` at each batch size, smallest first (see :func:`sweep_session`).
 
     A provider this ONNX Runtime lacks is a recorded skip; one it has but cannot start is an error
     for CUDA (never a silent CPU run) and a recorded skip for TensorRT, which is optional.
     """
-    base = dict(
-        backend=backend.name,
-        label=backend.label,
-        precision=backend.precision,
-        model=model.name,
-        width=model.width,
-        input_size=model.contract.input_size,
-    )
+    trial, first = Trial(model, backend, images), sweep.batch_sizes[0]
     missing = provider_missing(backend)
     if missing:
-        return Sweep([InferenceResult(batch_size=batch_sizes[0], status="skipped", reason=missing, **base)])
+        return [trial.row(first, "skipped", reason=missing)]
     with tempfile.TemporaryDirectory(prefix="unet-bench-trt-") as trt_cache:
         try:
-            session = make_session(model, backend, max(batch_sizes), trt_cache if backend.name == "tensorrt" else None)
+            session = make_session(model, backend, max(sweep.batch_sizes), trt_cache)
         except ProviderError as e:
             if backend.name != "tensorrt":
                 raise
-            return Sweep([InferenceResult(batch_size=batch_sizes[0], status="skipped", reason=str(e), **base)])
+            return [trial.row(first, "skipped", reason=str(e))]
         except Exception as e:  # noqa: BLE001 - ORT raises its own types (Fail, RuntimeException, ...)
-            return Sweep(
-                [
-                    InferenceResult(
-                        batch_size=batch_sizes[0], status="failed", reason=f"session creation failed: {describe_error(e)}", **base
-                    )
-                ]
-            )
-        return Sweep(
-            sweep_session(
-                session,
-                model,
-                backend,
-                images,
-                batch_sizes,
-                warmup=warmup,
-                repeats=repeats,
-                max_batch_seconds=max_batch_seconds,
-                gpu_name=gpu_name,
-                base=base,
-            )
-        )
+            return [trial.row(first, "failed", reason=f"session creation failed: {describe_error(e)}")]
+        return sweep_session(session, trial, sweep)
 
 
-def sweep_session(
-    session,
-    model: BenchModel,
-    backend: Backend,
-    images: np.ndarray,
-    batch_sizes: tuple[int, ...],
-    *,
-    warmup: int,
-    repeats: int,
-    max_batch_seconds: float,
-    gpu_name: str | None,
-    base: dict,
-) -> list[InferenceResult]:
-    """One row per batch size tried. The sweep stops before a batch predicted (from the last per-image
-    time) to take longer than ``max_batch_seconds``, and after an out-of-memory error, which is
-    retried once at half the batch size. Every stop is a row with its reason."""
+def sweep_session(session, trial: Trial, sweep: SweepConfig) -> list[InferenceResult]:
+    """One row per batch size tried. The sweep stops before a batch predicted to be over the time budget,
+    and at a failure; an out-of-memory error is retried once at half the batch size. Every stop is a row
+    with its reason."""
     results: list[InferenceResult] = []
-    seconds_per_image = None
-    queue = list(batch_sizes)
+    queue = list(sweep.batch_sizes)
     while queue:
         batch = queue.pop(0)
-        if seconds_per_image is not None and seconds_per_image * batch > max_batch_seconds:
-            results.append(
-                InferenceResult(
-                    batch_size=batch,
-                    status="skipped",
-                    **base,
-                    reason=(
-                        f"predicted {seconds_per_image * batch:.1f} s per batch, over this suite's {max_batch_seconds:g} s budget"
-                    ),
-                )
-            )
+        reason = over_budget(results, batch, sweep.max_batch_seconds)
+        if reason:
+            results.append(trial.row(batch, "skipped", reason=reason))
             break
         try:
-            result = measure_batch(
-                session, model, backend, images, batch, warmup=warmup, repeats=repeats, gpu_name=gpu_name, base=base
-            )
+            results.append(measure_batch(session, trial, batch, sweep))
         except Exception as e:  # noqa: BLE001 - ORT's exception types are not importable in a stable way
-            if not (backend.on_gpu and is_oom(e)):
-                log.error("%s %s batch %d failed: %s", backend.label, model.name, batch, describe_error(e))
-                results.append(InferenceResult(batch_size=batch, status="failed", reason=describe_error(e), **base))
-                break
-            results.append(InferenceResult(batch_size=batch, status="oom", reason=describe_error(e), **base))
+            oom = trial.backend.on_gpu and is_oom(e)
+            results.append(trial.row(batch, "oom" if oom else "failed", reason=describe_error(e)))
             smaller = batch // 2
-            queue = [smaller] if smaller >= 1 and smaller not in {r.batch_size for r in results} else []
-            if queue:
-                log.warning("%s %s batch %d: out of GPU memory; retrying at %d", backend.label, model.name, batch, smaller)
+            queue = [smaller] if oom and smaller >= 1 and smaller not in {r.batch_size for r in results} else []
+            retry = f"; retrying at {smaller}" if queue else ""
+            log.log(logging.WARNING if queue else logging.ERROR, "%s batch %d: %s%s", trial.name, batch, describe_error(e), retry)
             continue
-        results.append(result)
-        seconds_per_image = result.seconds_per_batch.median / batch
-        log.info("%s %s batch %d: %.2f images/s", backend.label, model.name, batch, result.images_per_second.median)
+        log.info("%s batch %d: %.2f images/s", trial.name, batch, results[-1].images_per_second.median)
     return results
 
 
-def measure_batch(
-    session,
-    model: BenchModel,
-    backend: Backend,
-    images: np.ndarray,
-    batch: int,
-    *,
-    warmup: int,
-    repeats: int,
-    gpu_name: str | None,
-    base: dict,
-) -> InferenceResult:
-    run = runner(session, model, backend, model_input(images, model, batch))
-    seconds = time_calls(run, warmup=max(warmup, 1), repeats=repeats)  # >= 1 warm-up: first run allocates
-    rate = rates([batch] * repeats, seconds)
+def over_budget(results: list[InferenceResult], batch: int, budget_s: float) -> str | None:
+    """Why ``batch`` is not tried: its time, predicted from the last measured per-image time, is over ``budget_s``."""
+    done = [r for r in results if r.status == "ok"]
+    if not done:
+        return None
+    predicted = done[-1].seconds_per_batch.median / done[-1].batch_size * batch
+    return f"predicted {predicted:.1f} s per batch, over this suite's {budget_s:g} s budget" if predicted > budget_s else None
+
+
+def measure_batch(session, trial: Trial, batch: int, sweep: SweepConfig) -> InferenceResult:
+    """Warm up (at least once: the first run allocates), time ``sweep.repeats`` calls, and relate the rate to FLOPs."""
+    model, backend = trial.model, trial.backend
+    run = runner(session, backend, model_input(trial.images, model, batch))
+    seconds = time_calls(run, warmup=max(sweep.warmup, 1), repeats=sweep.repeats)
+    rate = rates([batch] * sweep.repeats, seconds)
     gflop = model.gflops(model.contract.input_size)
     achieved = gflop * rate.median / 1e3 if gflop is not None else None
-    peak = peak_tflops(gpu_name, backend.precision) if backend.on_gpu else None
+    peak = peak_tflops(backend.gpu_name, backend.precision) if backend.on_gpu else None
     memory = gpu_memory_of(this_process, backend.device_id) if backend.on_gpu else None
-    return InferenceResult(
-        batch_size=batch,
-        status="ok",
+    return trial.row(
+        batch,
+        "ok",
         images_per_second=rate,
         seconds_per_batch=summarize(seconds),
         gflop_per_image=gflop,
@@ -308,5 +262,4 @@ def measure_batch(
         fraction_of_peak=achieved / peak if achieved is not None and peak else None,
         gpu_memory_mib=memory.mib if memory else None,
         gpu_memory_method=memory.method if memory else None,
-        **base,
     )

@@ -1,18 +1,33 @@
-"""Facts about the machine a benchmark ran on, and the datasheet peaks of known GPUs."""
+"""Where a benchmark runs: the machine's facts, the device it measures, and the memory the work holds.
+
+results.json records the facts (CPU, GPUs, package versions, git revision, load) so that two runs
+are compared knowingly. Memory is peak host RSS (stdlib ``resource``) and GPU memory (``nvidia-smi``).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import json
 import logging
 import os
 import platform
 import re
+import resource
 import shutil
+import signal
 import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from batch.core.devices import cpu_count, parse_device
+from batch.core.devices import Device, cpu_count, parse_device
+from benchmarks.config import BenchError
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +69,17 @@ def peak_tflops(gpu_name: str | None, precision: str) -> float | None:
 
 
 def package_versions() -> dict[str, str | None]:
-    found: dict[str, str | None] = {}
-    for label, names in PACKAGES.items():
-        found[label] = None
-        for name in names:
-            try:
-                found[label] = f"{version(name)} ({name})" if len(names) > 1 else version(name)
-                break
-            except PackageNotFoundError:
-                continue
-    return found
+    return {label: installed_version(names) for label, names in PACKAGES.items()}
+
+
+def installed_version(names: tuple[str, ...]) -> str | None:
+    """The version of the first of ``names`` installed, naming it when there are alternatives."""
+    for name in names:
+        try:
+            return f"{version(name)} ({name})" if len(names) > 1 else version(name)
+        except PackageNotFoundError:
+            continue
+    return None
 
 
 def run_quietly(command: list[str], timeout: float = 20) -> str | None:
@@ -88,24 +104,21 @@ def git_revision() -> dict[str, str | bool | None]:
     }
 
 
+def search_file(path: str, pattern: str) -> str | None:
+    """The first group of ``pattern`` in the text file ``path`` (a /proc file), or None where there is none."""
+    text = Path(path).read_text(errors="replace") if Path(path).is_file() else ""
+    match = re.search(pattern, text, re.MULTILINE)
+    return match[1].strip() if match else None
+
+
 def cpu_facts() -> dict[str, object]:
-    model = None
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        match = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(errors="replace"), re.MULTILINE)
-        model = match[1].strip() if match else None
-    usable = cpu_count()
+    memory_kib = search_file("/proc/meminfo", r"^MemTotal:\s*(\d+) kB")
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    memory = None
-    meminfo = Path("/proc/meminfo")
-    if meminfo.is_file():
-        match = re.search(r"^MemTotal:\s*(\d+) kB", meminfo.read_text(), re.MULTILINE)
-        memory = round(int(match[1]) / 2**20, 1) if match else None
     return {
-        "model": model or platform.processor() or None,
+        "model": search_file("/proc/cpuinfo", r"^model name\s*:\s*(.+)$") or platform.processor() or None,
         "logical_cores": os.cpu_count(),
-        "usable_cores": usable,
-        "memory_gib": memory,
+        "usable_cores": cpu_count(),
+        "memory_gib": round(int(memory_kib) / 2**20, 1) if memory_kib else None,
         "load_average_1min": round(load[0], 2) if load else None,
     }
 
@@ -115,11 +128,8 @@ def gpu_facts() -> list[dict[str, object]]:
     out = run_quietly(["nvidia-smi", "--query-gpu=index,name,driver_version,memory.total", "--format=csv,noheader,nounits"])
     if not out:
         return []
-    cuda = None
-    header = run_quietly(["nvidia-smi"])
-    if header:
-        match = re.search(r"CUDA Version:\s*([\d.]+)", header)
-        cuda = match[1] if match else None
+    match = re.search(r"CUDA Version:\s*([\d.]+)", run_quietly(["nvidia-smi"]) or "")
+    cuda = match[1] if match else None
     gpus = []
     for line in out.strip().splitlines():
         parts = [part.strip() for part in line.split(",")]
@@ -141,16 +151,12 @@ def number_or_none(text: str) -> float | None:
         return None
 
 
-def onnxruntime_providers() -> list[str] | None:
+def machine_facts() -> dict[str, object]:
+    """Everything results.json records about where it ran."""
     try:
         import onnxruntime
     except ImportError:
-        return None
-    return onnxruntime.get_available_providers()
-
-
-def machine_facts() -> dict[str, object]:
-    """Everything results.json records about where it ran."""
+        onnxruntime = None
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "hostname": platform.node(),
@@ -159,7 +165,7 @@ def machine_facts() -> dict[str, object]:
         "cpu": cpu_facts(),
         "gpus": gpu_facts(),
         "packages": package_versions(),
-        "onnxruntime_providers": onnxruntime_providers(),
+        "onnxruntime_providers": onnxruntime.get_available_providers() if onnxruntime else None,
         "git": git_revision(),
     }
 
@@ -175,3 +181,171 @@ def machine_slug(facts: dict, device: str) -> str:
         name = f"cpu {cpu.get('model') or 'unknown'} {cpu.get('usable_cores')} cores"
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower().replace("(r)", "").replace("(tm)", "")).strip("-")
     return slug or "unknown-machine"
+
+
+# ---- the device measured ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """The device a run measures, resolved from ``--device``: the CPU, or one GPU by index and name."""
+
+    device: Device  # cpu or cuda:N, never auto
+    gpu_name: str | None = None  # as nvidia-smi names it: the key to its datasheet peak
+    threads: int = 1  # CPU threads for decoding and file I/O
+
+    @property
+    def kind(self) -> str:
+        return self.device.kind
+
+    @property
+    def device_id(self) -> int | None:
+        return self.device.index if self.device.is_cuda else None
+
+
+def resolve_hardware(requested: str, facts: dict) -> Hardware:
+    """``auto`` -> ``cuda:0`` when ONNX Runtime has CUDA and a GPU is present, else ``cpu``; check ``cuda[:N]``.
+
+    A GPU that was asked for and cannot be used is an error, never a silent CPU run.
+    """
+    from batch.inference.runtime import CUDA_PROVIDER, check_device, provider_missing
+
+    gpus, threads = facts["gpus"], facts["cpu"]["usable_cores"] or 1
+    device = parse_device(requested)
+    if device.kind == "auto":
+        device = parse_device("cuda:0" if gpus and provider_missing(CUDA_PROVIDER) is None else "cpu")
+        log.info("--device auto: benchmarking %s", device)
+    elif device.is_cuda:
+        check_device(device)
+        if device.index not in {g["index"] for g in gpus}:
+            raise BenchError(
+                f"--device {device}: nvidia-smi lists GPUs {[g['index'] for g in gpus] or 'none'}; "
+                "check the driver or choose another index"
+            )
+    gpu_name = next((g["name"] for g in gpus if g["index"] == device.index), None) if device.is_cuda else None
+    return Hardware(device, gpu_name, threads)
+
+
+# ---- memory -----------------------------------------------------------------------------------------
+
+# Runs COMMAND (argv[2:]) and writes its exit status and its own peak RSS to the file argv[1]. Linux
+# hands a process's high-water RSS at exec to the program it becomes, so a command started straight
+# from the benchmark (hundreds of MiB: models, torch) would report at least that much; started from
+# this small interpreter, its ru_maxrss is its own (or the launcher's ~10 MiB, whichever is larger).
+LAUNCHER = """
+import json, resource, subprocess, sys
+code = subprocess.run(sys.argv[2:], check=False).returncode
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+open(sys.argv[1], "w").write(json.dumps({"returncode": code, "ru_maxrss": usage.ru_maxrss}))
+sys.exit(code)
+"""
+
+
+def rss_mib(ru_maxrss: int) -> float:
+    """``ru_maxrss`` in MiB: Linux reports KiB, macOS bytes."""
+    return ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far, in MiB."""
+    return rss_mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+@dataclass(frozen=True)
+class GpuMemoryReading:
+    mib: float | None
+    method: str  # how it was measured, or why it could not be
+
+
+def gpu_memory_of(is_ours: Callable[[int], bool], device_index: int) -> GpuMemoryReading:
+    """GPU memory held now by the processes ``is_ours`` accepts (by pid), from ``nvidia-smi``.
+
+    Inside a container the driver may list host process ids that match none of ours; then the whole
+    device's used memory is reported instead, and ``method`` says so.
+    """
+    apps = run_quietly(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"])
+    if apps is None:
+        return GpuMemoryReading(None, "nvidia-smi not available")
+    ours = []
+    for line in apps.strip().splitlines():
+        parts = [part.strip() for part in line.split(",")]
+        mib = number_or_none(parts[1]) if len(parts) == 2 else None
+        if mib is not None and parts[0].isdigit() and is_ours(int(parts[0])):
+            ours.append(mib)
+    if ours:
+        return GpuMemoryReading(sum(ours), "nvidia-smi, the benchmarked process")
+    total = run_quietly(["nvidia-smi", f"--id={device_index}", "--query-gpu=memory.used", "--format=csv,noheader,nounits"])
+    used = number_or_none(total.strip()) if total else None
+    if used is None:
+        return GpuMemoryReading(None, "nvidia-smi reports neither the process nor the device's memory")
+    return GpuMemoryReading(used, "nvidia-smi, whole device (process not listed; includes other processes)")
+
+
+def this_process(pid: int) -> bool:
+    return pid == os.getpid()
+
+
+def in_process_group(group: int) -> Callable[[int], bool]:
+    def accept(pid: int) -> bool:
+        try:
+            return os.getpgid(pid) == group
+        except OSError:  # gone, or a pid of another pid namespace
+            return False
+
+    return accept
+
+
+class GpuMemorySampler:
+    """Polls :func:`gpu_memory_of` in a background thread and keeps the peak; a context manager."""
+
+    def __init__(self, is_ours: Callable[[int], bool], device_index: int, interval_s: float = 0.5):
+        self.is_ours, self.device_index, self.interval_s = is_ours, device_index, interval_s
+        self.peak = GpuMemoryReading(None, "not sampled")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            reading = gpu_memory_of(self.is_ours, self.device_index)
+            if self.peak.mib is None or (reading.mib is not None and reading.mib > self.peak.mib):
+                self.peak = reading
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> GpuMemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass(frozen=True)
+class ChildRun:
+    returncode: int
+    seconds: float  # wall clock, launch to exit
+    peak_rss_mib: float  # the command's own peak resident set size
+    gpu_memory: GpuMemoryReading | None  # peak sampled while it ran; None when no GPU was asked for
+
+
+def run_child(command: list[str], *, stdout, stderr, timeout_s: float, gpu_index: int | None = None) -> ChildRun:
+    """Run ``command`` to completion, measuring its wall time, peak RSS and (on a GPU) peak GPU memory.
+
+    The command runs under :data:`LAUNCHER` in a new session, so its RSS is its own and, past
+    ``timeout_s``, the whole process group is killed (a timeout is exit code -9).
+    """
+    with tempfile.TemporaryDirectory(prefix="unet-bench-launch-") as folder:
+        report = Path(folder) / "rusage.json"
+        start = time.perf_counter()
+        launcher = [sys.executable, "-c", LAUNCHER, str(report), *command]
+        process = subprocess.Popen(launcher, stdout=stdout, stderr=stderr, start_new_session=True)
+        sampler = GpuMemorySampler(in_process_group(process.pid), gpu_index) if gpu_index is not None else None
+        with sampler or contextlib.nullcontext():
+            try:
+                process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        seconds = time.perf_counter() - start
+        usage = json.loads(report.read_text()) if report.is_file() else {"returncode": process.returncode, "ru_maxrss": 0}
+    return ChildRun(usage["returncode"], seconds, rss_mib(usage["ru_maxrss"]), sampler.peak if sampler else None)

@@ -1,4 +1,10 @@
-"""Readable forms of results.json: the results.md tables, and the side-by-side comparison of two runs."""
+"""Readable forms of results.json: the results.md tables, results.png, and the side-by-side comparison of two runs.
+
+results.png (matplotlib, the ``bench`` extra) has three panels: images/s of inference alone against
+batch size, one line per provider and model, on log-log axes; the throughput of every stage side by
+side; and the milliseconds per photo in each stage of ``unet-batch segment``. It is drawn on a
+``Figure`` without pyplot, so no global state or display backend is involved.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batch.core.devices import parse_device
-from benchmarks.errors import BenchError
+from batch.core.extras import require
+from batch.core.files import write_atomic
+from benchmarks.config import BenchError
+from benchmarks.end_to_end import ONE_TIME_STAGES
 
 SCHEMA_PREFIX = "unet-bench/"
 STAGE_NAMES = {
@@ -27,6 +36,14 @@ def fmt(value: float | None, digits: int = 3) -> str:
     if abs(value) >= 10 ** (digits - 1):
         return f"{value:,.0f}"
     return f"{value:.{digits}g}" if abs(value) >= 1e-3 else f"{value:.2e}"
+
+
+def succeeded(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["status"] == "ok"]
+
+
+def median_rate(row: dict) -> float:
+    return row["images_per_second"]["median"]
 
 
 def spread(stats: dict | None) -> str:
@@ -68,68 +85,48 @@ def load_results(path: str | Path) -> dict:
 # ---- results.md -------------------------------------------------------------------------------------
 
 
+def rate_row(stage: str, what: str, batch: str, r: dict, notes: str) -> list[str]:
+    """A summary row: the stage, what ran, its batch, median images/s and IQR, and notes."""
+    rate = r["images_per_second"]
+    return [STAGE_NAMES[stage], what, batch, fmt(rate["median"]), spread(rate), notes]
+
+
+def not_run_row(stage: str, r: dict) -> list[str]:
+    return [STAGE_NAMES[stage], r["label"], "—", "—", "—", f"{r['status']}: {r['reason']}"]
+
+
 def summary_rows(results: dict) -> list[list[str]]:
-    rows = []
-    for r in results["decode"]:
-        if r["status"] == "ok":
-            rows.append(
-                [
-                    STAGE_NAMES["decode"],
-                    f"{r['label']}, {r['threads']} threads",
-                    "—",
-                    fmt(r["images_per_second"]["median"]),
-                    spread(r["images_per_second"]),
-                    f"{fmt(r['megapixels_per_second']['median'])} MP/s of source photos",
-                ]
-            )
-        else:
-            rows.append([STAGE_NAMES["decode"], r["label"], "—", "—", "—", f"{r['status']}: {r['reason']}"])
+    mp = "{} MP/s of source photos"
+    rows = [
+        rate_row("decode", f"{r['label']}, {r['threads']} threads", "—", r, mp.format(fmt(r["megapixels_per_second"]["median"])))
+        if r["status"] == "ok"
+        else not_run_row("decode", r)
+        for r in results["decode"]
+    ]
     for r in best_inference_rows(results):
         tflops = f"{fmt(r['achieved_tflops'])} TFLOP/s" if r["achieved_tflops"] is not None else ""
         peak = f" ({fmt(100 * r['fraction_of_peak'])} % of {fmt(r['peak_tflops'])})" if r["fraction_of_peak"] is not None else ""
-        rows.append(
-            [
-                STAGE_NAMES["inference"],
-                f"{r['label']}, {r['model']} (fastest batch)",
-                str(r["batch_size"]),
-                fmt(r["images_per_second"]["median"]),
-                spread(r["images_per_second"]),
-                tflops + peak,
-            ]
-        )
+        rows.append(rate_row("inference", f"{r['label']}, {r['model']} (fastest batch)", str(r["batch_size"]), r, tflops + peak))
     rows += [end_to_end_row(e2e) for e2e in (results["end_to_end"], results.get("end_to_end_int8")) if e2e]
-    for r in results["baselines"]:
-        if r["status"] == "ok":
-            rows.append(
-                [
-                    STAGE_NAMES["baseline"],
-                    f"{r['label']} ({r['device']})",
-                    str(r.get("batch_size", 1)),
-                    fmt(r["images_per_second"]["median"]),
-                    spread(r["images_per_second"]),
-                    f"{r['images']} photos",
-                ]
-            )
-        else:
-            rows.append([STAGE_NAMES["baseline"], r["label"], "—", "—", "—", f"{r['status']}: {r['reason']}"])
-    return rows
+    return rows + [
+        rate_row("baseline", f"{r['label']} ({r['device']})", str(r.get("batch_size", 1)), r, f"{r['images']} photos")
+        if r["status"] == "ok"
+        else not_run_row("baseline", r)
+        for r in results["baselines"]
+    ]
 
 
 def end_to_end_row(e2e: dict) -> list[str]:
     what = f"unet-batch segment, {e2e['model']}" + (f" {e2e['precision'].upper()}" if e2e.get("precision") else "")
     if e2e["status"] != "ok":
         return [STAGE_NAMES["end_to_end"], what, "—", "—", "—", f"failed: {e2e['reason']}"]
-    return [
-        STAGE_NAMES["end_to_end"],
-        what,
-        str(e2e["batch_size"]),
-        fmt(e2e["images_per_second"]["median"]),
-        spread(e2e["images_per_second"]),
+    notes = (
         f"{e2e['images']} photos x {e2e['repeats']} runs; decoder {e2e['decoder']}, device {e2e['device']}; "
         f"after {fmt(e2e['setup_seconds']['median'])} s of set-up (model load): "
         f"{fmt(e2e['runner_images_per_second']['median'])} images/s counting it, "
-        f"{fmt(e2e['wall_images_per_second']['median'])} counting process start too",
-    ]
+        f"{fmt(e2e['wall_images_per_second']['median'])} counting process start too"
+    )
+    return rate_row("end_to_end", what, str(e2e["batch_size"]), e2e, notes)
 
 
 def best_inference_rows(results: dict) -> list[dict]:
@@ -145,42 +142,44 @@ def best_inference_rows(results: dict) -> list[dict]:
 
 
 def ratio_lines(results: dict) -> list[str]:
-    ratios = results["ratios"]
+    """The headline ratios: end to end over each naive loop and over inference alone; on a CPU, INT8's too."""
     labels = {b["baseline"]: b["label"] for b in results["baselines"]}
-    lines = [
-        f"- end to end / naive {labels.get(name, name)}: **{fmt(value)}x**"
-        for name, value in ratios["end_to_end_over_baseline"].items()
-    ]
-    if ratios["end_to_end_over_inference"] is not None:
-        ref = ratios["inference_reference"]
-        lines.append(
-            f"- end to end / inference alone ({ref['label']}, {ref['model']}, batch {ref['batch_size']}): "
-            f"**{fmt(ratios['end_to_end_over_inference'])}**"
-        )
-    return (lines or ["- no ratios: the end-to-end run did not complete"]) + int8_ratio_lines(results, labels)
-
-
-def int8_ratio_lines(results: dict, labels: dict[str, str]) -> list[str]:
-    """The INT8 end-to-end run over FP32, over the naive loops and over its own inference alone (CPU runs)."""
-    ratios = results.get("ratios_int8")
-    if not ratios:
-        return []
-    lines = [
-        f"- INT8 / FP32, {what}: **{fmt(ratios[key])}x**"
-        for key, what in (("end_to_end_over_fp32", "end to end"), ("inference_over_fp32", "inference alone (fastest batches)"))
-        if ratios[key] is not None
-    ]
+    lines = e2e_ratio_lines(results["ratios"], labels, "") or ["- no ratios: the end-to-end run did not complete"]
+    int8 = results.get("ratios_int8")
+    if not int8:
+        return lines
     lines += [
-        f"- INT8 end to end / naive {labels.get(name, name)}: **{fmt(value)}x**"
+        f"- INT8 / FP32, {what}: **{fmt(int8[key])}x**"
+        for key, what in (("end_to_end_over_fp32", "end to end"), ("inference_over_fp32", "inference alone (fastest batches)"))
+        if int8[key] is not None
+    ]
+    return lines + e2e_ratio_lines(int8, labels, "INT8 ")
+
+
+def e2e_ratio_lines(ratios: dict, labels: dict[str, str], prefix: str) -> list[str]:
+    lines = [
+        f"- {prefix}end to end / naive {labels.get(name, name)}: **{fmt(value)}x**"
         for name, value in ratios["end_to_end_over_baseline"].items()
     ]
     if ratios["end_to_end_over_inference"] is not None:
         ref = ratios["inference_reference"]
         lines.append(
-            f"- INT8 end to end / inference alone ({ref['label']}, batch {ref['batch_size']}): "
+            f"- {prefix}end to end / inference alone ({ref['label']}, {ref['model']}, batch {ref['batch_size']}): "
             f"**{fmt(ratios['end_to_end_over_inference'])}**"
         )
     return lines
+
+
+def write_files(out_dir: Path, texts: dict[str, str]) -> dict[str, Path]:
+    """Write each ``{name: text}`` into ``out_dir``, whole or not at all; return the paths by suffix ("json", "md")."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in texts.items():
+        write_atomic(out_dir / name, text.encode())
+    return {Path(name).suffix[1:]: out_dir / name for name in texts}
+
+
+def as_json(document: dict) -> str:
+    return json.dumps(document, indent=2) + "\n"
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -190,38 +189,16 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def inference_table(results: dict) -> str:
-    rows = []
-    for r in results["inference"]:
-        ips = r["images_per_second"]
-        rows.append(
-            [
-                r["label"],
-                r["model"],
-                str(r["batch_size"]),
-                fmt(ips["median"]) if ips else "—",
-                spread(ips),
-                fmt(1e3 * r["seconds_per_batch"]["median"]) if r["seconds_per_batch"] else "—",
-                fmt(r["gflop_per_image"]),
-                fmt(r["achieved_tflops"]),
-                fmt(100 * r["fraction_of_peak"]) if r["fraction_of_peak"] is not None else "—",
-                fmt(r["gpu_memory_mib"]),
-                r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}",
-            ]
-        )
-    header = [
-        "provider",
-        "model",
-        "batch",
-        "images/s",
-        "IQR",
-        "ms / batch",
-        "GFLOP / image",
-        "TFLOP/s",
-        "% of peak",
-        "GPU MiB",
-        "status",
-    ]
-    return table(header, rows)
+    header = ["provider", "model", "batch", "images/s", "IQR", "ms / batch", "GFLOP / image", "TFLOP/s", "% of peak", "GPU MiB"]
+    return table([*header, "status"], [inference_cells(r) for r in results["inference"]])
+
+
+def inference_cells(r: dict) -> list[str]:
+    ips, per_batch, of_peak = r["images_per_second"], r["seconds_per_batch"], r["fraction_of_peak"]
+    speed = [fmt(ips["median"]) if ips else "—", spread(ips), fmt(1e3 * per_batch["median"]) if per_batch else "—"]
+    work = [fmt(r["gflop_per_image"]), fmt(r["achieved_tflops"]), fmt(100 * of_peak) if of_peak is not None else "—"]
+    status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
+    return [r["label"], r["model"], str(r["batch_size"]), *speed, *work, fmt(r["gpu_memory_mib"]), status]
 
 
 def stage_table(results: dict) -> str:
@@ -240,8 +217,6 @@ def stage_table(results: dict) -> str:
 
 def running_stages(e2e: dict) -> dict[str, float]:
     """ms per photo of each stage that runs per photo (the one-time set-up stages left out)."""
-    from benchmarks.end_to_end import ONE_TIME_STAGES
-
     return {name: ms for name, ms in (e2e.get("stage_ms_per_image") or {}).items() if name not in ONE_TIME_STAGES}
 
 
@@ -249,7 +224,7 @@ def memory_table(results: dict) -> str:
     m = results["memory"]
     rows = [
         ["benchmark process, peak RSS", fmt(m["benchmark_peak_rss_mib"]), "resource.getrusage"],
-        ["unet-batch process, peak RSS", fmt(m["end_to_end_peak_rss_mib"]), "its own ru_maxrss (benchmarks.launch)"],
+        ["unet-batch process, peak RSS", fmt(m["end_to_end_peak_rss_mib"]), "its own ru_maxrss (started from a small launcher)"],
     ]
     if parse_device(results["device"]).is_cuda:
         rows += [
@@ -260,27 +235,18 @@ def memory_table(results: dict) -> str:
 
 
 def machine_table(results: dict) -> str:
-    facts = results["machine"]
-    cpu = facts["cpu"]
-    gpus = (
-        "; ".join(
-            f"{g['name']} (driver {g['driver']}, CUDA {g['cuda_driver_api']}, {fmt(g['memory_mib'])} MiB)" for g in facts["gpus"]
-        )
-        or "none"
-    )
-    packages = ", ".join(f"{name} {ver}" for name, ver in facts["packages"].items() if ver)
-    git = facts["git"]
+    facts, cpu, git = results["machine"], results["machine"]["cpu"], results["machine"]["git"]
+    gpus = [f"{g['name']} (driver {g['driver']}, CUDA {g['cuda_driver_api']}, {fmt(g['memory_mib'])} MiB)" for g in facts["gpus"]]
     revision = (git["commit"][:12] + (" (uncommitted changes)" if git["dirty"] else "")) if git["commit"] else "unknown"
+    cores = f"{cpu['usable_cores']} usable of {cpu['logical_cores']} logical cores, {fmt(cpu['memory_gib'])} GiB"
+    load = f"{fmt(cpu['load_average_1min'])} at start, {fmt(facts.get('load_average_1min_at_end'))} at end"
     rows = [
         ["date (UTC)", facts["date"]],
-        [
-            "CPU",
-            f"{cpu['model']}, {cpu['usable_cores']} usable of {cpu['logical_cores']} logical cores, {fmt(cpu['memory_gib'])} GiB",
-        ],
-        ["GPU", gpus],
-        ["packages", packages],
+        ["CPU", f"{cpu['model']}, {cores}"],
+        ["GPU", "; ".join(gpus) or "none"],
+        ["packages", ", ".join(f"{name} {ver}" for name, ver in facts["packages"].items() if ver)],
         ["git revision", revision],
-        ["1-min load average", f"{fmt(cpu['load_average_1min'])} at start, {fmt(facts.get('load_average_1min_at_end'))} at end"],
+        ["1-min load average", load],
         ["python / platform", f"{facts['python']} / {facts['platform']}"],
     ]
     return table(["", ""], rows)
@@ -289,11 +255,7 @@ def machine_table(results: dict) -> str:
 def render_markdown(results: dict) -> str:
     settings = results["settings"]
     photos = settings["photos"]
-    source = (
-        f"{photos['count']} real photos from `{photos['dir']}`"
-        if photos["kind"] == "real"
-        else f"{photos['count']} synthetic photos"
-    )
+    source = f"{photos['count']} " + (f"real photos from `{photos['dir']}`" if photos["kind"] == "real" else "synthetic photos")
     h, w = settings["input_size"]
     parts = [
         f"# unet-bench: {machine_name(results)}, {results['suite']} suite",
@@ -313,6 +275,113 @@ def render_markdown(results: dict) -> str:
     return "\n\n".join(part for part in parts if part) + "\n"
 
 
+# ---- results.png ------------------------------------------------------------------------------------
+
+
+STAGE_COLORS = {"decode": "tab:blue", "inference": "tab:green", "end to end": "tab:red", "baseline": "tab:gray"}
+
+
+def draw_results(results: dict):
+    """The three panels under a title naming the machine, suite, photos and input size: a matplotlib ``Figure``."""
+    require("matplotlib", "bench", what="drawing results.png")
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(19.2, 7.2), dpi=100, layout="constrained")
+    sweep, stages, e2e = figure.subplots(1, 3)
+    photos, (h, w) = results["settings"]["photos"], results["settings"]["input_size"]
+    figure.suptitle(
+        f"unet-bench {results['suite']}: {machine_name(results)} · {photos['kind']} photos · input {h}x{w} · "
+        f"{results['machine']['date']}"
+    )
+    draw_sweep(sweep, results)
+    draw_bars(stages, stage_bars(results), "Throughput by stage", "images/s, median over repeats")
+    draw_e2e_stages(e2e, results["end_to_end"])
+    return figure
+
+
+def draw_sweep(ax, results: dict) -> None:
+    """Panel 1: images/s against batch size, log-log, one line per provider and model."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in results["inference"]:
+        if r["status"] == "ok":
+            series.setdefault(f"{r['label']} {r['model']}", []).append((r["batch_size"], r["images_per_second"]["median"]))
+    ax.set_title("Inference alone: images/s against batch size (log-log)", loc="left")
+    if not series:
+        show_message(ax, "No inference measurement succeeded; see results.md for the reasons.")
+        return
+    for name, points in series.items():
+        batches, rates = zip(*sorted(points))
+        ax.plot(batches, rates, marker="o", label=name)
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    batches = sorted({b for points in series.values() for b, _ in points})
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))  # 1-2-5 ticks, labelled as plain numbers
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: fmt(value)))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("images/s")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize="small", frameon=False)
+
+
+def stage_bars(results: dict) -> list[tuple[str, float, str]]:
+    """(label, images/s, stage) of panel 2: decoders, inference alone, end to end, the peers."""
+    bars = [
+        (f"decode: {r['label']}", r["images_per_second"]["median"], "decode") for r in results["decode"] if r["status"] == "ok"
+    ]
+    reference = results["ratios"].get("inference_reference")
+    if reference:
+        bars.append((f"inference: {reference['label']} b{reference['batch_size']}", reference["images_per_second"], "inference"))
+    else:
+        bars += [
+            (f"inference: {r['label']} {r['model']}", r["images_per_second"]["median"], "inference")
+            for r in best_inference_rows(results)[:1]
+        ]
+    e2e = results["end_to_end"]
+    if e2e["status"] == "ok":
+        bars.append((f"end to end: unet-batch b{e2e['batch_size']}", e2e["images_per_second"]["median"], "end to end"))
+    ok_baselines = (r for r in results["baselines"] if r["status"] == "ok")
+    return bars + [(f"naive: {r['label']}", r["images_per_second"]["median"], "baseline") for r in ok_baselines]
+
+
+def draw_e2e_stages(ax, e2e: dict) -> None:
+    """Panel 3: ms per photo in each per-photo stage of the median end-to-end run."""
+    stages = running_stages(e2e)
+    setup = e2e.get("setup_seconds")
+    subtitle = f"ms per photo in unet-batch ({e2e.get('model') or '—'}, median run)"
+    subtitle += f"\none-time set-up ({fmt(setup['median'])} s per run) not shown" if setup else ""
+    if not stages:
+        ax.set_title(f"End-to-end stages\n{subtitle}", loc="left")
+        show_message(ax, f"End to end did not complete: {e2e.get('reason') or 'no stages reported'}")
+        return
+    draw_bars(ax, [(name, ms, "end to end") for name, ms in stages.items()], "End-to-end stages", subtitle)
+    ax.set_xlabel("ms per photo")
+
+
+def draw_bars(ax, bars: list[tuple[str, float, str]], title: str, subtitle: str) -> None:
+    """Horizontal bars, first at the top, each labelled with its value, on a linear axis from 0."""
+    ax.set_title(f"{title}\n{subtitle}", loc="left")
+    if not bars:
+        show_message(ax, "Nothing was measured successfully; see results.md.")
+        return
+    labels, values, stages = zip(*bars)
+    drawn = ax.barh(labels, values, color=[STAGE_COLORS.get(stage, "tab:blue") for stage in stages])
+    ax.bar_label(drawn, labels=[fmt(v) for v in values], padding=3, fontsize="small")
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(values) * 1.2)
+    ax.set_xlabel("images/s")
+    ax.grid(True, axis="x", alpha=0.3)
+
+
+def show_message(ax, message: str) -> None:
+    ax.text(0.02, 0.95, message, transform=ax.transAxes, va="top", wrap=True, color="dimgray")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
 # ---- compare ----------------------------------------------------------------------------------------
 
 
@@ -325,33 +394,32 @@ class Metric:
 
 def metrics(results: dict) -> dict[str, Metric]:
     """Comparable figures of one run, keyed so that the same measurement on two machines shares a key."""
-    found: dict[str, Metric] = {}
-    for r in results["decode"]:
-        if r["status"] == "ok":
-            found[f"decode/{r['decoder']}"] = Metric(f"decode {r['label']}", "images/s", r["images_per_second"]["median"])
-    for r in results["inference"]:
-        if r["status"] == "ok":
-            key = f"inference/{r['backend']}/{r['precision']}/{r['model']}/{r['batch_size']}"
-            found[key] = Metric(
-                f"{r['label']} {r['model']} batch {r['batch_size']}", "images/s", r["images_per_second"]["median"]
-            )
+    found = {
+        f"decode/{r['decoder']}": Metric(f"decode {r['label']}", "images/s", median_rate(r)) for r in succeeded(results["decode"])
+    }
+    for r in succeeded(results["inference"]):
+        name = f"{r['label']} {r['model']} batch {r['batch_size']}"
+        found[f"inference/{r['backend']}/{r['precision']}/{r['model']}/{r['batch_size']}"] = Metric(
+            name, "images/s", median_rate(r)
+        )
     for r in best_inference_rows(results):
-        key = f"inference-best/{r['backend']}/{r['precision']}/{r['model']}"
-        found[key] = Metric(f"{r['label']} {r['model']} fastest batch", "images/s", r["images_per_second"]["median"])
-    e2e = results["end_to_end"]
+        name = f"{r['label']} {r['model']} fastest batch"
+        found[f"inference-best/{r['backend']}/{r['precision']}/{r['model']}"] = Metric(name, "images/s", median_rate(r))
+    e2e, int8 = results["end_to_end"], results.get("end_to_end_int8")
     if e2e["status"] == "ok":
-        found["end_to_end"] = Metric(f"end to end ({e2e['model']})", "images/s", e2e["images_per_second"]["median"])
+        found["end_to_end"] = Metric(f"end to end ({e2e['model']})", "images/s", median_rate(e2e))
         found["end_to_end/rss"] = Metric("unet-batch peak RSS", "MiB", e2e["peak_rss_mib"])
-    for r in results["baselines"]:
-        if r["status"] == "ok":
-            found[f"baseline/{r['baseline']}"] = Metric(f"naive {r['label']}", "images/s", r["images_per_second"]["median"])
-    for name, value in results["ratios"]["end_to_end_over_baseline"].items():
+    found |= {
+        f"baseline/{r['baseline']}": Metric(f"naive {r['label']}", "images/s", median_rate(r))
+        for r in succeeded(results["baselines"])
+    }
+    ratios = results["ratios"]
+    for name, value in ratios["end_to_end_over_baseline"].items():
         found[f"ratio/baseline/{name}"] = Metric(f"end to end / naive {name}", "x", value)
-    if results["ratios"]["end_to_end_over_inference"] is not None:
-        found["ratio/inference"] = Metric("end to end / inference alone", "x", results["ratios"]["end_to_end_over_inference"])
-    int8 = results.get("end_to_end_int8")
+    if ratios["end_to_end_over_inference"] is not None:
+        found["ratio/inference"] = Metric("end to end / inference alone", "x", ratios["end_to_end_over_inference"])
     if int8 and int8["status"] == "ok":
-        found["end_to_end_int8"] = Metric(f"end to end INT8 ({int8['model']})", "images/s", int8["images_per_second"]["median"])
+        found["end_to_end_int8"] = Metric(f"end to end INT8 ({int8['model']})", "images/s", median_rate(int8))
         if results["ratios_int8"]["end_to_end_over_fp32"] is not None:
             found["ratio/int8"] = Metric("end to end INT8 / FP32", "x", results["ratios_int8"]["end_to_end_over_fp32"])
     return found

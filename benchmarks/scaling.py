@@ -1,33 +1,43 @@
 """Images/s against the number of Ray workers: how ``unet-batch segment --engine ray`` scales on a host or cluster.
 
-A run of the local engine, one run of the Ray engine per worker count, and the local engine again (its
-mean is the baseline: the load of a shared machine drifts), on the same photos and model, each into a
-fresh output folder (nothing skipped). The Ray session is started once, before the first Ray run, so
-that its start-up is not charged to the first worker count. The *steady* rate leaves out what
-report.json counts as set-up and discovery:
-
-    steady images/s = processed / (seconds - stages.setup - stages.discover)
-
-For the local engine set-up is loading the model; for the Ray engine it is reaching the cluster,
-while starting the actors and loading the model in each stay in (their cost, a few seconds, is
-part of the Ray engine's overhead that the comparison is about).
-
-On a host with GPUs, ``--workers 1 --workers 2`` also shows whether two actors sharing one GPU beat one
-(fractional GPUs); on a CPU-only host, whether splitting the cores between actors helps.
+The local engine, then the Ray engine once per worker count, then the local engine again (the mean of
+its two runs is the baseline: the load of a shared machine drifts), on the same photos and model, each
+into a fresh folder. The Ray session starts once, before the first Ray run, so that its start-up is not
+charged to the first worker count. The *steady* rate leaves out report.json's ``setup`` and
+``discover`` stages: loading the model for the local engine, reaching the cluster for Ray (whose
+actors still start and load the model inside the timed span: that overhead is what is compared).
+With GPUs, ``--workers 1 --workers 2`` also shows whether two actors sharing one GPU beat one; on a
+CPU-only host, whether splitting the cores between actors helps.
 """
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from batch.core.files import write_atomic
 from batch.inference.bundled import default_model_path
 from batch.runs.config import ClusterConfig, RunConfig
 from batch.runs.report import Report
 from benchmarks.machine import machine_facts
+from benchmarks.report import as_json, table, write_files
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """The options of ``unet-bench scaling``."""
+
+    images: str  # a folder or a URI (s3://bucket/prefix)
+    model: Path | None = None  # None: the bundled model for the device
+    worker_counts: tuple[int, ...] = (1, 2)  # Ray inference actors of each Ray run
+    device: str = "auto"
+    limit: int | None = None  # only the first N photos
+    address: str | None = None  # Ray cluster; None: $RAY_ADDRESS, else a local Ray
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if min(self.worker_counts, default=0) < 1 or (self.limit or 1) < 1:
+            raise ValueError(f"worker counts and --limit must be >= 1, got {self.worker_counts} and {self.limit}")
 
 
 @dataclass(frozen=True)
@@ -43,25 +53,25 @@ class ScalingRow:
     ratio_to_local: float  # steady rate over the local engine's (the mean of its runs before and after the Ray ones)
 
 
-def run_scaling(images: str, model: Path | None, worker_counts: tuple[int, ...], device: str, limit: int | None,
-                address: str | None, progress: bool) -> list[ScalingRow]:  # fmt: skip
-    """The local engine, then the Ray engine with each of ``worker_counts`` actors, over the same photos with the
-    same model (``model``, or the bundled one for ``device``)."""
+def run_scaling(config: ScalingConfig) -> list[ScalingRow]:
+    """The local engine, then the Ray engine with each worker count, then the local engine again: the same photos
+    and model (``config.model``, or the bundled one for the device) each time."""
     from batch.runs.ray_engine import ray_session
     from batch.runs.run import run
 
-    model = model or default_model_path(device)  # one file for every run, even if the bundled choice changes meanwhile
+    model = config.model or default_model_path(config.device)  # one file for every run, even if the bundled choice changes
     with tempfile.TemporaryDirectory(prefix="unet-bench-scaling-") as scratch:
 
-        def config(name: str) -> RunConfig:
-            return RunConfig(input_dir=images, output_dir=Path(scratch, name), model=model, device=device,
-                                 limit=limit, progress=progress)  # fmt: skip
+        def segment_config(name: str) -> RunConfig:
+            chosen = dict(model=model, device=config.device, limit=config.limit, progress=config.progress)
+            return RunConfig(input_dir=config.images, output_dir=Path(scratch, name), **chosen)
 
-        reports = [("local", 1, run(config("local-before")))]
-        with ray_session(address, verbose=False):
-            for count in worker_counts:
-                reports.append(("ray", count, run(config(f"ray-{count}"), "ray", ClusterConfig(address, count))))
-        reports.append(("local", 1, run(config("local-after"))))
+        reports = [("local", 1, run(segment_config("local-before")))]
+        with ray_session(config.address, verbose=False):
+            for count in config.worker_counts:
+                cluster = ClusterConfig(config.address, count)
+                reports.append(("ray", count, run(segment_config(f"ray-{count}"), "ray", cluster)))
+        reports.append(("local", 1, run(segment_config("local-after"))))
     baseline = (steady_rate(reports[0][2]) + steady_rate(reports[-1][2])) / 2  # before and after: drift on a shared machine
     return [row(engine, workers, report, baseline) for engine, workers, report in reports]
 
@@ -86,23 +96,16 @@ def row(engine: str, workers: int, report: Report, baseline: float) -> ScalingRo
 
 
 def render(rows: list[ScalingRow]) -> str:
-    lines = [
-        f"model: {rows[0].model}" if rows else "no runs",
-        "",
-        "| engine | workers | device | photos | seconds | images/s | steady images/s | steady vs local |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in rows:
-        lines.append(f"| {r.engine} | {r.workers} | {r.device} | {r.photos} | {r.seconds:.1f} | {r.images_per_second:.2f} "
-                     f"| {r.steady_images_per_second:.2f} | {r.ratio_to_local:.2f}x |")  # fmt: skip
-    return "\n".join(lines) + "\n"
+    header = ["engine", "workers", "device", "photos", "seconds", "images/s", "steady images/s", "steady vs local"]
+    return f"model: {rows[0].model}\n\n{table(header, [cells(r) for r in rows])}\n" if rows else "no runs\n"
+
+
+def cells(r: ScalingRow) -> list[str]:
+    rates = f"{r.images_per_second:.2f}", f"{r.steady_images_per_second:.2f}", f"{r.ratio_to_local:.2f}x"
+    return [r.engine, str(r.workers), r.device, str(r.photos), f"{r.seconds:.1f}", *rates]
 
 
 def write_scaling(rows: list[ScalingRow], out_dir: Path) -> dict[str, Path]:
     """``results.json`` (rows and the machine) and ``results.md`` (the table) in ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "results.json", "md": out_dir / "results.md"}
     document = {"machine": machine_facts(), "rows": [asdict(r) for r in rows]}
-    write_atomic(paths["json"], (json.dumps(document, indent=2) + "\n").encode())
-    write_atomic(paths["md"], render(rows).encode())
-    return paths
+    return write_files(out_dir, {"results.json": as_json(document), "results.md": render(rows)})

@@ -25,22 +25,43 @@ import numpy as np
 from tqdm import tqdm
 
 from batch.core.contract import probability_to_logit
-from batch.core.devices import parse_device
-from batch.core.files import write_atomic
 from batch.core.masks import MaskError, area_fraction, dice, read_mask
 from batch.inference.postprocess import upsample_threshold
-from benchmarks.config import check_extras
-from benchmarks.errors import BenchError
-from benchmarks.flops import unet_gflops
-from benchmarks.inference import backends_for, sweep_batches
-from benchmarks.machine import machine_facts
-from benchmarks.models import random_model
+from benchmarks.config import BenchError, SweepConfig, check_extras, fail_unless
+from benchmarks.inference import Backend, backends_for, fastest, sweep_batches
+from benchmarks.machine import Hardware, machine_facts, resolve_hardware
+from benchmarks.models import BenchModel, random_model
+from benchmarks.report import as_json, table, write_files
 from benchmarks.timing import Stats
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "unet-bench-tradeoff/1"
 LOGIT_CLIP = 1e-3  # a perfect model's probabilities are clipped to [1e-3, 1 - 1e-3] (logits within +-6.9)
+
+
+@dataclass(frozen=True)
+class TradeoffConfig:
+    """The options of ``unet-bench tradeoff``: what is measured, and the sweep each configuration's speed comes from."""
+
+    mask_paths: tuple[Path, ...]  # ground truth for the resolution ceiling
+    sizes: tuple[tuple[int, int], ...]  # (h, w) model inputs
+    widths: tuple[int, ...]
+    depths: tuple[int, ...]
+    run_dirs: tuple[Path, ...] = ()  # unet-train runs whose best validation Dice joins the table
+    device: str = "auto"
+    sweep: SweepConfig = SweepConfig((1, 2, 4, 8), warmup=1, repeats=3, max_batch_seconds=10.0)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        multiple = 2 ** max(self.depths, default=0)
+        bad = ", ".join(f"{h}x{w}" for h, w in self.sizes if h % multiple or w % multiple)
+        checks = {
+            "no masks to measure the resolution ceiling on: pass --masks with a folder of mask files": bool(self.mask_paths),
+            "sizes, widths and depths must not be empty": bool(self.sizes and self.widths and self.depths),
+            f"sizes {bad} are not multiples of 2**depth = {multiple}: round them, e.g. 320x480": not bad,
+        }
+        fail_unless(checks, "unet-bench tradeoff")
 
 
 @dataclass(frozen=True)
@@ -83,8 +104,6 @@ def resolution_ceiling(truth: np.ndarray, size: tuple[int, int]) -> float:
 
 def measure_ceilings(mask_paths: Sequence[Path], sizes: Sequence[tuple[int, int]], progress: bool = True) -> list[Ceiling]:
     """The resolution ceiling of each size, averaged over the masks (each read once)."""
-    if not mask_paths:
-        raise BenchError("no masks to measure the resolution ceiling on: pass --masks with a folder of mask files")
     scores = np.empty((len(mask_paths), len(sizes)))
     for i, path in enumerate(tqdm(mask_paths, desc="ceiling", unit="img", disable=not progress)):
         try:
@@ -92,44 +111,40 @@ def measure_ceilings(mask_paths: Sequence[Path], sizes: Sequence[tuple[int, int]
         except MaskError as e:
             raise BenchError(f"{e} (or leave it out of --masks)") from e
         scores[i] = [resolution_ceiling(truth, size) for size in sizes]
-    return [
-        Ceiling(tuple(size), float(scores[:, j].mean()), float(scores[:, j].min()), len(mask_paths))
-        for j, size in enumerate(sizes)
-    ]
+    means, worst = scores.mean(axis=0), scores.min(axis=0)
+    return [Ceiling(tuple(size), float(means[j]), float(worst[j]), len(mask_paths)) for j, size in enumerate(sizes)]
 
 
-def measure_speed(
-    width: int,
-    depth: int,
-    size: tuple[int, int],
-    *,
-    device: str,
-    batch_sizes: tuple[int, ...],
-    warmup: int,
-    repeats: int,
-    max_batch_seconds: float,
-    seed: int,
-    folder: Path,
-    cache_dir: Path | None,
-) -> SpeedPoint:
-    """Best images/s over ``batch_sizes`` of a random-weight U-Net on ``device``'s first provider
-    (CPU FP32, or CUDA FP16 with device-resident buffers)."""
-    device = parse_device(device)
-    backend = backends_for(device.kind, device.index if device.is_cuda else None)[0]
-    gflop = unet_gflops({"width": width, "depth": depth, "in_channels": 3, "out_channels": 1}, size)
-    model = random_model(
-        width, depth, size, fp16=backend.graph_precision == "fp16", seed=seed, folder=folder, cache_dir=cache_dir
-    )
-    images = np.random.default_rng(seed).integers(0, 256, (max(batch_sizes), *size, 3), dtype=np.uint8)  # (N, h, w, 3)
-    sweep = sweep_batches(
-        model, backend, images, batch_sizes, warmup=warmup, repeats=repeats, max_batch_seconds=max_batch_seconds, gpu_name=None
-    )
-    best = sweep.best()
+def measure_speed(model: BenchModel, backend: Backend, sweep: SweepConfig, seed: int) -> SpeedPoint:
+    """Best images/s over the sweep's batch sizes of a random-weight U-Net on ``backend``, on random pixels."""
+    config, size = model.model_config, model.contract.input_size
+    point = dict(width=config["width"], depth=config["depth"], size=size, gflop_per_image=model.gflops(size))
+    images = np.random.default_rng(seed).integers(0, 256, (max(sweep.batch_sizes), *size, 3), dtype=np.uint8)  # (N, h, w, 3)
+    rows = sweep_batches(model, backend, images, sweep)
+    best = fastest(rows)
     if best is None:
-        first = sweep.results[0]
-        return SpeedPoint(width, depth, size, gflop, first.status, reason=first.reason)
-    log.info("w%d d%d %dx%d: %.2f images/s at batch %d", width, depth, *size, best.images_per_second.median, best.batch_size)
-    return SpeedPoint(width, depth, size, gflop, "ok", best.batch_size, best.images_per_second)
+        return SpeedPoint(**point, status=rows[0].status, reason=rows[0].reason)
+    rate = best.images_per_second
+    log.info("w%d d%d %dx%d: %.2f images/s at batch %d", point["width"], point["depth"], *size, rate.median, best.batch_size)
+    return SpeedPoint(**point, status="ok", best_batch=best.batch_size, images_per_second=rate)
+
+
+def measure_speeds(config: TradeoffConfig, hardware: Hardware, cache_dir: Path | None) -> list[SpeedPoint]:
+    """Every (size, depth, width) on ``hardware``'s first provider: CPU FP32, or CUDA FP16 with device-resident buffers."""
+    backend = backends_for(hardware)[0]
+    fp16 = backend.graph_precision == "fp16"
+    with tempfile.TemporaryDirectory(prefix="unet-bench-tradeoff-") as scratch:
+        return [
+            measure_speed(
+                random_model(w, d, tuple(s), fp16=fp16, seed=config.seed, folder=Path(scratch), cache_dir=cache_dir),
+                backend,
+                config.sweep,
+                config.seed,
+            )
+            for s in config.sizes
+            for d in config.depths
+            for w in config.widths
+        ]
 
 
 def read_run(run_dir: Path) -> TrainedRun:
@@ -158,116 +173,60 @@ def read_run(run_dir: Path) -> TrainedRun:
     )
 
 
-def run_tradeoff(
-    *,
-    mask_paths: Sequence[Path],
-    sizes: Sequence[tuple[int, int]],
-    widths: Sequence[int],
-    depths: Sequence[int],
-    run_dirs: Sequence[Path],
-    device: str,
-    batch_sizes: tuple[int, ...] = (1, 2, 4, 8),
-    warmup: int = 1,
-    repeats: int = 3,
-    max_batch_seconds: float = 10.0,
-    seed: int = 0,
-    cache_dir: Path | None = None,
-    progress: bool = True,
-) -> dict:
+def run_tradeoff(config: TradeoffConfig, *, cache_dir: Path | None = None, progress: bool = True) -> dict:
     """Everything :func:`render_tradeoff` tabulates (the content of tradeoff.json)."""
     check_extras("unet-bench tradeoff")
-    check_sizes(sizes, depths)
-    runs = [read_run(Path(r)) for r in run_dirs]
-    ceilings = measure_ceilings(mask_paths, sizes, progress)
-    with tempfile.TemporaryDirectory(prefix="unet-bench-tradeoff-") as scratch:
-        speeds = [
-            measure_speed(
-                w,
-                d,
-                tuple(s),
-                device=device,
-                batch_sizes=batch_sizes,
-                warmup=warmup,
-                repeats=repeats,
-                max_batch_seconds=max_batch_seconds,
-                seed=seed,
-                folder=Path(scratch),
-                cache_dir=cache_dir,
-            )
-            for s in sizes
-            for d in depths
-            for w in widths
-        ]
+    runs = [read_run(Path(r)) for r in config.run_dirs]  # a bad run folder fails before minutes of measuring
+    ceilings = measure_ceilings(config.mask_paths, config.sizes, progress)
     facts = machine_facts()
-    return json.loads(
-        json.dumps(
-            {
-                "schema": SCHEMA,
-                "device": device,
-                "machine": facts,
-                "settings": {
-                    "batch_sizes": list(batch_sizes),
-                    "warmup": warmup,
-                    "repeats": repeats,
-                    "seed": seed,
-                    "masks": len(mask_paths),
-                    "logit_clip": LOGIT_CLIP,
-                },
-                "ceilings": [asdict(c) for c in ceilings],
-                "speeds": [asdict(s) for s in speeds],
-                "runs": [asdict(r) for r in runs],
-            }
-        )
-    )
-
-
-def check_sizes(sizes: Sequence[tuple[int, int]], depths: Sequence[int]) -> None:
-    multiple = 2 ** max(depths)
-    bad = [f"{h}x{w}" for h, w in sizes if h % multiple or w % multiple]
-    if bad:
-        raise BenchError(f"sizes {', '.join(bad)} are not multiples of 2**depth = {multiple}: round them, e.g. 320x480")
+    hardware = resolve_hardware(config.device, facts)
+    speeds = measure_speeds(config, hardware, cache_dir)
+    settings = {"batch_sizes": list(config.sweep.batch_sizes), "warmup": config.sweep.warmup, "repeats": config.sweep.repeats}
+    settings |= {"seed": config.seed, "masks": len(config.mask_paths), "logit_clip": LOGIT_CLIP}
+    results = {
+        "schema": SCHEMA,
+        "device": str(hardware.device),
+        "machine": facts,
+        "settings": settings,
+        "ceilings": [asdict(c) for c in ceilings],
+        "speeds": [asdict(s) for s in speeds],
+        "runs": [asdict(r) for r in runs],
+    }
+    return json.loads(json.dumps(results))  # tuples -> lists: exactly what tradeoff.json will hold
 
 
 def render_tradeoff(results: dict) -> str:
     """Markdown: one row per (size, depth, width) with its speed, the size's ceiling and any trained run's Dice."""
-    ceilings = {tuple(c["size"]): c for c in results["ceilings"]}
-    runs: dict[tuple, list[dict]] = {}
-    for run in results["runs"]:
-        runs.setdefault((run["width"], run["depth"], tuple(run["size"])), []).append(run)
-    lines = [
-        f"Device: {results['device']}; resolution ceiling over {results['settings']['masks']} masks; speed = best of "
-        f"batches {', '.join(map(str, results['settings']['batch_sizes']))} (median of {results['settings']['repeats']}), "
-        "inference only, random weights.",
-        "",
-        "| input size | depth | width | GFLOP/img | images/s (batch) | ceiling Dice (mean / worst) | trained Dice (epochs) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+    settings = results["settings"]
+    head = (
+        f"Device: {results['device']}; resolution ceiling over {settings['masks']} masks; speed = best of batches "
+        f"{', '.join(map(str, settings['batch_sizes']))} (median of {settings['repeats']}), inference only, random weights."
+    )
+    header = [
+        "input size",
+        "depth",
+        "width",
+        "GFLOP/img",
+        "images/s (batch)",
+        "ceiling Dice (mean / worst)",
+        "trained Dice (epochs)",
     ]
-    for point in results["speeds"]:
-        size = tuple(point["size"])
-        ceiling = ceilings.get(size)
-        speed = (
-            f"{point['images_per_second']['median']:.2f} ({point['best_batch']})"
-            if point["status"] == "ok"
-            else f"{point['status']}: {point['reason']}"
-        )
-        trained = (
-            "; ".join(
-                f"{r['val_dice']:.4f} ({r['best_epoch']} of {r['epochs']})"
-                for r in runs.get((point["width"], point["depth"], size), [])
-            )
-            or "not trained"
-        )
-        ceiling_text = f"{ceiling['mean_dice']:.5f} / {ceiling['min_dice']:.5f}" if ceiling else "-"
-        lines.append(
-            f"| {size[0]}x{size[1]} | {point['depth']} | {point['width']} | {point['gflop_per_image']:.3g} | "
-            f"{speed} | {ceiling_text} | {trained} |"
-        )
-    return "\n".join(lines) + "\n"
+    return f"{head}\n\n{table(header, [tradeoff_cells(point, results) for point in results['speeds']])}\n"
+
+
+def tradeoff_cells(point: dict, results: dict) -> list[str]:
+    size = tuple(point["size"])
+    ceiling = next((c for c in results["ceilings"] if tuple(c["size"]) == size), None)
+    ok = point["status"] == "ok"
+    speed = (
+        f"{point['images_per_second']['median']:.2f} ({point['best_batch']})" if ok else f"{point['status']}: {point['reason']}"
+    )
+    runs = [r for r in results["runs"] if (r["width"], r["depth"], tuple(r["size"])) == (point["width"], point["depth"], size)]
+    trained = "; ".join(f"{r['val_dice']:.4f} ({r['best_epoch']} of {r['epochs']})" for r in runs) or "not trained"
+    ceiling_text = f"{ceiling['mean_dice']:.5f} / {ceiling['min_dice']:.5f}" if ceiling else "-"
+    shape = f"{size[0]}x{size[1]}"
+    return [shape, str(point["depth"]), str(point["width"]), f"{point['gflop_per_image']:.3g}", speed, ceiling_text, trained]
 
 
 def write_tradeoff(results: dict, out_dir: Path) -> dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "tradeoff.json", "md": out_dir / "tradeoff.md"}
-    write_atomic(paths["json"], (json.dumps(results, indent=2) + "\n").encode())
-    write_atomic(paths["md"], render_tradeoff(results).encode())
-    return paths
+    return write_files(out_dir, {"tradeoff.json": as_json(results), "tradeoff.md": render_tradeoff(results)})

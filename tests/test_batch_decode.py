@@ -17,7 +17,7 @@ from batch.core.masks import dice
 from batch.inference.decode import Batch, DaliDecoder, Failure, Item, PillowDecoder, dali_available
 from batch.inference.model import CpuPredictor, load_model
 
-needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed (pip install '.[dev]')")
+needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed (pip install '.[dali]')")
 
 
 def items_in(folder: Path) -> list[Item]:

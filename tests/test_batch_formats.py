@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from batch.core.masks import read_mask, rle_decode
-from batch.runs.formats import encode, encode_png_mask, output_paths
+from batch.runs.formats import encode, encode_png_mask, outline, output_paths
 from batch.runs.outputs import write_submission
 from batch.runs.storage import LocalFolder
 
@@ -68,14 +68,25 @@ def test_rle_round_trips(mask):
     np.testing.assert_array_equal(rle_decode(rle, mask.shape), mask == 255)
 
 
-def test_overlay_tints_only_the_car(mask, photo):
+def test_overlay_keeps_the_car_dims_the_background_to_gray_and_outlines_the_mask(mask, photo):
+    """Readable on a car of any colour: the car as it is, a gray background, a cyan outline."""
     with Image.open(io.BytesIO(encode("overlay", mask, photo))) as im:
         assert (im.format, im.size) == ("JPEG", photo.size)
         overlay = np.asarray(im).astype(int)
     original = np.asarray(photo).astype(int)
-    change = np.abs(overlay - original).mean(axis=2)  # (H, W)
-    car, background = mask == 255, mask == 0
-    assert change[car].mean() > 3 * change[background].mean()  # tinted vs only JPEG noise
+    edge, near = outline(mask == 255, 1), outline(mask == 255, 4)  # the line, and where JPEG smears its colour
+    car, background = (mask == 255) & ~near, (mask == 0) & ~near
+    assert np.abs(overlay - original)[car].mean() < 8  # the car untouched but for JPEG noise
+    assert overlay[background].mean() < 0.7 * original[background].mean()  # dimmed
+    assert np.abs(overlay[background] - overlay[background].mean(axis=1, keepdims=True)).mean() < 6  # gray
+    assert np.abs(overlay[edge] - (0, 255, 255)).mean() < 60  # a cyan line
+
+
+def test_outline_is_a_band_on_both_sides_of_the_edge():
+    car = np.zeros((9, 9), bool)
+    car[3:6, 3:6] = True
+    band = outline(car, 1)
+    assert band.sum() == 24 and not band[4, 4] and band[2, 2] and band[3, 3] and not band[1, 1]
 
 
 def test_cutout_is_transparent_outside_the_car(mask, photo):

@@ -13,19 +13,28 @@ import pytest
 from PIL import Image
 
 from batch.core.contract import ModelContract
+from batch.core.devices import parse_device
 from batch.core.images import load_resized_rgb
 from benchmarks import end_to_end, inference, models
-from benchmarks.baselines import run_baseline
+from benchmarks.config import SUITES, BenchError, SweepConfig
 from benchmarks.decode import bench_decoders, load_resized_rgb_no_draft, source_megapixels
-from benchmarks.end_to_end import read_report, run_end_to_end, steady_rate
-from benchmarks.errors import BenchError
+from benchmarks.end_to_end import EndToEndConfig, read_report, run_end_to_end, steady_rate
 from benchmarks.flops import unet_gflops
-from benchmarks.inference import CUDA, Backend, backends_for, model_input, provider_missing, sweep_batches
+from benchmarks.inference import CUDA, Backend, backends_for, fastest, model_input, provider_missing, sweep_batches
+from benchmarks.machine import Hardware
 from benchmarks.models import BenchModel, ModelError, random_model, read_model
+from benchmarks.peers import run_baseline
 from benchmarks.suite import list_photos, ratios
 from benchmarks.timing import summarize
 
 SIZE = (32, 48)
+CPU = Hardware(parse_device("cpu"), threads=2)
+
+
+def unet_contract(width: int, precision: str | None = "fp32") -> ModelContract:
+    """The contract of an exported width-``width`` U-Net at SIZE: its model_config in the provenance."""
+    config = json.dumps({"width": width, "depth": 4})
+    return ModelContract(*SIZE, precision=precision, provenance={"model_config": config})
 
 
 def photo_paths(folder: Path) -> list[Path]:
@@ -41,9 +50,7 @@ def decoded_photos(folder: Path) -> np.ndarray:
 
 @pytest.mark.dali
 def test_decoders_report_rates_and_skip_the_gpu_decoder_on_cpu(bench_photos):
-    results, decoded = bench_decoders(
-        photo_paths(bench_photos)[:4], SIZE, device_id=None, threads=2, warmup=0, repeats=2, dali_batch=2
-    )
+    results, decoded = bench_decoders(photo_paths(bench_photos)[:4], SIZE, SUITES["smoke"]["cpu"], CPU)  # 2 repeats, DALI batch 2
     by_name = {r.decoder: r for r in results}
     assert decoded.shape == (4, 32, 48, 3) and decoded.dtype == np.uint8
     for name in ("pillow", "pillow-no-draft", "dali-cpu"):
@@ -76,7 +83,7 @@ def test_list_photos_takes_the_first_in_name_order_and_rejects_an_empty_folder(t
 
 def test_random_model_carries_the_contract_and_its_architecture(bench_model):
     assert bench_model.name == "unet-w4" and bench_model.width == 4 and bench_model.precision == "fp32"
-    assert bench_model.contract.input_size == SIZE and bench_model.input_name == "image"
+    assert bench_model.contract.input_size == SIZE and bench_model.random_weights and bench_model.seed == 0
     assert bench_model.gflops(SIZE) == pytest.approx(unet_gflops({"width": 4, "depth": 4}, SIZE))
 
 
@@ -92,7 +99,7 @@ def test_random_model_is_taken_from_the_cache_without_exporting(bench_model, ben
 def test_read_model_names_the_file_and_the_fix(tmp_path):
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not a model")
-    with pytest.raises(ModelError, match="junk.onnx is not an ONNX model"):
+    with pytest.raises(ModelError, match="junk.onnx is not a readable ONNX model"):
         read_model(junk)
     bare = tmp_path / "bare.onnx"
     graph = onnx.helper.make_graph(
@@ -112,75 +119,48 @@ def test_read_model_names_the_file_and_the_fix(tmp_path):
 
 
 def test_cpu_sweep_measures_each_batch_with_flops(bench_model, bench_photos):
-    backend = backends_for("cpu", None)[0]
-    sweep = sweep_batches(
-        bench_model, backend, decoded_photos(bench_photos), (1, 2), warmup=1, repeats=2, max_batch_seconds=60, gpu_name=None
-    )
-    assert [(r.batch_size, r.status) for r in sweep.results] == [(1, "ok"), (2, "ok")]
-    row = sweep.results[1]
+    backend = backends_for(CPU)[0]
+    sweep = sweep_batches(bench_model, backend, decoded_photos(bench_photos), SweepConfig((1, 2), warmup=1, repeats=2))
+    assert [(r.batch_size, r.status) for r in sweep] == [(1, "ok"), (2, "ok")]
+    row = sweep[1]
     assert row.images_per_second.n == 2 and row.gflop_per_image == pytest.approx(bench_model.gflops(SIZE))
     assert row.achieved_tflops == pytest.approx(row.gflop_per_image * row.images_per_second.median / 1e3)
     assert row.peak_tflops is None and row.fraction_of_peak is None  # no datasheet peak for CPUs
-    assert sweep.best() in sweep.results
+    assert fastest(sweep) in sweep
 
 
 def test_sweep_stops_before_a_batch_over_the_time_budget(bench_model, bench_photos):
-    sweep = sweep_batches(
-        bench_model,
-        backends_for("cpu", None)[0],
-        decoded_photos(bench_photos),
-        (1, 2, 4),
-        warmup=0,
-        repeats=1,
-        max_batch_seconds=1e-9,
-        gpu_name=None,
-    )
-    assert [(r.batch_size, r.status) for r in sweep.results] == [(1, "ok"), (2, "skipped")]
-    assert "budget" in sweep.results[1].reason
+    budget = SweepConfig((1, 2, 4), warmup=0, repeats=1, max_batch_seconds=1e-9)
+    sweep = sweep_batches(bench_model, backends_for(CPU)[0], decoded_photos(bench_photos), budget)
+    assert [(r.batch_size, r.status) for r in sweep] == [(1, "ok"), (2, "skipped")]
+    assert "budget" in sweep[1].reason
 
 
 def test_out_of_memory_is_retried_at_half_the_batch(bench_model, monkeypatch):
     """The GPU path's OOM handling, driven by a stand-in session (no GPU needed)."""
-    gpu = Backend("cuda", CUDA, "fp16", 0, "fp16")
+    gpu = Backend("cuda", CUDA, "fp16", 0, "fp16", "NVIDIA H200")
     monkeypatch.setattr(inference, "provider_missing", lambda backend: None)
     monkeypatch.setattr(inference, "make_session", lambda *args, **kwargs: object())
     measured = []
 
-    def fake_measure(session, model, backend, images, batch, **kwargs):
+    def fake_measure(session, trial, batch, sweep):
         if batch > 8:
             raise RuntimeError("CUDA failure 2: out of memory ; GPU=0")
         measured.append(batch)
-        return inference.InferenceResult(
-            batch_size=batch,
-            status="ok",
-            seconds_per_batch=summarize([0.01 * batch]),
-            images_per_second=summarize([100.0]),
-            **kwargs["base"],
-        )
+        return trial.row(batch, "ok", seconds_per_batch=summarize([0.01 * batch]), images_per_second=summarize([100.0]))
 
     monkeypatch.setattr(inference, "measure_batch", fake_measure)
-    sweep = sweep_batches(
-        bench_model,
-        gpu,
-        np.zeros((1, *SIZE, 3), np.uint8),
-        (4, 16, 32),
-        warmup=0,
-        repeats=1,
-        max_batch_seconds=60,
-        gpu_name="NVIDIA H200",
-    )
-    assert [(r.batch_size, r.status) for r in sweep.results] == [(4, "ok"), (16, "oom"), (8, "ok")]
-    assert measured == [4, 8] and "out of memory" in sweep.results[1].reason
+    sweep = sweep_batches(bench_model, gpu, np.zeros((1, *SIZE, 3), np.uint8), SweepConfig((4, 16, 32), warmup=0, repeats=1))
+    assert [(r.batch_size, r.status) for r in sweep] == [(4, "ok"), (16, "oom"), (8, "ok")]
+    assert measured == [4, 8] and "out of memory" in sweep[1].reason
 
 
 @pytest.mark.skipif(CUDA in __import__("onnxruntime").get_available_providers(), reason="this onnxruntime has CUDA")
 def test_gpu_backends_without_cuda_are_skipped_with_the_fix(bench_model, bench_photos):
-    backend = backends_for("cuda", 0)[0]
+    backend = backends_for(Hardware(parse_device("cuda:0")))[0]
     assert "onnxruntime-gpu" in provider_missing(backend)
-    sweep = sweep_batches(
-        bench_model, backend, decoded_photos(bench_photos), (1,), warmup=0, repeats=1, max_batch_seconds=1, gpu_name=None
-    )
-    assert sweep.results[0].status == "skipped" and "onnxruntime-gpu" in sweep.results[0].reason
+    sweep = sweep_batches(bench_model, backend, decoded_photos(bench_photos), SweepConfig((1,), warmup=0, repeats=1))
+    assert sweep[0].status == "skipped" and "onnxruntime-gpu" in sweep[0].reason
 
 
 def test_model_input_follows_the_contract(bench_model):
@@ -189,7 +169,7 @@ def test_model_input_follows_the_contract(bench_model):
     assert nhwc.shape == (3, 32, 48, 3) and nhwc.dtype == np.uint8
     np.testing.assert_array_equal(nhwc[2], photos[0])
     contract = ModelContract(32, 48, input_layout="NCHW", input_dtype="float32", pixel_mean=(0.5,) * 3, pixel_std=(0.5,) * 3)
-    nchw = model_input(photos, BenchModel("m", Path("m.onnx"), contract, "x", None, True), 1)
+    nchw = model_input(photos, BenchModel("m", Path("m.onnx"), contract, random_weights=True), 1)
     assert nchw.shape == (1, 3, 32, 48) and nchw.dtype == np.float32
     assert nchw[0, :, 0, 0] == pytest.approx((photos[0, 0, 0] / 255 - 0.5) / 0.5)
 
@@ -211,9 +191,7 @@ def test_end_to_end_reads_the_runner_report_and_leaves_set_up_out(bench_model, b
     runner = tmp_path / "fake_unet_batch.py"
     runner.write_text(FAKE_RUNNER)
     monkeypatch.setattr(end_to_end, "batch_command", lambda: [sys.executable, str(runner)])
-    result = run_end_to_end(
-        bench_photos, bench_model, device="cpu", gpu_index=None, batch_size=2, images=4, repeats=2, timeout_s=60
-    )
+    result = run_end_to_end(bench_photos, bench_model, CPU, EndToEndConfig(batch_size=2, images=4, repeats=2))
     assert result.status == "ok", result.reason
     assert result.images_per_second.median == pytest.approx(4 / 2.0)  # 4 photos in 3 s less 1 s of set-up
     assert result.runner_images_per_second.median == pytest.approx(4 / 3.0)
@@ -227,9 +205,7 @@ def test_end_to_end_failure_keeps_the_runner_message(bench_model, bench_photos, 
     runner = tmp_path / "failing.py"
     runner.write_text("import sys; sys.stderr.write('model.onnx: no CUDA here\\n'); sys.exit(2)")
     monkeypatch.setattr(end_to_end, "batch_command", lambda: [sys.executable, str(runner)])
-    result = run_end_to_end(
-        bench_photos, bench_model, device="cpu", gpu_index=None, batch_size=2, images=2, repeats=1, timeout_s=60
-    )
+    result = run_end_to_end(bench_photos, bench_model, CPU, EndToEndConfig(batch_size=2, images=2, repeats=1))
     assert result.status == "failed" and "exited with 2" in result.reason and "no CUDA here" in result.reason
 
 
@@ -249,9 +225,7 @@ def test_steady_rate_refuses_a_report_that_is_all_set_up():
 
 
 def test_real_unet_batch_runs_end_to_end(bench_model, bench_photos):
-    result = run_end_to_end(
-        bench_photos, bench_model, device="cpu", gpu_index=None, batch_size=2, images=3, repeats=1, timeout_s=300
-    )
+    result = run_end_to_end(bench_photos, bench_model, CPU, EndToEndConfig(batch_size=2, images=3, repeats=1))
     assert result.status == "ok", result.reason
     assert result.images == 3 and result.report["processed"] == 3 and result.device == "cpu"
     assert "infer" in result.stage_ms_per_image and "setup" in result.report["stages"]
@@ -262,22 +236,20 @@ def test_real_unet_batch_runs_end_to_end(bench_model, bench_photos):
 
 @pytest.mark.parametrize("name", ["torch-eager", "onnxruntime"])
 def test_naive_baselines_time_every_photo_but_the_warm_up(name, bench_model, bench_photos):
-    result = run_baseline(name, photo_paths(bench_photos)[:3], bench_model, device="cpu", device_id=None, checkpoint=None, seed=0)
+    result = run_baseline(name, photo_paths(bench_photos)[:3], bench_model, CPU)
     assert result.status == "ok", result.reason
     assert result.images == 2 and result.images_per_second.n == 2 and result.device == "cpu"
 
 
 def test_a_baseline_needs_two_photos(bench_model, bench_photos):
-    result = run_baseline(
-        "onnxruntime", photo_paths(bench_photos)[:1], bench_model, device="cpu", device_id=None, checkpoint=None, seed=0
-    )
+    result = run_baseline("onnxruntime", photo_paths(bench_photos)[:1], bench_model, CPU)
     assert result.status == "skipped"
 
 
 def test_ratios_divide_end_to_end_by_baselines_and_inference():
-    from benchmarks.baselines import BaselineResult
     from benchmarks.end_to_end import EndToEndResult
     from benchmarks.inference import InferenceResult
+    from benchmarks.peers import BaselineResult
 
     e2e = EndToEndResult(status="ok", images_per_second=summarize([30.0]))
     baselines = [
@@ -302,23 +274,17 @@ class PlannedModels:
         self.user_precision = user_precision
 
     def random(self, width, precision):
-        contract = ModelContract(32, 48, precision=precision)
-        return BenchModel(
-            f"unet-w{width}", Path(f"w{width}-{precision}.onnx"), contract, "image", {"width": width, "depth": 4}, True
-        )
+        return BenchModel(f"unet-w{width}", Path(f"w{width}-{precision}.onnx"), unet_contract(width, precision), True)
 
     def user(self, precision):
-        contract = ModelContract(32, 48, precision=self.user_precision)
-        return BenchModel("mine", Path("mine.onnx"), contract, "image", {"width": 8, "depth": 4}, False)
+        return BenchModel("mine", Path("mine.onnx"), unet_contract(8, self.user_precision), False)
 
 
 def planned(config, kind, models):
     from benchmarks.suite import sweep_plan
 
-    device_id = None if kind == "cpu" else 0
-    return [
-        (m.name, b.name, b.precision, m.precision) for m, b in sweep_plan(config, config.preset(kind), kind, device_id, models)
-    ]
+    hardware = Hardware(parse_device("cpu" if kind == "cpu" else "cuda:0"))
+    return [(m.name, b.name, b.precision, m.precision) for m, b in sweep_plan(config, config.preset(kind), hardware, models)]
 
 
 def test_sweep_plan_runs_every_width_and_the_end_to_end_model():
@@ -363,9 +329,9 @@ def test_bound_runner_feeds_the_same_batch_as_a_plain_run(bench_model):
 
     session = ort.InferenceSession(str(bench_model.path), providers=["CPUExecutionProvider"])
     batch = model_input(np.random.default_rng(0).integers(0, 255, (2, 32, 48, 3), dtype=np.uint8), bench_model, 2)
-    run = bound_runner(session, bench_model, batch, "cpu", 0)
+    run = bound_runner(session, batch, "cpu", 0)
     run()
     (bound,) = run.binding.copy_outputs_to_cpu()
-    (plain,) = session.run(None, {bench_model.input_name: batch})
+    (plain,) = session.run(None, {"image": batch})
     assert bound.shape == (2, 1, 32, 48)
     np.testing.assert_allclose(bound, plain, rtol=1e-5, atol=1e-5)

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from benchmarks.cli import main
-from benchmarks.errors import BenchError
+from benchmarks.config import BenchError
 from benchmarks.tradeoff import read_run, resolution_ceiling
 
 
@@ -88,12 +88,23 @@ def test_tradeoff_command_joins_ceiling_speed_and_runs(kaggle_dir, bench_model, 
     assert result.exit_code == 0, result.output
     results = json.loads((out / "tradeoff.json").read_text())
     assert results["settings"]["masks"] == 4
+    assert results["device"] == "cpu"  # --device auto, on a machine without a GPU
     [ceiling] = results["ceilings"]
     assert 0.9 < ceiling["min_dice"] <= ceiling["mean_dice"] <= 1.0
     [speed] = results["speeds"]
     assert speed["status"] == "ok" and speed["images_per_second"]["median"] > 0 and speed["best_batch"] in (1, 2, 4, 8)
     row = next(line for line in (out / "tradeoff.md").read_text().splitlines() if line.startswith("| 32x48"))
     assert "0.9700 (1 of 1)" in row and f"{ceiling['mean_dice']:.5f}" in row
+
+
+def test_tradeoff_device_defaults_to_auto_like_every_command():
+    """Issue 22: `unet-bench tradeoff --device` defaulted to cpu where the other commands default to auto."""
+    devices = {name: [p for p in command.params if p.name == "device"] for name, command in main.commands.items()}
+    assert {name: params[0].default for name, params in devices.items() if params} == {
+        "run": "auto",
+        "tradeoff": "auto",
+        "scaling": "auto",
+    }
 
 
 def test_tradeoff_command_names_sizes_the_depth_cannot_take(kaggle_dir, tmp_path):

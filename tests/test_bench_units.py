@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.config import SUITES, RunConfig
+from batch.core.devices import parse_device
+from benchmarks.config import SUITES, RunConfig, SweepConfig
 from benchmarks.flops import unet_gflops, unet_macs
-from benchmarks.machine import machine_facts, machine_slug, peak_tflops
+from benchmarks.machine import Hardware, machine_facts, machine_slug, peak_tflops
 from benchmarks.synthetic import synthesize_photo, write_synthetic_photos
 from benchmarks.timing import Stats, rates, summarize, time_calls
 
@@ -184,6 +185,14 @@ def test_run_config_applies_width_override_and_validates(tmp_path):
         RunConfig(suite="quick", model=tmp_path / "model.onnx", input_size=(320, 480))
 
 
+def test_sweep_config_rejects_what_cannot_be_measured():
+    assert SUITES["quick"]["cpu"].sweep == SweepConfig((1, 2, 4), warmup=1, repeats=3, max_batch_seconds=2.5)
+    with pytest.raises(ValueError, match="positive and increasing"):
+        SweepConfig((4, 2))
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        SweepConfig((1,), repeats=0)
+
+
 def test_run_config_device_is_canonical():
     assert RunConfig(suite="quick", device="CUDA").device == "cuda:0"
     with pytest.raises(ValueError, match="'gpu' is not one of auto, cpu, cuda, cuda:N"):
@@ -226,7 +235,7 @@ def test_gpu_facts_parse_nvidia_smi(fake_nvidia_smi):
 
 
 def test_gpu_memory_of_this_process_or_of_the_whole_device(fake_nvidia_smi):
-    from benchmarks.memory import gpu_memory_of
+    from benchmarks.machine import gpu_memory_of
 
     fake_nvidia_smi.setenv("FAKE_APPS", "123, 2048\n124, 1024\n456, 512")
     reading = gpu_memory_of(lambda pid: pid in (123, 124), 0)
@@ -240,7 +249,7 @@ def test_run_child_reports_the_childs_own_peak_rss_not_ours(tmp_path):
     """Linux carries a parent's high-water RSS into its exec'd child; the launcher keeps ours out."""
     import sys
 
-    from benchmarks.memory import peak_rss_mib, run_child
+    from benchmarks.machine import peak_rss_mib, run_child
 
     ballast = np.ones(300 * 2**20 // 8)  # 300 MiB touched in this process  # noqa: F841
     small = run_child([sys.executable, "-c", "pass"], stdout=None, stderr=None, timeout_s=60)
@@ -255,7 +264,7 @@ def test_run_child_kills_the_command_at_its_timeout():
     import sys
     import time
 
-    from benchmarks.memory import run_child
+    from benchmarks.machine import run_child
 
     start = time.perf_counter()
     result = run_child([sys.executable, "-c", "import time; time.sleep(60)"], stdout=None, stderr=None, timeout_s=1)
@@ -267,9 +276,9 @@ def test_torch_peer_says_why_it_cannot_run_here(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from benchmarks.torch_peer import encode_png, peer_unavailable
+    from benchmarks.peers import encode_png, torch_missing
 
-    assert "--device cuda" in peer_unavailable(None, "cpu")
+    assert "--device cuda" in torch_missing(None, Hardware(parse_device("cpu")), peer=True)
     mask = np.zeros((5, 7), np.uint8)
     mask[1:3, 2:6] = 255
     path = tmp_path / "m.png"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -54,14 +55,23 @@ def segment(*args) -> object:
 def files_under(root: Path) -> dict[str, bytes]:
     """Every output file (hidden RLE files included) but the report, by relative path."""
     return {
-        p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != "report.json"
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "report.json" and ".unet-batch" not in p.parts  # the runs' own records differ
     }
+
+
+def temporary_files() -> set[str]:
+    """What the temporary folder holds, but for pytest's folders and Ray's session folder (the test cluster's)."""
+    return {name for name in os.listdir(tempfile.gettempdir()) if not name.startswith(("pytest-", "ray"))}
 
 
 def test_ray_engine_writes_what_the_local_engine_writes(photos: Path, tmp_path: Path, tiny_onnx: Path, ray_cluster):
     options = ["--model", tiny_onnx, "--format", "png", "--format", "rle", "--batch-size", "2"]
+    before = temporary_files()
     local = segment(photos, tmp_path / "local", *options)
     on_ray = segment(photos, tmp_path / "ray", *options, "--engine", "ray", "--workers", "2")
+    assert temporary_files() <= before  # no model copy, no crash journal left in /tmp by the actors
 
     assert local.exit_code == on_ray.exit_code == 1, on_ray.output  # the bad files fail, the rest is done
     outputs = files_under(tmp_path / "local")
@@ -137,7 +147,8 @@ def crashes_on(name: str) -> type:
 def test_a_photo_that_kills_its_worker_is_failed_and_the_rest_is_done(photos: Path, tmp_path: Path, tiny_onnx: Path,
                                                                       ray_cluster):  # fmt: skip
     from batch.runs.config import ClusterConfig, RunConfig
-    from batch.runs.ray_engine import CRASHED, RayEngine
+    from batch.runs.journal import CRASHED
+    from batch.runs.ray_engine import RayEngine
     from batch.runs.run import run
 
     poison = "day2/car05.jpg"
@@ -148,26 +159,6 @@ def test_a_photo_that_kills_its_worker_is_failed_and_the_rest_is_done(photos: Pa
     assert {failure["path"]: failure["reason"] for failure in report.failed}[str(photos / poison)] == CRASHED
     assert len(report.failed) == len(BAD) + 1
     assert len(list((tmp_path / "masks").rglob("*.png"))) == PHOTOS - 1
-
-
-def test_the_crash_journal_suspects_a_call_then_names_its_photo(tmp_path: Path):
-    from batch.runs.ray_engine import CrashJournal
-
-    path = tmp_path / "actor.json"
-    journal = CrashJournal(path)
-    with journal.running(["a.jpg", "b.jpg"], one_by_one=False):
-        assert path.exists()
-    assert not path.exists()  # a call that finished leaves nothing behind
-
-    journal.write({"in_flight": ["a.jpg", "b.jpg"], "one_by_one": False})  # what running() leaves when the process dies
-    restarted = CrashJournal(path)
-    assert restarted.suspected(["b.jpg", "c.jpg"]) and not restarted.poisoned
-    restarted.write({"in_flight": ["b.jpg"], "one_by_one": True})  # and dies again with b.jpg alone
-    again = CrashJournal(path)
-    assert again.poisoned == {"b.jpg"} and again.suspected(["a.jpg"])
-
-    path.write_text('{"in_flight": ["a.j')  # cut short: a fresh start
-    assert not CrashJournal(path).suspects
 
 
 def test_s3_to_s3_gives_the_local_engines_masks(photos: Path, tmp_path: Path, tiny_onnx: Path, s3_bucket: str, ray_cluster):
@@ -185,7 +176,8 @@ def test_s3_to_s3_gives_the_local_engines_masks(photos: Path, tmp_path: Path, ti
         store = open_location(out)
         written = store.read_many(store.list_files(hidden=True))
         report = json.loads(written.pop(PurePosixPath("report.json")))
-        assert {rel.as_posix(): data for rel, data in written.items()} == files_under(tmp_path / "local")
+        outputs = {rel.as_posix(): data for rel, data in written.items() if ".unet-batch" not in rel.parts}
+        assert outputs == files_under(tmp_path / "local")
         assert [f["path"] for f in report["failed"]] == [f"{s3_bucket}/photos/{name}" for name in sorted(BAD)]
 
 

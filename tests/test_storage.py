@@ -46,9 +46,9 @@ def test_a_bucket_lists_like_a_local_folder(tmp_path: Path, s3_bucket: str):
     outputs = {"local": open_location(tmp_path / "in" / "masks"), "bucket": open_location(f"{s3_bucket}/in/masks")}
     expected = [PurePosixPath(p) for p in ("B.JPEG", "a.jpg", "day1/c.png", "day1/deep/d.jpeg")]
 
-    assert local.find_images(exclude=outputs["local"]) == expected
-    assert bucket.find_images(exclude=outputs["bucket"]) == expected
-    assert PurePosixPath("masks/old.png") in bucket.find_images()  # only the output location is left out
+    assert local.find_images(exclude=outputs["local"]).images == expected
+    assert bucket.find_images(exclude=outputs["bucket"]).images == expected
+    assert PurePosixPath("masks/old.png") in bucket.find_images().images  # only the output location is left out
 
 
 def test_a_bucket_reads_writes_and_finds_existing_files(s3_bucket: str):
@@ -140,7 +140,7 @@ def test_memory_locations_list_read_and_write_like_the_others(tmp_path: Path, ti
     fill(store)
     expected = [PurePosixPath(p) for p in ("B.JPEG", "a.jpg", "day1/c.png", "day1/deep/d.jpeg", "masks/old.png")]
     try:
-        assert store.find_images() == expected
+        assert store.find_images().images == expected
         for name in ("p.jpg", "sub/q.png"):
             write_photo(tmp_path / name, (48, 64), seed=len(name))
             store.write(PurePosixPath("photos", name), (tmp_path / name).read_bytes())

@@ -172,28 +172,26 @@ def test_learning_rate_warms_up_then_decays():
     assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
 
 
+TINY_CLI = [
+    "--batch-size",
+    "4",
+    "--scale",
+    "0.5",
+    "--width",
+    "4",
+    "--depth",
+    "2",
+    "--device",
+    "cpu",
+    "--val-cars",
+    "1",
+    "--no-progress",
+]
+
+
 def test_cli_writes_a_run_folder(kaggle_dir, tmp_path):
     run = tmp_path / "run"
-    args = [
-        str(kaggle_dir),
-        "--out",
-        str(run),
-        "--epochs",
-        "1",
-        "--batch-size",
-        "4",
-        "--scale",
-        "0.5",
-        "--width",
-        "4",
-        "--depth",
-        "2",
-        "--device",
-        "cpu",
-        "--val-cars",
-        "1",
-        "--no-progress",
-    ]
+    args = [str(kaggle_dir), "--out", str(run), "--epochs", "1", *TINY_CLI]
     result = CliRunner().invoke(train_cli, args)
     assert result.exit_code == 0, result.output
     assert "best validation Dice" in result.output
@@ -204,28 +202,7 @@ def test_cli_writes_a_run_folder(kaggle_dir, tmp_path):
 
 def test_cli_stop_after_says_how_to_continue(kaggle_dir, tmp_path):
     run = tmp_path / "run"
-    args = [
-        str(kaggle_dir),
-        "--out",
-        str(run),
-        "--epochs",
-        "3",
-        "--stop-after",
-        "1",
-        "--batch-size",
-        "4",
-        "--scale",
-        "0.5",
-        "--width",
-        "4",
-        "--depth",
-        "2",
-        "--device",
-        "cpu",
-        "--val-cars",
-        "1",
-        "--no-progress",
-    ]
+    args = [str(kaggle_dir), "--out", str(run), "--epochs", "3", "--stop-after", "1", *TINY_CLI]
     result = CliRunner().invoke(train_cli, args)
     assert result.exit_code == 0, result.output
     assert "paused after epoch 1 of 3" in result.output and f"--resume {run / 'last.pt'}" in result.output

@@ -95,6 +95,12 @@ def sigterm_as_interrupt() -> Iterator[None]:
     "actors [default: one per GPU, else one per node]",
 )
 @click.option("--threads", type=click.IntRange(min=1), help=f"ONNX Runtime threads [default: CPU cores, {cpu_count()} here]")
+@click.option(
+    "--read-timeout",
+    type=click.FloatRange(0, 24 * 3600, min_open=True),
+    default=SEGMENT["read_timeout"],
+    help="seconds one photo's read may take before it is failed (a hung network filesystem)",
+)
 @click.option("--progress/--no-progress", default=SEGMENT["progress"], help="progress bar on stderr")
 @click.option("-v", "--verbose", is_flag=True, help="debug logging, and each failed photo as it fails")
 def segment_command(input_dir: Path | str, output_dir: Path | str, engine: str, address: str | None, verbose: bool,
@@ -126,13 +132,16 @@ def segment_command(input_dir: Path | str, output_dir: Path | str, engine: str, 
             click.echo("interrupted: finished masks are kept; rerun the same command to do the rest", err=True)
             raise SystemExit(TERMINATED if isinstance(e, Terminated) else INTERRUPTED) from None
     click.echo(report.summary())
-    for failure in report.failed[:SHOWN_FAILURES]:
+    shown_failures = len(report.failed) if report.report_error else SHOWN_FAILURES  # no file to find the rest in
+    for failure in report.failed[:shown_failures]:
         click.echo(f"  {failure['path']}: {failure['reason']}", err=True)
-    if len(report.failed) > SHOWN_FAILURES:
-        click.echo(f"  ... and {len(report.failed) - SHOWN_FAILURES} more", err=True)
-    if report.failed:
+    if len(report.failed) > shown_failures:
+        click.echo(f"  ... and {len(report.failed) - shown_failures} more", err=True)
+    if report.failed and not report.report_error:
         click.echo(f"{len(report.failed)} photo(s) failed; the list is in {config.report_path}", err=True)
     if report.stopped:
         click.echo(f"stopped: {report.stopped}; rerun the same command to do the rest", err=True)
-    if report.failed or report.stopped:
+    if report.report_error:
+        click.echo(f"error: {report.report_error}", err=True)
+    if report.failed or report.stopped or report.report_error:
         raise SystemExit(1)

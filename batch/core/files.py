@@ -7,9 +7,11 @@ Leftover temporaries of a killed run are removed by :func:`remove_stale_temporar
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
+import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -28,8 +30,9 @@ class DuplicateNameError(CarvanaError):
 
 
 def temporary_path(path: Path) -> Path:
-    """A hidden, unique name beside ``path`` to write it under: ``.NAME.<random>.unet-batch-tmp``."""
-    return path.with_name(f".{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+    """A hidden, unique name beside ``path`` to write it under: ``.<random>.unet-batch-tmp``, 32 bytes whatever the
+    name's length, so that any name the filesystem takes can be written (a name of 255 bytes included)."""
+    return path.with_name(f".{secrets.token_hex(8)}{TEMP_SUFFIX}")
 
 
 def write_atomic(path: str | Path, data: bytes, durable: bool = False) -> None:
@@ -50,6 +53,58 @@ def write_atomic(path: str | Path, data: bytes, durable: bool = False) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+
+
+class FileRefused(CarvanaError):
+    """A file that is not read: not a regular file, or larger than the limit; the message says what it is."""
+
+
+FILE_KINDS = {  # what stat says a non-regular file is, in words
+    stat.S_ISDIR: "a folder",
+    stat.S_ISFIFO: "a FIFO (named pipe)",
+    stat.S_ISSOCK: "a socket",
+    stat.S_ISCHR: "a character device",
+    stat.S_ISBLK: "a block device",
+}
+
+
+def file_kind(mode: int) -> str:
+    """ "a regular file", "a folder", "a FIFO (named pipe)", ... for an ``st_mode``."""
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return next((kind for test, kind in FILE_KINDS.items() if test(mode)), "not a regular file")
+
+
+def read_regular_file(path: str | Path, max_bytes: int) -> bytes:
+    """The bytes of ``path`` (links followed) when it is a regular file of at most ``max_bytes``.
+
+    Opened without blocking, so a FIFO put in a photo's place never hangs the reader; its type and size
+    are checked on the open file, not on the name (which may change in between). :class:`FileRefused`
+    for anything else; ``OSError`` when the file cannot be opened or read.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise FileRefused(f"is {file_kind(info.st_mode)}, not a file")
+        if info.st_size > max_bytes:
+            raise FileRefused(f"is {info.st_size / 2**20:.0f} MiB, more than the {max_bytes / 2**20:.0f} MiB limit")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(max_bytes + 1)
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:  # it grew after the check
+        raise FileRefused(f"grew past the {max_bytes / 2**20:.0f} MiB limit while being read")
+    return data
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, in hex (the identity of a model file)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def remove_stale_temporaries(folder: Path) -> int:

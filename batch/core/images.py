@@ -8,6 +8,7 @@ or a JPEG the GPU decoder cannot take is recognised before it spoils a batch.
 from __future__ import annotations
 
 import io
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,19 @@ OTHER_SIGNATURES = {
     b"II*\x00": "TIFF",
     b"MM\x00*": "TIFF",
 }
+IN_MEMORY_FILE = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+EXIF_ORIENTATION = 0x0112
+ORIENTATIONS = {  # EXIF orientation -> the transposition that shows the photo upright
+    1: None,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # stored sideways: height and width swap
 # Errors Pillow raises on a broken file (its parsers use SyntaxError and struct.error too).
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 
@@ -45,12 +59,18 @@ class ImageError(CarvanaError):
 class ImageInfo:
     format: str  # "JPEG" or "PNG"
     mode: str  # Pillow's mode: "RGB", "L", "CMYK", "RGBA", "P", "I;16", ...
-    height: int
+    height: int  # as shown (the EXIF orientation applied)
     width: int
+    orientation: int = 1  # EXIF orientation (1: stored upright)
 
     @property
     def size(self) -> tuple[int, int]:
         return self.height, self.width
+
+
+def pillow_message(error: BaseException) -> str:
+    """Pillow's message for a user, without the in-memory file object it names (``<_io.BytesIO object at 0x...>``)."""
+    return IN_MEMORY_FILE.sub("", str(error)).strip() or type(error).__name__
 
 
 def is_image_file(path: Path) -> bool:
@@ -58,27 +78,54 @@ def is_image_file(path: Path) -> bool:
 
 
 def load_resized_rgb(path: Source, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode ``path`` as RGB resized to ``size`` = (H, W); return it (H, W, 3 uint8) and the original (H, W).
+    """Decode ``path`` as RGB resized to ``size`` = (H, W), upright as viewers show it; return it (H, W, 3 uint8)
+    and the photo's (H, W) as shown.
 
     JPEGs are decoded at the smallest DCT scale (Pillow's draft mode: 1/2, 1/4 or 1/8) no smaller
     than ``size`` (:func:`draft_request`), so a 1918x1280 photo bound for 480x320 is decoded at
     480x320 directly. The remaining resize is Pillow's antialiased bilinear filter. Grayscale,
     CMYK, palette, 16-bit and RGBA inputs become 8-bit RGB (alpha dropped; 16-bit values keep their
-    top 8 bits). EXIF orientation is not applied: arrays follow the stored pixel grid.
+    top 8 bits). The EXIF orientation (a phone photo stored sideways) is applied after the resize,
+    on the small image: the model sees the car upright, and the mask lines up with the photo as shown.
     """
     with Image.open(path) as im:
-        original = (im.height, im.width)
-        im.draft("RGB", draft_request(original, size))
-        return resize_rgb(im, size), original
+        orientation = exif_orientation(im)
+        stored = (im.height, im.width)
+        grid = size[::-1] if orientation in SWAPPING_ORIENTATIONS else size  # the target in the stored grid
+        im.draft("RGB", draft_request(stored, grid))
+        upright = orient(resized_rgb_image(im, grid), orientation)
+        return np.asarray(upright), shown_size(stored, orientation)
 
 
 def resize_rgb(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     """Any Pillow image as 8-bit RGB resized to ``size`` = (H, W) (antialiased bilinear): (H, W, 3) uint8."""
+    return np.asarray(resized_rgb_image(image, size))
+
+
+def resized_rgb_image(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     height, width = size
     rgb = to_rgb(image)
-    if rgb.size != (width, height):
-        rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
-    return np.asarray(rgb)
+    return rgb.resize((width, height), Image.Resampling.BILINEAR) if rgb.size != (width, height) else rgb
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1-8; 1, upright, when absent or invalid) from the header, without decoding pixels."""
+    try:
+        value = image.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # a damaged EXIF block: Pillow's parsers raise many types; the photo is taken as stored
+        return 1
+    return value if value in ORIENTATIONS else 1
+
+
+def orient(image: Image.Image, orientation: int) -> Image.Image:
+    """The image as viewers show it: the transposition EXIF ``orientation`` asks for (``ImageOps.exif_transpose``'s)."""
+    method = ORIENTATIONS[orientation]
+    return image.transpose(method) if method is not None else image
+
+
+def shown_size(stored: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """(H, W) as shown, from (H, W) as stored."""
+    return stored[::-1] if orientation in SWAPPING_ORIENTATIONS else stored
 
 
 def draft_request(original: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
@@ -97,10 +144,10 @@ def draft_request(original: tuple[int, int], size: tuple[int, int]) -> tuple[int
 
 
 def load_rgb(path: Source) -> Image.Image:
-    """The full-size photo as an 8-bit RGB Pillow image (for overlays and cutouts)."""
+    """The full-size photo as an 8-bit RGB Pillow image, upright as viewers show it (for overlays and cutouts)."""
     with Image.open(path) as im:
         im.load()
-        return to_rgb(im)
+        return orient(to_rgb(im), exif_orientation(im))
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -120,11 +167,13 @@ def probe_image(data: bytes, path: Path | str, max_pixels: int | None = None) ->
     kind = content_type(data, path)
     try:
         with Image.open(io.BytesIO(data), formats=[kind]) as im:
-            info = ImageInfo(format=kind, mode=im.mode, height=im.height, width=im.width)
+            orientation = exif_orientation(im)
+            height, width = shown_size((im.height, im.width), orientation)
+            info = ImageInfo(format=kind, mode=im.mode, height=height, width=width, orientation=orientation)
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{path}: too large to decode safely ({e}); downscale it") from e
+        raise ImageError(f"{path}: too large to decode safely ({pillow_message(e)}); downscale it") from e
     except Exception as e:  # Pillow's parsers raise many types (OSError, SyntaxError, struct.error, ...)
-        raise ImageError(f"{path}: unreadable {kind} header ({e}); re-save the file as JPEG or PNG") from e
+        raise ImageError(f"{path}: unreadable {kind} header ({pillow_message(e)}); re-save the file as JPEG or PNG") from e
     limit = max_pixels or Image.MAX_IMAGE_PIXELS
     if info.height < 1 or info.width < 1:
         raise ImageError(f"{path}: {kind} header gives an empty {info.width}x{info.height} image")
@@ -149,7 +198,7 @@ def content_type(data: bytes, path: Path | str) -> str:
         other = "WebP"
     elif data[4:8] == b"ftyp":
         other = "HEIF/AVIF"
-    what = f"a {other} file" if other else f"neither JPEG nor PNG (starts with {data[:8].hex(' ')})"
+    what = f"a {other} file" if other else "neither JPEG nor PNG"  # never its bytes: it may be a secret
     raise ImageError(f"{path}: is {what}; convert it to JPEG or PNG")
 
 

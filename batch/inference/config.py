@@ -28,6 +28,7 @@ class SegmenterConfig:
     decoder: str = "auto"  # auto (DALI on a GPU, Pillow on the CPU) | dali | pillow
     workers: int | None = None  # decode and post-processing (writer) threads each; None: CPU cores
     threads: int | None = None  # ONNX Runtime intra-op threads; None: CPU cores
+    read_timeout: float = 60.0  # seconds one photo's read may take before it is failed (a hung network filesystem)
 
     def __post_init__(self) -> None:
         if self.model is not None:
@@ -40,6 +41,8 @@ class SegmenterConfig:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, not {self.decoder!r}")
         for name in ("batch_size", "workers", "threads"):
             check_positive(name, getattr(self, name))
+        if not 0 < self.read_timeout <= 24 * 3600:
+            raise ValueError(f"read_timeout must be between 0 and a day, in seconds, not {self.read_timeout}")
         if self.threshold is not None and not 0 < self.threshold < 1:
             raise ValueError(f"threshold must be a probability strictly between 0 and 1, not {self.threshold}")
 

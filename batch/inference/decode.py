@@ -20,11 +20,14 @@ entries, each tagged with the items' positions in the input so that the caller c
 from __future__ import annotations
 
 import ctypes
+import errno
 import io
 import logging
+import queue
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -35,13 +38,42 @@ from PIL import Image
 
 from batch.core.contract import ModelContract
 from batch.core.errors import CarvanaError
-from batch.core.images import DECODE_ERRORS, ImageError, ImageInfo, has_jpeg_end, load_resized_rgb, probe_image, resize_rgb
+from batch.core.files import FileRefused, read_regular_file
+from batch.core.images import (
+    DECODE_ERRORS,
+    ImageError,
+    ImageInfo,
+    has_jpeg_end,
+    load_resized_rgb,
+    pillow_message,
+    probe_image,
+    resize_rgb,
+)
 from batch.core.logs import first_line
 
 log = logging.getLogger(__name__)
 
 DALI_MODES = ("RGB", "L")  # JPEG colour modes DALI decodes like Pillow; CMYK/YCCK go to Pillow
 DECODED = "decoded"  # ImageInfo.format of an image handed over already decoded
+READ_FIXES = {  # errno of a failed read -> what to do about it
+    errno.EACCES: "check the file's permissions (the run's user must be able to read it)",
+    errno.EPERM: "check the file's permissions (the run's user must be able to read it)",
+    errno.ENOENT: "it was moved or deleted after the folder was listed; rerun to retry it",
+    errno.ELOOP: "it is a link that points to itself in a loop; replace it by the photo",
+    errno.EIO: "the disk or network filesystem failed to read it; check the storage and rerun",
+}
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """Bounds on reading one photo: a hung network filesystem or a huge file costs that photo, never the run."""
+
+    max_bytes: int = 512 * 2**20  # a 100-megapixel JPEG is ~50 MB; more is not a photo to segment
+    timeout: float = 60.0  # seconds a read may take before the photo is failed (the thread left behind is a daemon)
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 1 or not self.timeout > 0:
+            raise ValueError(f"read limits must be positive, not {self.max_bytes} bytes and {self.timeout} s")
 
 
 @dataclass(frozen=True, eq=False)
@@ -120,21 +152,98 @@ class Probed:
     image: Image.Image | None = None  # the decoded image, for items that came decoded
 
 
-def probe(entry: tuple[int, Item], max_pixels: int | None) -> Probed:
+def probe(entry: tuple[int, Item], max_pixels: int | None, limits: ReadLimits) -> Probed:
     """Read (if needed) and check one item; :class:`ImageError` naming it when it cannot be an image."""
     position, item = entry
     if item.image is not None:
         image = as_pil_image(item)
         return Probed(position, item, ImageInfo(DECODED, image.mode, image.height, image.width), image=image)
-    data = item.data if item.data is not None else read_file(item)
+    data = item.data if item.data is not None else read_file(item, limits)
     return Probed(position, item, probe_image(data, item.name, max_pixels), data=data)
 
 
-def read_file(item: Item) -> bytes:
+def read_file(item: Item, limits: ReadLimits) -> bytes:
+    """The item's file, read within ``limits``; an :class:`ImageError` saying why and what to do when it cannot be."""
+    local = isinstance(item.path, Path)  # else an object in a store (batch.runs.storage.StoredFile)
+    read = partial(read_regular_file, item.path, limits.max_bytes) if local else item.path.read_bytes
     try:
-        return item.path.read_bytes()
+        data = call_with_timeout(read, limits.timeout)
+    except FileRefused as e:
+        raise ImageError(f"{item.name}: {e}; only photo files are segmented: replace it by the photo or remove it") from e
+    except TimeoutError as e:
+        raise ImageError(
+            f"{item.name}: reading did not finish within {limits.timeout:.0f} s (a hung network filesystem?); "
+            "check the storage and rerun to retry it"
+        ) from e
+    except MemoryError as e:
+        raise ImageError(f"{item.name}: not enough memory to read it; free memory or remove the file") from e
     except OSError as e:
-        raise ImageError(f"{item.name}: cannot read ({e.strerror or e})") from e
+        fix = READ_FIXES.get(e.errno, "check the file and the storage, then rerun to retry it")
+        raise ImageError(f"{item.name}: cannot read ({e.strerror or e}); {fix}") from e
+    if not local and len(data) > limits.max_bytes:
+        raise ImageError(f"{item.name}: is {len(data) / 2**20:.0f} MiB, more than the {limits.max_bytes / 2**20:.0f} MiB limit")
+    return data
+
+
+def call_with_timeout(fn: Callable[[], Any], seconds: float) -> Any:
+    """``fn()`` in a daemon thread; ``TimeoutError`` when it has not returned within ``seconds``.
+
+    The thread of a call that never returns (a read stuck in the kernel on a dead NFS server) is left
+    behind: being a daemon, it neither holds the run nor keeps the process from exiting.
+    """
+    outcome: queue.SimpleQueue = queue.SimpleQueue()
+
+    def run() -> None:
+        try:
+            outcome.put((True, fn()))
+        except BaseException as e:  # noqa: BLE001  (handed to the caller, which re-raises it)
+            outcome.put((False, e))
+
+    threading.Thread(target=run, name="read", daemon=True).start()
+    try:
+        ok, value = outcome.get(timeout=seconds)
+    except queue.Empty:
+        raise TimeoutError(f"no result after {seconds} s") from None
+    if not ok:
+        raise value
+    return value
+
+
+class DaemonPool:
+    """A minimal thread pool of daemon threads (``submit`` -> Future): a worker stuck on a file never holds up
+    the run's end or the interpreter's exit, which ``ThreadPoolExecutor``'s joined workers would."""
+
+    def __init__(self, workers: int, name: str):
+        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self.threads = [threading.Thread(target=self.work, name=f"{name}-{i}", daemon=True) for i in range(max(1, workers))]
+        for thread in self.threads:
+            thread.start()
+
+    def submit(self, fn: Callable, *args: Any) -> Future:
+        future: Future = Future()
+        self.tasks.put((future, fn, args))
+        return future
+
+    def work(self) -> None:
+        while (task := self.tasks.get()) is not None:
+            future, fn, args = task
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001  (the future hands it to whoever asks for the result)
+                future.set_exception(e)
+
+    def shutdown(self) -> None:
+        """Let the workers end once the queued tasks are done; do not wait for them."""
+        for _ in self.threads:
+            self.tasks.put(None)
+
+    def __enter__(self) -> DaemonPool:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.shutdown()
 
 
 def as_pil_image(item: Item) -> Image.Image:
@@ -156,15 +265,24 @@ def decode_with_pillow(probed: Probed, size: tuple[int, int]) -> np.ndarray:
         if probed.image is not None:
             return resize_rgb(probed.image, size)
         pixels, _ = load_resized_rgb(io.BytesIO(probed.data), size)
+    except MemoryError as e:
+        raise ImageError(f"{probed.item.name}: not enough memory to decode it; free memory or downscale the photo") from e
     except DECODE_ERRORS as e:
-        raise ImageError(f"{probed.item.name}: cannot decode {probed.info.format} ({e})") from e
+        raise ImageError(f"{probed.item.name}: cannot decode {probed.info.format} ({pillow_message(e)}); {decode_fix(e)}") from e
     except Exception as e:  # a decoder bug on one odd file must not stop the run
         log.debug("Pillow failed on %s", probed.item.name, exc_info=True)
         raise ImageError(f"{probed.item.name}: decoder error {type(e).__name__}: {e}") from e
     return pixels
 
 
-def ordered_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, window: int) -> Iterator[tuple[Any, Any]]:
+def decode_fix(error: Exception) -> str:
+    """What to do about a file Pillow cannot decode."""
+    if "truncated" in str(error) or isinstance(error, EOFError):
+        return "the file is cut short: copy it again from its source"
+    return "re-save it as a plain 8-bit JPEG or PNG"
+
+
+def ordered_map(pool: DaemonPool, fn: Callable, items: Iterable, window: int) -> Iterator[tuple[Any, Any]]:
     """(item, result or ImageError) in input order, with at most ``window`` calls in flight."""
     pending: deque[tuple[Any, Future]] = deque()
 
@@ -183,13 +301,16 @@ def ordered_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, window:
         yield pop()
 
 
-def probe_all(items: Iterable[Item], pool: ThreadPoolExecutor, window: int, max_pixels: int | None) -> Iterator[Probed | Failure]:
+def probe_all(
+    items: Iterable[Item], pool: DaemonPool, window: int, max_pixels: int | None, limits: ReadLimits
+) -> Iterator[Probed | Failure]:
     """Every item read and checked in ``pool``, in input order; a :class:`Failure` for those that are not images."""
-    for (position, item), result in ordered_map(pool, partial(probe, max_pixels=max_pixels), enumerate(items), window):
+    checked = partial(probe, max_pixels=max_pixels, limits=limits)
+    for (position, item), result in ordered_map(pool, checked, enumerate(items), window):
         yield Failure(item, result, position) if isinstance(result, ImageError) else result
 
 
-def pillow_batch(probed: list[Probed], pool: ThreadPoolExecutor, size: tuple[int, int]) -> Iterator[Batch | Failure]:
+def pillow_batch(probed: list[Probed], pool: DaemonPool, size: tuple[int, int]) -> Iterator[Batch | Failure]:
     """Decode checked items with Pillow; yield a Failure per refused one, then one host batch of the others."""
     decoded = []
     for item, result in ordered_map(pool, partial(decode_with_pillow, size=size), probed, window=len(probed)):
@@ -215,12 +336,13 @@ class PillowDecoder:
     batch_size: int
     workers: int
     max_pixels: int | None = None
+    limits: ReadLimits = ReadLimits()
     name: str = field(default="pillow", init=False)
     pillow_fallbacks: int = field(default=0, init=False)  # always 0: there is nothing to fall back from
 
     def batches(self, items: Iterable[Item]) -> Iterator[Batch | Failure]:
         """Reading, checking and decoding overlap in the pool; batches keep the input order."""
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="pillow") as pool:
+        with DaemonPool(self.workers, "pillow") as pool:
             ready: list[tuple[Probed, np.ndarray]] = []
             entries = enumerate(items)
             for (position, item), result in ordered_map(pool, self.probe_and_decode, entries, window=2 * self.batch_size):
@@ -235,7 +357,7 @@ class PillowDecoder:
                 yield self.stack(ready)
 
     def probe_and_decode(self, entry: tuple[int, Item]) -> tuple[Probed, np.ndarray]:
-        probed = probe(entry, self.max_pixels)
+        probed = probe(entry, self.max_pixels, self.limits)
         return probed, decode_with_pillow(probed, self.size)
 
     def stack(self, ready: list[tuple[Probed, np.ndarray]]) -> Batch:
@@ -260,8 +382,10 @@ def dali_available() -> bool:
 
 
 def dali_can_decode(probed: Probed) -> bool:
-    """Complete RGB or grayscale JPEGs go to DALI; PNGs, CMYK/YCCK, suspect JPEGs and decoded images to Pillow."""
-    return probed.info.format == "JPEG" and probed.info.mode in DALI_MODES and has_jpeg_end(probed.data)
+    """Complete upright RGB or grayscale JPEGs go to DALI; PNGs, CMYK/YCCK, suspect JPEGs, photos stored sideways
+    (EXIF orientation: Pillow applies it exactly as the masks' size assumes) and decoded images to Pillow."""
+    info = probed.info
+    return info.format == "JPEG" and info.mode in DALI_MODES and info.orientation == 1 and has_jpeg_end(probed.data)
 
 
 class DaliDecoder:
@@ -281,6 +405,7 @@ class DaliDecoder:
         tta: bool,
         allocate: Callable[[tuple[int, ...], np.dtype], Any] | None = None,
         max_pixels: int | None = None,
+        limits: ReadLimits = ReadLimits(),
     ):
         if device_id is not None and allocate is None:
             raise ValueError("a GPU DaliDecoder needs an allocate() for device buffers")
@@ -291,6 +416,7 @@ class DaliDecoder:
         self.tta = tta
         self.allocate = allocate
         self.max_pixels = max_pixels
+        self.limits = limits
         self.name = "dali-cpu" if device_id is None else "dali-mixed"
         self.pillow_fallbacks = 0  # files this decoder handed to Pillow (routed there, or refused by DALI)
         self.pipeline = self.build_pipeline()
@@ -348,10 +474,10 @@ class DaliDecoder:
     def batches(self, items: Iterable[Item]) -> Iterator[Batch | Failure]:
         """Plain JPEGs in DALI batches, the rest in Pillow batches; when either group fills, both are decoded
         (the one holding the earlier image first), so the output never strays more than a batch from input order."""
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="read") as pool:
+        with DaemonPool(self.workers, "read") as pool:
             for_dali: list[Probed] = []
             for_pillow: list[Probed] = []
-            for probed in probe_all(items, pool, window=2 * self.batch_size, max_pixels=self.max_pixels):
+            for probed in probe_all(items, pool, 2 * self.batch_size, self.max_pixels, self.limits):
                 if isinstance(probed, Failure):
                     yield probed
                     continue
@@ -361,15 +487,13 @@ class DaliDecoder:
                     for_dali, for_pillow = [], []
             yield from self.decode_both(for_dali, for_pillow, pool)
 
-    def decode_both(
-        self, for_dali: list[Probed], for_pillow: list[Probed], pool: ThreadPoolExecutor
-    ) -> Iterator[Batch | Failure]:
+    def decode_both(self, for_dali: list[Probed], for_pillow: list[Probed], pool: DaemonPool) -> Iterator[Batch | Failure]:
         groups = sorted([(for_dali, self.decode), (for_pillow, self.pillow)], key=lambda g: g[0][0].position if g[0] else -1)
         for group, decode in groups:
             if group:
                 yield from decode(group, pool)
 
-    def decode(self, probed: list[Probed], pool: ThreadPoolExecutor) -> Iterator[Batch | Failure]:
+    def decode(self, probed: list[Probed], pool: DaemonPool) -> Iterator[Batch | Failure]:
         """One DALI batch; on an error, each file alone, and Pillow for those DALI refuses."""
         try:
             batch = self.dali_batch(probed)
@@ -403,7 +527,7 @@ class DaliDecoder:
             model_input_flipped=flipped,
         )
 
-    def pillow(self, probed: list[Probed], pool: ThreadPoolExecutor) -> Iterator[Batch | Failure]:
+    def pillow(self, probed: list[Probed], pool: DaemonPool) -> Iterator[Batch | Failure]:
         for entry in pillow_batch(probed, pool, self.contract.input_size):
             if isinstance(entry, Batch):
                 self.pillow_fallbacks += len(entry)

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +29,17 @@ from onnx import TensorProto
 
 from batch.core.contract import ContractError, ModelContract, prepare_input
 from batch.core.devices import CPU, Device, parse_device
+from batch.core.errors import CarvanaError
 from batch.core.timing import StageClock
 from batch.inference.decode import Batch
-from batch.inference.postprocess import average_flipped, build_postprocess_model, threshold_in_output_units, upsample_threshold
+from batch.inference.postprocess import (
+    average_flipped,
+    build_postprocess_model,
+    mask_confidence,
+    threshold_in_output_units,
+    unsure_band,
+    upsample_threshold,
+)
 from batch.inference.runtime import CUDA_PROVIDER, ModelError, device_for_precision, open_session, session_options
 
 log = logging.getLogger(__name__)
@@ -160,6 +169,11 @@ class Prediction(Protocol):
         """The full-size mask: (H, W) uint8, 0 = background, 255 = car."""
         ...
 
+    def confidence(self) -> float:
+        """How sure the model is of the mask, in [0, 1] (:func:`batch.inference.postprocess.mask_confidence`); NaN where
+        the path that made the mask did not measure it."""
+        ...
+
 
 class Predictor(Protocol):
     def predict(self, batch: Batch) -> Sequence[Prediction]:
@@ -174,6 +188,10 @@ def make_predictor(model: Model, threshold: float, tta: bool, clock: StageClock 
     return CpuPredictor(model, threshold, tta, clock=clock)
 
 
+class NonFiniteOutput(CarvanaError):
+    """The model returned NaN or infinite scores for a photo: no mask is made from them."""
+
+
 @dataclass
 class LowResScores:
     """Model output at the model's size; upsampled and thresholded on demand (in a writer thread)."""
@@ -181,9 +199,20 @@ class LowResScores:
     scores: np.ndarray  # (h, w) float32
     size: tuple[int, int]  # the photo's (H, W)
     cut: float  # threshold in the output's units
+    band: tuple[float, float]  # the scores of unsure pixels, in the output's units (mask_confidence)
 
     def mask(self) -> np.ndarray:
+        """The full-size mask; :class:`NonFiniteOutput` when the scores are not all finite numbers (a NaN is
+        never car, so thresholding it would write an empty mask that a rerun then keeps as done)."""
+        if not np.isfinite(self.scores).all():
+            raise NonFiniteOutput(
+                "the model returned NaN or infinite scores for this photo, so no mask was written; the model file "
+                "may be damaged or mis-exported: check it with `unet-export --verify`, or use another model"
+            )
         return upsample_threshold(self.scores, self.size, self.cut)
+
+    def confidence(self) -> float:
+        return mask_confidence(self.scores, self.cut, self.band)
 
 
 @dataclass
@@ -191,9 +220,13 @@ class FinishedMask:
     """A mask already made on the device."""
 
     value: np.ndarray  # (H, W) uint8, 0 or 255
+    score: float = math.nan  # its confidence, where the device path measured it
 
     def mask(self) -> np.ndarray:
         return self.value
+
+    def confidence(self) -> float:
+        return self.score
 
 
 class CpuPredictor:
@@ -203,6 +236,7 @@ class CpuPredictor:
         self.model = model
         self.tta = tta
         self.cut = threshold_in_output_units(threshold, model.contract.output_kind)
+        self.band = unsure_band(threshold, model.contract.output_kind)
         self.clock = clock or StageClock()
 
     def run(self, x: np.ndarray) -> np.ndarray:
@@ -219,7 +253,7 @@ class CpuPredictor:
             if flipped is None:
                 flipped = prepare_input(mirrored(batch.pixels), contract)
             scores = average_flipped(scores, self.run(flipped))
-        return [LowResScores(scores[i, 0], size, self.cut) for i, size in enumerate(batch.sizes)]
+        return [LowResScores(scores[i, 0], size, self.cut, self.band) for i, size in enumerate(batch.sizes)]
 
 
 class BoundPredictor:

@@ -36,17 +36,28 @@ from batch.core.logs import first_line
 from batch.core.timing import StageClock
 from batch.inference.bundled import default_model_path
 from batch.inference.config import DEFAULT_BATCH_SIZE, SegmenterConfig, segmenter_options
-from batch.inference.decode import Batch, DaliDecoder, Decoder, DecoderError, Failure, Item, PillowDecoder, dali_available
+from batch.inference.decode import (
+    Batch,
+    DaliDecoder,
+    Decoder,
+    DecoderError,
+    Failure,
+    Item,
+    PillowDecoder,
+    ReadLimits,
+    dali_available,
+)
 from batch.inference.model import Model, Prediction, Predictor, load_model, make_predictor
 
 log = logging.getLogger(__name__)
 
 PREFETCH_BATCHES = 2  # decoded batches waiting for inference
+STOP_WAIT_SECONDS = 5.0  # how long closing a stream waits for its decode thread before leaving it behind
 FAILED_BATCHES_IN_A_ROW = 3  # inference failing this often in a row means the model or device is broken: stop
 
 ImageLike = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
 SINGLE_IMAGE_TYPES = (str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray)
-MaskOrError = np.ndarray | Exception
+MaskOrError = np.ndarray | tuple[np.ndarray, float] | Exception
 
 
 class InferenceError(CarvanaError):
@@ -81,6 +92,7 @@ class Segmenter:
         decoder: str = "auto",
         workers: int | None = None,
         threads: int | None = None,
+        read_timeout: float = SegmenterConfig.read_timeout,
         *,
         clock: StageClock | None = None,
     ):
@@ -93,6 +105,7 @@ class Segmenter:
             decoder=decoder,
             workers=workers,
             threads=threads,
+            read_timeout=read_timeout,
         )
         self.clock = clock or StageClock()
         self.streaming = threading.Lock()
@@ -106,9 +119,7 @@ class Segmenter:
             self.batch_size: int = self.config.batch_size or DEFAULT_BATCH_SIZE["cuda" if self.model.on_gpu else "cpu"]
             self.workers: int = self.config.workers or cpu_count()
             self.predictor: Predictor = make_predictor(self.model, self.threshold, self.config.tta, self.clock)
-            self.decoder: Decoder = make_decoder(
-                self.config.decoder, self.model, self.predictor, self.batch_size, self.workers, self.config.tta
-            )
+            self.decoder: Decoder = make_decoder(self.config, self.model, self.predictor, self.batch_size, self.workers)
 
     @classmethod
     def from_config(cls, config: SegmenterConfig, clock: StageClock | None = None) -> Segmenter:
@@ -147,9 +158,13 @@ class Segmenter:
     # -- masks of images in memory or named by path -----------------------------------------------
 
     def __call__(
-        self, images: ImageLike | Iterable[ImageLike], errors: Literal["raise", "return"] = "raise"
+        self, images: ImageLike | Iterable[ImageLike], errors: Literal["raise", "return"] = "raise", confidence: bool = False
     ) -> MaskOrError | list[MaskOrError]:
         """The mask of one image, or the list of masks of several, in order: (H, W) uint8, 0 or 255, each at its image's size.
+
+        ``confidence=True``: each entry is ``(mask, confidence)`` instead, the confidence in [0, 1] telling how sure
+        the model is of the mask (:func:`batch.inference.postprocess.mask_confidence`; the lowest are the masks to
+        check first).
 
         An image is a path (str or Path), the bytes of a JPEG or PNG file, a PIL image, or an (H, W, 3)
         uint8 RGB array. A file (path or bytes) gets exactly the mask ``unet-batch segment`` writes for it;
@@ -164,25 +179,27 @@ class Segmenter:
         single = isinstance(images, SINGLE_IMAGE_TYPES)
         listed = [images] if single else list(images)
         names = ["the image"] if single else [f"image at index {i} of the list" for i in range(len(listed))]
-        results = self.predict([as_item(image, name) for image, name in zip(listed, names)])
+        results = self.predict([as_item(image, name) for image, name in zip(listed, names)], confidence)
         if errors == "raise":
             failed = next((result for result in results if isinstance(result, Exception)), None)
             if failed is not None:
                 raise failed
         return results[0] if single else results
 
-    def predict(self, items: Iterable[Item]) -> list[MaskOrError]:
-        """Full-size masks of ``items``, in order; a failed item's entry is its error (ImageError or InferenceError).
+    def predict(self, items: Iterable[Item], confidence: bool = False) -> list[MaskOrError]:
+        """Full-size masks of ``items`` (with ``confidence``: ``(mask, confidence)`` pairs), in order; a failed item's
+        entry is its error (ImageError, InferenceError, or the model's NaN scores).
 
         The masks are finished (upsampled and thresholded) in ``workers`` threads while inference goes on.
         """
         if self.pool is None:
             self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="mask")
+        finish = finish_with_confidence if confidence else finish_mask
         pending: list[Future | Exception] = []
         with closing(self.stream(items)) as results:
             for _, result in results:
-                pending.append(result.error if isinstance(result, Failure) else self.pool.submit(result.mask))
-        return [entry.result() if isinstance(entry, Future) else entry for entry in pending]
+                pending.append(result.error if isinstance(result, Failure) else self.pool.submit(finish, result))
+        return [outcome(entry) for entry in pending]
 
     # -- the one decode -> infer -> post-process path --------------------------------------------------
 
@@ -255,6 +272,24 @@ class Segmenter:
         self.close()
 
 
+def finish_mask(prediction: Prediction) -> np.ndarray:
+    return prediction.mask()
+
+
+def finish_with_confidence(prediction: Prediction) -> tuple[np.ndarray, float]:
+    return prediction.mask(), prediction.confidence()
+
+
+def outcome(entry: Future | Exception) -> Any:
+    """A finished entry of :meth:`Segmenter.predict`: its result, or the project's error that kept it from one."""
+    if not isinstance(entry, Future):
+        return entry
+    try:
+        return entry.result()
+    except CarvanaError as e:
+        return e
+
+
 def as_item(image: ImageLike, name: str) -> Item:
     """An :class:`Item` for one image given to ``Segmenter.__call__``; a path names the image by itself."""
     if isinstance(image, (str, os.PathLike)):
@@ -269,21 +304,22 @@ def as_item(image: ImageLike, name: str) -> Item:
     )
 
 
-def make_decoder(choice: str, model: Model, predictor: Predictor, batch_size: int, workers: int, tta: bool) -> Decoder:
+def make_decoder(config: SegmenterConfig, model: Model, predictor: Predictor, batch_size: int, workers: int) -> Decoder:
     """``auto``: DALI on a GPU (Pillow when DALI is not installed, with a log line), Pillow on the CPU."""
+    choice, limits = config.decoder, ReadLimits(timeout=config.read_timeout)
     if choice == "pillow" or (choice == "auto" and not model.on_gpu):
-        return PillowDecoder(model.contract.input_size, batch_size, workers)
+        return PillowDecoder(model.contract.input_size, batch_size, workers, limits=limits)
     if not dali_available():
         if choice == "dali":
             raise DecoderError(
                 "decoder dali: NVIDIA DALI is not installed; pip install '.[gpu]', or use the pillow decoder (--decoder pillow)"
             )
         log.info("decoder auto: NVIDIA DALI is not installed, decoding with Pillow on the CPU (pip install '.[gpu]' for nvJPEG)")
-        return PillowDecoder(model.contract.input_size, batch_size, workers)
+        return PillowDecoder(model.contract.input_size, batch_size, workers, limits=limits)
     device_id = model.device_index if model.on_gpu else None
     allocate = predictor.allocate if model.on_gpu else None
     try:
-        return DaliDecoder(model.contract, batch_size, workers, device_id, tta, allocate=allocate)
+        return DaliDecoder(model.contract, batch_size, workers, device_id, config.tta, allocate=allocate, limits=limits)
     except RuntimeError as e:
         raise DecoderError(
             f"cannot start the DALI decoder on {model.device}: {e}; use the pillow decoder (--decoder pillow)"
@@ -347,5 +383,8 @@ class Prefetcher:
             yield item
 
     def close(self) -> None:
+        """Stop the thread; wait for it a moment only: one stuck in a read that never returns is a daemon, left behind."""
         self.stop.set()
-        self.thread.join()
+        self.thread.join(timeout=STOP_WAIT_SECONDS)
+        if self.thread.is_alive():
+            log.warning("the %s stage is stuck (a read that does not return?): leaving it behind", self.stage)

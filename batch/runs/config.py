@@ -1,6 +1,7 @@
-"""What a folder or bucket run is asked to do, and the error when it cannot start: :class:`RunConfig` (``unet-batch segment``, :func:`batch.segment`)
-and, for the Ray engine, :class:`ClusterConfig`. Frozen dataclasses, checked when they are made, importable
-without ONNX Runtime or Ray (the command line takes its defaults from them)."""
+"""What a folder or bucket run is asked to do, and the error when it cannot start: :class:`RunConfig`
+(``unet-batch segment``, :func:`batch.segment`) and, for the Ray engine, :class:`ClusterConfig`. Frozen
+dataclasses, checked when they are made, importable without ONNX Runtime or Ray (the command line takes
+its defaults from them)."""
 
 from __future__ import annotations
 

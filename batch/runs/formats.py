@@ -20,9 +20,11 @@ from batch.core.masks import rle_encode
 FORMATS = ("png", "gif", "rle", "overlay", "cutout")
 PHOTO_FORMATS = ("overlay", "cutout")  # formats that need the full-size photo
 SUBMISSION_NAME = "submission.csv"
+CONFIDENCE_NAME = "confidence.csv"  # photo,confidence: which masks a person should look at first
 RLE_DIR = ".rle"  # per-image run-length encodings, the source of truth for submission.csv
-OVERLAY_COLOR = (255, 0, 160)  # magenta tint: stands out on cars and on studio backgrounds alike
-OVERLAY_ALPHA = 0.45
+OVERLAY_OUTLINE = (0, 255, 255)  # cyan: an outline that stands out on car paints and on gray
+OVERLAY_DIM = 0.45  # how much darker the (gray) background is drawn than the photo
+OVERLAY_ALPHA = 0.45  # of the tints in evaluate's error pictures
 JPEG_QUALITY = 90  # of the pictures the project writes as JPEG: overlays, error pictures
 
 
@@ -74,10 +76,33 @@ def encode_gif_mask(mask: np.ndarray) -> bytes:
 
 
 def encode_overlay(photo: Image.Image, mask: np.ndarray) -> bytes:
-    """JPEG of the photo with the car tinted."""
-    tint = Image.new("RGB", photo.size, OVERLAY_COLOR)
-    tinted = Image.blend(photo, tint, OVERLAY_ALPHA)
-    return encode_jpeg(Image.composite(tinted, photo, Image.fromarray(mask, mode="L")))
+    """JPEG of the photo with the car in its own colours, the background dimmed to gray, and the mask's outline drawn
+    in a colour no car paint has (a tint would vanish on a car of its own colour: magenta on a red car)."""
+    car = Image.fromarray(mask, mode="L")
+    background = Image.blend(photo.convert("L").convert("RGB"), Image.new("RGB", photo.size), OVERLAY_DIM)
+    picture = Image.composite(photo, background, car)
+    radius = max(1, round(max(photo.size) / 640))  # a line of about 4 px on a 1918x1280 photo: visible when shrunk
+    picture.paste(OVERLAY_OUTLINE, mask=Image.fromarray(outline(mask > 0, radius).astype(np.uint8) * 255, mode="L"))
+    return encode_jpeg(picture)
+
+
+def outline(car: np.ndarray, radius: int) -> np.ndarray:
+    """The pixels within ``radius`` (a square) of the edge of the (H, W) bool ``car``, on both sides of it."""
+    return grow(car, radius) & grow(~car, radius)
+
+
+def grow(region: np.ndarray, radius: int) -> np.ndarray:
+    """``region`` dilated by a (2 radius + 1)-square, one axis at a time."""
+    grown = region.copy()
+    for axis in (0, 1):
+        source = grown.copy()
+        for shift in range(1, radius + 1):
+            ahead = [slice(None)] * 2
+            behind = [slice(None)] * 2
+            ahead[axis], behind[axis] = slice(shift, None), slice(None, -shift)
+            grown[tuple(ahead)] |= source[tuple(behind)]
+            grown[tuple(behind)] |= source[tuple(ahead)]
+    return grown
 
 
 def encode_jpeg(picture: Image.Image) -> bytes:

@@ -1,4 +1,5 @@
-"""``unet-batch segment --engine ray``: the same run on a Ray cluster, one :class:`~batch.inference.segmenter.Segmenter` per actor.
+"""``unet-batch segment --engine ray``: the same run on a Ray cluster, one :class:`~batch.inference.segmenter.Segmenter`
+per actor.
 
     driver: the run's skeleton (batch.runs.run: discover, plan, resume, conflicts, --limit), then
       RayEngine.process:
@@ -16,7 +17,7 @@ outputs are the same files with the same bytes. Bad photos come back as failures
 run. An actor that dies is restarted by Ray and its batch retried (Ray Data's actor fault tolerance,
 on by default); outputs are written atomically under names fixed by the photo, so a retried batch
 rewrites the same files and every photo is counted once. A photo that kills its worker process
-(a decoder's crash, the kernel's out-of-memory killer) is found by the actor's :class:`CrashJournal`
+(a decoder's crash, the kernel's out-of-memory killer) is found by the actor's crash journal (batch.runs.journal)
 and failed, so it costs one restart or two, not an endless retry loop.
 
 This is the only module of the package that imports ray.
@@ -34,8 +35,8 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import numpy as np
 import ray
@@ -43,13 +44,17 @@ import ray.data
 from tqdm import tqdm
 
 from batch.core.devices import parse_device
+from batch.core.files import file_sha256
 from batch.core.images import ImageError
 from batch.core.logs import first_line
 from batch.core.timing import StageClock
+from batch.inference.bundled import default_model_path
 from batch.inference.config import DEFAULT_BATCH_SIZE, SegmenterConfig, segmenter_options
-from batch.inference.decode import Item, read_file
+from batch.inference.decode import Item, ReadLimits, read_file
+from batch.inference.model import read_contract
 from batch.inference.segmenter import Segmenter
 from batch.runs.config import ClusterConfig, RunConfig, SegmentError
+from batch.runs.journal import CRASHED, CrashJournal
 from batch.runs.outputs import Results, write_all
 from batch.runs.plan import Job
 from batch.runs.storage import Storage
@@ -156,6 +161,12 @@ class RayEngine:
         outcomes = _run_pipeline(jobs, self.config, source, output, self.actors, self.worker)
         self.tally.collect(outcomes, len(jobs), progress)
 
+    def model_identity(self) -> tuple[str, str, float]:
+        """The model the actors load: the driver's file, or the bundled one for the actors' device."""
+        path = Path(self.config.model or default_model_path(self.actors.device))
+        threshold = self.config.threshold if self.config.threshold is not None else read_contract(path).threshold
+        return str(path), file_sha256(path), threshold
+
     def describe(self) -> dict[str, Any]:
         """The local engine's fields (from the workers' states; the model as the user named it), plus the
         engine, the number of workers and what each did. Stage seconds are summed over the workers, like threads."""
@@ -229,8 +240,8 @@ def _run_pipeline(
     rows = ray.data.from_items(
         [{"job": pickle.dumps(job)} for job in jobs], override_num_blocks=min(blocks, len(jobs), MAX_BLOCKS)
     )
-    photos = rows.map_batches(_read_photos, fn_kwargs={"source": source}, batch_size=batch_size, num_cpus=READ_CPUS,
-                              runtime_env=environment)  # fmt: skip
+    reading = {"source": source, "limits": ReadLimits(timeout=config.read_timeout)}
+    photos = rows.map_batches(_read_photos, fn_kwargs=reading, batch_size=batch_size, num_cpus=READ_CPUS, runtime_env=environment)
     outcomes = photos.map_batches(
         worker,
         fn_constructor_kwargs={"config": _actor_config(config, actors), "output": output, "model": _model_bytes(config)},
@@ -261,14 +272,16 @@ def _model_bytes(config: RunConfig) -> bytes | None:
         raise SegmentError(f"cannot read the model {config.model} ({e.strerror or e})") from e
 
 
-def _read_photos(batch: dict[str, np.ndarray], source: Storage) -> dict[str, list]:
+def _read_photos(batch: dict[str, np.ndarray], source: Storage, limits: ReadLimits) -> dict[str, list]:
     """The read stage: each job's photo bytes from IN; an empty ``data`` and the reason when they cannot be read.
 
     Jobs travel pickled (a binary column: Arrow has no type for them)."""
     data, errors = [], []
     for job in map(pickle.loads, batch["job"]):
         try:
-            data.append(read_file(Item(job.source, path=source.file(job.rel))))  # the local engine's read, and its message
+            data.append(
+                read_file(Item(job.source, path=source.file(job.rel)), limits)
+            )  # the local engine's read, and its message
             errors.append("")
         except ImageError as e:
             data.append(b"")
@@ -276,67 +289,15 @@ def _read_photos(batch: dict[str, np.ndarray], source: Storage) -> dict[str, lis
     return {"job": batch["job"], "data": data, "error": errors}
 
 
-CRASHED = (
-    "killed its worker process (a decoder crash or out of memory) while being segmented alone; it was skipped so "
-    "the run could go on. Check the file (open it, or re-encode it as a plain JPEG) and run again to retry it"
-)
-
-
-class CrashJournal:
-    """What an actor is segmenting, kept on its node's disk, so that the actor Ray restarts after a crash knows.
-
-    A photo that kills its worker process would otherwise be retried without end: Ray restarts the
-    actor and gives it the same call again. Before each call the actor writes the call's photos here
-    (``in_flight``); the restarted actor, which has the same actor id, reads them back as suspects.
-    A call with suspects is segmented one photo at a time, each written here first, so a second crash
-    names the photo: it is ``poisoned``, failed with :data:`CRASHED`, and the call's other photos are
-    done. A node that is lost takes its journal with it; Ray then retries the call as before.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        state = self.read()
-        self.suspects: set[str] = set(state.get("suspects", ()))
-        self.poisoned: set[str] = set(state.get("poisoned", ()))
-        in_flight = state.get("in_flight", [])
-        if state.get("one_by_one") and len(in_flight) == 1:
-            self.poisoned.update(in_flight)  # died twice: with its call, then alone
-        else:
-            self.suspects.update(in_flight)
-
-    def read(self) -> dict:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}  # a first start, or a journal cut short by the crash itself: nothing to go on
-
-    def suspected(self, rels: list[str]) -> bool:
-        """Whether a call of these photos killed this actor before: then do them one at a time."""
-        return not self.suspects.isdisjoint(rels)
-
-    @contextlib.contextmanager
-    def running(self, rels: list[str], one_by_one: bool) -> Iterator[None]:
-        """Record ``rels`` as in flight while the block runs; a process that dies inside leaves them recorded."""
-        self.write({"in_flight": rels, "one_by_one": one_by_one})
-        try:
-            yield
-        finally:
-            if self.suspects or self.poisoned:
-                self.write({"in_flight": [], "one_by_one": False})
-            else:
-                self.path.unlink(missing_ok=True)  # nothing to remember: no file left behind on the node
-
-    def write(self, state: dict) -> None:
-        state |= {"suspects": sorted(self.suspects), "poisoned": sorted(self.poisoned)}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(state))
-        os.replace(temporary, self.path)  # whole or not at all, even if the process dies mid-write
-
-
-def _journal_path(actor_id: str) -> Path:
-    """The journal of one actor (the id survives restarts), in its node's temporary folder."""
-    return Path(tempfile.gettempdir()) / "unet-batch-ray" / f"{actor_id}.json"
+def _open_segmenter(config: SegmenterConfig, model: bytes | None) -> Segmenter:
+    """The actor's Segmenter; the driver's model file is written to a temporary file only while it loads (ONNX Runtime
+    keeps the model in memory), so that an actor killed at the end of a run leaves no file behind."""
+    if model is None:
+        return Segmenter.from_config(config)
+    with tempfile.TemporaryDirectory(prefix="unet-batch-model-") as folder:
+        path = Path(folder, "model.onnx")
+        path.write_bytes(model)
+        return Segmenter.from_config(replace(config, model=path))
 
 
 class SegmentWorker:
@@ -348,17 +309,11 @@ class SegmentWorker:
     """
 
     def __init__(self, config: SegmenterConfig, output: Storage, model: bytes | None):
-        self.model_file = None
-        if model is not None:
-            self.model_file = tempfile.NamedTemporaryFile(suffix=".onnx")  # noqa: SIM115  (held while the actor lives)
-            self.model_file.write(model)
-            self.model_file.flush()
-            config = replace(config, model=Path(self.model_file.name))
-        self.segmenter = Segmenter.from_config(config)
+        self.segmenter = _open_segmenter(config, model)
         self.output = output
         actor_id = ray.get_runtime_context().get_actor_id()
         self.name = f"{ray.util.get_node_ip_address()}/{actor_id[:8]}"
-        self.journal = CrashJournal(_journal_path(actor_id))
+        self.journal = CrashJournal(output, actor_id)  # in OUTPUT_DIR: an actor restarted on another node finds it
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         jobs = [pickle.loads(job) for job in batch["job"]]
@@ -367,11 +322,11 @@ class SegmentWorker:
         for job, data, error in zip(jobs, batch["data"], batch["error"]):
             if error:
                 results.fail(job, str(error))
-            elif job.rel.as_posix() in self.journal.poisoned:
+            elif job.name in self.journal.poisoned:
                 results.fail(job, CRASHED)
             else:
                 items.append(Item(job.source, data=bytes(data), tag=job))
-        rels = [item.tag.rel.as_posix() for item in items]
+        rels = [item.tag.name for item in items]
         if self.journal.suspected(rels):  # this call killed the actor before: one photo at a time finds the culprit
             for item, rel in zip(items, rels):
                 with self.journal.running([rel], one_by_one=True):
@@ -385,14 +340,14 @@ class SegmentWorker:
             "source": [job.source for job in jobs],
             "rel": [job.rel.as_posix() for job in jobs],
             "error": [errors.get(job.rel, "") for job in jobs],
+            "confidence": [results.confidence.get(job.name, math.nan) for job in jobs],
             "worker": [self.name] * len(jobs),
             "state": [state] * len(jobs),
         }
 
     def segment(self, items: list[Item], results: Results) -> None:
         """The local engine's decode -> infer -> write for these photos (tests override it to crash)."""
-        write_all(items, self.segmenter, self.output, results, progress=False)
-
+        write_all(items, self.segmenter, self.output, results)
 
 
 class Tally:
@@ -407,13 +362,12 @@ class Tally:
     def collect(self, outcomes: Iterable[dict[str, np.ndarray]], total: int, progress: bool) -> None:
         with tqdm(total=total, unit="img", desc="segment", disable=not progress, dynamic_ncols=True) as bar:
             for batch in outcomes:
-                for source, rel, error, worker, state in zip(
-                    batch["source"], batch["rel"], batch["error"], batch["worker"], batch["state"]
-                ):
-                    self.count(Job(str(source), PurePosixPath(rel), {}), str(error), str(worker), state)
+                columns = ("source", "rel", "error", "confidence", "worker", "state")
+                for source, rel, error, confidence, worker, state in zip(*(batch[name] for name in columns)):
+                    self.count(Job(str(source), PurePosixPath(rel), {}), str(error), float(confidence), str(worker), state)
                 bar.update(len(batch["rel"]))
 
-    def count(self, job: Job, error: str, worker: str, state: str) -> None:
+    def count(self, job: Job, error: str, confidence: float, worker: str, state: str) -> None:
         self.states[worker] = json.loads(state)
         counts = self.workers.setdefault(worker, {"device": self.states[worker]["device"], "processed": 0, "failed": 0})
         if error:
@@ -421,4 +375,4 @@ class Tally:
             self.results.fail(job, error)
         else:
             counts["processed"] += 1
-            self.results.done()
+            self.results.done(job, confidence)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from batch.core.files import write_atomic
 
+LEAST_SHOWN = 3  # least confident photos named in the final log line
 REPORT_NAME = "report.json"  # in OUTPUT_DIR unless --report says otherwise
 
 
@@ -39,9 +41,11 @@ class Report:
     workers: int = 1  # inference workers: Ray actors, or the local engine's one
     per_worker: dict[str, dict] = field(default_factory=dict)  # Ray: worker -> {"device", "processed", "failed"}
     version: str = field(default="")
+    confidence: dict = field(default_factory=dict)  # over confidence.csv: photos, mean, the least confident ones
+    report_error: str = ""  # why report.json could not be written at the end ("" when it was); never in the file itself
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {key: value for key, value in asdict(self).items() if key != "report_error"}
 
     def to_json(self) -> bytes:
         return (json.dumps(self.to_dict(), indent=2) + "\n").encode("utf-8")
@@ -55,4 +59,21 @@ class Report:
             f"{self.processed} segmented, {self.skipped} already done, {len(self.failed)} failed "
             f"in {self.seconds:.1f} s ({self.images_per_second:.1f} img/s on {self.device}, decoder {self.decoder})"
         )
-        return line + (" - interrupted" if self.interrupted else "") + (" - stopped early" if self.stopped else "")
+        line += (" - interrupted" if self.interrupted else "") + (" - stopped early" if self.stopped else "")
+        least = self.confidence.get("least", [])[:LEAST_SHOWN]
+        if least:
+            shown = ", ".join(f"{entry['photo']} ({entry['confidence']:.3f})" for entry in least)
+            line += f"\nleast confident masks (check these first; all in confidence.csv): {shown}"
+        return line
+
+
+def summarize_confidence(rows: dict[str, float], least: int = 10) -> dict:
+    """report.json's ``confidence``: how many photos have a score, their mean, and the ``least`` confident ones."""
+    scored = sorted(((value, photo) for photo, value in rows.items() if not math.isnan(value)))
+    if not scored:
+        return {}
+    return {
+        "photos": len(scored),
+        "mean": round(sum(value for value, _ in scored) / len(scored), 4),
+        "least": [{"photo": photo, "confidence": round(value, 4)} for value, photo in scored[:least]],
+    }

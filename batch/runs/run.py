@@ -15,22 +15,25 @@ several batches in a row the run stops there, with ``report.stopped`` saying why
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
+from batch.core.images import is_image_file
 from batch.core.logs import first_line
 from batch.core.timing import StageClock
 from batch.core.version import package_version
 from batch.inference.segmenter import InferenceError
 from batch.runs.config import ClusterConfig, RunConfig, SegmentError
 from batch.runs.lock import output_folder
-from batch.runs.outputs import Results, write_report, write_submission
+from batch.runs.manifest import MadeBy, append_history, check_and_record, finish_overwrite
+from batch.runs.outputs import Results, read_confidence, write_confidence, write_report, write_submission
 from batch.runs.plan import Job, Plan, make_plan
-from batch.runs.report import Report
-from batch.runs.storage import Storage, StorageError, open_location
+from batch.runs.report import REPORT_NAME, Report, summarize_confidence
+from batch.runs.storage import Listing, LocalFolder, Storage, StorageError, open_location
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,9 @@ class Engine(Protocol):
 
     def describe(self) -> dict[str, Any]:
         """The report's engine fields (device, provider, decoder, model, stages, batch size, ...)."""
+
+    def model_identity(self) -> tuple[str, str, float]:
+        """The model that makes the masks: its path (for messages), its file's SHA-256, the threshold applied."""
 
 
 def segment(
@@ -82,10 +88,13 @@ def run(config: RunConfig, engine: str | Engine = "local", cluster: ClusterConfi
     try:
         with runner.open(), output_folder(output):
             with clock("discover"):
-                plan = make_plan(source, output, inputs, config.formats, config.overwrite)
-            log.info("%d photos: %d to segment, %d already done, %d in conflict; %s", plan.size, len(plan.jobs),
-                     len(plan.done), len(plan.conflicts), runner.summary())  # fmt: skip
+                plan = make_plan(source, output, inputs, config.formats, config.overwrite, read_confidence(output).keys())
+            log.info("%d photos: %d to segment, %d already done, %d refused; %s", plan.size, len(plan.jobs),
+                     len(plan.done), len(plan.refused), runner.summary())  # fmt: skip
             output.clean()
+            path, sha256, threshold = runner.model_identity()
+            made = MadeBy(sha256, path, threshold, config.tta, config.formats)
+            check_and_record(output, made, config.overwrite)
             return _process(config, plan, source, output, runner, clock, started)
     except StorageError as e:  # the output folder cannot be made or is locked by another run
         raise SegmentError(str(e)) from e
@@ -96,7 +105,7 @@ def _process(
 ) -> Report:
     """The run proper: the engine segments the jobs; the report is written whatever happens, then an interrupt propagates."""
     results = Results()
-    for job, reason in plan.conflicts:
+    for job, reason in plan.refused:
         results.fail(job, reason)
     interruption: KeyboardInterrupt | None = None
     stopped = ""
@@ -107,12 +116,14 @@ def _process(
     except InferenceError as e:  # Ray wraps an actor's InferenceError; its ``cause`` is the actor's own
         stopped = first_line(getattr(e, "cause", e))
     report = _finish(
-        config, plan, output, clock,
+        config, plan, output, clock, results,
         lambda: _make_report(config, plan, results, time.perf_counter() - started, interruption is not None, stopped,
                             engine.describe()),
     )  # fmt: skip
     if interruption is not None:
         raise interruption
+    if config.overwrite and not stopped:
+        finish_overwrite(output)
     return report
 
 
@@ -164,6 +175,7 @@ def _open_locations(config: RunConfig) -> tuple[Storage, Storage]:
         output.check(writable=True)
     except StorageError as e:
         raise SegmentError(str(e)) from e
+    _check_report_path(config, source)
     inside = source.relative_to(output)
     if inside == PurePosixPath("."):
         raise SegmentError(f"OUTPUT_DIR {output} is the input folder; choose another folder for the masks")
@@ -175,23 +187,48 @@ def _open_locations(config: RunConfig) -> tuple[Storage, Storage]:
     return source, output
 
 
-def _find_inputs(config: RunConfig, source: Storage, output: Storage) -> list[PurePosixPath]:
-    """The photos under INPUT_DIR (relative paths, sorted, at most ``limit``; none inside OUTPUT_DIR)."""
+def _check_report_path(config: RunConfig, source: Storage) -> None:
+    """``--report`` must be writable, and never a photo or a file among the photos: checked before any work."""
+    if config.report is None:
+        return
+    path = config.report.resolve()
+    if LocalFolder(path.parent).relative_to(source) is not None:
+        raise SegmentError(f"--report {config.report} lies in the input folder {source}: choose a path outside it")
+    if path.exists() and (is_image_file(path) or not path.is_file()):
+        raise SegmentError(f"--report {config.report} is a photo or not a file: choose a new .json path")
+    existing = next(folder for folder in (path.parent, *path.parents) if folder.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise SegmentError(f"--report {config.report} cannot be written: {existing} is not a writable folder")
+
+
+def _find_inputs(config: RunConfig, source: Storage, output: Storage) -> Listing:
+    """The photos under INPUT_DIR (sorted, at most ``limit``; none inside OUTPUT_DIR), and the entries skipped."""
     try:
-        inputs = source.find_images(exclude=output)
+        listing = source.find_images(exclude=output)
     except StorageError as e:
         raise SegmentError(str(e)) from e
-    if not inputs:
+    if not listing.images and not listing.skipped:
         raise SegmentError(f"no .jpg, .jpeg or .png files under {source}")
-    return inputs[: config.limit]
+    return Listing(listing.images[: config.limit], listing.skipped)
 
 
-def _finish(config: RunConfig, plan: Plan, output: Storage, clock: StageClock, report: Callable[[], Report]) -> Report:
-    """What ends a run: submission.csv from every finished photo's RLE file (--format rle), then the report
-    (made after it, so that its time counts) written to report.json."""
-    if "rle" in config.formats:
-        with clock("write"):
+def _finish(
+    config: RunConfig, plan: Plan, output: Storage, clock: StageClock, results: Results, report: Callable[[], Report]
+) -> Report:
+    """What ends a run: submission.csv from every finished photo's RLE file (--format rle), confidence.csv, then the
+    report (made after them, so that their time counts) written to report.json."""
+    with clock("write"):
+        if "rle" in config.formats:
             write_submission(output, [(job.name, job.outputs["rle"]) for job in plan.all_jobs])
+        confidence = write_confidence(output, results) if results.confidence or plan.done else {}
     made = report()
-    write_report(made, config, output)
+    made.confidence = summarize_confidence(confidence)
+    did_work = bool(plan.jobs) or config.report is not None or not output.existing([PurePosixPath(REPORT_NAME)])
+    try:
+        append_history(output, made)
+        if did_work:  # a rerun with nothing to do keeps the report of the run that did the work
+            write_report(made, config, output)
+    except OSError as e:  # a full disk, a bucket gone: the caller still gets the report, failures and all
+        made.report_error = f"cannot write the report to {config.report_path} ({e.strerror or e})"
+        log.error("%s; the failed photos are listed below", made.report_error)
     return made

@@ -27,9 +27,11 @@ options, never credentials; each process resolves those from its own environment
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
+import stat
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -38,8 +40,9 @@ from typing import TYPE_CHECKING
 
 from batch.core.errors import CarvanaError
 from batch.core.extras import require
-from batch.core.files import remove_stale_temporaries, write_atomic
+from batch.core.files import file_kind, remove_stale_temporaries, write_atomic
 from batch.core.images import is_image_file
+from batch.runs.names import UnsafeName, safe_relative, shown
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
@@ -66,8 +69,17 @@ def is_uri(location: str | Path) -> bool:
 
 
 def as_location(location: str | Path) -> str | Path:
-    """A URI as it is (a ``str``: ``Path`` would fold its ``//``), anything else as a ``Path``."""
-    return str(location).rstrip("/") if is_uri(location) else Path(location)
+    """A URI as a ``str`` (``Path`` would fold its ``//``), ``file:///abs`` and anything else as a ``Path``.
+
+    A URI keeps its ``scheme://`` whole (``s3://`` alone stays a URI, and is refused for naming no bucket,
+    rather than becoming a local folder ``s3:``); only trailing slashes after a bucket are dropped.
+    """
+    match = URI.fullmatch(str(location))
+    if match is None:
+        return Path(location)
+    if match["scheme"].lower() == "file":
+        return Path(match["path"])
+    return f"{match['scheme']}://{match['path'].rstrip('/')}"
 
 
 def open_location(location: str | Path) -> LocalFolder | ObjectStore:
@@ -80,6 +92,14 @@ def open_location(location: str | Path) -> LocalFolder | ObjectStore:
     if scheme == "file":
         return LocalFolder(Path(match["path"]))
     return ObjectStore(scheme, match["path"].strip("/"), storage_options(scheme))
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What a location holds for a run: its photos, and the entries that look like photos but cannot be used."""
+
+    images: list[PurePosixPath]  # relative paths, safe to build outputs from (batch.runs.names), sorted
+    skipped: list[tuple[str, str]]  # (the entry as the user would write it, why it is not segmented), sorted
 
 
 class Storage(ABC):
@@ -95,9 +115,16 @@ class Storage(ABC):
         """Where the file ``rel`` is, as the user would write it (messages, report.json)."""
 
     @abstractmethod
-    def find_images(self, exclude: Storage | None = None) -> list[PurePosixPath]:
-        """``.jpg``/``.jpeg``/``.png`` files (any letter case) as sorted relative paths; nothing hidden,
-        nothing inside ``exclude`` (the output location, when it lies inside this one)."""
+    def find_images(self, exclude: Storage | None = None) -> Listing:
+        """``.jpg``/``.jpeg``/``.png`` files (any letter case), sorted; nothing hidden, nothing inside ``exclude``
+        (the output location, when it lies inside this one). Entries with a photo's name that are not usable
+        photo files (an unsafe name, a FIFO, a folder, a dangling link, ...) and folders that cannot be listed
+        are in ``skipped``, with the reason: a run reports every one of them."""
+
+    @property
+    def key_prefix_bytes(self) -> int | None:
+        """For an object store, the bytes its keys have before a relative path (their length is limited); None for a folder."""
+        return None
 
     @abstractmethod
     def read(self, rel: PurePosixPath) -> bytes:
@@ -110,6 +137,10 @@ class Storage(ABC):
     @abstractmethod
     def write(self, rel: PurePosixPath, data: bytes) -> None:
         """Write the whole file atomically: ``rel`` holds its old content or ``data``, never a part."""
+
+    @abstractmethod
+    def remove(self, rel: PurePosixPath) -> None:
+        """Delete the file ``rel`` if it exists (the runs' own records, never an output)."""
 
     @abstractmethod
     def existing(self, rels: Iterable[PurePosixPath]) -> set[PurePosixPath]:
@@ -157,7 +188,7 @@ class LocalFolder(Storage):
     def locate(self, rel: PurePosixPath) -> str:
         return str(self.path(rel))
 
-    def find_images(self, exclude: Storage | None = None) -> list[PurePosixPath]:
+    def find_images(self, exclude: Storage | None = None) -> Listing:
         return walk_images(self.root, exclude=exclude.root if isinstance(exclude, LocalFolder) else None)
 
     def read(self, rel: PurePosixPath) -> bytes:
@@ -174,6 +205,9 @@ class LocalFolder(Storage):
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, data)
 
+    def remove(self, rel: PurePosixPath) -> None:
+        self.path(rel).unlink(missing_ok=True)
+
     def existing(self, rels: Iterable[PurePosixPath]) -> set[PurePosixPath]:
         return {rel for rel in rels if self.path(rel).exists()}
 
@@ -186,10 +220,20 @@ class LocalFolder(Storage):
             raise StorageError(f"input folder {self.root} {what}")
 
     def relative_to(self, other: Storage) -> PurePosixPath | None:
+        """Compared as places on disk, not as text: a bind mount or a link of ``other`` is ``other``."""
         if not isinstance(other, LocalFolder):
             return None
-        mine, theirs = self.root.resolve(), other.root.resolve()
-        return PurePosixPath(mine.relative_to(theirs).as_posix()) if mine.is_relative_to(theirs) else None
+        theirs = dir_identity(other.root)
+        path, below = self.root.resolve(), []
+        while theirs is not None:
+            if dir_identity(path) == theirs:
+                return PurePosixPath(*reversed(below)) if below else PurePosixPath(".")
+            if path.parent == path:
+                break
+            below.append(path.name)
+            path = path.parent
+        mine, resolved = self.root.resolve(), other.root.resolve()  # ``other`` not made yet: as paths
+        return PurePosixPath(mine.relative_to(resolved).as_posix()) if mine.is_relative_to(resolved) else None
 
     def clean(self) -> None:
         if self.root.is_dir():
@@ -222,6 +266,10 @@ class ObjectStore(Storage):
         return f"{self.scheme}://{self.root}"
 
     @property
+    def key_prefix_bytes(self) -> int:
+        return len(self.root.split("/", 1)[1].encode("utf-8")) + 1 if "/" in self.root else 0
+
+    @property
     def bucket(self) -> str:
         return self.root.split("/", 1)[0]
 
@@ -231,21 +279,31 @@ class ObjectStore(Storage):
     def locate(self, rel: PurePosixPath) -> str:
         return f"{self.scheme}://{self.key(rel)}"
 
-    def find_images(self, exclude: Storage | None = None) -> list[PurePosixPath]:
+    def find_images(self, exclude: Storage | None = None) -> Listing:
         skip = exclude.relative_to(self) if exclude is not None else None
-        found = []
-        for rel in self.list_files():
-            if is_image_file(Path(rel.name)) and not (skip is not None and rel.is_relative_to(skip)):
+        found, skipped = [], []
+        for name in self.list_keys():
+            if is_hidden(name) or not is_image_file(Path(name)):
+                continue
+            try:
+                rel = safe_relative(name)
+            except UnsafeName as e:
+                skipped.append((shown(f"{self.uri}/{name}"), str(e)))
+                continue
+            if not (skip is not None and rel.is_relative_to(skip)):
                 found.append(rel)
-        return sorted(found, key=lambda rel: rel.parts)
+        return Listing(sorted(found, key=lambda rel: rel.parts), sorted(skipped))
 
-    def list_files(self, hidden: bool = False) -> list[PurePosixPath]:
-        """Every object under the prefix as a relative path; names with a part starting with ``.`` only if ``hidden``."""
+    def list_keys(self) -> list[str]:
+        """Every object's key under the prefix, relative to it, exactly as stored (not normalised)."""
         with self.errors(writable=False):
             keys = self.fs.find(self.root, withdirs=False)
         base = self.fs.root_marker + self.root + "/"  # the prefix as the listing spells it ("/bkt/in/" in memory://)
-        rels = [PurePosixPath(key[len(base) :]) for key in keys if key.startswith(base)]
-        return [rel for rel in rels if hidden or not any(part.startswith(".") for part in rel.parts)]
+        return [key[len(base) :] for key in keys if key.startswith(base)]
+
+    def list_files(self, hidden: bool = False) -> list[PurePosixPath]:
+        """Every object under the prefix as a relative path; names with a part starting with ``.`` only if ``hidden``."""
+        return [PurePosixPath(name) for name in self.list_keys() if hidden or not is_hidden(name)]
 
     def read(self, rel: PurePosixPath) -> bytes:
         with as_os_error(self.locate(rel), "read"):
@@ -266,6 +324,10 @@ class ObjectStore(Storage):
         with as_os_error(self.locate(rel), "write"):
             self.fs.pipe_file(self.key(rel), data)  # one PUT: the object appears whole or not at all
 
+    def remove(self, rel: PurePosixPath) -> None:
+        with as_os_error(self.locate(rel), "delete"), contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.key(rel))
+
     def existing(self, rels: Iterable[PurePosixPath]) -> set[PurePosixPath]:
         wanted = set(rels)
         if not wanted:
@@ -282,7 +344,8 @@ class ObjectStore(Storage):
                 self.fs.rm_file(probe)
 
     def relative_to(self, other: Storage) -> PurePosixPath | None:
-        if not isinstance(other, ObjectStore) or other.scheme != self.scheme:
+        """Within one service: ``s3a://b/p`` is ``s3://b/p``."""
+        if not isinstance(other, ObjectStore) or service(other.scheme) != service(self.scheme):
             return None
         mine, theirs = PurePosixPath(self.root), PurePosixPath(other.root)
         return mine.relative_to(theirs) if mine.is_relative_to(theirs) else None
@@ -315,17 +378,55 @@ class StoredFile:
         return self.store.locate(self.rel)
 
 
-def walk_images(input_dir: Path, exclude: Path | None = None) -> list[PurePosixPath]:
-    """Image files under ``input_dir`` as sorted relative paths, leaving out the folder ``exclude``."""
+def walk_images(input_dir: Path, exclude: Path | None = None) -> Listing:
+    """The photos under ``input_dir`` (links to files followed, links to folders not: no cycles), leaving out the
+    folder ``exclude``; entries with a photo's name that are not photo files, and folders that cannot be listed,
+    are skipped with the reason."""
     excluded = dir_identity(exclude) if exclude is not None and exclude.is_dir() else None
-    found = []
-    for folder, dirs, files in os.walk(input_dir):
+    found: list[PurePosixPath] = []
+    skipped: list[tuple[str, str]] = []
+
+    def unlisted(error: OSError) -> None:
+        fix = "check its permissions" if isinstance(error, PermissionError) else "check the storage"
+        skipped.append(
+            (shown(str(error.filename)), f"cannot list this folder ({error.strerror}): {fix}; its photos were not read")
+        )
+
+    for folder, dirs, files in os.walk(input_dir, onerror=unlisted):
         dirs[:] = [d for d in dirs if not d.startswith(".") and dir_identity(Path(folder, d)) != excluded]
-        rel_folder = PurePosixPath(Path(folder).relative_to(input_dir).as_posix())
+        for name in dirs:  # still walked: a folder named like a photo is reported, its photos are read
+            if is_image_file(Path(name)):
+                skipped.append((shown(str(Path(folder, name))), "is a folder with a photo's name, not a photo; rename it"))
+        rel_folder = Path(folder).relative_to(input_dir).as_posix()
         for name in files:
-            if not name.startswith(".") and is_image_file(Path(name)) and Path(folder, name).is_file():
-                found.append(rel_folder / name)
-    return sorted(found, key=lambda rel: rel.parts)
+            if name.startswith(".") or not is_image_file(Path(name)):
+                continue
+            path = Path(folder, name)
+            try:
+                check_photo_file(path)
+                found.append(safe_relative(name if rel_folder == "." else f"{rel_folder}/{name}"))
+            except UnsafeName as e:
+                skipped.append((shown(str(path)), str(e)))
+    return Listing(sorted(found, key=lambda rel: rel.parts), sorted(skipped))
+
+
+def check_photo_file(path: Path) -> None:
+    """:class:`UnsafeName` (the reason) unless ``path`` is, or links to, a regular file."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise UnsafeName("is a link to nothing (its target was moved or deleted): fix or remove the link") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UnsafeName("is a link in a loop (it points back to itself): replace it by the photo") from None
+        raise UnsafeName(f"cannot be examined ({e.strerror}): check its permissions") from None
+    if not stat.S_ISREG(mode):
+        raise UnsafeName(f"is {file_kind(mode)}, not a photo file: replace it by the photo or remove it")
+
+
+def is_hidden(name: str) -> bool:
+    """A key or path with a part starting with ``.`` (``.cache/x.jpg``), ``.`` and ``..`` aside: those are unsafe, not hidden."""
+    return any(part.startswith(".") and part not in (".", "..") for part in name.split("/"))
 
 
 def dir_identity(path: Path) -> tuple[int, int] | None:
@@ -338,6 +439,11 @@ def dir_identity(path: Path) -> tuple[int, int] | None:
 
 # ---------------------------------------------------------------------------------------------
 # Filesystems and their errors.
+
+
+def service(scheme: str) -> str:
+    """The storage service a scheme names (Hadoop's ``s3a`` is S3)."""
+    return "s3" if scheme in S3_SCHEMES else scheme
 
 
 def storage_options(scheme: str) -> dict:

@@ -1,20 +1,23 @@
-"""``python -m benchmarks.acceptance OUT_DIR``: the verdict of a GPU acceptance run (benchmarks/gpu-acceptance.sh).
+#!/usr/bin/env python3
+"""``python scripts/gpu_acceptance_verdict.py OUT_DIR``: the verdict of benchmarks/gpu-acceptance.sh's run.
 
 Reads what the script left in OUT_DIR (steps.tsv, the runner's reports, the evaluation CSVs, the
 benchmark results) and writes ``summary.json`` and ``summary.md``: each target of the GPU issue
 with its measured figure and whether it is met. A figure that is missing (its step did not run or
 failed) is reported as such, never as met.
+
+The targets are this project's acceptance criteria for a GPU host, not a library's, so this is a
+script outside the installed packages, and it needs the standard library alone.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-from batch.core.files import write_atomic
 
 AGREEMENT_MIN = 0.999  # mean Dice of the GPU masks against the CPU/Pillow masks
 TRUTH_TOLERANCE = 0.0005  # GPU path's Dice against the truth, within this of the Pillow path's
@@ -92,51 +95,38 @@ def e2e_rate(results: dict | None) -> float | None:
     return results["end_to_end"]["images_per_second"]["median"]
 
 
+def at_least(label: str, value: float | None, minimum: float, shown: str) -> Target:
+    """``value`` (shown with the format ``shown``) against ``minimum``; None is "not measured", never met."""
+    return Target(label, "not measured", None) if value is None else Target(label, shown.format(value), value >= minimum)
+
+
+def above(label: str, value: float | None, bound: float, shown: str) -> Target:
+    """Like :func:`at_least`, for a value that must beat ``bound``."""
+    return Target(label, "not measured", None) if value is None else Target(label, shown.format(value), value > bound)
+
+
 def bench_targets(out: Path) -> list[Target]:
     full, classic = read_json(out / "bench-full" / "results.json"), read_json(out / "bench-classic" / "results.json")
-    targets = []
-    rate = e2e_rate(full)
-    targets.append(
-        Target(
-            f"bundled model end to end >= {E2E_BUNDLED_MIN:.0f} images/s",
-            "not measured" if rate is None else f"{rate:.0f} images/s",
-            None if rate is None else rate >= E2E_BUNDLED_MIN,
-        )
-    )
-    rate = e2e_rate(classic)
-    targets.append(
-        Target(
-            f"classic w64 640x960 FP16 end to end >= {E2E_CLASSIC_MIN:.0f} images/s",
-            "not measured" if rate is None else f"{rate:.0f} images/s",
-            None if rate is None else rate >= E2E_CLASSIC_MIN,
-        )
-    )
     ratio = classic["ratios"]["end_to_end_over_inference"] if classic else None
-    targets.append(
-        Target(
-            f"classic end to end / inference alone >= {E2E_OVER_INFERENCE_MIN}",
-            "not measured" if ratio is None else f"{ratio:.3f}",
-            None if ratio is None else ratio >= E2E_OVER_INFERENCE_MIN,
-        )
-    )
+    targets = [
+        at_least(
+            f"bundled model end to end >= {E2E_BUNDLED_MIN:.0f} images/s", e2e_rate(full), E2E_BUNDLED_MIN, "{:.0f} images/s"
+        ),
+        at_least(
+            f"classic w64 640x960 FP16 end to end >= {E2E_CLASSIC_MIN:.0f} images/s",
+            e2e_rate(classic),
+            E2E_CLASSIC_MIN,
+            "{:.0f} images/s",
+        ),
+        at_least(f"classic end to end / inference alone >= {E2E_OVER_INFERENCE_MIN}", ratio, E2E_OVER_INFERENCE_MIN, "{:.3f}"),
+    ]
     for label, results in (("full", full), ("classic", classic)):
-        best = best_fraction_of_peak(results)
-        targets.append(
-            Target(
-                f"{label}: inference at the best batch, fraction of the dense FP16 peak (aim {PEAK_FRACTION_AIM:.0%})",
-                "not measured" if best is None else f"{best[0]:.1%} ({best[1]})",
-                None if best is None else best[0] >= PEAK_FRACTION_AIM,
-            )
-        )
+        best = best_fraction_of_peak(results) or (None, "")
+        name = f"{label}: inference at the best batch, fraction of the dense FP16 peak (aim {PEAK_FRACTION_AIM:.0%})"
+        targets.append(at_least(name, best[0], PEAK_FRACTION_AIM, "{:.1%} " + f"({best[1]})"))
     for label, results in (("full", full), ("classic", classic)):
         over = (results or {}).get("ratios", {}).get("end_to_end_over_baseline", {}).get("torch-peer")
-        targets.append(
-            Target(
-                f"{label}: unet-batch end to end beats the torch peer pipeline",
-                "not measured" if over is None else f"{over:.2f}x",
-                None if over is None else over > 1.0,
-            )
-        )
+        targets.append(above(f"{label}: unet-batch end to end beats the torch peer pipeline", over, 1.0, "{:.2f}x"))
     return targets
 
 
@@ -178,15 +168,22 @@ def to_markdown(targets: list[Target], machine: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all: a reader never sees half a summary."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1 or not Path(argv[0]).is_dir():
-        sys.stderr.write("usage: python -m benchmarks.acceptance OUT_DIR (the folder gpu-acceptance.sh wrote)\n")
+        sys.stderr.write("usage: python scripts/gpu_acceptance_verdict.py OUT_DIR (the folder gpu-acceptance.sh wrote)\n")
         return 2
     out = Path(argv[0])
     targets = summarize(out)
     machine = (out / "machine.txt").read_text() if (out / "machine.txt").is_file() else "machine.txt missing"
-    write_atomic(out / "summary.json", (json.dumps([asdict(t) for t in targets], indent=2) + "\n").encode())
-    write_atomic(out / "summary.md", to_markdown(targets, machine).encode())
+    write_atomic(out / "summary.json", json.dumps([asdict(t) for t in targets], indent=2) + "\n")
+    write_atomic(out / "summary.md", to_markdown(targets, machine))
     return 0 if all(t.met is not False for t in targets) else 1
 
 
