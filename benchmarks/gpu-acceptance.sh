@@ -3,19 +3,28 @@
 # decoder, score the masks, benchmark, and leave every result under OUT_DIR.
 #
 #   benchmarks/gpu-acceptance.sh OUT_DIR
+#   benchmarks/gpu-acceptance.sh --plan [CARVANA_DIR]   the phases, their calls and device minutes, here
 #
 # Run it from the repository root on a CUDA 13 host with Python >= 3.11 (torch optional: the
 # torch baselines and random-weight exports need it). Inputs, all overridable by variables:
+#   PHASE   A, B or C: one phase of a run cut to fit short leases (`--plan` and benchmarks/README.md,
+#           "Acceptance run on a new GPU host"); it sets STAGES and what is required   [none: all]
 #   WHEELS  folder of wheels to install offline: the joined parts of `stage-gpu-wheels` (it holds
 #           install.sh and SHA256SUMS), or any folder of .whl files      [/tmp/gpu-wheels]
 #   PHOTOS  folder of real Carvana JPEGs (>= 1,000 for the agreement check)  [/tmp/carvana/photos]
 #   TRUTH   their ground-truth masks (Kaggle's <id>_mask.gif), at least for the validation cars
 #                                                                          [/tmp/carvana/truth]
+#   REFERENCE  the CPU's masks of the validation photos, made beforehand (gpu-pack.sh --phase):
+#           cpu/ and cpu-tta/                                              [/tmp/carvana]
 #   STAGES  which steps to run, comma-separated                            [all of them, in order]
-#           install, test, segment, bench, classic
+#           install, test, segment, bench, classic; the phases' own: cuda-check, test-gpu,
+#           test-dali, test-all, val-pillow, val-dali, throughput-pillow, throughput-dali, peer
 #   DEVICE  the GPU                                                        [cuda]
-#   AGREEMENT_MODEL  the one model every path of the agreement check runs, so that only decoding
-#           and the provider differ (the CPU default is INT8, a GPU's is not)  [batch/models/default.onnx]
+#   AGREEMENT_MODEL  the one model every segment step runs, on every device, so that only decoding
+#           and the provider differ (the CPU's default is INT8, a GPU's is not)  [batch/models/default.onnx]
+#   COPIES  hard-linked copies of PHOTOS the throughput steps segment       [4096]
+#   ARCHIVE a .tgz that OUT_DIR is packed into after every step (a device call's $OUT/x.tgz: what a
+#           command killed at its limit leaves is still returned)          [none]
 #   SITE    where the wheels are installed (put first on PYTHONPATH)       [/tmp/gpu-site]
 #   WORK    masks and other bulky intermediate files (not results)         [/tmp/unet-acceptance]
 #
@@ -24,13 +33,27 @@
 # recorded and the next one still runs; the exit status is 1 if any step failed.
 set -uo pipefail
 
-out=${1:?usage: benchmarks/gpu-acceptance.sh OUT_DIR}
+if [ "${1:-}" = "--plan" ]; then
+  exec "${PYTHON:-python3}" "$(dirname "$0")/../scripts/gpu_acceptance_plan.py" "${@:2}"
+fi
+out=${1:?usage: benchmarks/gpu-acceptance.sh OUT_DIR | --plan [CARVANA_DIR]}
+PHASE=${PHASE:-}
+case $PHASE in  # each phase installs what it needs; DALI is required where the phase tests it
+  A) phase_stages=install,cuda-check,test-gpu,val-pillow,throughput-pillow,peer REQUIRE_DALI=0 ;;
+  B) phase_stages=install,test-dali,val-dali,throughput-dali REQUIRE_DALI=1 ;;
+  C) phase_stages=install,test-all,bench,classic REQUIRE_DALI=1 ;;
+  "") phase_stages=install,test,segment,bench,classic REQUIRE_DALI=1 ;;
+  *) echo "gpu-acceptance: PHASE is A, B or C, not '$PHASE'" >&2; exit 2 ;;
+esac
 WHEELS=${WHEELS:-/tmp/gpu-wheels}
 PHOTOS=${PHOTOS:-/tmp/carvana/photos}
 TRUTH=${TRUTH:-/tmp/carvana/truth}
-STAGES=${STAGES:-install,test,segment,bench,classic}
+REFERENCE=${REFERENCE:-/tmp/carvana}
+STAGES=${STAGES:-$phase_stages}
 DEVICE=${DEVICE:-cuda}
 AGREEMENT_MODEL=${AGREEMENT_MODEL:-batch/models/default.onnx}
+COPIES=${COPIES:-4096}
+ARCHIVE=${ARCHIVE:-}
 SITE=${SITE:-/tmp/gpu-site}
 WORK=${WORK:-/tmp/unet-acceptance}
 PYTHON=${PYTHON:-python3}
@@ -53,7 +76,13 @@ step() {
   log "end $name: exit $rc after $((SECONDS - start)) s"
   echo "$name $rc $((SECONDS - start))" >>"$out/steps.tsv"
   [ "$rc" -eq 0 ] || status=1
+  archive
   return "$rc"
+}
+# archive: OUT_DIR as it is now, into ARCHIVE (replaced whole, so a reader never sees half of it).
+archive() {
+  [ -n "$ARCHIVE" ] || return 0
+  tar -czf "$ARCHIVE.partial" -C "$out" . && mv -f "$ARCHIVE.partial" "$ARCHIVE"
 }
 
 describe_machine() {
@@ -88,7 +117,7 @@ install_offline() {
 }
 
 check_gpu_stack() {
-  "$PYTHON" - "$DEVICE" <<'PY'
+  "$PYTHON" - "$DEVICE" "$REQUIRE_DALI" <<'PY'
 import sys
 import onnxruntime as ort
 providers = ort.get_available_providers()
@@ -96,8 +125,9 @@ print("onnxruntime", ort.__version__, "from", ort.__file__)
 print("providers", providers)
 if "CUDAExecutionProvider" not in providers:
     sys.exit("onnxruntime has no CUDA provider: the onnxruntime-gpu wheel did not take the place of onnxruntime")
-import nvidia.dali
-print("DALI", nvidia.dali.__version__)
+if sys.argv[2] == "1":
+    import nvidia.dali
+    print("DALI", nvidia.dali.__version__)
 PY
 }
 
@@ -142,13 +172,67 @@ run_segment_checks() {
   step segment-gpu-pillow segment_and_score gpu-pillow "$PHOTOS" --device "$DEVICE" --decoder pillow --model "$AGREEMENT_MODEL"
   step agreement-dali agreement gpu-dali cpu-pillow
   step agreement-gpu-pillow agreement gpu-pillow cpu-pillow
-  step segment-val-cpu segment_and_score val-cpu "$val" --device cpu --decoder pillow
-  step segment-val-dali segment_and_score val-dali "$val" --device "$DEVICE" --decoder dali
-  step segment-val-dali-tta segment_and_score val-dali-tta "$val" --device "$DEVICE" --decoder dali --tta
-  step segment-val-cpu-tta segment_and_score val-cpu-tta "$val" --device cpu --decoder pillow --tta
+  local model=(--model "$AGREEMENT_MODEL")
+  step segment-val-cpu segment_and_score val-cpu "$val" --device cpu --decoder pillow "${model[@]}"
+  step segment-val-dali segment_and_score val-dali "$val" --device "$DEVICE" --decoder dali "${model[@]}"
+  step segment-val-dali-tta segment_and_score val-dali-tta "$val" --device "$DEVICE" --decoder dali --tta "${model[@]}"
+  step segment-val-cpu-tta segment_and_score val-cpu-tta "$val" --device cpu --decoder pillow --tta "${model[@]}"
   for name in val-cpu val-dali val-dali-tta val-cpu-tta; do
     step "truth-$name" truth_score "$name"
   done
+}
+
+# The phases' checks (PHASE=A|B|C): the validation photos with the CPU's masks made beforehand (REFERENCE).
+
+# val_on_gpu DECODER: the validation photos on the GPU, plain and with --tta, scored against the CPU's
+# masks and the truth; the CPU's masks scored against the truth too.
+val_on_gpu() {
+  local decoder=$1 name=val-gpu-$1
+  [ "$decoder" = dali ] && name=val-dali
+  for tta in "" -tta; do
+    step "segment-$name$tta" segment_and_score "$name$tta" "$PHOTOS" --device "$DEVICE" --decoder "$decoder" \
+      --model "$AGREEMENT_MODEL" ${tta:+--tta}
+    step "agreement-$name$tta" unet-batch evaluate "$WORK/$name$tta" "$REFERENCE/cpu$tta" --csv "$out/agreement-$name$tta-vs-val-cpu$tta.csv"
+    step "truth-$name$tta" truth_score "$name$tta"
+    [ -f "$out/truth-val-cpu$tta.csv" ] ||
+      step "truth-val-cpu$tta" unet-batch evaluate "$REFERENCE/cpu$tta" "$TRUTH" --csv "$out/truth-val-cpu$tta.csv"
+  done
+}
+
+# throughput DECODER: COPIES hard-linked copies of PHOTOS segmented on the GPU; its report has the stage times.
+throughput() {
+  local copies="$WORK/copies" i=0
+  compgen -G "$PHOTOS/*.jpg" >/dev/null || { echo "no JPEGs in $PHOTOS to copy"; return 1; }
+  if [ ! -d "$copies" ]; then
+    rm -rf "$copies.partial" && mkdir -p "$copies.partial"
+    while [ "$i" -lt "$COPIES" ]; do
+      for photo in "$PHOTOS"/*.jpg; do
+        [ "$i" -lt "$COPIES" ] && ln "$photo" "$copies.partial/$i-$(basename "$photo")" && i=$((i + 1))
+      done
+    done
+    mv "$copies.partial" "$copies"
+  fi
+  segment_and_score "throughput-$1" "$copies" --device "$DEVICE" --decoder "$1" --model "$AGREEMENT_MODEL" \
+    --workers "$(nproc)"
+  rm -rf "${WORK:?}/throughput-$1"
+}
+
+# peer: the PyTorch peer (nvJPEG batches, FP16 channels-last, torch.compile) on the same photos; needs no wheel.
+peer() {
+  "$PYTHON" - "$WORK/copies" "$AGREEMENT_MODEL" "$out/peer.json" <<'PY'
+import json, os, sys
+from dataclasses import asdict
+from pathlib import Path
+from batch.core.devices import parse_device
+from benchmarks.machine import Hardware
+from benchmarks.models import read_model
+from benchmarks.peers import run_torch_peer
+photos = sorted(Path(sys.argv[1]).glob("*.jpg"))[:1024]
+result = run_torch_peer(photos, read_model(sys.argv[2]), Hardware(parse_device("cuda:0"), None, os.cpu_count()), 32)
+Path(sys.argv[3]).write_text(json.dumps(asdict(result), indent=2, default=str) + "\n")
+print(result.status, result.reason or "", result.images_per_second)
+sys.exit(0 if result.status == "ok" else 1)
+PY
 }
 
 bench() {
@@ -169,13 +253,26 @@ log "acceptance run: stages $STAGES, results in $out"
 describe_machine >"$out/machine.txt" 2>&1
 wants install && step install install_offline
 describe_machine >"$out/machine.txt" 2>&1  # again, with what was installed
+# --gpu-host: a gpu test that skips fails (a GPU that does not start must not pass as "skipped").
+pytest_on() { "$PYTHON" -m pytest --gpu-host -ra -q -p no:cacheprovider --junitxml="$out/$1.xml" "${@:2}"; }
 if wants test; then
-  step pytest-gpu "$PYTHON" -m pytest -m "gpu or dali" -ra -q --junitxml="$out/pytest-gpu.xml"
-  step pytest-rest "$PYTHON" -m pytest -m "not gpu and not dali" -ra -q -p no:cacheprovider --junitxml="$out/pytest-rest.xml"
+  step pytest-gpu pytest_on pytest-gpu -m "gpu or dali"
+  step pytest-rest pytest_on pytest-rest -m "not gpu and not dali"
 fi
+# The fresh-process check: onnxruntime-gpu's CUDA provider starts and runs a batch in a process without torch.
+wants cuda-check && step cuda-check pytest_on cuda-check tests/test_batch_gpu.py -k fresh_process
+wants test-gpu && step pytest-gpu pytest_on pytest-gpu -m "gpu and not dali"
+wants test-dali && step pytest-dali pytest_on pytest-dali -m dali
+wants test-all && step pytest-all pytest_on pytest-all
 wants segment && run_segment_checks
+wants val-pillow && val_on_gpu pillow
+wants val-dali && val_on_gpu dali
+wants throughput-pillow && step throughput-pillow throughput pillow
+wants throughput-dali && step throughput-dali throughput dali
+wants peer && step peer peer
 wants bench && step bench-full bench_bundled bench-full
 wants classic && step bench-classic bench bench-classic --suite classic --size 640x960 --width 64
 step summary "$PYTHON" scripts/gpu_acceptance_verdict.py "$out"
 cat "$out/summary.md" 2>/dev/null
+archive
 exit "$status"

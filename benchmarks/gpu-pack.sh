@@ -3,6 +3,12 @@
 # network access; on the GPU host, unpack the parts into /tmp and run benchmarks/gpu-acceptance.sh.
 #
 #   benchmarks/gpu-pack.sh [CARVANA_DIR] [PHOTOS] [LIMIT_MIB] [MASKS]
+#   benchmarks/gpu-pack.sh --phase A|B|C [CARVANA_DIR] [LIMIT_MIB]
+#       --phase      one phase of the acceptance run (`benchmarks/gpu-acceptance.sh --plan`), into
+#                    .gpu-payload/P/part-NN: A: onnxruntime-gpu and the validation photos at half
+#                    size; B: onnxruntime-gpu, DALI and the validation photos as shot; C: both wheels.
+#                    A and B carry the CPU's masks of their photos (cpu/, cpu-tta/), made here with
+#                    batch/models/default.onnx, the model the GPU runs there (PYTHON: the project's)
 #       CARVANA_DIR  Kaggle layout (train/, train_masks/)                [../shared/data/carvana]
 #       PHOTOS       how many photos: every validation photo of the bundled model, then others  [1024]
 #       LIMIT_MIB    what one transfer may carry, the repository included                         [64]
@@ -17,10 +23,21 @@
 # "Acceptance run on a new GPU host").
 set -euo pipefail
 cd "$(dirname "$0")/.."
-carvana=${1:-../shared/data/carvana} photos=${2:-1024} limit_mib=${3:-64} masks=${4:-val}
+phase=""
+if [ "${1:-}" = "--phase" ]; then
+  phase=${2:-}
+  case $phase in A | B | C) ;; *) echo "gpu-pack: --phase is A, B or C, not '$phase'" >&2; exit 2 ;; esac
+  shift 2
+  carvana=${1:-../shared/data/carvana} photos=0 limit_mib=${2:-64} masks=val
+else
+  carvana=${1:-../shared/data/carvana} photos=${2:-1024} limit_mib=${3:-64} masks=${4:-val}
+fi
 case $masks in val | all) ;; *) echo "gpu-pack: MASKS is val or all, not '$masks'" >&2; exit 2 ;; esac
-payload=.gpu-payload
+payload=.gpu-payload${phase:+/$phase}
 stage=${STAGE_WHEELS:-../shared/tools/stage-gpu-wheels}  # overridable (tests)
+PYTHON=${PYTHON:-python3}
+# DALI's own pins (its Requires-Dist): libcst~=1.8, which the stage tool's default list leaves unpinned.
+export DALI_NEEDS=${DALI_NEEDS:-"nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-libnvcomp-cu13==5.3.0.16 nvidia-nvjpeg==13.0.4.44 nvtx makefun optree astunparse gast libcst~=1.8"}
 
 tree_bytes=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | xargs -0 -r stat -c %s -- 2>/dev/null | awk '{s += $1} END {print s + 0}')
 part_mib=$((limit_mib - tree_bytes / 1048576 - 3))
@@ -32,10 +49,44 @@ scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 
 # Wheels: stage-gpu-wheels cuts them into parts (part-00 holds install.sh and SHA256SUMS).
-"$stage" all "$scratch/wheels" "$part_mib" >&2
+case $phase in A) wheels=ort ;; *) wheels=all ;; esac
+"$stage" "$wheels" "$scratch/wheels" "$part_mib" >&2
 
-# Photos: every validation photo of the bundled model first (its truth is scored), then the others.
-python3 - "$carvana" "$photos" >"$scratch/photos.txt" <<'PY'
+# The validation photos of phase A (halved) or B (as shot), their truth, and the CPU's masks of them.
+phase_photos() {
+  local tree=$scratch/tree
+  "$PYTHON" - "$carvana" "$tree" "$1" <<'PY'
+import json, sys
+from pathlib import Path
+from PIL import Image
+carvana, tree, phase = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+(tree / "photos").mkdir(parents=True)
+(tree / "truth").mkdir()
+for stem in json.loads(Path("checkpoints/w16-320x480/config.json").read_text())["val_images"]:
+    photo, truth = carvana / "train" / f"{stem}.jpg", carvana / "train_masks" / f"{stem}_mask.gif"
+    if phase == "B":
+        (tree / "photos" / photo.name).write_bytes(photo.read_bytes())
+        (tree / "truth" / truth.name).write_bytes(truth.read_bytes())
+        continue
+    with Image.open(photo) as im:  # half size: a 2x2 box filter, as the photo's own pixels would average
+        im.reduce(2).save(tree / "photos" / photo.name, quality=85)  # ~60 KB: the as-shot photos' ~95 KB would be ~105 KB at 95
+    with Image.open(truth) as im:
+        im.resize((im.width // 2, im.height // 2), Image.Resampling.NEAREST).save(tree / "truth" / truth.name)
+PY
+  for tta in "" -tta; do
+    PYTHONPATH=$PWD "$PYTHON" -m batch.cli segment "$tree/photos" "$scratch/cpu$tta" --device cpu --decoder pillow \
+      --model batch/models/default.onnx --no-progress ${tta:+--tta} >&2
+    mkdir -p "$tree/cpu$tta" && cp "$scratch/cpu$tta"/*.png "$tree/cpu$tta/"
+  done
+  tar -cf "$scratch/photos.tar" -C "$tree" .
+  echo "$(find "$tree/photos" -name '*.jpg' | wc -l) photos" >"$scratch/photos.txt"
+}
+
+if [ -n "$phase" ]; then
+  [ "$phase" = C ] || phase_photos "$phase"
+else
+  # Photos: every validation photo of the bundled model first (its truth is scored), then the others.
+  python3 - "$carvana" "$photos" >"$scratch/photos.txt" <<'PY'
 import json, sys
 from pathlib import Path
 carvana, count = Path(sys.argv[1]), int(sys.argv[2])
@@ -43,16 +94,19 @@ val = [f"{stem}.jpg" for stem in json.loads(Path("checkpoints/w16-320x480/config
 others = [p.name for p in sorted((carvana / "train").glob("*.jpg")) if p.name not in set(val)]
 print("\n".join(f"train/{name}" for name in (val + others)[: max(count, len(val))]))
 PY
-python3 - "$masks" "$scratch/photos.txt" >"$scratch/truth.txt" <<'PY'
+  python3 - "$masks" "$scratch/photos.txt" >"$scratch/truth.txt" <<'PY'
 import json, sys
 from pathlib import Path
 masks, photos = sys.argv[1], Path(sys.argv[2]).read_text().split()
 stems = json.loads(Path("checkpoints/w16-320x480/config.json").read_text())["val_images"] if masks == "val" else [Path(p).stem for p in photos]
 print("\n".join(f"train_masks/{stem}_mask.gif" for stem in stems))
 PY
-cat "$scratch/photos.txt" "$scratch/truth.txt" >"$scratch/files.txt"
-tar -cf "$scratch/photos.tar" -C "$carvana" -T "$scratch/files.txt" --transform 's,^train/,photos/,;s,^train_masks/,truth/,'
-split -b "$((part_mib * 1048576))" -d -a 2 "$scratch/photos.tar" "$scratch/photos.tar.piece-"
+  cat "$scratch/photos.txt" "$scratch/truth.txt" >"$scratch/files.txt"
+  tar -cf "$scratch/photos.tar" -C "$carvana" -T "$scratch/files.txt" --transform 's,^train/,photos/,;s,^train_masks/,truth/,'
+fi
+if [ -f "$scratch/photos.tar" ]; then
+  split -b "$((part_mib * 1048576))" -d -a 2 "$scratch/photos.tar" "$scratch/photos.tar.piece-"
+fi
 
 # Every file (wheel pieces, photo pieces) into as few parts as fit: first fit, largest first.
 python3 - "$scratch" "$payload" "$((part_mib * 1048576))" <<'PY'
@@ -72,11 +126,26 @@ for n, part in enumerate(parts):
         shutil.move(str(f), payload / f"part-{n:02d}" / kind / f.name)
 PY
 n=$(find "$payload" -mindepth 1 -maxdepth 1 -name 'part-*' | wc -l)
-echo "$n parts in $payload ($(wc -l <"$scratch/photos.txt") photos, $(wc -l <"$scratch/truth.txt") truth masks):"
+if [ -n "$phase" ]; then
+  echo "$n parts in $payload ($(cat "$scratch/photos.txt" 2>/dev/null || echo no photos)):"
+else
+  echo "$n parts in $payload ($(wc -l <"$scratch/photos.txt") photos, $(wc -l <"$scratch/truth.txt") truth masks):"
+fi
 for part in "$payload"/part-*; do echo "  $part $(du -sm "$part" | cut -f1) MiB"; done
-cat <<EOF
+unpack='mkdir -p /tmp/gpu-wheels /tmp/carvana && cp -r P/wheels/. /tmp/gpu-wheels/ 2>/dev/null; cp -r P/photos/. /tmp/carvana/ 2>/dev/null; true'
+if [ -n "$phase" ]; then
+  cat <<EOF
+Phase $phase: one lease, its calls back to back (benchmarks/gpu-acceptance.sh --plan lists them). Each call carries
+one part P, in order, and runs
+  $unpack
+and the call that carries the last part runs, after that,
+  $(PHASE=$phase python3 scripts/gpu_acceptance_plan.py --command)
+EOF
+else
+  cat <<EOF
 On the GPU host, for each part P in order (each transfer carries P), with /tmp kept between them:
-  mkdir -p /tmp/gpu-wheels /tmp/carvana && cp -r P/wheels/. /tmp/gpu-wheels/ 2>/dev/null; cp -r P/photos/. /tmp/carvana/ 2>/dev/null; true
+  $unpack
 then, once every part is there:
   cat /tmp/carvana/photos.tar.piece-* | tar -xf - -C /tmp/carvana && bash benchmarks/gpu-acceptance.sh /tmp/acceptance
 EOF
+fi

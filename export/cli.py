@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from batch.cli.options import DEVICE, SIZE, Group, InputError, setup_logging, version_option
+from batch.cli.options import DEVICE, SIZE, Group, exit_on, setup_logging, version_option
 from batch.core.contract import ModelContract
 from batch.core.devices import DeviceError
 from batch.core.extras import require
@@ -91,47 +91,57 @@ def to_onnx(
     require("onnx", "train", what="unet-export")
     if verify_dir is not None or int8:
         require("onnxruntime", "cpu", what="unet-export --int8" if int8 else "unet-export --verify")
-    from batch.inference.runtime import device_for_precision
-    from export.onnx_export import export_checkpoint
     from export.verify import VerifyError, export_verified
     from unet.checkpoint import CheckpointError
 
-    options = {"input_size": input_size, "opset": opset, "layout": layout}
-    try:
-        with setup_logging(verbose):
-            if int8:
-                from export.quantize import quantize_checkpoint
-
-                export = partial(
-                    quantize_checkpoint, calibrate=calibrate_dir, calibration_images=calibration_images, progress=not no_progress
-                )
-                device = str(device_for_precision(device, "int8", out)) if verify_dir is not None else device
-            else:
-                export = partial(export_checkpoint, fp16=fp16)
-            if verify_dir is None:
-                contract, report = export(checkpoint, out, **options), None
-            else:
-                contract, report = export_verified(
-                    checkpoint,
-                    out,
-                    verify_dir,
-                    limit=verify_limit,
-                    device=device,
-                    progress=not no_progress,
-                    export=export,
-                    **options,
-                )
-    except (CheckpointError, DeviceError, ExportError, VerifyError) as e:
-        raise InputError(str(e)) from e
+    with setup_logging(verbose), exit_on(CheckpointError, DeviceError, ExportError, VerifyError):
+        options = ExportOptions(fp16=fp16 and not int8, opset=opset, layout=layout, input_size=input_size)  # INT8: of FP32
+        quantization = QuantizeOptions(calibration_images) if int8 else None
+        export = choose_exporter(options, quantization, calibrate_dir, progress=not no_progress)
+        if verify_dir is None:
+            contract, report = export(checkpoint, out), None
+        else:
+            verify = VerifyOptions(limit=verify_limit, device=choose_verify_device(device, int8, out))
+            contract, report = export_verified(checkpoint, out, verify_dir, export, verify, progress=not no_progress)
     if report is not None:
         click.echo("\n".join(report.lines()))
         if not report.passed:
-            instead = "an FP32 export (--fp32 without --int8)" if int8 else "--fp32"
-            raise click.ClickException(
-                f"{len(report.failed)} of {len(report.images)} photos out of tolerance: {out} was not written. "
-                f"Try {instead}, or run without --verify to inspect the model."
-            )
+            raise click.ClickException(explain_failure(report, out, int8))
     click.echo(describe(out, contract))
+
+
+def choose_exporter(options: ExportOptions, quantization: QuantizeOptions | None, calibrate_dir: Path | None, progress: bool):
+    """(checkpoint, out) -> contract: the FP16/FP32 export, or with ``quantization`` the INT8 one (calibrated on
+    ``calibrate_dir``), its options bound: what ``export_verified`` stages and checks."""
+    from export.onnx_export import export_checkpoint
+
+    if quantization is None:
+        return partial(export_checkpoint, options=options)
+    from export.quantize import quantize_checkpoint
+
+    return partial(quantize_checkpoint, calibrate=calibrate_dir, options=options, quantization=quantization, progress=progress)
+
+
+def choose_verify_device(device: str, int8: bool, out: Path) -> str:
+    """The ONNX Runtime device to verify on: an INT8 file runs on the CPU only (DeviceError for an explicit CUDA)."""
+    from batch.inference.runtime import device_for_precision
+
+    return str(device_for_precision(device, "int8", out)) if int8 else device
+
+
+def explain_failure(report, out: Path, int8: bool) -> str:
+    """Why ``out`` was not written, and what to try instead."""
+    instead = "an FP32 export (--fp32 without --int8)" if int8 else "--fp32"
+    if report.failed:
+        return (
+            f"{len(report.failed)} of {len(report.images)} photos out of tolerance: {out} was not written. "
+            f"Try {instead}, or run without --verify to inspect the model."
+        )
+    return (
+        f"the masks of {len(report.untested)} of {len(report.images)} photos test nothing (PyTorch predicts no car on "
+        f"them, or car everywhere): {out} was not written. Verify a trained checkpoint on photos of cars, or try "
+        f"{instead}, which is verified by its logits."
+    )
 
 
 def check_int8_options(int8: bool, calibrate_dir: Path | None) -> None:

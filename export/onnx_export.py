@@ -4,7 +4,10 @@ The graph takes raw ``uint8`` RGB photos, normalizes them itself in FP32, runs t
 FP32) and returns FP32 logits, with dynamic batch, height and width. BatchNorm is folded into the
 convolutions in FP32 before any cast, so the FP16 weights are rounded once from exact values. The
 graph is traced with ``torch.onnx.export(dynamo=True)`` (``torch.export`` + onnxscript), which states
-the "multiple of 2**depth" rule in the input's symbolic shape and needs no FP16 converter pass.
+the "multiple of 2**depth * fold" rule in the input's symbolic shape and needs no FP16 converter pass.
+
+The functions take their options whole (``export.config.ExportOptions``); the network comes with what its
+graph needs to know about its training as a :class:`TrainedModel`.
 """
 
 from __future__ import annotations
@@ -15,13 +18,15 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import onnx
 import torch
+from onnxscript import opset18 as onnx_op
 from torch import nn
 from torch.export import Dim
 from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -29,9 +34,11 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from batch.core.contract import ContractError, ModelContract
 from batch.core.files import write_atomic as write_file_atomic
 from batch.core.logs import first_line, quiet_loggers
-from export.config import ExportError, ExportOptions
+from export.config import EXPORT_DEFAULTS, ExportError, ExportOptions, check_size
+from export.legacy import accepts_old_keywords
 from unet import __version__
 from unet.checkpoint import load_checkpoint, model_from_checkpoint
+from unet.config import UNetConfig
 from unet.model import UNet, nearest_multiples
 
 log = logging.getLogger(__name__)
@@ -64,88 +71,94 @@ class UInt8UNet(nn.Module):
         return self.net(x.to(self.compute_dtype)).float()  # (N, 1, H, W) float32 logits
 
 
-def export_model(
-    model: UNet,
-    out: str | Path,
-    *,
-    input_size: tuple[int, int],
-    pixel_mean: Sequence[float],
-    pixel_std: Sequence[float],
-    fp16: bool = ExportOptions.fp16,
-    opset: int = ExportOptions.opset,
-    layout: str = ExportOptions.layout,
-    provenance: dict | None = None,
-) -> ModelContract:
-    """Write ``model`` to ``out`` as ONNX with its contract in ``metadata_props``; return the contract.
+@dataclass(frozen=True)
+class TrainedModel:
+    """A network with what its graph must know beyond the weights: how its inputs were normalized,
+    the size it was trained at (the size recorded when the options name none) and where it comes from."""
+
+    net: UNet
+    pixel_mean: tuple[float, float, float]  # RGB: (pixel / 255 - mean) / std, as in training
+    pixel_std: tuple[float, float, float]
+    train_size: tuple[int, int] | None = None  # (H, W)
+    provenance: Mapping[str, object] = field(default_factory=dict)  # written to the file (non-strings as JSON)
+    source: str = "the model"  # what error messages call it: the checkpoint's path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pixel_mean", tuple(self.pixel_mean))
+        object.__setattr__(self, "pixel_std", tuple(self.pixel_std))
+        if self.train_size is not None:
+            object.__setattr__(self, "train_size", check_size(self.train_size))
+
+
+def old_export_checkpoint(checkpoint, out, **options) -> tuple[tuple, dict]:
+    """``export_checkpoint(ckpt, out, fp16=..., input_size=..., opset=..., layout=...)``: the form before ExportOptions."""
+    return (checkpoint, out, ExportOptions(**options)), {}
+
+
+def old_export_model(model, out, *, pixel_mean, pixel_std, provenance=None, **options) -> tuple[tuple, dict]:
+    """``export_model(net, out, input_size=..., pixel_mean=..., pixel_std=..., provenance=..., fp16=...)``: the
+    form before TrainedModel and ExportOptions."""
+    return (TrainedModel(model, pixel_mean, pixel_std, provenance=provenance or {}), out, ExportOptions(**options)), {}
+
+
+@accepts_old_keywords(old_export_checkpoint)
+def export_checkpoint(checkpoint: str | Path, out: str | Path, options: ExportOptions = EXPORT_DEFAULTS) -> ModelContract:
+    """Export a ``unet-train`` checkpoint (read with ``weights_only=True``) with its provenance.
+
+    ``options.input_size`` defaults to the checkpoint's training size. Raises ``CheckpointError`` for a
+    file that is not a readable checkpoint of ours and ``ExportError`` for one whose contents do not fit.
+    """
+    return export_model(read_checkpoint(Path(checkpoint)), out, options)
+
+
+@accepts_old_keywords(old_export_model)
+def export_model(trained: TrainedModel, out: str | Path, options: ExportOptions = EXPORT_DEFAULTS) -> ModelContract:
+    """Write ``trained`` to ``out`` as ONNX with its contract in ``metadata_props``; return the contract.
 
     The graph input ``image`` is uint8 ``(N, H, W, 3)`` (NHWC) or ``(N, 3, H, W)`` (NCHW), any batch
-    and any H, W that are multiples of ``2**depth``; the output ``logits`` is float32 ``(N, 1, H, W)``.
-    ``input_size`` (H, W) is the size recorded for the batch runner to resize photos to. ``provenance``
-    adds informational keys; ``model_config``, ``opset``, ``export_date``, ``package_version`` and
-    ``torch_version`` are always written. The file appears atomically: on any failure nothing is left.
-    ``model`` itself is not modified.
+    and any H, W that are multiples of the network's ``multiple`` (``2**depth * fold``); the output
+    ``logits`` is float32 ``(N, 1, H, W)``. The recorded input size (what the batch runner resizes
+    photos to) is ``options.input_size``, else the training size. Besides ``trained.provenance``,
+    ``model_config``, ``opset``, ``export_date``, ``package_version`` and ``torch_version`` are always
+    written. The file appears atomically: on any failure nothing is left. The network is not modified.
     """
     out = Path(out)
-    check_options(model, input_size, opset, layout)
+    size = choose_input_size(trained, options)
     check_output_path(out)
-    contract = make_contract(model, input_size, pixel_mean, pixel_std, fp16, opset, layout, provenance)
-    net = fold_batchnorm(model)
-    check_weights(net, fp16)
-    if fp16:
+    contract = make_contract(trained, size, options)
+    net = fold_batchnorm(trained.net)
+    check_weights(net, options.fp16)
+    if options.fp16:
         net = net.half()
-    wrapper = UInt8UNet(net, contract.pixel_mean, contract.pixel_std, layout).eval()
-    proto = trace(wrapper, contract, opset)
+    wrapper = UInt8UNet(net, contract.pixel_mean, contract.pixel_std, options.layout).eval()
+    proto = trace(wrapper, contract, options.opset, translate_fold(trained.net.config))
     finish(proto, contract)
     onnx.checker.check_model(proto, full_check=True)
     write_atomic(proto, out)
-    log.debug("wrote %s (%s, %.1f MB, opset %d)", out, contract.precision, out.stat().st_size / 1e6, opset)
+    log.debug("wrote %s (%s, %.1f MB, opset %d)", out, contract.precision, out.stat().st_size / 1e6, options.opset)
     return contract
-
-
-def export_checkpoint(
-    checkpoint: str | Path,
-    out: str | Path,
-    *,
-    fp16: bool = ExportOptions.fp16,
-    input_size: tuple[int, int] | None = None,
-    opset: int = ExportOptions.opset,
-    layout: str = ExportOptions.layout,
-) -> ModelContract:
-    """Export a ``unet-train`` checkpoint (read with ``weights_only=True``) with its provenance.
-
-    ``input_size`` defaults to the checkpoint's training size. Raises ``CheckpointError`` for a file
-    that is not a readable checkpoint of ours and ``ExportError`` for one whose contents do not fit.
-    """
-    checkpoint = Path(checkpoint)
-    state, sha256 = load_hashed(checkpoint)
-    model = rebuild_model(state, checkpoint)
-    size = tuple(input_size) if input_size is not None else tuple(require(state, "input_size", checkpoint))
-    return export_model(
-        model,
-        out,
-        input_size=size,
-        pixel_mean=require(state, "pixel_mean", checkpoint),
-        pixel_std=require(state, "pixel_std", checkpoint),
-        fp16=fp16,
-        opset=opset,
-        layout=layout,
-        provenance=checkpoint_provenance(state, checkpoint, sha256),
-    )
 
 
 # ---- checks ---------------------------------------------------------------------------------------
 
 
-def check_options(model: UNet, input_size: tuple[int, int], opset: int, layout: str) -> None:
-    ExportOptions(opset=opset, layout=layout)  # ExportError when either is not supported
-    if len(input_size) != 2:
-        raise ExportError(f"input size must be (height, width), got {input_size!r}")
-    height, width = (int(v) for v in input_size)
-    multiple = model.config.multiple
-    if height <= 0 or width <= 0 or height % multiple or width % multiple:
+def choose_input_size(trained: TrainedModel, options: ExportOptions) -> tuple[int, int]:
+    """The size to record: the options', else the training size; either must suit the network."""
+    size = options.input_size or trained.train_size
+    if size is None:
+        raise ExportError(f"{trained.source} has no 'input_size': {MISSING_KEY}")
+    check_input_size(trained.net.config, size)
+    return size
+
+
+def check_input_size(config: UNetConfig, size: tuple[int, int]) -> None:
+    height, width = size
+    multiple = config.multiple
+    if height % multiple or width % multiple:
         sizes = sorted({f"{h}x{w}" for h in nearest_multiples(height, multiple) for w in nearest_multiples(width, multiple)})
+        fold = f", fold {config.fold}" if config.fold > 1 else ""
         raise ExportError(
-            f"input size {height}x{width} does not suit this U-Net (depth {model.config.depth}): height and "
+            f"input size {height}x{width} does not suit this U-Net (depth {config.depth}{fold}): height and "
             f"width must be positive multiples of {multiple}. Try --input-size {' or '.join(sizes)}."
         )
 
@@ -177,37 +190,37 @@ def check_weights(net: nn.Module, fp16: bool) -> None:
 # ---- building the graph ---------------------------------------------------------------------------
 
 
-def make_contract(model, input_size, pixel_mean, pixel_std, fp16, opset, layout, provenance) -> ModelContract:
+def make_contract(trained: TrainedModel, size: tuple[int, int], options: ExportOptions) -> ModelContract:
     stamp = {
-        "model_config": json.dumps(model.config.to_dict(), sort_keys=True),
-        "opset": str(opset),
+        "model_config": json.dumps(trained.net.config.to_dict(), sort_keys=True),
+        "opset": str(options.opset),
         "export_date": datetime.now(UTC).isoformat(timespec="seconds"),
         "package_version": __version__,
         "torch_version": torch.__version__,
     }
-    extra = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (provenance or {}).items()}
+    extra = {k: v if isinstance(v, str) else json.dumps(v) for k, v in trained.provenance.items()}
     try:
         return ModelContract(
-            input_height=int(input_size[0]),
-            input_width=int(input_size[1]),
-            input_layout=layout,
+            input_height=size[0],
+            input_width=size[1],
+            input_layout=options.layout,
             input_dtype="uint8",
-            input_multiple=model.config.multiple,
-            pixel_mean=tuple(float(v) for v in pixel_mean),
-            pixel_std=tuple(float(v) for v in pixel_std),
+            input_multiple=trained.net.config.multiple,
+            pixel_mean=tuple(float(v) for v in trained.pixel_mean),
+            pixel_std=tuple(float(v) for v in trained.pixel_std),
             output_kind="logits",
             threshold=0.5,
-            precision="fp16" if fp16 else "fp32",
+            precision="fp16" if options.fp16 else "fp32",
             provenance=extra | stamp,
         )
-    except (ContractError, TypeError) as e:
+    except (ContractError, TypeError, ValueError) as e:
         raise ExportError(f"cannot describe this model: {e}") from e
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in eval mode with every Conv2d -> BatchNorm2d pair fused into one Conv2d (in FP32)."""
     net = copy.deepcopy(model).float().eval()
-    pairs = conv_bn_pairs(net)
+    pairs = find_conv_bn_pairs(net)
     for sequential, conv, bn in pairs:
         setattr(sequential, conv, fuse_conv_bn_eval(getattr(sequential, conv), getattr(sequential, bn)))
         setattr(sequential, bn, nn.Identity())
@@ -215,7 +228,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return net
 
 
-def conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Sequential, str, str]]:
+def find_conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Sequential, str, str]]:
     """(sequential, conv name, batchnorm name) for each Conv2d directly followed by a BatchNorm2d."""
     pairs = []
     for module in model.modules():
@@ -227,8 +240,31 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Sequential, str, str]]:
     return pairs
 
 
-def trace(wrapper: UInt8UNet, contract: ModelContract, opset: int) -> onnx.ModelProto:
-    """``torch.export`` the wrapper with dynamic batch and spatial axes; return the ONNX model."""
+def translate_fold(config: UNetConfig) -> dict:
+    """The exporter's translation of a folded U-Net's space-to-depth: ONNX ``SpaceToDepth``, then a ``Gather`` of channels.
+
+    The exporter's own translation of ``aten::pixel_unshuffle`` is Reshape -> Transpose -> Reshape with a
+    dozen nodes of shape arithmetic, because ONNX ``SpaceToDepth`` orders the channels block-major (channel
+    ``(i f + j) C + c`` holds pixel ``(i, j)`` of input channel ``c``) and ``pixel_unshuffle`` channel-major
+    (``c f^2 + i f + j``). Gathering SpaceToDepth's channels into pixel_unshuffle's order is the same function
+    (exact: it moves values) in two plain nodes that runtimes map to their space-to-depth kernels. The
+    unfold needs nothing: ``pixel_shuffle`` becomes ``DepthToSpace`` in CRD mode, its exact order.
+    """
+    channels, blocks = config.in_channels, config.fold**2
+    order = [block * channels + channel for channel in range(channels) for block in range(blocks)]
+
+    def space_to_depth(self, downscale_factor: int):
+        x = onnx_op.SpaceToDepth(self, blocksize=downscale_factor)  # (N, f^2 C, H/f, W/f), block-major
+        return onnx_op.Gather(x, onnx_op.Constant(value_ints=order), axis=1)  # channel-major, as pixel_unshuffle
+
+    return {torch.ops.aten.pixel_unshuffle.default: space_to_depth}
+
+
+def trace(wrapper: UInt8UNet, contract: ModelContract, opset: int, translations: dict) -> onnx.ModelProto:
+    """``torch.export`` the wrapper with dynamic batch and spatial axes; return the ONNX model.
+
+    ``translations``: ONNX translations of aten operators that replace the exporter's own.
+    """
     m = contract.input_multiple
     # batch 2 and unequal sides: example sizes 0, 1 or equal sides would be specialized by torch.export
     shape, (h_axis, w_axis) = (
@@ -245,6 +281,7 @@ def trace(wrapper: UInt8UNet, contract: ModelContract, opset: int) -> onnx.Model
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
             dynamic_shapes={"image": dims},
+            custom_translation_table=translations,
             external_data=False,
             optimize=True,
             verbose=False,
@@ -279,13 +316,22 @@ def finish(proto: onnx.ModelProto, contract: ModelContract) -> None:
                 dim.dim_param = names[dim.dim_param]
     for node in proto.graph.node:  # stack traces with this machine's paths, FX node dumps
         del node.metadata_props[:]
+    # torch.export's graph signature and range constraints: the latter printed in an order that varies with
+    # PYTHONHASHSEED, so the same export would give different bytes from one run to the next
+    del proto.graph.metadata_props[:]
     for tensor in proto.graph.initializer:
         del tensor.metadata_props[:]
-    onnx.helper.set_model_props(proto, contract.to_metadata())
+    stamp(proto, contract)
+
+
+def stamp(proto: onnx.ModelProto, contract: ModelContract, kind: str = "", use: str = "") -> None:
+    """Make ``metadata_props`` the contract, and say in the doc string what the file is (``kind``: the
+    precision unless given) and, in ``use``, where it is meant to run."""
+    onnx.helper.set_model_props(proto, contract.to_metadata())  # replaces whatever was there
     proto.doc_string = (
-        f"Carvana U-Net, {contract.precision}: uint8 RGB {contract.input_layout} in (any batch, sides multiples of "
-        f"{m}; recorded size {contract.input_height}x{contract.input_width}), float32 logits (N, 1, H, W) out. "
-        "Contract in metadata_props (docs/onnx-contract.md)."
+        f"Carvana U-Net, {kind or contract.precision}: uint8 RGB {contract.input_layout} in (any batch, sides multiples "
+        f"of {contract.input_multiple}; recorded size {contract.input_height}x{contract.input_width}), float32 logits "
+        f"(N, 1, H, W) out. {use}Contract in metadata_props (docs/onnx-contract.md)."
     )
 
 
@@ -300,17 +346,32 @@ def write_atomic(proto: onnx.ModelProto, out: Path) -> None:
 # ---- checkpoints ----------------------------------------------------------------------------------
 
 
+def read_checkpoint(checkpoint: Path) -> TrainedModel:
+    """The network of a ``unet-train`` checkpoint, its normalization, training size and provenance."""
+    state, sha256 = load_hashed(checkpoint)
+    net = rebuild_model(state, checkpoint)
+    return TrainedModel(
+        net,
+        pixel_mean=require(state, "pixel_mean", checkpoint),
+        pixel_std=require(state, "pixel_std", checkpoint),
+        train_size=state.get("input_size"),
+        provenance=describe_checkpoint(state, checkpoint, sha256),
+        source=str(checkpoint),
+    )
+
+
 def load_hashed(checkpoint: Path) -> tuple[dict, str]:
     """Load (weights_only) and SHA-256 the same file; refuse one replaced in between (a training run's best.pt)."""
-    before = file_identity(checkpoint)
-    sha256 = sha256_file(checkpoint) if before else ""
+    before = identify_file(checkpoint)
+    sha256 = hash_file(checkpoint) if before else ""
     state = load_checkpoint(checkpoint, map_location="cpu")  # raises CheckpointError when missing or foreign
-    if file_identity(checkpoint) != before:
+    if identify_file(checkpoint) != before:
         raise ExportError(f"{checkpoint} changed while it was read (a training run saving it?): run the export again")
     return state, sha256
 
 
-def file_identity(path: Path) -> tuple[int, int, int] | None:
+def identify_file(path: Path) -> tuple[int, int, int] | None:
+    """(inode, mtime, size): what changes when a file is replaced or rewritten; None for no file."""
     try:
         st = path.stat()
     except OSError:
@@ -318,7 +379,7 @@ def file_identity(path: Path) -> tuple[int, int, int] | None:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
-def sha256_file(path: Path) -> str:
+def hash_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -326,11 +387,12 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+MISSING_KEY = "it was not written by this version of unet-train. Re-train or re-save it."
+
+
 def require(state: dict, key: str, checkpoint: Path):
     if key not in state:
-        raise ExportError(
-            f"{checkpoint} has no '{key}': it was not written by this version of unet-train. Re-train or re-save it."
-        )
+        raise ExportError(f"{checkpoint} has no '{key}': {MISSING_KEY}")
     return state[key]
 
 
@@ -345,7 +407,8 @@ def rebuild_model(state: dict, checkpoint: Path) -> UNet:
         ) from e
 
 
-def checkpoint_provenance(state: dict, checkpoint: Path, sha256: str) -> dict[str, str]:
+def describe_checkpoint(state: dict, checkpoint: Path, sha256: str) -> dict[str, str]:
+    """The provenance keys a checkpoint gives its export (those it has)."""
     size = state.get("input_size")
     found = {
         "train_images": state.get("train_images"),

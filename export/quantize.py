@@ -38,8 +38,9 @@ from batch.core.contract import ModelContract, prepare_input
 from batch.core.files import spread_evenly
 from batch.core.images import DECODE_ERRORS, load_resized_rgb
 from batch.core.logs import first_line
-from export.config import ExportError, ExportOptions, QuantizeOptions
-from export.onnx_export import check_output_path, export_checkpoint, write_atomic
+from export.config import FP32_EXPORT, QUANTIZE_DEFAULTS, ExportError, ExportOptions, QuantizeOptions
+from export.legacy import accepts_old_keywords
+from export.onnx_export import check_output_path, export_checkpoint, stamp, write_atomic
 from export.verify import VerifyError, list_photos
 from unet.data import car_id
 
@@ -90,64 +91,83 @@ class CalibrationReader(CalibrationDataReader):
 def quantize_checkpoint(
     checkpoint: str | Path,
     out: str | Path,
-    *,
     calibrate: str | Path,
-    calibration_images: int = QuantizeOptions.calibration_images,
-    input_size: tuple[int, int] | None = None,
-    opset: int = ExportOptions.opset,
-    layout: str = ExportOptions.layout,
+    options: ExportOptions = FP32_EXPORT,
+    quantization: QuantizeOptions = QUANTIZE_DEFAULTS,
+    *,
     progress: bool = True,
 ) -> ModelContract:
-    """Export ``checkpoint`` as an INT8 (QDQ) ONNX model at ``out``, calibrated on photos of ``calibrate``.
+    """Export ``checkpoint`` as an INT8 (QDQ) ONNX model at ``out``, calibrated on photos of the folder ``calibrate``.
 
-    Up to ``calibration_images`` photos spread over the sorted folder, less the checkpoint's validation
-    cars and unreadable files (logged). Raises ``QuantizeError`` (no usable photo, a graph ONNX Runtime
-    cannot quantize) and whatever :func:`export_checkpoint` raises; on any failure ``out`` is not
-    touched. Returns the contract written to the file (``precision="int8"``).
+    ``options`` shape the FP32 graph that is quantized (so ``fp16`` must be False). Up to
+    ``quantization.calibration_images`` photos spread over the sorted folder, less the checkpoint's
+    validation cars and unreadable files (logged). Raises ``QuantizeError`` (no usable photo, a graph
+    ONNX Runtime cannot quantize) and whatever :func:`export_checkpoint` raises; on any failure ``out``
+    is not touched. Returns the contract written to the file (``precision="int8"``).
     """
+    if options.fp16:
+        raise QuantizeError("INT8 quantizes the FP32 graph: pass ExportOptions(fp16=False)")
     out = Path(out)
-    QuantizeOptions(calibration_images)  # the cheap checks first: the export and the calibration take seconds
-    check_output_path(out)
-    try:
-        photos = list_photos(Path(calibrate), "--calibrate")
-    except VerifyError as e:
-        raise QuantizeError(str(e)) from e
+    check_output_path(out)  # the cheap checks first: the export and the calibration take seconds
+    photos = list_calibration_photos(Path(calibrate))
     with tempfile.TemporaryDirectory(prefix="unet-int8-") as scratch:
         fp32 = Path(scratch) / "fp32.onnx"
-        export_checkpoint(checkpoint, fp32, fp16=False, input_size=input_size, opset=opset, layout=layout)
-        return quantize_model(fp32, out, photos, calibration_images=calibration_images, progress=progress, source=checkpoint)
+        export_checkpoint(checkpoint, fp32, options)
+        return quantize_model(fp32, out, photos, quantization, progress=progress, source=checkpoint)
 
 
+def old_quantize_model(fp32, out, photos, *, calibration_images, **kwargs) -> tuple[tuple, dict]:
+    """``quantize_model(fp32, out, photos, calibration_images=...)``: the form before QuantizeOptions."""
+    return (fp32, out, photos, QuantizeOptions(calibration_images)), kwargs
+
+
+@accepts_old_keywords(old_quantize_model)
 def quantize_model(
     fp32: str | Path,
     out: str | Path,
     photos: Sequence[Path],
+    options: QuantizeOptions = QUANTIZE_DEFAULTS,
     *,
-    calibration_images: int = QuantizeOptions.calibration_images,
     progress: bool = False,
     source: str | Path | None = None,
 ) -> ModelContract:
     """Quantize ``fp32``, an FP32 file from ``unet-export`` (contract in its metadata), to INT8 at ``out``.
 
-    Calibrated on up to ``calibration_images`` of ``photos``, less those of the validation cars the
-    file records. ``source`` (default ``fp32``) is what error messages name. Returns the new contract.
+    Calibrated on up to ``options.calibration_images`` of ``photos``, less those of the validation cars
+    the file records. ``source`` (default ``fp32``) is what error messages name. Returns the new contract.
     """
     fp32, out, source = Path(fp32), Path(out), source or fp32
-    options = QuantizeOptions(calibration_images)
-    proto = onnx.load(str(fp32))
-    contract = ModelContract.from_metadata({p.key: p.value for p in proto.metadata_props}, source=str(fp32))
-    if contract.precision != "fp32":
-        raise QuantizeError(f"{source} is a {contract.precision} model: quantize an FP32 export (unet-export --fp32)")
+    contract = read_fp32_contract(fp32, source)
     calibration = load_calibration(photos, contract, options.calibration_images)
-    with tempfile.TemporaryDirectory(prefix="unet-int8-") as scratch:
-        proto = quantize(fp32, proto.graph, Path(scratch), calibration, progress, source)
-    provenance = calibration.provenance() | {"quantization": QUANTIZATION.format(version=onnxruntime.__version__)}
-    contract = replace(contract, precision="int8", provenance=contract.provenance | provenance)
-    stamp(proto, contract)
+    proto = quantize(fp32, calibration, progress, source)
+    contract = record_quantization(contract, calibration)
+    stamp(proto, contract, kind="int8 (QDQ)", use="For ONNX Runtime's CPU provider. ")
     onnx.checker.check_model(proto, full_check=True)
     write_atomic(proto, out)
     log.debug("wrote %s (int8, %.1f MB, calibrated on %d photos)", out, out.stat().st_size / 1e6, len(calibration.names))
     return contract
+
+
+def list_calibration_photos(folder: Path) -> list[Path]:
+    try:
+        return list_photos(folder, "--calibrate")
+    except VerifyError as e:
+        raise QuantizeError(str(e)) from e
+
+
+def read_fp32_contract(fp32: Path, source: str | Path) -> ModelContract:
+    """The contract in ``fp32``'s metadata; QuantizeError unless it is an FP32 export."""
+    meta = {p.key: p.value for p in onnx.load(str(fp32), load_external_data=False).metadata_props}
+    contract = ModelContract.from_metadata(meta, source=str(fp32))
+    if contract.precision != "fp32":
+        raise QuantizeError(f"{source} is a {contract.precision} model: quantize an FP32 export (unet-export --fp32)")
+    return contract
+
+
+def record_quantization(contract: ModelContract, calibration: CalibrationSet) -> ModelContract:
+    """The INT8 file's contract: ``precision="int8"``, and the calibration set and method in its provenance."""
+    provenance = calibration.provenance() | {"quantization": QUANTIZATION.format(version=onnxruntime.__version__)}
+    return replace(contract, precision="int8", provenance=contract.provenance | provenance)
 
 
 # ---- calibration photos -----------------------------------------------------------------------------
@@ -183,53 +203,46 @@ def load_calibration(photos: Sequence[Path], contract: ModelContract, count: int
 # ---- quantization -----------------------------------------------------------------------------------
 
 
-def quantize(
-    fp32: Path, graph: onnx.GraphProto, scratch: Path, calibration: CalibrationSet, progress: bool, source: str | Path
-) -> onnx.ModelProto:
-    """ONNX Runtime's pre-processing and static QDQ quantization of the file ``fp32`` (whose graph is ``graph``)."""
-    prepared, int8 = scratch / "prepared.onnx", scratch / "int8.onnx"
-    try:
-        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)  # ONNX shape inference, ORT fusions
-        quantize_static(
-            str(prepared),
-            str(int8),
-            CalibrationReader(calibration, graph.input[0].name, progress),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            reduce_range=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            op_types_to_quantize=list(QUANTIZED_OPS),
-            nodes_to_exclude=float_nodes(graph),
-        )
-    except Exception as e:  # onnxruntime raises its own types and plain Exceptions from its Python tools
-        raise QuantizeError(
-            f"{source}: ONNX Runtime cannot quantize this model ({first_line(e)}). Export it with --fp32 instead."
-        ) from e
-    proto = onnx.load(str(int8))
+def quantize(fp32: Path, calibration: CalibrationSet, progress: bool, source: str | Path) -> onnx.ModelProto:
+    """ONNX Runtime's pre-processing and static QDQ quantization of the file ``fp32``; ``source`` names it in errors."""
+    graph = onnx.load(str(fp32)).graph
+    with tempfile.TemporaryDirectory(prefix="unet-int8-") as scratch:
+        prepared, int8 = Path(scratch) / "prepared.onnx", Path(scratch) / "int8.onnx"
+        try:
+            quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)  # ONNX shape inference, ORT fusions
+            quantize_static(
+                str(prepared),
+                str(int8),
+                CalibrationReader(calibration, graph.input[0].name, progress),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                reduce_range=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=list(QUANTIZED_OPS),
+                nodes_to_exclude=find_float_nodes(graph),
+            )
+        except Exception as e:  # onnxruntime raises its own types and plain Exceptions from its Python tools
+            raise QuantizeError(
+                f"{source}: ONNX Runtime cannot quantize this model ({first_line(e)}). Export it with --fp32 instead."
+            ) from e
+        proto = onnx.load(str(int8))
     if not any(node.op_type == "QuantizeLinear" for node in proto.graph.node):
         raise QuantizeError(f"{source}: ONNX Runtime quantized none of its layers. Export it with --fp32 instead.")
     return proto
 
 
-def float_nodes(graph: onnx.GraphProto) -> list[str]:
-    """Nodes kept in FP32: the stem's convolutions (all before the first MaxPool) and the head (writes the output)."""
+def find_float_nodes(graph: onnx.GraphProto) -> list[str]:
+    """Nodes kept in FP32: the stem's convolutions (all before the first MaxPool) and the head.
+
+    The head is the last convolution: its output is the logits, or, in a folded U-Net, the blocks of
+    logits that a DepthToSpace unfolds (so it is not the node that writes the graph's output).
+    """
     stem = []
     for node in graph.node:  # topological order
         if node.op_type == "MaxPool":
             break
         if node.op_type == "Conv":
             stem.append(node.name)
-    head = [node.name for node in graph.node if graph.output[0].name in node.output]
+    head = [node.name for node in graph.node if node.op_type == "Conv"][-1:]
     return stem + head
-
-
-def stamp(proto: onnx.ModelProto, contract: ModelContract) -> None:
-    """Make ``metadata_props`` the contract, and say what the file is in its doc string."""
-    del proto.metadata_props[:]
-    onnx.helper.set_model_props(proto, contract.to_metadata())
-    proto.doc_string = (
-        f"Carvana U-Net, int8 (QDQ): uint8 RGB {contract.input_layout} in (any batch, sides multiples of "
-        f"{contract.input_multiple}; recorded size {contract.input_height}x{contract.input_width}), float32 logits "
-        "(N, 1, H, W) out. For ONNX Runtime's CPU provider. Contract in metadata_props (docs/onnx-contract.md)."
-    )

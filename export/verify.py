@@ -6,8 +6,14 @@ preprocessing, at the model's recorded input size). Criteria (``ImageParity.fail
 
 - every precision: the ONNX logits are finite, and the mask is not blank where PyTorch finds a car;
 - FP32: ``max |onnx - torch| / max |torch|`` over the image's logits <= ``rtol`` (1e-4);
-- FP16: the Dice of the two masks at the photo's full resolution >= ``min_dice`` (0.999), the masks
-  made like the Kaggle metric: logits resized bilinearly to the photo's size, then thresholded.
+- FP16 and INT8: the Dice of the two masks at the photo's full resolution >= ``min_dice`` (0.999), the
+  masks made like the Kaggle metric: logits resized bilinearly to the photo's size, then thresholded;
+  FP16 also: the reference's activations within FP16's range.
+
+A mask comparison can only fail where PyTorch's mask has both car and background (``min_car``): two
+empty masks have Dice 1 whatever the export computes. Such a photo is *not tested*
+(``ImageParity.untested``); an FP16 or INT8 file, judged by its masks, does not pass on it, while an
+FP32 file, judged by its logits, still does.
 
 Blank or NaN masks from a naively converted FP16 U-Net on the CUDA provider (onnxruntime issue #23797)
 fail the first two criteria; run with ``device="cuda"`` on the GPU host that will serve the model.
@@ -19,6 +25,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -26,33 +33,40 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
 from batch.core.contract import ContractError, ModelContract, probability_to_logit
 from batch.core.devices import DeviceError
+from batch.core.errors import CarvanaError
 from batch.core.files import spread_evenly, temporary_path
-from batch.core.images import is_image_file, load_resized_rgb
+from batch.core.images import DECODE_ERRORS, is_image_file, load_resized_rgb
 from batch.core.masks import dice
 from batch.inference.runtime import ModelError, check_device, session_options
 from batch.inference.runtime import open_session as open_runtime_session
-from export.config import VerifyOptions
-from export.onnx_export import (
-    FP16_MAX,
-    check_output_path,
-    conv_bn_pairs,
-    export_checkpoint,
-    load_hashed,
-    rebuild_model,
-    require,
-)
+from export.config import VERIFY_DEFAULTS, VerifyOptions
+from export.onnx_export import FP16_MAX, TrainedModel, check_output_path, export_checkpoint, find_conv_bn_pairs, read_checkpoint
 from unet.metrics import upsample_logits
 
 log = logging.getLogger(__name__)
 
 
-class VerifyError(ValueError):
+class VerifyError(CarvanaError):
     """Verification that cannot run (no photos, no such provider, ...); the message names the fix."""
+
+
+Exporter = Callable[[Path, Path], ModelContract]  # (checkpoint, out) -> the contract written: options bound in
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """One photo through both models: what is compared."""
+
+    name: str
+    photo_size: tuple[int, int]  # (H, W) of the original photo, where the masks are compared
+    reference: np.ndarray  # (1, 1, h, w) PyTorch FP32 logits
+    logits: np.ndarray  # (1, 1, h, w) the ONNX model's
+    peak_activation: float  # largest |activation| of the reference that the exported graph holds
+    onnx_ms: float  # ONNX Runtime time (batch 1), after a warm-up run
 
 
 @dataclass(frozen=True)
@@ -66,11 +80,21 @@ class ImageParity:
     finite: bool  # no NaN or Inf in the ONNX logits
     peak_activation: float  # largest |activation| of the FP32 reference that the exported graph holds
     onnx_ms: float  # ONNX Runtime time for this image (batch 1), after a warm-up run
-    failures: tuple[str, ...]  # why it is out of tolerance; empty when it passes
+    failures: tuple[str, ...]  # why it is out of tolerance; empty when it is within
+    untested: str = ""  # why its masks test nothing (PyTorch's mask is empty or full); "" when they do
+    judged_by_masks: bool = False  # FP16 and INT8: the masks are the criterion, so an untested photo does not pass
 
     @property
     def passed(self) -> bool:
-        return not self.failures
+        return not self.failures and not (self.untested and self.judged_by_masks)
+
+    @property
+    def verdict(self) -> str:
+        if self.failures:
+            return "FAIL: " + "; ".join(self.failures)
+        if self.untested and self.judged_by_masks:
+            return f"NOT TESTED: {self.untested}"
+        return f"ok (logits; masks not compared: {self.untested})" if self.untested else "ok"
 
 
 @dataclass(frozen=True)
@@ -80,8 +104,7 @@ class ParityReport:
     precision: str  # of the ONNX model: decides which criterion applies
     providers: tuple[str, ...]  # ONNX Runtime providers the session actually uses
     input_size: tuple[int, int]
-    rtol: float
-    min_dice: float
+    options: VerifyOptions
     images: tuple[ImageParity, ...]
 
     @property
@@ -90,85 +113,98 @@ class ParityReport:
 
     @property
     def failed(self) -> tuple[ImageParity, ...]:
-        return tuple(image for image in self.images if not image.passed)
+        """Photos out of tolerance."""
+        return tuple(image for image in self.images if image.failures)
+
+    @property
+    def untested(self) -> tuple[ImageParity, ...]:
+        """Photos within tolerance whose masks could not be compared (PyTorch's mask is empty or full)."""
+        return tuple(image for image in self.images if image.untested and not image.failures)
 
     def lines(self) -> list[str]:
         """The report as text: one row per photo, then a summary."""
-        criterion = f"logits within {self.rtol:g} relative" if self.precision == "fp32" else f"mask Dice >= {self.min_dice}"
-        rows = [
+        return [*self.header(), *map(format_row, self.images), *self.untested_note(), self.summary()]
+
+    def header(self) -> list[str]:
+        criterion = (
+            f"logits within {self.options.rtol:g} relative"
+            if self.precision == "fp32"
+            else f"mask Dice >= {self.options.min_dice} on photos where PyTorch finds car and background"
+        )
+        return [
             f"parity of {self.onnx_path} ({self.precision}, {', '.join(self.providers)}) with {self.checkpoint} "
             f"(PyTorch FP32, CPU) at {self.input_size[0]}x{self.input_size[1]}; criterion: {criterion}, finite, not blank",
             f"{'photo':<28} {'rel. diff':>9} {'Dice':>8} {'car% ref':>8} {'car% onnx':>9} {'peak act.':>9} "
             f"{'onnx ms':>8}  result",
         ]
-        for im in self.images:
-            verdict = "ok" if im.passed else "FAIL: " + "; ".join(im.failures)
-            rows.append(
-                f"{im.name:<28} {im.rel_logit_diff:>9.2e} {im.dice:>8.6f} {100 * im.reference_car:>8.2f} "
-                f"{100 * im.onnx_car:>9.2f} {im.peak_activation:>9.4g} {im.onnx_ms:>8.1f}  {verdict}"
-            )
+
+    def untested_note(self) -> list[str]:
+        """A line saying on how many photos the masks tested nothing, and what that means for this precision."""
+        if not self.untested:
+            return []
+        counts = Counter(image.untested for image in self.untested)
+        where = ", ".join(f"{reason} on {count} of {len(self.images)} photos" for reason, count in counts.items())
+        if self.precision == "fp32":
+            return [f"masks not compared: {where} (the FP32 criterion, the logits, was checked there)"]
+        return [
+            f"not tested: {where}: two such masks agree whatever the export computes, so the {self.precision} file "
+            "is not verified there. Verify a trained checkpoint on photos of cars."
+        ]
+
+    def summary(self) -> str:
+        compared = [image.dice for image in self.images if not image.untested]
         peak = max((i.peak_activation for i in self.images), default=math.nan)
-        rows.append(
-            f"summary: {len(self.images) - len(self.failed)}/{len(self.images)} photos pass; "
+        median_ms = float(np.median([i.onnx_ms for i in self.images])) if self.images else math.nan
+        verdict = "PASS" if self.passed else "FAIL" if self.failed or not self.images else "NOT TESTED"
+        return (
+            f"summary: {sum(i.passed for i in self.images)}/{len(self.images)} photos pass; "
             f"max rel. diff {max((i.rel_logit_diff for i in self.images), default=math.nan):.2e}, "
-            f"min Dice {min((i.dice for i in self.images), default=math.nan):.6f}, "
+            f"min Dice {f'{min(compared):.6f}' if compared else 'n/a (no masks compared)'}, "
             f"peak activation {peak:.4g} ({FP16_MAX / peak if peak else math.inf:.0f}x below FP16's max), "
-            f"median ONNX time {float(np.median([i.onnx_ms for i in self.images])) if self.images else math.nan:.1f} ms/img"
-            f" -> {'PASS' if self.passed else 'FAIL'}"
+            f"median ONNX time {median_ms:.1f} ms/img -> {verdict}"
         )
-        return rows
+
+
+def format_row(im: ImageParity) -> str:
+    return (
+        f"{im.name:<28} {im.rel_logit_diff:>9.2e} {im.dice:>8.6f} {100 * im.reference_car:>8.2f} "
+        f"{100 * im.onnx_car:>9.2f} {im.peak_activation:>9.4g} {im.onnx_ms:>8.1f}  {im.verdict}"
+    )
 
 
 def verify_parity(
     checkpoint: str | Path,
     onnx_path: str | Path,
     images_dir: str | Path,
+    options: VerifyOptions = VERIFY_DEFAULTS,
     *,
-    limit: int = VerifyOptions.limit,
-    device: str = "auto",
-    rtol: float = VerifyOptions.rtol,
-    min_dice: float = VerifyOptions.min_dice,
     progress: bool = True,
 ) -> ParityReport:
-    """Compare ``onnx_path`` with ``checkpoint`` on up to ``limit`` photos of ``images_dir`` (spread over it).
+    """Compare ``onnx_path`` with ``checkpoint`` on up to ``options.limit`` photos of ``images_dir`` (spread over it).
 
-    ``device``: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when ONNX Runtime has it). An explicit
-    CUDA request that ONNX Runtime cannot honour raises ``VerifyError``.
+    ``options.device``: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when ONNX Runtime has it). An
+    explicit CUDA request that ONNX Runtime cannot honour raises ``VerifyError``.
     """
-    if limit < 1:
-        raise VerifyError(f"limit must be at least 1 photo, not {limit}")
-    photos = pick_photos(Path(images_dir), limit)
+    photos = pick_photos(Path(images_dir), options.limit)
     checkpoint = Path(checkpoint)
-    state, sha256 = load_hashed(checkpoint)
-    model = rebuild_model(state, checkpoint)
-    session = open_session(onnx_path, device)
+    trained = read_checkpoint(checkpoint)
+    session = open_session(onnx_path, options.device)
     contract = read_contract(session, onnx_path)
-    exported_from = contract.provenance.get("source_checkpoint_sha256")
-    if exported_from and exported_from != sha256:
-        raise VerifyError(
-            f"{onnx_path} was exported from another checkpoint than {checkpoint} (SHA-256 {exported_from[:12]}... "
-            f"vs {sha256[:12]}...): verify it against its own checkpoint, or export again"
-        )
-    mean = torch.tensor(require(state, "pixel_mean", checkpoint), dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(require(state, "pixel_std", checkpoint), dtype=torch.float32).view(1, 3, 1, 1)
+    check_same_checkpoint(contract, trained, onnx_path)
     log.debug("checking %s against %s on %s with %d photos", onnx_path, checkpoint, session.get_providers()[0], len(photos))
     warm_up(session, contract)
-    results = []
-    for photo in tqdm(photos, desc="verify", unit="img", disable=not progress):
-        rgb, original = load_photo(photo, contract.input_size)  # (h, w, 3) uint8
-        with peak_activation(model) as peak:
-            reference = reference_logits(model, rgb, mean, std)  # (1, 1, h, w) float32
-        logits, ms = onnx_logits(session, rgb, contract)  # (1, 1, h, w) float32
-        results.append(compare(photo.name, reference, logits, original, contract, rtol, min_dice, ms, peak[0]))
+    images = tuple(
+        compare(run_both(photo, trained, session, contract), contract, options)
+        for photo in tqdm(photos, desc="verify", unit="img", disable=not progress)
+    )
     return ParityReport(
         onnx_path=str(onnx_path),
         checkpoint=str(checkpoint),
         precision=contract.precision,
         providers=tuple(session.get_providers()),
         input_size=contract.input_size,
-        rtol=rtol,
-        min_dice=min_dice,
-        images=tuple(results),
+        options=options,
+        images=images,
     )
 
 
@@ -176,29 +212,27 @@ def export_verified(
     checkpoint: str | Path,
     out: str | Path,
     images_dir: str | Path,
+    export: Exporter = export_checkpoint,
+    options: VerifyOptions = VERIFY_DEFAULTS,
     *,
-    limit: int = VerifyOptions.limit,
-    device: str = "auto",
     progress: bool = True,
-    export: Callable[..., ModelContract] = export_checkpoint,
-    **export_options,
 ) -> tuple[ModelContract, ParityReport]:
-    """``export`` (``export_checkpoint``, or ``export.quantize.quantize_checkpoint`` for INT8) to a staging file next
-    to ``out``, verify it, and rename it to ``out`` only if it passes.
+    """``export`` (``export_checkpoint``, or ``export.quantize.quantize_checkpoint`` for INT8, with their options
+    bound) to a staging file next to ``out``, verify it, and rename it to ``out`` only if it passes.
 
     A model that fails verification never lands at ``out`` (an older file there stays as it was).
     """
     out = Path(out)
     check_output_path(out)  # the cheap checks first: the export takes seconds
     try:
-        check_device(device)
+        check_device(options.device)
     except DeviceError as e:
         raise VerifyError(str(e)) from e
-    pick_photos(Path(images_dir), limit)
+    pick_photos(Path(images_dir), options.limit)
     staged = temporary_path(out)
     try:
-        contract = export(checkpoint, staged, **export_options)
-        report = verify_parity(checkpoint, staged, images_dir, limit=limit, device=device, progress=progress)
+        contract = export(Path(checkpoint), staged)
+        report = verify_parity(checkpoint, staged, images_dir, options, progress=progress)
         report = replace(report, onnx_path=str(out))
         if report.passed:
             os.replace(staged, out)
@@ -225,6 +259,17 @@ def list_photos(folder: Path, option: str) -> list[Path]:
     return photos
 
 
+def check_same_checkpoint(contract: ModelContract, trained: TrainedModel, onnx_path: str | Path) -> None:
+    """Refuse to compare a file with a checkpoint it was not exported from (their SHA-256s differ)."""
+    exported_from = contract.provenance.get("source_checkpoint_sha256")
+    sha256 = trained.provenance.get("source_checkpoint_sha256", "")
+    if exported_from and exported_from != sha256:
+        raise VerifyError(
+            f"{onnx_path} was exported from another checkpoint than {trained.source} (SHA-256 {exported_from[:12]}... "
+            f"vs {sha256[:12]}...): verify it against its own checkpoint, or export again"
+        )
+
+
 def open_session(onnx_path: str | Path, device: str):
     """An ONNX Runtime session on ``device`` (batch.inference.runtime: explicit providers, no silent CPU fallback)."""
     try:
@@ -249,24 +294,36 @@ def read_contract(session, onnx_path: str | Path) -> ModelContract:
 def warm_up(session, contract: ModelContract) -> None:
     """One untimed run: the first one allocates arenas (and, on CUDA, searches cuDNN algorithms)."""
     blank = np.zeros((*contract.input_size, 3), dtype=np.uint8)
-    onnx_logits(session, blank, contract)
+    run_onnx(session, blank, contract)
 
 
 def load_photo(photo: Path, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
     try:
         return load_resized_rgb(photo, size)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
+    except DECODE_ERRORS as e:
         raise VerifyError(f"cannot read photo {photo}: {e}. Remove it from the folder or re-save it as JPEG/PNG.") from e
 
 
+def run_both(photo: Path, trained: TrainedModel, session, contract: ModelContract) -> Outputs:
+    """The photo, as the runner would feed it, through PyTorch (FP32, CPU, with activations tracked) and ONNX Runtime."""
+    rgb, original = load_photo(photo, contract.input_size)  # (h, w, 3) uint8
+    with track_peak_activation(trained.net) as peak:
+        reference = run_reference(trained, rgb)  # (1, 1, h, w) float32
+    logits, ms = run_onnx(session, rgb, contract)  # (1, 1, h, w) float32
+    return Outputs(photo.name, original, reference, logits, peak[0], ms)
+
+
 @torch.inference_mode()
-def reference_logits(model: torch.nn.Module, rgb: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> np.ndarray:
+def run_reference(trained: TrainedModel, rgb: np.ndarray) -> np.ndarray:
     """PyTorch FP32 logits, normalized exactly as training does: ``(pixel / 255 - mean) / std``."""
+    mean = torch.tensor(trained.pixel_mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(trained.pixel_std, dtype=torch.float32).view(1, 3, 1, 1)
     x = torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float().div(255)  # (1, 3, h, w) in [0, 1]
-    return model((x - mean) / std).numpy()  # (1, 1, h, w)
+    return trained.net((x - mean) / std).numpy()  # (1, 1, h, w)
 
 
-def onnx_logits(session, rgb: np.ndarray, contract: ModelContract) -> tuple[np.ndarray, float]:
+def run_onnx(session, rgb: np.ndarray, contract: ModelContract) -> tuple[np.ndarray, float]:
+    """The ONNX model's logits for one (h, w, 3) photo, and the milliseconds the run took."""
     image = rgb[None] if contract.input_layout == "NHWC" else rgb.transpose(2, 0, 1)[None]  # (1, h, w, 3) | (1, 3, h, w)
     feed = {session.get_inputs()[0].name: np.ascontiguousarray(image)}
     start = time.perf_counter()
@@ -274,52 +331,79 @@ def onnx_logits(session, rgb: np.ndarray, contract: ModelContract) -> tuple[np.n
     return logits, 1000 * (time.perf_counter() - start)
 
 
-def compare(name, reference, logits, original, contract, rtol, min_dice, ms, peak) -> ImageParity:
-    """Score one photo's ONNX logits against the reference; list what is out of tolerance."""
+def compare(outputs: Outputs, contract: ModelContract, options: VerifyOptions) -> ImageParity:
+    """Score one photo's ONNX logits against the reference: what is out of tolerance, and whether its masks test anything."""
+    reference, logits = outputs.reference, outputs.logits
+    measured = {"name": outputs.name, "photo_size": outputs.photo_size, "peak_activation": outputs.peak_activation}
+    measured |= {"onnx_ms": outputs.onnx_ms, "judged_by_masks": contract.precision != "fp32"}
     if logits.shape != reference.shape:
+        mismatch = f"output shape {logits.shape}, expected {reference.shape}"
         return ImageParity(
-            name,
-            original,
-            math.inf,
-            0.0,
-            math.nan,
-            math.nan,
-            False,
-            peak,
-            ms,
-            (f"output shape {logits.shape}, expected {reference.shape}",),
+            **measured,
+            rel_logit_diff=math.inf,
+            dice=0.0,
+            reference_car=math.nan,
+            onnx_car=math.nan,
+            finite=False,
+            failures=(mismatch,),
         )
     finite = bool(np.isfinite(logits).all())
     scale = float(np.abs(reference).max()) or 1.0
-    rel = float(np.abs(logits.astype(np.float64) - reference).max()) / scale if finite else math.inf
     cut = probability_to_logit(contract.threshold)
-    ref_mask = full_resolution_mask(reference, original, cut)  # (H, W) bool
-    onnx_mask = full_resolution_mask(np.nan_to_num(logits, nan=-1e4, posinf=1e4, neginf=-1e4), original, cut)
-    score = dice(onnx_mask, ref_mask)
-    failures = []
-    if not finite:
-        failures.append(f"{int((~np.isfinite(logits)).sum())} NaN/Inf logits")
-    if ref_mask.any() and not onnx_mask.any():
-        failures.append("blank mask where PyTorch finds a car")
-    if contract.precision == "fp32" and rel > rtol:
-        failures.append(f"logits differ by {rel:.2e} relative (> {rtol:g})")
-    if contract.precision != "fp32" and score < min_dice:
-        failures.append(f"mask Dice {score:.6f} < {min_dice}")
-    if contract.precision == "fp16" and peak > FP16_MAX:  # the CPU provider computes much of FP16 in FP32 and hides it
-        failures.append(f"activations reach {peak:.4g}, beyond FP16's {FP16_MAX:.0f}: export with --fp32")
-    ref_car, onnx_car = float(ref_mask.mean()), float(onnx_mask.mean())
-    return ImageParity(name, original, rel, score, ref_car, onnx_car, finite, peak, ms, tuple(failures))
+    ref_mask = full_resolution_mask(reference, outputs.photo_size, cut)  # (H, W) bool
+    onnx_mask = full_resolution_mask(np.nan_to_num(logits, nan=-1e4, posinf=1e4, neginf=-1e4), outputs.photo_size, cut)
+    image = ImageParity(
+        **measured,
+        rel_logit_diff=float(np.abs(logits.astype(np.float64) - reference).max()) / scale if finite else math.inf,
+        dice=dice(onnx_mask, ref_mask),
+        reference_car=float(ref_mask.mean()),
+        onnx_car=float(onnx_mask.mean()),
+        finite=finite,
+        failures=(),
+    )
+    failures = find_failures(image, int((~np.isfinite(logits)).sum()), contract.precision, options)
+    return replace(image, failures=failures, untested=find_untested(image, options))
+
+
+def find_failures(image: ImageParity, nonfinite: int, precision: str, options: VerifyOptions) -> tuple[str, ...]:
+    """What puts ``image`` out of tolerance for a file of ``precision``; ``nonfinite``: its NaN/Inf logits."""
+    rel, peak = image.rel_logit_diff, image.peak_activation
+    checks = (
+        (nonfinite > 0, f"{nonfinite} NaN/Inf logits"),
+        (image.reference_car > 0 and image.onnx_car == 0, "blank mask where PyTorch finds a car"),
+        (precision == "fp32" and rel > options.rtol, f"logits differ by {rel:.2e} relative (> {options.rtol:g})"),
+        (precision != "fp32" and image.dice < options.min_dice, f"mask Dice {image.dice:.6f} < {options.min_dice}"),
+        # the CPU provider computes much of FP16 in FP32 and hides an overflow
+        (
+            precision == "fp16" and peak > FP16_MAX,
+            f"activations reach {peak:.4g}, beyond FP16's {FP16_MAX:.0f}: export with --fp32",
+        ),
+    )
+    return tuple(message for failed, message in checks if failed)
+
+
+def find_untested(image: ImageParity, options: VerifyOptions) -> str:
+    """Why this photo's masks cannot fail a comparison however wrong the export is, or "" when they can.
+
+    Where PyTorch finds no car, an export that finds none either (a blank FP16 mask, onnxruntime
+    #23797) scores Dice 1; where it finds only car, so does an export that calls every pixel car.
+    """
+    if image.reference_car <= options.min_car:
+        return "PyTorch predicts no car"
+    if image.reference_car >= 1 - options.min_car:
+        return "PyTorch predicts car everywhere"
+    return ""
 
 
 @contextmanager
-def peak_activation(model: torch.nn.Module) -> Iterator[list[float]]:
+def track_peak_activation(model: torch.nn.Module) -> Iterator[list[float]]:
     """Track the largest |value| among the tensors the exported graph materializes, in ``peak[0]``.
 
     FP16 overflows past 65504; on the GPU that turns into Inf, then NaN or blank masks. Hooks every
     leaf module except convolutions whose BatchNorm is folded into them at export (their raw output
     never exists in the exported graph).
     """
-    folded = {id(getattr(sequential, conv)) for sequential, conv, _ in conv_bn_pairs(model)}
+    folded = {id(getattr(sequential, conv)) for sequential, conv, _ in find_conv_bn_pairs(model)}
     peak = [0.0]
 
     def record(module, inputs, output):

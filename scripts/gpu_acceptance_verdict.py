@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -75,17 +76,38 @@ def agreement_targets(out: Path) -> list[Target]:
     return targets
 
 
+# (GPU path, CPU path) on the validation photos: each GPU path is scored against the CPU's masks and the truth.
+VAL_PAIRS = (
+    ("val-gpu-pillow", "val-cpu"),
+    ("val-gpu-pillow-tta", "val-cpu-tta"),
+    ("val-dali", "val-cpu"),
+    ("val-dali-tta", "val-cpu-tta"),
+)
+
+
 def truth_targets(out: Path) -> list[Target]:
-    scores = {name: mean_dice(out / f"truth-{name}.csv") for name in ("val-cpu", "val-dali", "val-cpu-tta", "val-dali-tta")}
     targets = []
-    for gpu, cpu in (("val-dali", "val-cpu"), ("val-dali-tta", "val-cpu-tta")):
+    for gpu, cpu in VAL_PAIRS:
         label = f"{gpu} Dice vs truth within {TRUTH_TOLERANCE} of {cpu}'s"
-        if scores[gpu] is None or scores[cpu] is None:
+        scores = mean_dice(out / f"truth-{gpu}.csv"), mean_dice(out / f"truth-{cpu}.csv")
+        if None in scores:
             targets.append(Target(label, "not measured", None))
             continue
-        gap = scores[gpu][0] - scores[cpu][0]
-        figure = f"{scores[gpu][0]:.5f} vs {scores[cpu][0]:.5f} ({scores[gpu][1]} photos, difference {gap:+.5f})"
+        (value, count), (reference, _) = scores
+        gap = value - reference
+        figure = f"{value:.5f} vs {reference:.5f} ({count} photos, difference {gap:+.5f})"
         targets.append(Target(label, figure, abs(gap) <= TRUTH_TOLERANCE))
+    return targets
+
+
+def val_agreement_targets(out: Path) -> list[Target]:
+    """Each GPU path's masks of the validation photos against the CPU's, made with the same model file."""
+    targets = []
+    for gpu, cpu in VAL_PAIRS:
+        label = f"{gpu} masks vs {cpu}'s (validation photos): mean Dice >= {AGREEMENT_MIN}"
+        found = mean_dice(out / f"agreement-{gpu}-vs-{cpu}.csv")
+        figure = "not measured" if found is None else f"{found[0]:.6f} on {found[1]} photos"
+        targets.append(Target(label, figure, None if found is None else found[0] >= AGREEMENT_MIN))
     return targets
 
 
@@ -140,19 +162,63 @@ def best_fraction_of_peak(results: dict | None) -> tuple[float, str] | None:
     ], f"{best['label']}, {best['model']}, batch {best['batch_size']}, {best['achieved_tflops']:.0f} TFLOP/s"
 
 
+STEPS = {  # step -> what its exit status 0 says
+    "install": "offline install, CUDA provider present (and DALI, where the phase tests it)",
+    "cuda-check": "the CUDA provider starts and runs a batch in a fresh process without torch",
+    "pytest-gpu": "the gpu tests pass, none skipped (--gpu-host)",
+    "pytest-dali": "the DALI tests pass, none skipped (--gpu-host)",
+    "pytest-all": "the whole suite passes on the GPU host",
+    "pytest-rest": "the rest of the suite passes",
+    "segment-gpu-pillow": "--decoder pillow on the GPU works",
+    "segment-val-dali-tta": "--tta on the GPU works",
+    "peer": "the PyTorch peer runs",
+}
+
+
 def summarize(out: Path) -> list[Target]:
     steps = read_steps(out)
-    targets = [
-        step_target(steps, "install", "offline install, CUDA provider and DALI present"),
-        step_target(steps, "pytest-gpu", 'pytest -m "gpu or dali" passes'),
-        step_target(steps, "pytest-rest", "the rest of the suite passes"),
-        step_target(steps, "segment-gpu-pillow", "--decoder pillow on the GPU works"),
-        step_target(steps, "segment-val-dali-tta", "--tta on the GPU works"),
-    ]
-    return targets + agreement_targets(out) + truth_targets(out) + bench_targets(out)
+    targets = [step_target(steps, name, label) for name, label in STEPS.items() if name in steps or name in ("install",)]
+    return targets + agreement_targets(out) + val_agreement_targets(out) + truth_targets(out) + bench_targets(out)
 
 
-def to_markdown(targets: list[Target], machine: str) -> str:
+def bound_stage(report: dict, writers: int) -> str:
+    """Which stage sets the pace of a ``unet-batch segment`` run, from its stage times.
+
+    Stages overlap: decoding has one thread, inference one, the writers (post-processing and
+    writing) ``writers``; each stage's busy time over the time its threads had is its load, and
+    the most loaded stage is the bound one.
+    """
+    stages = report["stages"]
+    running = report["seconds"] - stages.get("setup", 0.0) - stages.get("discover", 0.0)
+    loads = {
+        "decode": stages.get("decode", 0.0) / running,
+        "infer": stages.get("infer", 0.0) / running,
+        "postprocess + write": (stages.get("postprocess", 0.0) + stages.get("write", 0.0)) / (running * writers),
+    }
+    shown = ", ".join(f"{stage} {load:.0%}" for stage, load in loads.items())
+    return f"bound by {max(loads, key=loads.get)} (busy: {shown} of {running:.1f} s; {writers} writer threads)"
+
+
+def observations(out: Path, machine: str) -> list[str]:
+    """Figures without a target: each throughput run's rate and bound stage, the peer's rate."""
+    found = re.search(r"^cpu: (\d+) cores", machine, re.MULTILINE)
+    writers = int(found[1]) if found else os.cpu_count() or 1
+    lines = []
+    for path in sorted(out.glob("throughput-*.report.json")):
+        report = json.loads(path.read_text())
+        name = path.name.removesuffix(".report.json")
+        lines.append(
+            f"{name}: {report['processed']} photos, {report['images_per_second']:.0f} images/s "
+            f"({report['decoder']}, batch {report['batch_size']}); {bound_stage(report, writers)}"
+        )
+    peer = read_json(out / "peer.json")
+    if peer:
+        rate = (peer.get("images_per_second") or {}).get("median")
+        lines.append(f"PyTorch peer: {peer['status']}" + (f", {rate:.0f} images/s" if rate else f" ({peer.get('reason')})"))
+    return lines
+
+
+def to_markdown(targets: list[Target], machine: str, notes: list[str]) -> str:
     verdict = {True: "met", False: "**missed**", None: "not measured"}
     lines = [
         "# GPU acceptance run",
@@ -165,6 +231,8 @@ def to_markdown(targets: list[Target], machine: str) -> str:
         "| --- | --- | --- |",
     ]
     lines += [f"| {t.name} | {t.figure} | {verdict[t.met]} |" for t in targets]
+    if notes:
+        lines += ["", "## Observations", ""] + [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
 
 
@@ -183,7 +251,7 @@ def main(argv: list[str]) -> int:
     targets = summarize(out)
     machine = (out / "machine.txt").read_text() if (out / "machine.txt").is_file() else "machine.txt missing"
     write_atomic(out / "summary.json", json.dumps([asdict(t) for t in targets], indent=2) + "\n")
-    write_atomic(out / "summary.md", to_markdown(targets, machine))
+    write_atomic(out / "summary.md", to_markdown(targets, machine, observations(out, machine)))
     return 0 if all(t.met is not False for t in targets) else 1
 
 

@@ -301,7 +301,8 @@ def test_output_folder_inside_the_input_is_not_read_back(photo_tree: Path, tiny_
 
 def test_report_has_what_the_benchmarks_read(photo_tree: Path, tmp_path: Path, tiny_onnx: Path):
     custom = tmp_path / "reports" / "run1.json"
-    args = ["--model", tiny_onnx, "--report", custom, "--batch-size", "4", "--tta", "--threshold", "0.7", "--format", "gif"]
+    args = ["--model", tiny_onnx, "--device", "cpu", "--report", custom, "--batch-size", "4", "--tta", "--threshold", "0.7"]
+    args += ["--format", "gif"]
     assert segment(photo_tree, tmp_path / "out", *args).exit_code == 0
     report = json.loads(custom.read_text())
     assert not (tmp_path / "out" / "report.json").exists()
@@ -411,11 +412,8 @@ def test_dali_requested_but_missing_is_an_error_simulated(photo_tree: Path, tmp_
     assert result.exit_code == 2 and "DALI is not installed" in result.output
 
 
-def test_cuda_that_cannot_be_had_exits_2(photo_tree: Path, tmp_path: Path, tiny_onnx: Path):
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        pytest.skip("this onnxruntime has a CUDA provider")
+def test_cuda_that_cannot_be_had_exits_2(photo_tree: Path, tmp_path: Path, tiny_onnx: Path, monkeypatch):
+    monkeypatch.setattr("onnxruntime.get_available_providers", lambda: ["CPUExecutionProvider"])  # a CPU-only build, anywhere
     result = segment(photo_tree, tmp_path / "out", "--model", tiny_onnx, "--device", "cuda")
     assert result.exit_code == 2 and "--device cuda:0 cannot be used" in result.output
     assert not (tmp_path / "out" / "report.json").exists()
@@ -425,8 +423,8 @@ def test_cuda_that_cannot_be_had_exits_2(photo_tree: Path, tmp_path: Path, tiny_
 @pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
 def test_dali_cpu_decoder_end_to_end_agrees_with_pillow(photo_tree: Path, tmp_path: Path, tiny_onnx: Path):
     add_bad_and_odd_files(photo_tree)
-    assert segment(photo_tree, tmp_path / "pillow", "--model", tiny_onnx).exit_code == 1
-    assert segment(photo_tree, tmp_path / "dali", "--model", tiny_onnx, "--decoder", "dali").exit_code == 1
+    assert segment(photo_tree, tmp_path / "pillow", "--model", tiny_onnx, "--device", "cpu").exit_code == 1
+    assert segment(photo_tree, tmp_path / "dali", "--model", tiny_onnx, "--device", "cpu", "--decoder", "dali").exit_code == 1
     pillow, dali = report_of(tmp_path / "pillow"), report_of(tmp_path / "dali")
     assert dali["decoder"] == "dali-cpu" and dali["pillow_fallbacks"] >= 6  # PNGs and the CMYK JPEG
     assert [f["path"] for f in dali["failed"]] == [f["path"] for f in pillow["failed"]]

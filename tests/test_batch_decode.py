@@ -236,17 +236,18 @@ def test_dali_batch_error_retries_files_one_by_one(photo_folder: Path):
 def test_files_dali_refuses_go_to_pillow(photo_folder: Path, monkeypatch):
     """What nvJPEG does with some JPEGs it cannot take, simulated: DALI errors, Pillow decodes."""
     decoder = DaliDecoder(ModelContract(64, 96), 8, 2, device_id=None, tta=False)
-    real_run = decoder.run_pipeline
+    real_outputs = decoder._outputs
     three = (photo_folder / "3.jpg").read_bytes()
 
-    def refuse_three(files):
-        if three in files:
+    def refuse_three(batch):
+        outputs = real_outputs(batch)
+        if three in [p.data for p in batch.probed]:
             raise RuntimeError(
                 "Critical error in pipeline:\nnvJPEG: unsupported sampling\nCurrent pipeline object is no longer valid."
             )
-        return real_run(files)
+        return outputs
 
-    monkeypatch.setattr(decoder, "run_pipeline", refuse_three)
+    monkeypatch.setattr(decoder, "_outputs", refuse_three)
     images, failures, kinds = run_decoder(decoder, items_in(photo_folder))
     assert not failures and sorted(images) == [f"{i}.jpg" for i in range(6)]
     assert decoder.pillow_fallbacks == 1 and kinds.count("pillow") == 1
@@ -320,3 +321,21 @@ def test_dali_strays_from_the_input_order_by_a_batch_at_most(photo_folder: Path)
     assert sorted(order) == list(range(len(items)))
     assert all(abs(position - index) <= 2 for index, position in enumerate(order))
     assert decoder.pillow_fallbacks == 6
+
+
+@needs_dali
+@pytest.mark.dali
+def test_dali_streams_of_any_length_and_a_stream_closed_early_leave_nothing_behind(photo_folder: Path):
+    """DALI runs a few batches ahead: a stream shorter than that still comes out whole, and batches in flight
+    when a stream is closed never reach the next one."""
+    decoder = DaliDecoder(ModelContract(64, 96), 2, 2, device_id=None, tta=False)
+    items = items_in(photo_folder)
+    one, _, _ = run_decoder(decoder, items[:1])
+    assert list(one) == ["0.jpg"]
+    stream = decoder.batches(items)
+    first = next(stream)
+    assert [name_of(item) for item in first.items] == ["0.jpg", "1.jpg"]
+    stream.close()  # 2.jpg .. 5.jpg were in flight
+    later, failures, _ = run_decoder(decoder, items[4:])
+    assert sorted(later) == ["4.jpg", "5.jpg"] and not failures
+    np.testing.assert_array_equal(later["4.jpg"], run_decoder(decoder, items[4:5])[0]["4.jpg"])

@@ -15,7 +15,7 @@ from batch.core.devices import DeviceError
 from batch.core.images import load_resized_rgb
 from batch.core.masks import dice
 from batch.inference.decode import Batch, Item
-from batch.inference.model import BoundPredictor, CpuPredictor, load_model, runs_of_equal
+from batch.inference.model import BoundPredictor, CpuPredictor, load_model
 from batch.inference.runtime import ModelError
 
 SIZES = [(96, 144), (96, 144), (120, 180), (70, 100), (70, 100)]
@@ -159,7 +159,7 @@ def test_bound_engine_matches_the_cpu_engine(make_onnx, host_batch, tta, options
     batch, _ = host_batch
     model = load_model(make_onnx(**options), "cpu")
     expected = masks_of(CpuPredictor(model, 0.6, tta=tta), batch)
-    bound = masks_of(BoundPredictor(model, 0.6, tta=tta, device_type="cpu"), batch)
+    bound = masks_of(BoundPredictor(model, 0.6, tta=tta, batch_size=8, device_type="cpu"), batch)
     assert [m.shape for m in bound] == SIZES
     for a, b in zip(expected, bound):
         assert (a != b).mean() < 1e-3
@@ -169,15 +169,10 @@ def test_bound_engine_takes_prepared_device_buffers(tiny_onnx: Path, host_batch)
     """DALI's GPU batches arrive as OrtValues already in the model's layout."""
     batch, _ = host_batch
     model = load_model(tiny_onnx, "cpu")
-    engine = BoundPredictor(model, 0.5, tta=True, device_type="cpu")
+    engine = BoundPredictor(model, 0.5, tta=True, batch_size=8, device_type="cpu")
     x = engine.allocate(batch.pixels.shape, np.uint8)
     x.update_inplace(batch.pixels)
     flipped = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(batch.pixels[:, :, ::-1]), "cpu", 0)
     device_batch = Batch(batch.items, batch.positions, batch.sizes, "dali-mixed", model_input=x, model_input_flipped=flipped)
     for a, b in zip(masks_of(engine, device_batch), masks_of(engine, batch)):
         np.testing.assert_array_equal(a, b)
-
-
-def test_runs_of_equal():
-    assert runs_of_equal([]) == []
-    assert runs_of_equal(["a", "a", "b", "a"]) == [(0, 2), (2, 3), (3, 4)]

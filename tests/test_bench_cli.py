@@ -188,6 +188,7 @@ def test_run_on_cuda_without_a_gpu_build_is_an_error(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.dali  # it measures DALI's mixed decoder: not in the acceptance run's phase A, which has no DALI
 def test_smoke_run_on_the_gpu_measures_every_gpu_stage(bench_cache, bench_photos, tmp_path):
     """On a CUDA machine: CUDA FP16/FP32 inference, DALI mixed decode and a GPU end-to-end run all succeed."""
     if CUDA not in __import__("onnxruntime").get_available_providers():

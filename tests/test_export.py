@@ -16,8 +16,8 @@ import torch
 from onnx import TensorProto
 
 from batch.core.contract import ModelContract
-from export.config import DEFAULT_OPSET, ExportError
-from export.onnx_export import export_checkpoint, export_model, fold_batchnorm, write_atomic
+from export.config import DEFAULT_OPSET, ExportError, ExportOptions
+from export.onnx_export import TrainedModel, export_checkpoint, export_model, fold_batchnorm, write_atomic
 from unet import __version__
 from unet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from unet.model import UNet, UNetConfig
@@ -133,6 +133,7 @@ def test_every_metadata_key_is_written(exported_onnx, sharp_checkpoint):
 def test_no_debug_annotations_or_local_paths_leak_into_the_graph(exported_onnx):
     model = onnx.load(str(exported_onnx["fp32"]))
     assert not any(node.metadata_props for node in model.graph.node)
+    assert not model.graph.metadata_props  # torch.export's signature, in an order that varies from run to run
     assert b"stack_trace" not in model.SerializeToString()
 
 
@@ -213,7 +214,7 @@ def test_batch_results_do_not_depend_on_batch_mates(exported_onnx):
 
 def test_layout_input_size_and_opset_options(sharp_checkpoint, exported_onnx, tmp_path):
     path = tmp_path / "nchw.onnx"
-    contract = export_checkpoint(sharp_checkpoint, path, layout="NCHW", input_size=(128, 192), opset=17)
+    contract = export_checkpoint(sharp_checkpoint, path, ExportOptions(layout="NCHW", input_size=(128, 192), opset=17))
     model = onnx.load(str(path))
     written = ModelContract.from_metadata({p.key: p.value for p in model.metadata_props})
     assert contract.input_layout == written.input_layout == "NCHW"
@@ -235,15 +236,8 @@ def test_layout_input_size_and_opset_options(sharp_checkpoint, exported_onnx, tm
 def test_export_model_takes_a_bare_bilinear_model_and_extra_provenance(tmp_path):
     torch.manual_seed(0)
     model = UNet(UNetConfig(width=2, depth=3, upsample="bilinear")).eval()
-    contract = export_model(
-        model,
-        tmp_path / "bare.onnx",
-        input_size=(16, 24),
-        pixel_mean=(0.5, 0.5, 0.5),
-        pixel_std=(0.25, 0.25, 0.25),
-        fp16=False,
-        provenance={"val_dice": 0.5, "note": "hand-made"},
-    )
+    trained = TrainedModel(model, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), provenance={"val_dice": 0.5, "note": "hand-made"})
+    contract = export_model(trained, tmp_path / "bare.onnx", ExportOptions(fp16=False, input_size=(16, 24)))
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "bare.onnx")).metadata_props}
     assert contract.input_multiple == 8 and meta["input_multiple"] == "8"
     assert meta["note"] == "hand-made" and meta["val_dice"] == "0.5" and meta["pixel_std"] == "0.25,0.25,0.25"
@@ -319,16 +313,26 @@ def test_checkpoint_without_normalization_is_refused(tmp_path, sharp_checkpoint)
 @pytest.mark.parametrize("size, hint", [((66, 96), "64x96 or 68x96"), ((64, 90), "64x88 or 64x92"), ((2, 96), "4x96")])
 def test_input_size_must_be_a_multiple_of_two_to_the_depth(sharp_checkpoint, tmp_path, size, hint):
     with pytest.raises(ExportError, match=f"multiples of 4. Try --input-size .*{hint}"):
-        export_checkpoint(sharp_checkpoint, tmp_path / "m.onnx", input_size=size)
+        export_checkpoint(sharp_checkpoint, tmp_path / "m.onnx", ExportOptions(input_size=size))
     assert files_in(tmp_path) == []
 
 
 @pytest.mark.parametrize(
-    "option, value, message", [("opset", 12, "opset 12 is not supported"), ("layout", "NWHC", "layout must be")]
+    "option, value, message",
+    [
+        ("opset", 12, "opset 12 is not supported"),
+        ("layout", "NWHC", "layout must be"),
+        ("input_size", (64,), "input size must be \\(height, width\\)"),
+        ("input_size", (0, 96), "input size must be positive, got 0x96"),
+    ],
 )
-def test_unsupported_options_are_refused(sharp_checkpoint, tmp_path, option, value, message):
+def test_unsupported_options_are_refused_when_made(option, value, message):
     with pytest.raises(ExportError, match=message):
-        export_checkpoint(sharp_checkpoint, tmp_path / "m.onnx", **{option: value})
+        ExportOptions(**{option: value})
+
+
+def test_options_keep_a_size_as_a_tuple_of_ints():
+    assert ExportOptions(input_size=[64.0, 96]).input_size == (64, 96)
 
 
 @pytest.mark.parametrize(
@@ -392,7 +396,7 @@ def test_fp16_overflowing_weights_are_refused(tmp_path):
         model.stem[1].running_var.fill_(0.0)  # folding scales the conv by gamma / sqrt(var + eps) = 1e4 / 3e-3
         model.stem[1].weight.fill_(1e4)
     with pytest.raises(ExportError, match="beyond FP16's range .*--fp32"):
-        export_model(model, tmp_path / "m.onnx", input_size=(16, 16), pixel_mean=(0, 0, 0), pixel_std=(1, 1, 1))
+        export_model(TrainedModel(model, (0, 0, 0), (1, 1, 1)), tmp_path / "m.onnx", ExportOptions(input_size=(16, 16)))
     assert files_in(tmp_path) == []
 
 
@@ -402,7 +406,9 @@ def test_nan_weights_are_refused(tmp_path, fp16):
     with torch.no_grad():
         model.ups[0].conv[0].weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(ExportError, match=r"ups.0.conv.0.weight holds NaN or Inf: the checkpoint is broken"):
-        export_model(model, tmp_path / "m.onnx", input_size=(16, 16), pixel_mean=(0, 0, 0), pixel_std=(1, 1, 1), fp16=fp16)
+        export_model(
+            TrainedModel(model, (0, 0, 0), (1, 1, 1)), tmp_path / "m.onnx", ExportOptions(fp16=fp16, input_size=(16, 16))
+        )
     assert files_in(tmp_path) == []
 
 
@@ -418,8 +424,8 @@ def test_checkpoint_is_read_with_weights_only(sharp_checkpoint, tmp_path, monkey
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", spy)
-    with pytest.raises(ExportError, match="opset 99"):  # fails after loading, before the (slow) trace
-        export_checkpoint(sharp_checkpoint, tmp_path / "m.onnx", opset=99)
+    with pytest.raises(ExportError, match="input size 66x96"):  # fails after loading, before the (slow) trace
+        export_checkpoint(sharp_checkpoint, tmp_path / "m.onnx", ExportOptions(input_size=(66, 96)))
     assert calls and all(call.get("weights_only") is True for call in calls)
 
 
@@ -441,3 +447,20 @@ def test_a_malicious_pickle_is_refused_without_running_its_code(tmp_path):
     with pytest.raises(CheckpointError, match="evil.pt is not a readable checkpoint"):
         export_checkpoint(tmp_path / "evil.pt", tmp_path / "m.onnx")
     assert not marker.exists() and not (tmp_path / "m.onnx").exists()
+
+
+# ---- the keyword forms from before ExportOptions (kept for callers outside export/ until they move) --------
+
+
+def test_the_old_keyword_forms_warn_and_still_work(sharp_checkpoint, tmp_path):
+    with (
+        pytest.warns(DeprecationWarning, match=r"export_checkpoint\(input_size=...\) is deprecated"),
+        pytest.raises(ExportError, match="input size 66x96"),
+    ):
+        export_checkpoint(sharp_checkpoint, tmp_path / "m.onnx", input_size=(66, 96))
+    model = UNet(UNetConfig(width=2, depth=2)).eval()
+    with pytest.warns(DeprecationWarning, match=r"export_model\(fp16=..., input_size=..., pixel_mean=..., pixel_std="):
+        contract = export_model(
+            model, tmp_path / "m.onnx", input_size=(16, 16), pixel_mean=(0.5,) * 3, pixel_std=(0.25,) * 3, fp16=False
+        )
+    assert (contract.precision, contract.input_size, contract.pixel_std) == ("fp32", (16, 16), (0.25,) * 3)

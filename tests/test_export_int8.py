@@ -21,7 +21,7 @@ from batch.inference.bundled import DEFAULT_MODEL, default_model_path, models_fo
 from batch.inference.model import load_model
 from batch.inference.runtime import device_for_precision
 from export.cli import main
-from export.quantize import QuantizeError, float_nodes, load_calibration
+from export.quantize import QuantizeError, find_float_nodes, load_calibration
 from unet.checkpoint import load_checkpoint
 from unet.data import car_id
 
@@ -84,7 +84,7 @@ def test_convolutions_are_int8_but_the_stem_and_head_stay_fp32(int8_export):
     quantized_weights = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and "weight" in n.input[0]}
     convs = [n for n in graph.node if n.op_type in ("Conv", "ConvTranspose")]
     fp32 = [n.name for n in convs if n.input[1] not in quantized_weights]
-    assert fp32 == float_nodes(graph) and len(fp32) == 3  # the stem's two convolutions and the head
+    assert fp32 == find_float_nodes(graph) and len(fp32) == 3  # the stem's two convolutions and the head
     assert len(convs) - len(fp32) >= 8
     (image,), (logits,) = graph.input, graph.output
     assert image.type.tensor_type.elem_type == onnx.TensorProto.UINT8  # raw photos in, normalized in the graph

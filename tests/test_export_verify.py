@@ -10,9 +10,15 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from export.verify import VerifyError, export_verified, pick_photos, verify_parity
+from batch.core.contract import ModelContract
+from export.config import VerifyOptions
+from export.verify import Outputs, VerifyError, compare, export_verified, pick_photos, verify_parity
 
 HAS_CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def on_cpu(limit: int) -> VerifyOptions:
+    return VerifyOptions(limit=limit, device="cpu")
 
 
 def tampered(source: Path, out: Path, name: str, change) -> Path:
@@ -34,7 +40,7 @@ def set_first(value: float):
 
 @pytest.mark.parametrize("precision", ["fp16", "fp32"])
 def test_exported_models_pass(exported_onnx, sharp_checkpoint, parity_photos, precision):
-    report = verify_parity(sharp_checkpoint, exported_onnx[precision], parity_photos, limit=4, device="cpu", progress=False)
+    report = verify_parity(sharp_checkpoint, exported_onnx[precision], parity_photos, on_cpu(4), progress=False)
     assert report.passed, "\n".join(report.lines())
     assert report.precision == precision and report.providers[0] == "CPUExecutionProvider"
     assert len(report.images) == 4 and all(image.photo_size == (128, 192) for image in report.images)
@@ -61,7 +67,7 @@ BREAKAGES = {
 def test_parity_fails_on_a_broken_model(exported_onnx, sharp_checkpoint, parity_photos, tmp_path, breakage):
     precision, name, change, messages = BREAKAGES[breakage]
     broken = tampered(exported_onnx[precision], tmp_path / "broken.onnx", name, change)
-    report = verify_parity(sharp_checkpoint, broken, parity_photos, limit=3, device="cpu", progress=False)
+    report = verify_parity(sharp_checkpoint, broken, parity_photos, on_cpu(3), progress=False)
     assert not report.passed and len(report.failed) == 3
     for image in report.failed:
         for message in messages:
@@ -73,7 +79,7 @@ def test_small_fp16_error_passes_but_the_same_error_in_fp32_does_not(exported_on
     """FP16 is judged by its masks, FP32 by its logits: a 1e-3 weight error is fine for one, not the other."""
     for precision in ("fp16", "fp32"):
         nudged = tampered(exported_onnx[precision], tmp_path / f"{precision}.onnx", "net.head.weight", lambda a: a * 1.001)
-        report = verify_parity(sharp_checkpoint, nudged, parity_photos, limit=2, device="cpu", progress=False)
+        report = verify_parity(sharp_checkpoint, nudged, parity_photos, on_cpu(2), progress=False)
         assert report.passed == (precision == "fp16"), "\n".join(report.lines())
 
 
@@ -117,23 +123,23 @@ def test_an_explicit_cuda_request_without_the_cuda_provider_is_an_error(
     device, shown, tmp_path, exported_onnx, sharp_checkpoint, parity_photos
 ):
     with pytest.raises(VerifyError, match=f"--device {shown} cannot be used: this onnxruntime .* has no CUDA provider"):
-        verify_parity(sharp_checkpoint, exported_onnx["fp32"], parity_photos, device=device, progress=False)
+        verify_parity(sharp_checkpoint, exported_onnx["fp32"], parity_photos, VerifyOptions(device=device), progress=False)
     with pytest.raises(VerifyError, match=f"--device {shown} cannot be used"):  # before the (slow) export
-        export_verified(sharp_checkpoint, tmp_path / "m.onnx", parity_photos, device=device, progress=False)
+        export_verified(
+            sharp_checkpoint, tmp_path / "m.onnx", parity_photos, options=VerifyOptions(device=device), progress=False
+        )
     assert list(tmp_path.iterdir()) == []
 
 
 def test_auto_takes_the_gpu_only_when_onnxruntime_has_one(exported_onnx, sharp_checkpoint, parity_photos):
-    report = verify_parity(sharp_checkpoint, exported_onnx["fp32"], parity_photos, limit=1, device="auto", progress=False)
+    report = verify_parity(sharp_checkpoint, exported_onnx["fp32"], parity_photos, VerifyOptions(limit=1), progress=False)
     assert report.providers[0] == ("CUDAExecutionProvider" if HAS_CUDA_EP else "CPUExecutionProvider")
 
 
 @pytest.mark.parametrize("precision", ["fp16", "fp32"])
 def test_real_photos_at_full_resolution(carvana_dir, exported_onnx, sharp_checkpoint, precision):
     """Real 1918x1280 JPEGs, masks compared at full size (the tiny model knows only synthetic cars)."""
-    report = verify_parity(
-        sharp_checkpoint, exported_onnx[precision], carvana_dir / "train", limit=2, device="cpu", progress=False
-    )
+    report = verify_parity(sharp_checkpoint, exported_onnx[precision], carvana_dir / "train", on_cpu(2), progress=False)
     assert report.passed, "\n".join(report.lines())
     assert all(image.photo_size == (1280, 1918) for image in report.images)
 
@@ -142,17 +148,19 @@ def test_real_photos_at_full_resolution(carvana_dir, exported_onnx, sharp_checkp
 @pytest.mark.skipif(not HAS_CUDA_EP, reason="needs onnxruntime-gpu with the CUDA provider")
 @pytest.mark.parametrize("precision", ["fp16", "fp32"])
 def test_cuda_provider_parity(exported_onnx, sharp_checkpoint, parity_photos, precision):
-    report = verify_parity(sharp_checkpoint, exported_onnx[precision], parity_photos, device="cuda", progress=False)
+    report = verify_parity(
+        sharp_checkpoint, exported_onnx[precision], parity_photos, VerifyOptions(device="cuda"), progress=False
+    )
     assert report.providers[0] == "CUDAExecutionProvider"
     assert report.passed, "\n".join(report.lines())
 
 
-def test_peak_activation_sees_what_the_folded_graph_holds():
+def test_tracked_peak_activation_sees_what_the_folded_graph_holds():
     """Tracked on the unfolded model, it equals the largest |output| of any layer of the folded (exported) net."""
     import torch
 
     from export.onnx_export import fold_batchnorm
-    from export.verify import peak_activation
+    from export.verify import track_peak_activation
     from unet.model import UNet, UNetConfig
 
     torch.manual_seed(0)
@@ -169,7 +177,7 @@ def test_peak_activation_sees_what_the_folded_graph_holds():
         for m in folded.modules()
         if not any(m.children())
     ]
-    with torch.no_grad(), peak_activation(model) as peak:
+    with torch.no_grad(), track_peak_activation(model) as peak:
         model(x)
         folded(x)  # hooks on `model` only: this adds nothing to peak
     for handle in handles:
@@ -178,13 +186,107 @@ def test_peak_activation_sees_what_the_folded_graph_holds():
     assert not model._forward_hooks and all(not m._forward_hooks for m in model.modules())
 
 
-def test_fp16_activations_beyond_its_range_fail_even_when_the_logits_agree():
-    from batch.core.contract import ModelContract
-    from export.verify import compare
+def outputs(reference: np.ndarray, logits: np.ndarray | None = None, peak: float = 1.0) -> Outputs:
+    """One 8x8 photo's outputs: (4, 4) logits each, ONNX's equal to the reference's unless given."""
+    shape = (1, 1, 4, 4)
+    return Outputs("a.jpg", (8, 8), reference.reshape(shape), (reference if logits is None else logits).reshape(shape), peak, 1.0)
 
-    contract = ModelContract(input_height=4, input_width=4, input_multiple=4, precision="fp16")
-    logits = np.linspace(-5, 5, 16, dtype=np.float32).reshape(1, 1, 4, 4)
-    ok = compare("a.jpg", logits, logits, (8, 8), contract, 1e-4, 0.999, 1.0, 6e4)
-    over = compare("a.jpg", logits, logits, (8, 8), contract, 1e-4, 0.999, 1.0, 7e4)
-    assert ok.passed and ok.dice == 1.0 and ok.photo_size == (8, 8)
+
+def contract_of(precision: str) -> ModelContract:
+    return ModelContract(input_height=4, input_width=4, input_multiple=4, precision=precision)
+
+
+CAR_AND_BACKGROUND = np.linspace(-5, 5, 16, dtype=np.float32)
+
+
+def test_fp16_activations_beyond_its_range_fail_even_when_the_logits_agree():
+    ok = compare(outputs(CAR_AND_BACKGROUND, peak=6e4), contract_of("fp16"), VerifyOptions())
+    over = compare(outputs(CAR_AND_BACKGROUND, peak=7e4), contract_of("fp16"), VerifyOptions())
+    assert ok.passed and ok.dice == 1.0 and ok.photo_size == (8, 8) and not ok.untested
     assert over.failures == ("activations reach 7e+04, beyond FP16's 65504: export with --fp32",)
+
+
+# ---- masks that test nothing (issue 22, item 6) -----------------------------------------------------
+#
+# Two empty masks have Dice 1 whatever the models compute: an untrained checkpoint (no car anywhere)
+# "passed" the FP16 and INT8 verification with Dice 1.000000 without testing anything.
+
+NO_CAR = np.full(16, -3.0, dtype=np.float32)
+ALL_CAR = np.full(16, 3.0, dtype=np.float32)
+
+
+@pytest.mark.parametrize(("reference", "reason"), [(NO_CAR, "PyTorch predicts no car"), (ALL_CAR, "car everywhere")])
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_a_mask_comparison_that_cannot_fail_is_not_a_pass(reference, reason, precision):
+    image = compare(outputs(reference), contract_of(precision), VerifyOptions())
+    assert image.dice == 1.0 and not image.failures  # what used to be reported as a pass
+    assert not image.passed and reason in image.untested and image.verdict.startswith("NOT TESTED: ")
+
+
+def test_fp32_is_judged_by_its_logits_so_an_empty_mask_still_passes_and_says_so():
+    image = compare(outputs(NO_CAR), contract_of("fp32"), VerifyOptions())
+    assert image.passed and image.untested == "PyTorch predicts no car"
+    assert image.verdict == "ok (logits; masks not compared: PyTorch predicts no car)"
+    drifted = compare(outputs(NO_CAR, NO_CAR * 1.01), contract_of("fp32"), VerifyOptions())
+    assert not drifted.passed and "relative" in drifted.verdict  # the logits are still tested
+
+
+def test_car_where_pytorch_finds_none_is_a_failure_not_untested():
+    image = compare(outputs(NO_CAR, ALL_CAR), contract_of("fp16"), VerifyOptions())
+    assert image.dice == 0.0 and image.verdict.startswith("FAIL: mask Dice 0.000000 < 0.999")
+
+
+@pytest.mark.parametrize(("share", "untested"), [(1 / 16, False), (0, True), (15 / 16, False), (1, True)])
+def test_min_car_is_the_share_of_car_and_of_background_a_tested_mask_needs(share, untested):
+    reference = np.where(np.arange(16) < round(16 * share), 3.0, -3.0).astype(np.float32)  # share of the pixels car
+    image = compare(outputs(reference), contract_of("fp16"), VerifyOptions(min_car=0.05))
+    assert bool(image.untested) == untested
+
+
+@pytest.fixture(scope="module")
+def no_car(sharp_checkpoint, tmp_path_factory) -> dict[str, Path]:
+    """sharp_checkpoint with its head's bias lowered by 100 (PyTorch finds no car anywhere) and its exports."""
+    from export.config import ExportOptions
+    from export.onnx_export import export_checkpoint
+    from unet.checkpoint import load_checkpoint, save_checkpoint
+
+    folder = tmp_path_factory.mktemp("no-car")
+    state = load_checkpoint(sharp_checkpoint)
+    weights = {**state["model"], "head.bias": state["model"]["head.bias"] - 100}
+    fields = {key: value for key, value in state.items() if key not in ("kind", "format")}
+    save_checkpoint({**fields, "model": weights}, folder / "best.pt")
+    paths = {"checkpoint": folder / "best.pt", "fp16": folder / "fp16.onnx", "fp32": folder / "fp32.onnx"}
+    for precision in ("fp16", "fp32"):
+        export_checkpoint(paths["checkpoint"], paths[precision], ExportOptions(fp16=precision == "fp16"))
+    return paths
+
+
+def test_fp16_of_a_model_that_finds_no_car_is_not_verified(no_car, parity_photos):
+    report = verify_parity(no_car["checkpoint"], no_car["fp16"], parity_photos, on_cpu(3), progress=False)
+    assert all(image.dice == 1.0 and image.reference_car == 0 for image in report.images)
+    assert not report.passed and report.failed == () and len(report.untested) == 3
+    text = "\n".join(report.lines())
+    assert "not tested: PyTorch predicts no car on 3 of 3 photos" in text and "fp16 file is not verified" in text
+    assert "min Dice n/a (no masks compared)" in text and text.endswith("-> NOT TESTED")
+
+
+def test_fp32_of_a_model_that_finds_no_car_passes_on_its_logits_and_says_the_masks_were_not_compared(no_car, parity_photos):
+    report = verify_parity(no_car["checkpoint"], no_car["fp32"], parity_photos, on_cpu(3), progress=False)
+    assert report.passed, "\n".join(report.lines())
+    assert "masks not compared: PyTorch predicts no car on 3 of 3 photos (the FP32 criterion" in "\n".join(report.lines())
+
+
+def test_unet_export_does_not_install_an_fp16_file_it_could_not_verify(no_car, parity_photos, tmp_path):
+    from click.testing import CliRunner
+
+    from export.cli import main
+
+    out = tmp_path / "m.onnx"
+    args = [no_car["checkpoint"], "-o", out, "--verify", parity_photos, "--verify-limit", 2, "--device", "cpu", "--no-progress"]
+    result = CliRunner().invoke(main, ["to-onnx", *map(str, args)])
+    assert result.exit_code == 1, result.output
+    assert "NOT TESTED: PyTorch predicts no car" in result.output and "-> NOT TESTED" in result.output
+    assert f"the masks of 2 of 2 photos test nothing (PyTorch predicts no car on them, or car everywhere): {out} was not" in (
+        result.output
+    )
+    assert "or try --fp32, which is verified by its logits" in result.output and list(tmp_path.iterdir()) == []

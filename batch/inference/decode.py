@@ -12,9 +12,9 @@ entries, each tagged with the items' positions in the input so that the caller c
   preparation (layout, dtype, normalization, the mirrored copy for TTA) run inside the pipeline, on
   the decode device. Files are read and header-checked first; only plain JPEGs (RGB or grayscale,
   with an end marker) go to DALI, anything else (PNG, CMYK, suspect files, decoded images) to
-  Pillow. DALI fails a whole batch on one bad file and leaves its pipeline unusable: the pipeline is
-  rebuilt, the batch's files are retried one at a time, and the ones DALI refuses go to Pillow,
-  which has the last word.
+  Pillow. DALI runs pipelined, a few batches in flight. It fails a whole batch on one bad file and
+  may leave its pipeline unusable: the pipeline is restarted, the batch's files are retried one at
+  a time, and the ones DALI refuses go to Pillow, which has the last word.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -54,6 +54,7 @@ from batch.core.logs import first_line
 log = logging.getLogger(__name__)
 
 DALI_MODES = ("RGB", "L")  # JPEG colour modes DALI decodes like Pillow; CMYK/YCCK go to Pillow
+DALI_IN_FLIGHT = 2  # DALI batches fed and scheduled before the oldest is taken out (its executor's prefetch depth)
 DECODED = "decoded"  # ImageInfo.format of an image handed over already decoded
 READ_FIXES = {  # errno of a failed read -> what to do about it
     errno.EACCES: "check the file's permissions (the run's user must be able to read it)",
@@ -105,7 +106,7 @@ class Batch:
     sizes: list[tuple[int, int]]  # each image's original (H, W)
     decoder: str  # "pillow", "dali-cpu" or "dali-mixed"
     pixels: np.ndarray | None = None  # (N, H, W, 3) uint8 RGB at the model's size (Pillow)
-    model_input: Any = None  # model-ready input (numpy on the host, OrtValue on a GPU) (DALI)
+    model_input: Any = None  # model-ready input (numpy on the host, OrtValue on a GPU, padded to the batch size) (DALI)
     model_input_flipped: Any = None  # the same for the mirrored images (TTA)
 
     def __len__(self) -> int:
@@ -117,7 +118,7 @@ class Failure:
     """An item without a mask; ``error``'s message starts with the item's name and says what to do."""
 
     item: Item
-    error: Exception  # ImageError: the image itself; batch.inference.segmenter.InferenceError: the batch it was in
+    error: Exception  # ImageError: the image itself; InferenceError (batch.inference.segmenter), DeviceCopyError: its batch
     position: int  # the item's position in the decoder's input
 
     @property
@@ -139,6 +140,11 @@ class Decoder(Protocol):
 
 class DecoderError(CarvanaError):
     """A decoder that was asked for and cannot run here; the message says what to install or choose."""
+
+
+class DeviceCopyError(CarvanaError):
+    """A decoded batch that could not be copied into an inference buffer (out of GPU memory, usually); the
+    message starts with the image's name. Its batch's images fail with it; the other batches go on."""
 
 
 @dataclass
@@ -391,9 +397,16 @@ def dali_can_decode(probed: Probed) -> bool:
 class DaliDecoder:
     """DALI decoding on ``device_id`` (``"mixed"`` backend) or on the CPU (``device_id=None``).
 
+    The pipeline is pipelined and asynchronous: :data:`DALI_IN_FLIGHT` batches are fed and scheduled
+    before the oldest is taken out, so that DALI decodes the next batch (its CPU part, then its GPU
+    part) while this thread hands out the last one. It is built and warmed up (codec start-up, the
+    executor's prefetch) when the decoder is made.
+
     ``allocate(shape, numpy dtype)`` returns a buffer to copy each GPU batch into (an ONNX Runtime
-    ``OrtValue`` on the same GPU): DALI reuses its output buffers on the next run, and the copy
-    (device to device) decouples decoding from inference. CPU batches are copied into numpy arrays.
+    ``OrtValue`` on the same GPU), ``batch_size`` rows whatever the batch's size, so that inference
+    sees one shape. The copy (device to device) lets the batch outlive DALI's next runs. A copy
+    that fails (out of GPU memory) fails its batch's images, and the other batches go on. CPU
+    batches are copied into numpy arrays of their own size.
     """
 
     def __init__(
@@ -419,122 +432,222 @@ class DaliDecoder:
         self.limits = limits
         self.name = "dali-cpu" if device_id is None else "dali-mixed"
         self.pillow_fallbacks = 0  # files this decoder handed to Pillow (routed there, or refused by DALI)
-        self.pipeline = self.build_pipeline()
+        self.in_flight: deque[_InFlight] = deque()  # batches fed to DALI and scheduled, oldest first
+        self.pipeline = self._start_pipeline()
 
     # -- the pipeline ---------------------------------------------------------------------------
 
-    def build_pipeline(self):
-        from nvidia.dali import fn, pipeline_def, types
-
-        contract, tta = self.contract, self.tta
-        height, width = contract.input_size
-        backend = "cpu" if self.device_id is None else "mixed"
-
-        @pipeline_def(
-            batch_size=self.batch_size,
-            num_threads=self.workers,
-            device_id=self.device_id,
-            prefetch_queue_depth=1,  # synchronous: feed a batch, run, copy out (see class docstring)
-            exec_pipelined=False,
-            exec_async=False,
-        )
-        def segment_input():
-            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-            images = fn.decoders.image(encoded, device=backend, output_type=types.RGB, adjust_orientation=False)
-            images = fn.resize(images, resize_x=width, resize_y=height, antialias=True, interp_type=types.INTERP_LINEAR)
-            outputs = [prepare_in_dali(fn, types, images, contract, mirror=False)]
-            if tta:
-                outputs.append(prepare_in_dali(fn, types, images, contract, mirror=True))
-            return tuple(outputs)
-
-        pipeline = segment_input()
+    def _start_pipeline(self):
+        """A new pipeline, built and warmed up; batches in flight in the old one are lost (the caller resubmits them)."""
+        self.in_flight.clear()
+        pipeline = define_pipeline(self.contract, self.batch_size, self.workers, self.device_id, self.tta)
         pipeline.build()
+        # The first schedule_run() of a pipelined executor runs DALI_IN_FLIGHT iterations (its prefetch),
+        # each needing its input: one small JPEG each, whose results are dropped. Every later
+        # schedule_run() runs one iteration, so a stream of any length can be fed one batch at a time.
+        for _ in range(DALI_IN_FLIGHT):
+            _feed(pipeline, [warm_up_jpeg()])
+        pipeline.schedule_run()
+        for _ in range(DALI_IN_FLIGHT):
+            pipeline.outputs()
         return pipeline
 
-    def run_pipeline(self, files: list[bytes]) -> tuple[Any, Any]:
-        """Decode one batch of encoded files; (model input, mirrored input or None) in buffers that outlive the run."""
-        self.pipeline.feed_input("encoded", [np.frombuffer(data, dtype=np.uint8) for data in files])
-        outputs = self.pipeline.run()
-        copies = [self.copy_out(out) for out in outputs]
-        return copies[0], copies[1] if self.tta else None
+    def _submit(self, probed: list[Probed]) -> None:
+        """Feed one batch and schedule its run; an error is kept for when the batch is taken out."""
+        try:
+            _feed(self.pipeline, [p.data for p in probed])
+            self.pipeline.schedule_run()
+        except RuntimeError as e:  # DALI's errors; the pipeline is restarted when this batch comes out
+            self.in_flight.append(_InFlight(probed, e))
+        else:
+            self.in_flight.append(_InFlight(probed))
 
-    def copy_out(self, tensor_list) -> Any:
-        shape = (len(tensor_list), *tensor_list.shape()[0])  # uniform: every image is resized to the model size
+    def _outputs(self, batch: _InFlight) -> tuple:
+        """The oldest batch's outputs (DALI's TensorLists); RuntimeError when DALI failed it."""
+        if batch.error is not None:
+            raise batch.error
+        return self.pipeline.outputs()
+
+    def _copy_out(self, tensor_list) -> Any:
+        """One output into a buffer of its own: a CPU TensorList into numpy, a GPU one into ``allocate()``'s (padded)."""
+        from nvidia.dali.tensors import TensorListCPU
+
+        sample_shape = tuple(tensor_list.shape()[0])  # uniform: every image is resized to the model size
         dtype = np.dtype(np.float16 if self.contract.input_dtype == "float16" else self.contract.input_dtype)
-        if self.device_id is None:
-            host = np.empty(shape, dtype=dtype)
+        if isinstance(tensor_list, TensorListCPU):
+            host = np.empty((len(tensor_list), *sample_shape), dtype=dtype)
             tensor_list.copy_to_external(ctypes.c_void_p(host.ctypes.data))
             return host
-        buffer = self.allocate(shape, dtype)
-        tensor_list.copy_to_external(ctypes.c_void_p(buffer.data_ptr()), non_blocking=False)  # waits for the copy
+        buffer = self.allocate((self.batch_size, *sample_shape), dtype)
+        tensor_list.copy_to_external(ctypes.c_void_p(buffer.data_ptr()), cuda_stream=None, non_blocking=False)  # waits
         return buffer
 
     # -- batches ---------------------------------------------------------------------------------
 
     def batches(self, items: Iterable[Item]) -> Iterator[Batch | Failure]:
-        """Plain JPEGs in DALI batches, the rest in Pillow batches; when either group fills, both are decoded
-        (the one holding the earlier image first), so the output never strays more than a batch from input order."""
+        """Plain JPEGs in DALI batches, the rest in Pillow batches, handed out in input order.
+
+        When either group fills, both are queued (the one holding the earlier image first): a DALI
+        group is submitted at once, and the oldest queued groups are handed out while DALI has
+        :data:`DALI_IN_FLIGHT` batches in flight, so output strays from input order by a few batches at most.
+        """
         with DaemonPool(self.workers, "read") as pool:
+            queued: deque[tuple[bool, list[Probed]]] = deque()  # (for DALI?, group) in input order
             for_dali: list[Probed] = []
             for_pillow: list[Probed] = []
-            for probed in probe_all(items, pool, 2 * self.batch_size, self.max_pixels, self.limits):
-                if isinstance(probed, Failure):
-                    yield probed
-                    continue
-                (for_dali if dali_can_decode(probed) else for_pillow).append(probed)
-                if self.batch_size in (len(for_dali), len(for_pillow)):
-                    yield from self.decode_both(for_dali, for_pillow, pool)
-                    for_dali, for_pillow = [], []
-            yield from self.decode_both(for_dali, for_pillow, pool)
+            try:
+                for probed in probe_all(items, pool, 2 * self.batch_size, self.max_pixels, self.limits):
+                    if isinstance(probed, Failure):
+                        yield probed
+                        continue
+                    (for_dali if dali_can_decode(probed) else for_pillow).append(probed)
+                    if self.batch_size in (len(for_dali), len(for_pillow)):
+                        self._queue(for_dali, for_pillow, queued)
+                        for_dali, for_pillow = [], []
+                        while len(self.in_flight) >= DALI_IN_FLIGHT:
+                            yield from self._hand_out(queued.popleft(), pool)
+                self._queue(for_dali, for_pillow, queued)
+                while queued:
+                    yield from self._hand_out(queued.popleft(), pool)
+            finally:  # a stream closed early leaves batches in flight, which the next stream must not receive
+                self._discard_in_flight()
 
-    def decode_both(self, for_dali: list[Probed], for_pillow: list[Probed], pool: DaemonPool) -> Iterator[Batch | Failure]:
-        groups = sorted([(for_dali, self.decode), (for_pillow, self.pillow)], key=lambda g: g[0][0].position if g[0] else -1)
-        for group, decode in groups:
+    def _queue(self, for_dali: list[Probed], for_pillow: list[Probed], queued: deque) -> None:
+        groups = sorted([(True, for_dali), (False, for_pillow)], key=lambda g: g[1][0].position if g[1] else -1)
+        for to_dali, group in groups:
             if group:
-                yield from decode(group, pool)
+                if to_dali:
+                    self._submit(group)
+                queued.append((to_dali, group))
 
-    def decode(self, probed: list[Probed], pool: DaemonPool) -> Iterator[Batch | Failure]:
-        """One DALI batch; on an error, each file alone, and Pillow for those DALI refuses."""
+    def _hand_out(self, entry: tuple[bool, list[Probed]], pool: DaemonPool) -> Iterator[Batch | Failure]:
+        to_dali, group = entry
+        yield from self._take_out(pool) if to_dali else self._pillow(group, pool)
+
+    def _take_out(self, pool: DaemonPool) -> Iterator[Batch | Failure]:
+        """The oldest DALI batch; when DALI failed it, its files one by one, and Pillow for those DALI refuses.
+
+        A failed pipeline is restarted (it may be unusable); the batches that were in flight behind the
+        failed one are submitted again after the retries.
+        """
+        batch = self.in_flight.popleft()
         try:
-            batch = self.dali_batch(probed)
-        except RuntimeError as e:  # DALI's pipeline errors; the pipeline is unusable afterwards
-            log.debug("DALI failed on a batch of %d (%s); retrying its files one by one", len(probed), first_line(e))
-            self.pipeline = self.build_pipeline()
-        else:
-            yield batch
+            outputs = self._outputs(batch)
+        except RuntimeError as e:  # DALI's pipeline errors
+            log.debug("DALI failed on a batch of %d (%s); retrying its files one by one", len(batch.probed), first_line(e))
+            behind = [waiting.probed for waiting in self.in_flight]
+            self.pipeline = self._start_pipeline()
+            yield from self._one_by_one(batch.probed, pool)
+            for probed in behind:
+                self._submit(probed)
             return
+        yield from self._hand_over(batch.probed, outputs)
+
+    def _one_by_one(self, probed: list[Probed], pool: DaemonPool) -> Iterator[Batch | Failure]:
         refused = []
         for item in probed:
+            self._submit([item])
             try:
-                single = self.dali_batch([item])
+                outputs = self._outputs(self.in_flight.popleft())
             except RuntimeError as e:
                 log.info("DALI cannot decode %s (%s); trying Pillow", item.item.name, first_line(e))
-                self.pipeline = self.build_pipeline()
+                self.pipeline = self._start_pipeline()
                 refused.append(item)
             else:
-                yield single
+                yield from self._hand_over([item], outputs)
         if refused:
-            yield from self.pillow(refused, pool)
+            yield from self._pillow(refused, pool)
 
-    def dali_batch(self, probed: list[Probed]) -> Batch:
-        model_input, flipped = self.run_pipeline([p.data for p in probed])
-        return Batch(
+    def _hand_over(self, probed: list[Probed], outputs: tuple) -> Iterator[Batch | Failure]:
+        """A Batch of DALI's outputs, copied out; a Failure per image when the copy fails."""
+        try:
+            copies = [self._copy_out(out) for out in outputs]
+        except Exception as e:  # noqa: BLE001  ONNX Runtime's allocation errors (Fail, RuntimeException) are not RuntimeError
+            reason = (
+                f"decoded, but its batch of {len(probed)} could not be copied for inference ({first_line(e)}); "
+                "a smaller batch size may fit"
+            )
+            log.debug("copying a DALI batch failed", exc_info=True)
+            for p in probed:
+                yield Failure(p.item, DeviceCopyError(f"{p.item.name}: {reason}"), p.position)
+            return
+        yield Batch(
             items=[p.item for p in probed],
             positions=[p.position for p in probed],
             sizes=[p.info.size for p in probed],
             decoder=self.name,
-            model_input=model_input,
-            model_input_flipped=flipped,
+            model_input=copies[0],
+            model_input_flipped=copies[1] if self.tta else None,
         )
 
-    def pillow(self, probed: list[Probed], pool: DaemonPool) -> Iterator[Batch | Failure]:
+    def _discard_in_flight(self) -> None:
+        while self.in_flight and self.pipeline is not None:
+            try:
+                self._outputs(self.in_flight.popleft())
+            except RuntimeError:
+                self.pipeline = self._start_pipeline()
+
+    def _pillow(self, probed: list[Probed], pool: DaemonPool) -> Iterator[Batch | Failure]:
         for entry in pillow_batch(probed, pool, self.contract.input_size):
             if isinstance(entry, Batch):
                 self.pillow_fallbacks += len(entry)
             yield entry
 
     def close(self) -> None:
+        self.in_flight.clear()
         self.pipeline = None
+
+
+@dataclass
+class _InFlight:
+    """A batch fed to DALI and scheduled, or the error DALI raised when it was."""
+
+    probed: list[Probed]
+    error: RuntimeError | None = None
+
+
+def _feed(pipeline, files: list[bytes]) -> None:
+    pipeline.feed_input("encoded", [np.frombuffer(data, dtype=np.uint8) for data in files])
+
+
+@cache
+def warm_up_jpeg() -> bytes:
+    """A small grey JPEG that every decoder takes: what a new pipeline's warm-up runs decode."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (128, 128, 128)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def define_pipeline(contract: ModelContract, batch_size: int, workers: int, device_id: int | None, tta: bool):
+    """The DALI pipeline, defined and not built: the same graph on the CPU (``device_id`` None) and on a GPU
+    (``"mixed"`` decoding, then GPU operators), only the devices differ.
+
+    Read, fed and run by :class:`DaliDecoder`; defining it needs no GPU, so the tests check the GPU
+    graph's operators and arguments against the installed DALI.
+    """
+    from nvidia.dali import fn, pipeline_def, types
+
+    height, width = contract.input_size
+    backend = "cpu" if device_id is None else "mixed"
+
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=workers,
+        device_id=device_id,
+        prefetch_queue_depth=DALI_IN_FLIGHT,
+        exec_pipelined=True,
+        exec_async=True,
+    )
+    def segment_input():
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+        images = fn.decoders.image(encoded, device=backend, output_type=types.RGB, adjust_orientation=False)
+        images = fn.resize(images, resize_x=width, resize_y=height, antialias=True, interp_type=types.INTERP_LINEAR)
+        outputs = [prepare_in_dali(fn, types, images, contract, mirror=False)]
+        if tta:
+            outputs.append(prepare_in_dali(fn, types, images, contract, mirror=True))
+        return tuple(outputs)
+
+    return segment_input()
 
 
 def prepare_in_dali(fn, types, images, contract: ModelContract, mirror: bool):

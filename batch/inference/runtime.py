@@ -6,12 +6,21 @@
   falls back to the CPU) is a :class:`~batch.core.devices.DeviceError`, never a silent CPU run.
 - ``auto``: the GPU when it works, else the CPU, with a log line saying which it took and why.
 
+Before a CUDA session, :func:`preload_cuda_libraries` loads the CUDA and cuDNN libraries the CUDA
+provider needs from wherever NVIDIA's wheels are on ``sys.path`` (see there why ONNX Runtime's own
+``preload_dlls`` is not enough). The CUDA provider's options are :data:`CUDA_OPTIONS`.
+
 onnxruntime is imported inside the functions, so this module imports without the ``cpu`` extra.
 """
 
 from __future__ import annotations
 
+import ctypes
+import io
 import logging
+import sys
+from collections.abc import Iterable
+from contextlib import redirect_stdout
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +41,15 @@ PROVIDER_FIXES = {
     CUDA_PROVIDER: "install onnxruntime-gpu (pip install '.[gpu]')",
     TENSORRT_PROVIDER: "install TensorRT and an onnxruntime-gpu build with its provider",
 }
+
+# The CUDA provider's options for the runner's sessions. cuDNN's heuristics pick each convolution's
+# algorithm (ONNX Runtime's default, EXHAUSTIVE, times every algorithm on the first run of each new input
+# shape: seconds at start-up, and again mid-run for every batch of another size). The runner's GPU session
+# sees one shape only (BoundPredictor pads partial batches) and is warmed up before the clock starts,
+# but the model is not the bound stage of a GPU run (decoding and writing are), so a search that might
+# gain a few percent of inference time is not worth its start-up cost, which a single-photo
+# Segmenter call would pay in full. unet-bench measures the model alone and searches (EXHAUSTIVE).
+CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC"}
 
 ModelSource = str | Path | bytes  # an .onnx file, or a serialized model
 
@@ -153,7 +171,6 @@ def open_gpu_session(
     model: ModelSource, device: Device, options: ort.SessionOptions, providers: list
 ) -> ort.InferenceSession | None:
     """A session whose first provider is ``providers[0]``; None (with a log line saying why) when ``auto`` cannot have one."""
-    ort = onnxruntime()
     wanted = providers[0][0]
     label = PROVIDER_LABELS[wanted]
     explicit = device.kind == "cuda"
@@ -166,8 +183,7 @@ def open_gpu_session(
     missing = provider_missing(wanted)
     if missing:
         return unavailable(missing)
-    if hasattr(ort, "preload_dlls"):  # onnxruntime >= 1.21: find CUDA/cuDNN from the nvidia-* wheels
-        ort.preload_dlls()
+    not_found = preload_cuda_libraries(sys.path)
     try:
         session = new_session(model, options, providers)
     except Exception as e:
@@ -176,9 +192,78 @@ def open_gpu_session(
             return None
         raise unusable(device, f"ONNX Runtime failed to open the model there ({e})") from e
     if session.get_providers()[0] != wanted:
-        return unavailable(
-            f"ONNX Runtime could not start its {label} provider (no GPU visible, or CUDA/cuDNN libraries missing; "
-            "-v shows its log)"
-        )
+        return unavailable(f"ONNX Runtime could not start its {label} provider ({why_cuda_failed(not_found)}; -v shows its log)")
     log.info("running on GPU %d with ONNX Runtime's %s provider", device.index, label)
     return session
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA and cuDNN libraries for the CUDA provider.
+
+
+def cuda_library_names() -> list[str]:
+    """The CUDA and cuDNN libraries this onnxruntime's CUDA provider needs, in load order, by file name.
+
+    ONNX Runtime's own list (the one ``preload_dlls`` loads; its CUDA major version is the build's):
+    private, so an onnxruntime without it gives an empty list and only ``preload_dlls`` runs.
+    """
+    listed = getattr(onnxruntime(), "_get_nvidia_dll_paths", None)
+    if listed is None:
+        return []
+    return [relative[-1] for relative in listed(False, cuda=True, cudnn=True)]  # (..., file name) paths for Linux
+
+
+def find_cuda_libraries(names: Iterable[str], search_path: Iterable[str]) -> dict[str, Path]:
+    """Each of ``names``' first copy in an NVIDIA wheel's folder, ``ENTRY/nvidia/PACKAGE/lib/``, along ``search_path``.
+
+    By file name, in any package folder: NVIDIA's CUDA 13 wheels put every library in ``nvidia/cu13/lib``,
+    CUDA 12's in one folder per library (``nvidia/cublas/lib``, ...); cuDNN's are in ``nvidia/cudnn/lib``.
+    """
+    wanted = list(names)
+    found: dict[str, Path] = {}
+    for entry in search_path:
+        for folder in sorted(Path(entry or ".").glob("nvidia/*/lib")):
+            for name in wanted:
+                if name not in found and (folder / name).is_file():
+                    found[name] = folder / name
+    return {name: found[name] for name in wanted if name in found}  # in load order
+
+
+def preload_cuda_libraries(search_path: Iterable[str]) -> list[str]:
+    """Load the CUDA provider's CUDA and cuDNN libraries from NVIDIA's wheels on ``search_path``; the names not found.
+
+    ``libonnxruntime_providers_cuda.so`` has no RUNPATH: the dynamic loader finds its CUDA libraries
+    only when they are already loaded (it matches them by soname) or on the loader's own path.
+    ``ort.preload_dlls()`` loads them from the ``nvidia`` folder beside the onnxruntime package
+    only. An onnxruntime-gpu installed apart from the environment that holds NVIDIA's wheels (``pip
+    install --target``, the GPU acceptance run, with CUDA in the host's torch environment) finds
+    nothing there, and its CUDA provider fails to load. A test run hides this: importing torch
+    loads the same libraries into the process first. So each library is loaded here by its full
+    path from the first NVIDIA wheel folder on ``search_path`` that has it, then ``preload_dlls``
+    runs (for what it does besides; what it prints goes to the debug log).
+    """
+    ort = onnxruntime()
+    names = cuda_library_names()
+    found = find_cuda_libraries(names, search_path)
+    for name, path in list(found.items()):
+        try:
+            ctypes.CDLL(str(path))
+        except OSError as e:  # a library of the wrong CUDA version, or one whose own dependencies are missing
+            log.debug("cannot load %s: %s", path, e)
+            del found[name]
+    if hasattr(ort, "preload_dlls"):  # onnxruntime >= 1.21
+        with redirect_stdout(io.StringIO()) as said:
+            ort.preload_dlls()
+        log.debug("onnxruntime.preload_dlls(): %s", said.getvalue().strip() or "no messages")
+    return [name for name in names if name not in found]
+
+
+def why_cuda_failed(not_found: list[str]) -> str:
+    """The likely reason a CUDA provider that this onnxruntime has did not start."""
+    if not not_found:
+        return "no GPU visible, a CUDA driver too old for this onnxruntime, or CUDA/cuDNN libraries it cannot load"
+    return (
+        f"no GPU visible, or CUDA/cuDNN libraries missing: {', '.join(not_found)} in no nvidia/*/lib folder on sys.path; "
+        "install NVIDIA's wheels (pip install 'onnxruntime-gpu[cuda,cudnn]'), put the site-packages folder that holds "
+        "them on PYTHONPATH, or their lib folders on LD_LIBRARY_PATH"
+    )

@@ -118,7 +118,7 @@ class Segmenter:
             self.threshold: float = self.model.contract.threshold if self.config.threshold is None else self.config.threshold
             self.batch_size: int = self.config.batch_size or DEFAULT_BATCH_SIZE["cuda" if self.model.on_gpu else "cpu"]
             self.workers: int = self.config.workers or cpu_count()
-            self.predictor: Predictor = make_predictor(self.model, self.threshold, self.config.tta, self.clock)
+            self.predictor: Predictor = make_predictor(self.model, self.threshold, self.config.tta, self.batch_size, self.clock)
             self.decoder: Decoder = make_decoder(self.config, self.model, self.predictor, self.batch_size, self.workers)
 
     @classmethod

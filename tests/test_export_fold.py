@@ -1,0 +1,151 @@
+"""A folded U-Net (``UNetConfig.fold``, issue 21) through ``unet-export``: its contract, its fold ops, FP32/FP16/INT8, --verify.
+
+The tiny folded net (width 4, depth 2, fold 2) takes 64x96 photos, runs on a 32x48 grid and unfolds its
+4 logits per block back to 64x96: ``input_multiple`` is 2**2 * 2 = 8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from test_export import random_photos, relative_diff, run_onnx, torch_logits
+
+from batch.core.contract import ModelContract
+from export.cli import main
+from export.config import ExportError, ExportOptions
+from export.onnx_export import export_checkpoint
+from export.quantize import find_float_nodes
+from unet.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from unet.config import UNetConfig
+from unet.model import refold
+
+PRECISIONS = {"fp32": ["--fp32"], "fp16": ["--fp16"], "int8": ["--int8", "--calibrate", "{photos}"]}
+FOLD_OPS = ("SpaceToDepth", "Gather", "DepthToSpace")
+STEPS = 40  # of fine-tuning after the refold
+
+
+@pytest.fixture(scope="module")
+def folded_checkpoint(sharp_checkpoint: Path, parity_photos: Path, tmp_path_factory) -> Path:
+    """sharp_checkpoint refolded to fold 2 (``unet.model.refold``) and fine-tuned for STEPS full-batch steps.
+
+    Refolded weights alone repeat each logit over its 2x2 block: blocky boundaries whose pixels sit on the
+    threshold, where INT8's error flips them. A few steps on the parity photos make them sharp again.
+    """
+    from batch.core.images import load_resized_rgb
+    from batch.core.masks import read_mask
+
+    state = load_checkpoint(sharp_checkpoint)
+    unfolded = UNetConfig.from_dict(state["model_config"])
+    folded = replace(unfolded, fold=2)
+    state = {**state, "model": refold(state["model"], unfolded, folded), "model_config": folded.to_dict()}
+    photos = sorted(parity_photos.glob("*.jpg"))
+    images = np.stack([load_resized_rgb(p, (64, 96))[0] for p in photos])  # (6, 64, 96, 3)
+    masks = np.stack([read_mask(parity_photos.parent / "train_masks" / f"{p.stem}_mask.gif")[::2, ::2] for p in photos])
+    mean, std = (torch.tensor(state[key]).view(1, 3, 1, 1) for key in ("pixel_mean", "pixel_std"))
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std  # (6, 3, 64, 96)
+    y = torch.from_numpy(masks).float()[:, None]  # (6, 1, 64, 96)
+    model = model_from_checkpoint(state).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as sharp_checkpoint: tiny tensors, and the same weights on every machine
+    torch.manual_seed(0)
+    try:
+        for _ in range(STEPS):
+            loss = F.binary_cross_entropy_with_logits(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    path = tmp_path_factory.mktemp("folded") / "best.pt"
+    fields = {key: value for key, value in state.items() if key not in ("kind", "format")}
+    save_checkpoint({**fields, "model": model.eval().state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def folded_exports(folded_checkpoint: Path, parity_photos: Path, tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    """The folded checkpoint through ``unet-export to-onnx --verify`` in each precision: {precision: (file, output)}."""
+    folder = tmp_path_factory.mktemp("folded-onnx")
+    verify = ["--verify", parity_photos, "--verify-limit", 3, "--device", "cpu", "--no-progress"]
+    exports = {}
+    for precision, options in PRECISIONS.items():
+        out = folder / f"{precision}.onnx"
+        args = [folded_checkpoint, "-o", out, *[str(a).format(photos=parity_photos) for a in options], *verify]
+        result = CliRunner().invoke(main, ["to-onnx", *map(str, args)])
+        exports[precision] = (out, result.output)
+        assert result.exit_code == 0, result.output
+    return exports
+
+
+def graph_of(exports: dict[str, tuple[Path, str]], precision: str) -> onnx.GraphProto:
+    return onnx.load(str(exports[precision][0])).graph
+
+
+def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {output: node for node in graph.node for output in node.output}
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_every_precision_passes_verification_and_states_the_multiple_of_8(folded_exports, precision):
+    out, output = folded_exports[precision]
+    assert "3/3 photos pass" in output and "-> PASS" in output and "NOT TESTED" not in output
+    assert f"wrote {out}: {precision}" in output and "input uint8 NHWC 64x96 (any multiple of 8)" in output
+    contract = ModelContract.from_metadata({p.key: p.value for p in onnx.load(str(out)).metadata_props})
+    assert (contract.input_size, contract.input_multiple, contract.precision) == ((64, 96), 8, precision)
+    assert '"fold": 2' in contract.provenance["model_config"]
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_fold_and_unfold_are_space_to_depth_and_depth_to_space(folded_exports, precision):
+    """No Reshape/Transpose chain with shape arithmetic: SpaceToDepth, a Gather of its channels, DepthToSpace."""
+    graph = graph_of(folded_exports, precision)
+    ops = [node.op_type for node in graph.node]
+    assert [op for op in ops if op in FOLD_OPS] == ["SpaceToDepth", "Gather", "DepthToSpace"]
+    assert not {"Reshape", "Shape"} & set(ops) and ops.count("Transpose") == 1  # the NHWC input's
+    found = {node.op_type: node for node in graph.node if node.op_type in FOLD_OPS}
+    attributes = {op: {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute} for op, node in found.items()}
+    assert attributes["SpaceToDepth"] == {"blocksize": 2}
+    assert attributes["DepthToSpace"] == {"blocksize": 2, "mode": b"CRD"}  # pixel_shuffle's channel order
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    assert found["Gather"].output[0] in convs[0].input and convs[-1].output[0] in found["DepthToSpace"].input
+
+
+def test_int8_keeps_the_fold_ops_stem_and_head_in_float(folded_exports):
+    graph = graph_of(folded_exports, "int8")
+    made_by = producers(graph)
+    for node in (n for n in graph.node if n.op_type in FOLD_OPS):
+        assert made_by[node.input[0]].op_type not in ("QuantizeLinear", "DequantizeLinear"), node.name
+        assert not any(node.output[0] in n.input for n in graph.node if n.op_type == "QuantizeLinear"), node.name
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    float_convs = [node.name for node in convs if node.input[1] not in made_by]  # weights an initializer, not dequantized
+    assert float_convs == find_float_nodes(graph) == [convs[0].name, convs[1].name, convs[-1].name]  # stem x2, head
+    assert made_by[graph.output[0].name].op_type == "DepthToSpace"  # the head is not what writes the logits
+
+
+@pytest.mark.parametrize("batch, size", [(1, (40, 56)), (2, (64, 96)), (3, (24, 128))])
+@pytest.mark.parametrize(("precision", "tolerance"), [("fp32", 1e-4), ("fp16", 1e-2)])
+def test_it_matches_pytorch_at_any_batch_and_multiple_of_8(folded_exports, folded_checkpoint, precision, tolerance, batch, size):
+    images = random_photos(batch, *size, seed=5)
+    logits = run_onnx(folded_exports[precision][0], images)
+    assert logits.shape == (batch, 1, *size)
+    assert relative_diff(logits, torch_logits(folded_checkpoint, images)) < tolerance
+
+
+def test_the_nchw_layout_folds_the_same(folded_exports, folded_checkpoint, tmp_path):
+    export_checkpoint(folded_checkpoint, tmp_path / "nchw.onnx", ExportOptions(fp16=False, layout="NCHW"))
+    images = random_photos(2, 32, 48, seed=6)
+    assert relative_diff(run_onnx(tmp_path / "nchw.onnx", images, "NCHW"), torch_logits(folded_checkpoint, images)) < 1e-4
+
+
+def test_a_size_that_is_not_a_multiple_of_8_is_refused(folded_checkpoint, tmp_path):
+    with pytest.raises(ExportError, match=r"\(depth 2, fold 2\): .* multiples of 8. Try --input-size 64x96 or 72x96"):
+        export_checkpoint(folded_checkpoint, tmp_path / "m.onnx", ExportOptions(input_size=(68, 96)))
+    assert list(tmp_path.iterdir()) == []
