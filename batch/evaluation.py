@@ -390,7 +390,7 @@ def evaluate(pred_dir: str | Path, gt_dir: str | Path, workers: int = 4) -> Eval
 
 
 def first_reason(refused: list[Row]) -> str:
-    """ "; N entries were refused, the first: <path>: <why>" for a message that would otherwise hide them, or ""."""
+    """The note ``; N entries could not be used, the first: <path>: <why>`` for a message that would hide them, or ""."""
     if not refused:
         return ""
     first = refused[0]
