@@ -153,7 +153,8 @@ def export_random(width: int, depth: int, size: tuple[int, int], *, fp16: bool, 
     try:
         import torch
 
-        from export.onnx_export import export_model
+        from export.config import ExportOptions
+        from export.onnx_export import TrainedModel, export_model
         from unet.model import UNet, UNetConfig
     except ImportError as e:
         raise ModelError(
@@ -164,7 +165,9 @@ def export_random(width: int, depth: int, size: tuple[int, int], *, fp16: bool, 
     torch.manual_seed(seed)
     model = UNet(UNetConfig(width=width, depth=depth)).eval()
     provenance = {"benchmark": "random weights, exported by unet-bench"}
-    export_model(model, out, input_size=size, pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD, fp16=fp16, provenance=provenance)
+    export_model(
+        TrainedModel(model, IMAGENET_MEAN, IMAGENET_STD, provenance=provenance), out, ExportOptions(fp16=fp16, input_size=size)
+    )
 
 
 def int8_model(fp32: BenchModel, photos: list[Path], *, folder: Path, cache_dir: Path | None) -> BenchModel:
@@ -173,12 +176,13 @@ def int8_model(fp32: BenchModel, photos: list[Path], *, folder: Path, cache_dir:
     Random-weight models are cached like their FP32 files (whatever photos calibrated them: speed does
     not depend on the ranges); a model given with --model is quantized afresh.
     """
+    from export.config import QuantizeOptions
     from export.quantize import QuantizeError, quantize_model
 
     def quantize(out: Path) -> None:
         log.info("quantizing %s to INT8 (calibrated on %d photos)", fp32.name, min(len(photos), CALIBRATION_IMAGES))
         try:
-            quantize_model(fp32.path, out, photos, calibration_images=CALIBRATION_IMAGES)
+            quantize_model(fp32.path, out, photos, QuantizeOptions(CALIBRATION_IMAGES))
         except QuantizeError as e:
             raise ModelError(f"INT8 of {fp32.name}: {e}") from e
 
@@ -195,13 +199,14 @@ def user_model(path: Path, *, fp16: bool, input_size: tuple[int, int] | None, fo
             log.info("%s is %s; it is benchmarked in that precision only", path.name, model.precision)
         return replace(model, seed=seed)
     try:
+        from export.config import ExportOptions
         from export.onnx_export import ExportError, export_checkpoint
         from unet.checkpoint import CheckpointError
     except ImportError as e:
         raise ModelError(f"--model {path}: exporting a checkpoint needs torch ({e}); pass an exported .onnx instead") from e
     out = folder / f"{path.stem}-{'fp16' if fp16 else 'fp32'}.onnx"
     try:
-        export_checkpoint(path, out, fp16=fp16, input_size=input_size)
+        export_checkpoint(path, out, ExportOptions(fp16=fp16, input_size=input_size))
     except (ExportError, CheckpointError) as e:
         raise ModelError(f"--model {path}: {e}") from e
     return replace(read_model(out, name=path.stem), checkpoint=path, seed=seed)

@@ -35,7 +35,6 @@ from batch.core.contract import ContractError, ModelContract
 from batch.core.files import write_atomic as write_file_atomic
 from batch.core.logs import first_line, quiet_loggers
 from export.config import EXPORT_DEFAULTS, ExportError, ExportOptions, check_size
-from export.legacy import accepts_old_keywords
 from unet import __version__
 from unet.checkpoint import load_checkpoint, model_from_checkpoint
 from unet.config import UNetConfig
@@ -90,18 +89,6 @@ class TrainedModel:
             object.__setattr__(self, "train_size", check_size(self.train_size))
 
 
-def old_export_checkpoint(checkpoint, out, **options) -> tuple[tuple, dict]:
-    """``export_checkpoint(ckpt, out, fp16=..., input_size=..., opset=..., layout=...)``: the form before ExportOptions."""
-    return (checkpoint, out, ExportOptions(**options)), {}
-
-
-def old_export_model(model, out, *, pixel_mean, pixel_std, provenance=None, **options) -> tuple[tuple, dict]:
-    """``export_model(net, out, input_size=..., pixel_mean=..., pixel_std=..., provenance=..., fp16=...)``: the
-    form before TrainedModel and ExportOptions."""
-    return (TrainedModel(model, pixel_mean, pixel_std, provenance=provenance or {}), out, ExportOptions(**options)), {}
-
-
-@accepts_old_keywords(old_export_checkpoint)
 def export_checkpoint(checkpoint: str | Path, out: str | Path, options: ExportOptions = EXPORT_DEFAULTS) -> ModelContract:
     """Export a ``unet-train`` checkpoint (read with ``weights_only=True``) with its provenance.
 
@@ -111,7 +98,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, options: ExportOp
     return export_model(read_checkpoint(Path(checkpoint)), out, options)
 
 
-@accepts_old_keywords(old_export_model)
 def export_model(trained: TrainedModel, out: str | Path, options: ExportOptions = EXPORT_DEFAULTS) -> ModelContract:
     """Write ``trained`` to ``out`` as ONNX with its contract in ``metadata_props``; return the contract.
 

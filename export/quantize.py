@@ -39,7 +39,6 @@ from batch.core.files import spread_evenly
 from batch.core.images import DECODE_ERRORS, load_resized_rgb
 from batch.core.logs import first_line
 from export.config import FP32_EXPORT, QUANTIZE_DEFAULTS, ExportError, ExportOptions, QuantizeOptions
-from export.legacy import accepts_old_keywords
 from export.onnx_export import check_output_path, export_checkpoint, stamp, write_atomic
 from export.verify import VerifyError, list_photos
 from unet.data import car_id
@@ -116,12 +115,6 @@ def quantize_checkpoint(
         return quantize_model(fp32, out, photos, quantization, progress=progress, source=checkpoint)
 
 
-def old_quantize_model(fp32, out, photos, *, calibration_images, **kwargs) -> tuple[tuple, dict]:
-    """``quantize_model(fp32, out, photos, calibration_images=...)``: the form before QuantizeOptions."""
-    return (fp32, out, photos, QuantizeOptions(calibration_images)), kwargs
-
-
-@accepts_old_keywords(old_quantize_model)
 def quantize_model(
     fp32: str | Path,
     out: str | Path,

@@ -316,12 +316,13 @@ def sharp_checkpoint(tiny_checkpoint: Path, parity_photos: Path, tmp_path_factor
 @pytest.fixture(scope="session")
 def exported_onnx(sharp_checkpoint: Path, tmp_path_factory) -> dict[str, Path]:
     """sharp_checkpoint exported by unet-export (uint8 NHWC, 64x96, default opset): {"fp16": path, "fp32": path}."""
+    from export.config import ExportOptions
     from export.onnx_export import export_checkpoint
 
     folder = tmp_path_factory.mktemp("exported")
     paths = {"fp16": folder / "tiny-fp16.onnx", "fp32": folder / "tiny-fp32.onnx"}
     for precision, path in paths.items():
-        export_checkpoint(sharp_checkpoint, path, fp16=precision == "fp16")
+        export_checkpoint(sharp_checkpoint, path, ExportOptions(fp16=precision == "fp16"))
     return paths
 
 

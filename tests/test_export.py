@@ -450,17 +450,3 @@ def test_a_malicious_pickle_is_refused_without_running_its_code(tmp_path):
 
 
 # ---- the keyword forms from before ExportOptions (kept for callers outside export/ until they move) --------
-
-
-def test_the_old_keyword_forms_warn_and_still_work(sharp_checkpoint, tmp_path):
-    with (
-        pytest.warns(DeprecationWarning, match=r"export_checkpoint\(input_size=...\) is deprecated"),
-        pytest.raises(ExportError, match="input size 66x96"),
-    ):
-        export_checkpoint(sharp_checkpoint, tmp_path / "m.onnx", input_size=(66, 96))
-    model = UNet(UNetConfig(width=2, depth=2)).eval()
-    with pytest.warns(DeprecationWarning, match=r"export_model\(fp16=..., input_size=..., pixel_mean=..., pixel_std="):
-        contract = export_model(
-            model, tmp_path / "m.onnx", input_size=(16, 16), pixel_mean=(0.5,) * 3, pixel_std=(0.25,) * 3, fp16=False
-        )
-    assert (contract.precision, contract.input_size, contract.pixel_std) == ("fp32", (16, 16), (0.25,) * 3)

@@ -57,7 +57,7 @@ class ModelContract:
     input_width: int
     input_layout: Layout = "NHWC"  # layout of the graph input: (N, H, W, 3) or (N, 3, H, W)
     input_dtype: str = "uint8"  # "uint8": the graph normalizes itself; "float32"/"float16": feed normalized pixels
-    input_multiple: int = 1  # input height and width must be multiples of this (2**depth for a U-Net)
+    input_multiple: int = 1  # input height and width must be multiples of this (2**depth * fold for a U-Net)
     pixel_mean: tuple[float, float, float] = IMAGENET_MEAN  # normalization: (pixel / 255 - mean) / std
     pixel_std: tuple[float, float, float] = IMAGENET_STD
     output_kind: OutputKind = "logits"  # what the (N, 1, H, W) output holds
