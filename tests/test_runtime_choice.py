@@ -159,7 +159,9 @@ def test_the_cache_is_keyed_by_cpu_threads_and_model(tiny_onnx: Path, make_onnx,
     assert fake.calls == 4 and len(json.loads(own_cache.read_text())["choices"]) == 4
 
 
-def test_a_broken_or_unwritable_cache_costs_a_measurement_not_the_run(tiny_onnx: Path, tmp_path: Path, monkeypatch, measured, caplog):
+def test_a_broken_or_unwritable_cache_costs_a_measurement_not_the_run(
+    tiny_onnx: Path, tmp_path: Path, monkeypatch, measured, caplog
+):
     fake = measured(onnxruntime=20.0, openvino_f32=10.0)
     cache = tmp_path / "xdg" / "carvana-unet" / "runtimes.json"
     cache.parent.mkdir(parents=True)
