@@ -186,6 +186,21 @@ def test_auto_without_openvino_takes_onnxruntime_and_says_why(tiny_onnx: Path, m
         load_model(tiny_onnx, "cpu", runtime="openvino")
 
 
+def test_auto_leaves_out_a_runtime_that_cannot_compile_the_model(tiny_onnx: Path, own_cache: Path, measured, monkeypatch, caplog):
+    from batch.inference.runtime import ModelError
+
+    def refuse(*args, **kwargs):
+        raise ModelError("tiny.onnx: OpenVINO cannot compile this model (no such op)")
+
+    measured(onnxruntime=1.0, openvino_f32=100.0)
+    monkeypatch.setattr(runtime_choice.openvino_runtime, "OpenVinoNetwork", refuse)
+    model = load_model(tiny_onnx, "cpu")
+    assert (model.runtime.runtime, model.runtime.rates) == ("onnxruntime", {"onnxruntime": 1.0})
+    assert "leaving openvino f32 out: tiny.onnx: OpenVINO cannot compile" in caplog.text
+    with pytest.raises(ModelError, match="cannot compile"):
+        load_model(tiny_onnx, "cpu", runtime="openvino")  # asked for: an error, not a fallback
+
+
 def test_bf16_is_a_candidate_only_once_verified_on_a_cpu_that_has_it(tiny_onnx: Path, own_cache: Path, measured, monkeypatch):
     fake = measured(onnxruntime=10.0, openvino_f32=20.0, openvino_bf16=40.0)
     monkeypatch.setattr(runtime_choice.openvino_runtime, "cpu_capabilities", lambda: ("FP32", "INT8", "BF16"))
