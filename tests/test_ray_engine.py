@@ -285,3 +285,14 @@ def test_a_ray_rerun_with_nothing_to_do_never_starts_ray(photos: Path, tmp_path:
     rerun = segment(photos, out, "--model", tiny_onnx, "--batch-size", "2", "--engine", "ray")
     assert rerun.exit_code == 0 and "decoder )" not in rerun.output, rerun.output
     assert f"0 segmented, {PHOTOS} already done" in rerun.output
+
+
+def test_rays_routine_lines_are_kept_out_of_a_runs_output(monkeypatch):
+    import logging
+
+    from batch.runs import ray_engine
+
+    name = "ray._private.authentication.authentication_token_setup"  # "Token authentication is enabled ..."
+    monkeypatch.setattr(logging.getLogger(name), "level", logging.NOTSET)
+    ray_engine._quiet_ray()
+    assert not logging.getLogger(name).isEnabledFor(logging.WARNING)

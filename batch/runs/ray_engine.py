@@ -46,7 +46,7 @@ from tqdm import tqdm
 from batch.core.devices import parse_device
 from batch.core.files import file_sha256
 from batch.core.images import ImageError
-from batch.core.logs import first_line
+from batch.core.logs import first_line, set_levels
 from batch.core.timing import StageClock
 from batch.inference.bundled import default_model_path
 from batch.inference.config import DEFAULT_BATCH_SIZE, SegmenterConfig, segmenter_options
@@ -207,6 +207,16 @@ class RayEngine:
         }
 
 
+QUIET_RAY_LOGGERS = {  # lines Ray prints on every run that tell a user nothing to act on (-v shows them)
+    "ray._private.authentication.authentication_token_setup": logging.ERROR,  # "token authentication is enabled"
+}
+
+
+def _quiet_ray() -> None:
+    """Keep Ray's routine lines out of a run's output (set before ``ray.init``, which logs them)."""
+    set_levels(QUIET_RAY_LOGGERS)
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None, verbose: bool = False) -> Iterator[dict[str, float]]:
     """Ray for a run; yields the cluster's resources. The session this process has already opened (a
@@ -216,6 +226,8 @@ def ray_session(address: str | None, verbose: bool = False) -> Iterator[dict[str
         yield ray.cluster_resources()
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if not verbose:
+        _quiet_ray()
     try:
         ray.init(
             address=address,
