@@ -268,3 +268,31 @@ def test_a_broken_engine_stops_the_run_with_a_report(photos: Path, tmp_path: Pat
     assert "inference failed on 3 batches in a row" in report.stopped
     assert report.processed == 0
     assert json.loads((tmp_path / "masks" / "report.json").read_text())["stopped"] == report.stopped
+
+
+def test_a_ray_rerun_with_nothing_to_do_never_starts_ray(photos: Path, tmp_path: Path, tiny_onnx: Path, ray_cluster, monkeypatch):
+    from batch.runs import ray_engine
+
+    out = tmp_path / "masks"
+    assert segment(photos, out, "--model", tiny_onnx, "--batch-size", "2").exit_code == 1  # the local engine did the work
+    for name in BAD:  # failed photos are retried by a rerun: take them away, so that nothing is left to do
+        (photos / name).unlink()
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started with nothing to do")
+
+    monkeypatch.setattr(ray_engine, "ray_session", no_ray)
+    rerun = segment(photos, out, "--model", tiny_onnx, "--batch-size", "2", "--engine", "ray")
+    assert rerun.exit_code == 0 and "decoder )" not in rerun.output, rerun.output
+    assert f"0 segmented, {PHOTOS} already done" in rerun.output
+
+
+def test_rays_routine_lines_are_kept_out_of_a_runs_output(monkeypatch):
+    import logging
+
+    from batch.runs import ray_engine
+
+    name = "ray._private.authentication.authentication_token_setup"  # "Token authentication is enabled ..."
+    monkeypatch.setattr(logging.getLogger(name), "level", logging.NOTSET)
+    ray_engine._quiet_ray()
+    assert not logging.getLogger(name).isEnabledFor(logging.WARNING)

@@ -46,7 +46,7 @@ from tqdm import tqdm
 from batch.core.devices import parse_device
 from batch.core.files import file_sha256
 from batch.core.images import ImageError
-from batch.core.logs import first_line
+from batch.core.logs import first_line, set_levels
 from batch.core.timing import StageClock
 from batch.inference.bundled import default_model_path
 from batch.inference.config import DEFAULT_BATCH_SIZE, SegmenterConfig, segmenter_options
@@ -147,30 +147,42 @@ class RayEngine:
 
     @contextlib.contextmanager
     def open(self) -> Iterator[None]:
+        """Nothing yet: Ray starts in :meth:`process`, only when there are photos to segment (a rerun with nothing
+        to do costs no Ray start-up)."""
+        yield
+
+    def summary(self) -> str:
+        return f"Ray engine ({self.cluster.workers or 'one per GPU, or per node'} worker(s)), started if there is work"
+
+    def process(self, jobs: list[Job], source: Storage, output: Storage, results: Results, progress: bool) -> None:
+        self.tally.results = results
+        if not jobs:
+            return
         started = time.perf_counter()
         with ray_session(self.cluster.address, verbose=log.isEnabledFor(logging.DEBUG)) as resources:
             self.actors = plan_actors(resources, len(ray.nodes()), self.config.device, self.cluster.workers)
             self.clock.add("setup", time.perf_counter() - started)
-            yield
+            log.info("%d worker(s) on %s, %d thread(s) each", self.actors.count, self.actors.device, self.actors.threads)
+            outcomes = _run_pipeline(jobs, self.config, source, output, self.actors, self.worker)
+            self.tally.collect(outcomes, len(jobs), progress)
 
-    def summary(self) -> str:
-        return f"{self.actors.count} worker(s) on {self.actors.device}, {self.actors.threads} thread(s) each"
-
-    def process(self, jobs: list[Job], source: Storage, output: Storage, results: Results, progress: bool) -> None:
-        self.tally.results = results
-        outcomes = _run_pipeline(jobs, self.config, source, output, self.actors, self.worker)
-        self.tally.collect(outcomes, len(jobs), progress)
+    @property
+    def device(self) -> str:
+        """The actors' device; before Ray starts, the one asked for (``auto`` read as the GPU only when asked)."""
+        if self.actors is not None:
+            return self.actors.device
+        return "cuda" if parse_device(self.config.device).kind == "cuda" else "cpu"
 
     def model_identity(self) -> tuple[str, str, float]:
         """The model the actors load: the driver's file, or the bundled one for the actors' device."""
-        path = Path(self.config.model or default_model_path(self.actors.device))
+        path = Path(self.config.model or default_model_path(self.device))
         threshold = self.config.threshold if self.config.threshold is not None else read_contract(path).threshold
         return str(path), file_sha256(path), threshold
 
     def describe(self) -> dict[str, Any]:
         """The local engine's fields (from the workers' states; the model as the user named it), plus the
         engine, the number of workers and what each did. Stage seconds are summed over the workers, like threads."""
-        config, actors, states = self.config, self.actors, list(self.tally.states.values())
+        config, states = self.config, list(self.tally.states.values())
         first = states[0] if states else {}
         stages = self.clock.snapshot()
         for state in states:
@@ -181,19 +193,29 @@ class RayEngine:
             model["path"] = str(config.model)  # not the actors' copy
         return {
             "stages": stages,
-            "device": first.get("device", actors.device),
+            "device": first.get("device", self.device),
             "provider": first.get("provider", ""),
             "runtime": first.get("runtime", {}),
             "decoder": first.get("decoder", ""),
             "pillow_fallbacks": sum(state["pillow_fallbacks"] for state in states),
             "model": model,
-            "batch_size": first.get("batch_size", config.batch_size or DEFAULT_BATCH_SIZE[actors.device]),
+            "batch_size": first.get("batch_size", config.batch_size or DEFAULT_BATCH_SIZE[self.device]),
             "threshold": first.get("threshold", config.threshold),
             "tta": config.tta,
             "engine": "ray",
-            "workers": actors.count,
+            "workers": self.actors.count if self.actors is not None else 0,
             "per_worker": self.tally.workers,
         }
+
+
+QUIET_RAY_LOGGERS = {  # lines Ray prints on every run that tell a user nothing to act on (-v shows them)
+    "ray._private.authentication.authentication_token_setup": logging.ERROR,  # "token authentication is enabled"
+}
+
+
+def _quiet_ray() -> None:
+    """Keep Ray's routine lines out of a run's output (set before ``ray.init``, which logs them)."""
+    set_levels(QUIET_RAY_LOGGERS)
 
 
 @contextlib.contextmanager
@@ -205,6 +227,8 @@ def ray_session(address: str | None, verbose: bool = False) -> Iterator[dict[str
         yield ray.cluster_resources()
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if not verbose:
+        _quiet_ray()
     try:
         ray.init(
             address=address,

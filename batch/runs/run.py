@@ -115,6 +115,8 @@ def _process(
         interruption = e
     except InferenceError as e:  # Ray wraps an actor's InferenceError; its ``cause`` is the actor's own
         stopped = first_line(getattr(e, "cause", e))
+    except SegmentError as e:  # an engine that could not start its workers (a Ray cluster out of reach): still a report
+        stopped = str(e)
     report = _finish(
         config, plan, output, clock, results,
         lambda: _make_report(config, plan, results, time.perf_counter() - started, interruption is not None, stopped,
