@@ -145,9 +145,8 @@ def test_host_cost_times_each_stage_of_a_photo_on_one_core(bench_photos):
     result = measure_host_cost(photo_paths(bench_photos)[:3], SIZE)
     assert result.status == "ok" and result.photos == 3, result.reason
     assert set(result.ms_per_photo) == {"read", "decode", "upsample", "encode", "write", "encode png1"}
-    assert result.total_ms == pytest.approx(
-        sum(result.ms_per_photo[s] for s in ("read", "decode", "upsample", "encode", "write"))
-    )
+    stages = sum(result.ms_per_photo[s] for s in ("read", "decode", "upsample", "encode", "write"))
+    assert result.total_ms == pytest.approx(stages, abs=0.01)  # each figure rounded to a microsecond
     assert result.gpu_host_photos_per_second == pytest.approx(GPU_HOST_CORES * 1000 / result.total_ms, rel=1e-3)
     assert 0.2 < (car_scores(SIZE) > 0).mean() < 0.6  # a car-sized blob
     failed = measure_host_cost([bench_photos / "missing.jpg"], SIZE)
