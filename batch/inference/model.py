@@ -78,17 +78,20 @@ class Model:
     @property
     def session(self) -> ort.InferenceSession:
         """The ONNX Runtime session (the IOBinding path); a :class:`ModelError` when OpenVINO runs the model."""
-        if not isinstance(self.network, OnnxRuntimeNetwork):
-            raise ModelError(f"{self.path} runs under {self.network.name}, which has no ONNX Runtime session")
-        return self.network.session
+        return self.onnxruntime_network().session
 
     @property
     def input_name(self) -> str:
-        return self.session.get_inputs()[0].name
+        return self.onnxruntime_network().input_name
 
     @property
     def output_name(self) -> str:
-        return self.session.get_outputs()[0].name
+        return self.onnxruntime_network().output_name
+
+    def onnxruntime_network(self) -> OnnxRuntimeNetwork:
+        if not isinstance(self.network, OnnxRuntimeNetwork):
+            raise ModelError(f"{self.path} runs under {self.network.name}, which has no ONNX Runtime session")
+        return self.network
 
     @property
     def on_gpu(self) -> bool:
