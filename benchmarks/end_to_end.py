@@ -26,16 +26,27 @@ from benchmarks.timing import Stats, summarize
 log = logging.getLogger(__name__)
 
 REPORT_KEYS = ("processed", "seconds", "images_per_second", "stages")
+# results.json's end-to-end sections: key -> (precision, backend). Each has its ratios under the key with
+# "end_to_end" replaced by "ratios". On a CPU the first two are ONNX Runtime's, the last two OpenVINO's.
+CPU_END_TO_END = {
+    "end_to_end": ("fp32", "cpu"),
+    "end_to_end_int8": ("int8", "cpu"),  # `unet-batch` runs the bundled INT8 file on a CPU
+    "end_to_end_openvino": ("fp32", "openvino"),
+    "end_to_end_int8_openvino": ("int8", "openvino"),
+}
+GPU_END_TO_END = {"end_to_end": ("fp16", "cuda")}
 ONE_TIME_STAGES = ("discover", "setup")
 
 
 @dataclass(frozen=True)
 class EndToEndConfig:
-    """How ``unet-batch segment`` is run: on the first ``images`` photos, ``repeats`` times, at ``batch_size``."""
+    """How ``unet-batch segment`` is run: on the first ``images`` photos, ``repeats`` times, at ``batch_size``, with
+    ``runtime`` (``--runtime`` on the CPU: onnxruntime or openvino; None: the runner's default)."""
 
     batch_size: int
     images: int
     repeats: int
+    runtime: str | None = None
 
     def __post_init__(self) -> None:
         if min(self.batch_size, self.images, self.repeats) < 1:
@@ -59,6 +70,7 @@ class EndToEndResult:
     images: int | None = None  # photos per run
     repeats: int = 0
     device: str | None = None  # as the runner reported it
+    runtime: str | None = None  # onnxruntime or openvino, as the runner reported it
     decoder: str | None = None
     images_per_second: Stats | None = None  # steady rate: the runner's seconds less discover + setup
     runner_images_per_second: Stats | None = None  # the report's own figure, set-up included
@@ -84,6 +96,8 @@ def segment_command(images_dir: Path, model: BenchModel, hardware: Hardware, con
     """``unet-batch segment`` on the first photos of ``images_dir``, masks into ``out/masks``, report in ``out``."""
     options = {"--model": model.path, "--device": hardware.device, "--batch-size": config.batch_size, "--limit": config.images}
     options["--report"] = out / "report.json"
+    if config.runtime:
+        options["--runtime"] = config.runtime
     flags = [str(part) for pair in options.items() for part in pair]
     return [*batch_command(), "segment", str(images_dir), str(out / "masks"), *flags, "--overwrite", "--no-progress"]
 
@@ -161,6 +175,7 @@ def summarize_runs(runs: list[tuple[dict, ChildRun]], command: list[str], config
         command=command,
         repeats=len(reports),
         device=median_report.get("device"),
+        runtime=(median_report.get("runtime") or {}).get("name"),
         decoder=median_report.get("decoder"),
         images_per_second=rate,
         runner_images_per_second=summarize([r["images_per_second"] for r in reports]),

@@ -1,8 +1,11 @@
-"""Inference alone: ONNX Runtime on pre-decoded batches, a sweep of batch sizes per provider and width.
+"""Inference alone: ONNX Runtime, and OpenVINO on the CPU, on pre-decoded batches: a sweep of batch sizes per
+backend and width.
 
-On a GPU the input batch is copied to the device once and the output stays there (I/O binding), so
-the figure is the network's own speed, not PCIe copies; ``run_with_iobinding`` returns after the
-provider's stream is synchronized. On the CPU provider a plain ``session.run`` is the real path.
+On the CPU both runtimes run every model, side by side, as the runner opens them (``unet-batch --runtime``:
+OpenVINO at f32 inference precision); a plain ``session.run`` (or OpenVINO's infer request) is the real path
+there. On a GPU the input batch is copied to the device once and the output stays there (I/O binding),
+so the figure is the network's own speed, not PCIe copies; ``run_with_iobinding`` returns after the
+provider's stream is synchronized.
 Like timm's benchmark, a batch that runs out of GPU memory is retried once at half the size.
 """
 
@@ -17,7 +20,7 @@ import numpy as np
 
 from batch.core.contract import prepare_input
 from batch.core.devices import Device, DeviceError
-from batch.inference import runtime
+from batch.inference import openvino_runtime, runtime
 from benchmarks.config import BenchError, SweepConfig, describe_error
 from benchmarks.machine import Hardware, gpu_memory_of, peak_tflops, this_process
 from benchmarks.models import BenchModel
@@ -26,6 +29,8 @@ from benchmarks.timing import Stats, rates, summarize, time_calls
 log = logging.getLogger(__name__)
 
 CPU, CUDA, TENSORRT = runtime.CPU_PROVIDER, runtime.CUDA_PROVIDER, runtime.TENSORRT_PROVIDER
+OPENVINO = openvino_runtime.PROVIDER
+CPU_BACKENDS = ("cpu", "openvino")  # ONNX Runtime's CPU provider, OpenVINO's CPU plugin
 OOM_MARKERS = ("out of memory", "failed to allocate memory", "cudaerrormemoryallocation", "bfcarena")
 
 
@@ -35,9 +40,9 @@ class ProviderError(BenchError):
 
 @dataclass(frozen=True)
 class Backend:
-    """An ONNX Runtime execution provider at one precision."""
+    """An ONNX Runtime execution provider, or OpenVINO on the CPU, at one precision."""
 
-    name: str  # "cpu", "cuda", "tensorrt"
+    name: str  # "cpu" (ONNX Runtime's CPU provider), "openvino", "cuda", "tensorrt"
     provider: str
     precision: str  # "fp16", "fp32" or "int8": of the compute (TensorRT builds FP16 kernels from an FP32 graph)
     device_id: int | None  # CUDA device; None on the CPU
@@ -46,7 +51,14 @@ class Backend:
 
     @property
     def label(self) -> str:
+        if self.name == "openvino":
+            return f"OpenVINO CPU {self.precision.upper()}"
         return f"ORT {self.name.upper() if self.name == 'cpu' else self.name.capitalize()} {self.precision.upper()}"
+
+    @property
+    def runtime(self) -> str:
+        """The runner's ``--runtime`` for this backend."""
+        return "openvino" if self.name == "openvino" else "onnxruntime"
 
     @property
     def on_gpu(self) -> bool:
@@ -54,12 +66,16 @@ class Backend:
 
 
 def backends_for(hardware: Hardware) -> list[Backend]:
-    """The providers benchmarked on ``hardware``: the CPU provider (FP32, INT8), or CUDA FP16/FP32 and TensorRT FP16.
+    """The backends benchmarked on ``hardware``: ONNX Runtime's CPU provider and OpenVINO (FP32, INT8 each), or CUDA
+    FP16/FP32 and TensorRT FP16.
 
     INT8 (QDQ) files are for the CPU only: ONNX Runtime runs them with integer kernels there alone.
     """
     if hardware.device_id is None:
-        return [Backend("cpu", CPU, "fp32", None, "fp32"), Backend("cpu", CPU, "int8", None, "int8")]
+        runtimes = (("cpu", CPU), ("openvino", OPENVINO))
+        return [
+            Backend(name, provider, precision, None, precision) for name, provider in runtimes for precision in ("fp32", "int8")
+        ]
     gpu = hardware.device_id, hardware.gpu_name
     return [
         Backend("cuda", CUDA, "fp16", gpu[0], "fp16", gpu[1]),
@@ -69,12 +85,17 @@ def backends_for(hardware: Hardware) -> list[Backend]:
 
 
 def provider_missing(backend: Backend) -> str | None:
-    """Why ``backend`` cannot run in this ONNX Runtime build, or None when it can."""
+    """Why ``backend`` cannot run here (no such provider in this ONNX Runtime build, no openvino), or None when it can."""
+    if backend.name == "openvino":
+        return None if openvino_runtime.installed() else "openvino is not installed: pip install '.[cpu]'"
     return None if backend.provider == CPU else runtime.provider_missing(backend.provider)
 
 
 def make_session(model: BenchModel, backend: Backend, max_batch: int, cache_dir: str):
-    """The runner's kind of session (batch.inference.runtime) on exactly ``backend``'s provider; ProviderError if ORT cannot."""
+    """The runner's kind of session (batch.inference.runtime) on exactly ``backend``'s provider, or its OpenVINO
+    network (batch.inference.openvino_runtime); ProviderError if ORT cannot."""
+    if backend.name == "openvino":
+        return openvino_runtime.OpenVinoNetwork(model.path, model.contract)
     if not backend.on_gpu:
         return runtime.open_session(model.path, "cpu")
     cuda = {"cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": 1}
@@ -113,6 +134,8 @@ def model_input(images: np.ndarray, model: BenchModel, batch: int) -> np.ndarray
 
 def runner(session, backend: Backend, batch: np.ndarray) -> Callable[[], None]:
     """A no-argument function that runs one batch (device-resident input and output on a GPU)."""
+    if backend.name == "openvino":
+        return lambda: session.run(batch)
     if backend.on_gpu:
         return bound_runner(session, batch, "cuda", backend.device_id)
     feed = {session.get_inputs()[0].name: batch}
@@ -138,8 +161,8 @@ def bound_runner(session, batch: np.ndarray, device_type: str, device_id: int) -
 
 @dataclass(frozen=True)
 class InferenceResult:
-    backend: str  # "cpu", "cuda", "tensorrt"
-    label: str  # "ORT CUDA FP16"
+    backend: str  # "cpu", "openvino", "cuda", "tensorrt"
+    label: str  # "ORT CUDA FP16", "OpenVINO CPU INT8"
     precision: str
     model: str  # "unet-w16" or the user's file name
     width: int | None

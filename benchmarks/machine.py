@@ -27,6 +27,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from batch.core.devices import Device, cpu_count, parse_device
+from batch.inference.runtime_choice import cpu_signature
 from benchmarks.config import BenchError
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
 # Versions worth recording, by distribution name (the first installed one of each group is kept).
 PACKAGES = {
     "onnxruntime": ("onnxruntime-gpu", "onnxruntime"),
+    "openvino": ("openvino",),
     "nvidia-dali": ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali-cuda110"),
     "torch": ("torch",),
     "onnx": ("onnx",),
@@ -116,6 +118,7 @@ def cpu_facts() -> dict[str, object]:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
         "model": search_file("/proc/cpuinfo", r"^model name\s*:\s*(.+)$") or platform.processor() or None,
+        "flags": list(cpu_signature().notable),  # the instruction sets the runtimes' kernels choose by (AVX2, VNNI, BF16, AMX)
         "logical_cores": os.cpu_count(),
         "usable_cores": cpu_count(),
         "memory_gib": round(int(memory_kib) / 2**20, 1) if memory_kib else None,

@@ -16,7 +16,7 @@ from batch.core.devices import parse_device
 from batch.core.extras import require
 from batch.core.files import write_atomic
 from benchmarks.config import BenchError
-from benchmarks.end_to_end import ONE_TIME_STAGES
+from benchmarks.end_to_end import CPU_END_TO_END, ONE_TIME_STAGES
 
 SCHEMA_PREFIX = "unet-bench/"
 STAGE_NAMES = {
@@ -107,7 +107,7 @@ def summary_rows(results: dict) -> list[list[str]]:
         tflops = f"{fmt(r['achieved_tflops'])} TFLOP/s" if r["achieved_tflops"] is not None else ""
         peak = f" ({fmt(100 * r['fraction_of_peak'])} % of {fmt(r['peak_tflops'])})" if r["fraction_of_peak"] is not None else ""
         rows.append(rate_row("inference", f"{r['label']}, {r['model']} (fastest batch)", str(r["batch_size"]), r, tflops + peak))
-    rows += [end_to_end_row(e2e) for e2e in (results["end_to_end"], results.get("end_to_end_int8")) if e2e]
+    rows += [end_to_end_row(results[key]) for key in CPU_END_TO_END if results.get(key)]
     return rows + [
         rate_row("baseline", f"{r['label']} ({r['device']})", str(r.get("batch_size", 1)), r, f"{r['images']} photos")
         if r["status"] == "ok"
@@ -118,6 +118,7 @@ def summary_rows(results: dict) -> list[list[str]]:
 
 def end_to_end_row(e2e: dict) -> list[str]:
     what = f"unet-batch segment, {e2e['model']}" + (f" {e2e['precision'].upper()}" if e2e.get("precision") else "")
+    what += f", {e2e['runtime']}" if e2e.get("runtime") else ""
     if e2e["status"] != "ok":
         return [STAGE_NAMES["end_to_end"], what, "—", "—", "—", f"failed: {e2e['reason']}"]
     notes = (
@@ -141,19 +142,31 @@ def best_inference_rows(results: dict) -> list[dict]:
     return list(best.values())
 
 
+RATIO_PREFIXES = {"ratios": "", "ratios_int8": "INT8 ", "ratios_openvino": "OpenVINO ", "ratios_int8_openvino": "OpenVINO INT8 "}
+RELATIVE = {  # ratios between end-to-end runs: key -> what it compares
+    "end_to_end_over_fp32": "{prefix}/ FP32, end to end",
+    "inference_over_fp32": "{prefix}/ FP32, inference alone (fastest batches)",
+    "end_to_end_over_onnxruntime": "{prefix}/ ONNX Runtime, end to end",
+    "inference_over_onnxruntime": "{prefix}/ ONNX Runtime, inference alone (fastest batches)",
+}
+
+
 def ratio_lines(results: dict) -> list[str]:
-    """The headline ratios: end to end over each naive loop and over inference alone; on a CPU, INT8's too."""
+    """The headline ratios: end to end over each naive loop and over inference alone; on a CPU, INT8's and OpenVINO's
+    too, and how they compare with FP32 and with ONNX Runtime."""
     labels = {b["baseline"]: b["label"] for b in results["baselines"]}
     lines = e2e_ratio_lines(results["ratios"], labels, "") or ["- no ratios: the end-to-end run did not complete"]
-    int8 = results.get("ratios_int8")
-    if not int8:
-        return lines
-    lines += [
-        f"- INT8 / FP32, {what}: **{fmt(int8[key])}x**"
-        for key, what in (("end_to_end_over_fp32", "end to end"), ("inference_over_fp32", "inference alone (fastest batches)"))
-        if int8[key] is not None
-    ]
-    return lines + e2e_ratio_lines(int8, labels, "INT8 ")
+    for key, prefix in list(RATIO_PREFIXES.items())[1:]:
+        found = results.get(key)
+        if not found:
+            continue
+        lines += [
+            f"- {what.format(prefix=prefix)}: **{fmt(found[name])}x**"
+            for name, what in RELATIVE.items()
+            if found.get(name) is not None
+        ]
+        lines += e2e_ratio_lines(found, labels, prefix)
+    return lines
 
 
 def e2e_ratio_lines(ratios: dict, labels: dict[str, str], prefix: str) -> list[str]:
@@ -234,6 +247,22 @@ def memory_table(results: dict) -> str:
     return table(["what", "MiB", "measured with"], rows)
 
 
+def host_cost_table(results: dict) -> str:
+    host = results.get("host_cost") or {}
+    if host.get("status") != "ok":
+        return f"_Not measured: {host.get('reason') or 'this results file predates it'}._"
+    stages = host["ms_per_photo"]
+    rows = [[stage, fmt(ms)] for stage, ms in stages.items()]
+    rows += [["total, 8-bit PNG", fmt(host["total_ms"])], ["total, 1-bit PNG (png1)", fmt(host["total_ms_png1"])]]
+    h, w = host["input_size"]
+    return table(["stage", "ms of one core per photo"], rows) + (
+        f"\n\nMedians over {host['photos']} photos decoded to {h}x{w}, CPU time of one thread through the runner's own "
+        f"functions (wall time of the whole 8-bit path: {fmt(host['wall_ms'])} ms). On a GPU host these milliseconds, not "
+        f"the GPU, bound the throughput: {host['gpu_host_cores']} cores feed at most "
+        f"**{fmt(host['gpu_host_photos_per_second'])} photos/s** (8-bit PNG masks)."
+    )
+
+
 def machine_table(results: dict) -> str:
     facts, cpu, git = results["machine"], results["machine"]["cpu"], results["machine"]["git"]
     gpus = [f"{g['name']} (driver {g['driver']}, CUDA {g['cuda_driver_api']}, {fmt(g['memory_mib'])} MiB)" for g in facts["gpus"]]
@@ -243,6 +272,7 @@ def machine_table(results: dict) -> str:
     rows = [
         ["date (UTC)", facts["date"]],
         ["CPU", f"{cpu['model']}, {cores}"],
+        ["CPU flags", ", ".join(cpu.get("flags") or []) or "—"],
         ["GPU", "; ".join(gpus) or "none"],
         ["packages", ", ".join(f"{name} {ver}" for name, ver in facts["packages"].items() if ver)],
         ["git revision", revision],
@@ -269,6 +299,7 @@ def render_markdown(results: dict) -> str:
         "FLOPs are 2 x the convolutions' multiply-accumulates; % of peak is against the card's dense tensor-core "
         "datasheet peak (FP16, or TF32 for FP32), and is blank for CPUs.\n\n" + inference_table(results),
         "## End-to-end stages (median run)\n\n" + stage_table(results),
+        "## Host cost per photo\n\n" + host_cost_table(results),
         "## Memory\n\n" + memory_table(results),
         "## Machine\n\n" + machine_table(results),
     ]
@@ -405,10 +436,16 @@ def metrics(results: dict) -> dict[str, Metric]:
     for r in best_inference_rows(results):
         name = f"{r['label']} {r['model']} fastest batch"
         found[f"inference-best/{r['backend']}/{r['precision']}/{r['model']}"] = Metric(name, "images/s", median_rate(r))
-    e2e, int8 = results["end_to_end"], results.get("end_to_end_int8")
+    e2e = results["end_to_end"]
+    for key, prefix in zip(CPU_END_TO_END, RATIO_PREFIXES.values()):
+        run = results.get(key)
+        if run and run["status"] == "ok":
+            found[key] = Metric(f"end to end {prefix}({run['model']})", "images/s", median_rate(run))
     if e2e["status"] == "ok":
-        found["end_to_end"] = Metric(f"end to end ({e2e['model']})", "images/s", median_rate(e2e))
         found["end_to_end/rss"] = Metric("unet-batch peak RSS", "MiB", e2e["peak_rss_mib"])
+    host = results.get("host_cost") or {}
+    if host.get("status") == "ok":
+        found["host_cost"] = Metric("host cost per photo (8-bit PNG)", "ms", host["total_ms"])
     found |= {
         f"baseline/{r['baseline']}": Metric(f"naive {r['label']}", "images/s", median_rate(r))
         for r in succeeded(results["baselines"])
@@ -418,10 +455,11 @@ def metrics(results: dict) -> dict[str, Metric]:
         found[f"ratio/baseline/{name}"] = Metric(f"end to end / naive {name}", "x", value)
     if ratios["end_to_end_over_inference"] is not None:
         found["ratio/inference"] = Metric("end to end / inference alone", "x", ratios["end_to_end_over_inference"])
-    if int8 and int8["status"] == "ok":
-        found["end_to_end_int8"] = Metric(f"end to end INT8 ({int8['model']})", "images/s", median_rate(int8))
-        if results["ratios_int8"]["end_to_end_over_fp32"] is not None:
-            found["ratio/int8"] = Metric("end to end INT8 / FP32", "x", results["ratios_int8"]["end_to_end_over_fp32"])
+    for key, prefix in list(RATIO_PREFIXES.items())[1:]:
+        for name, what in RELATIVE.items():
+            value = (results.get(key) or {}).get(name)
+            if value is not None:
+                found[f"ratio/{key}/{name}"] = Metric(what.format(prefix=prefix).replace(", ", " ", 1), "x", value)
     return found
 
 

@@ -1,4 +1,5 @@
-"""The whole benchmark: decode, inference sweep, end to end and the peers, then the three files.
+"""The whole benchmark: decode, the host's cost of a photo, inference sweep, end to end and the peers, then the
+three files. On a CPU, inference alone and end to end run under both runtimes, ONNX Runtime and OpenVINO, side by side.
 
 :func:`run_suite` measures and returns the results as a JSON-ready dict; :func:`write_outputs`
 writes ``results.json``, ``results.md`` and ``results.png``. The CLI (``benchmarks/cli.py``) is a
@@ -18,8 +19,9 @@ from pathlib import Path
 from batch.core.images import is_image_file
 from benchmarks.config import BenchError, RunConfig, SuiteConfig, check_extras
 from benchmarks.decode import bench_decoders
-from benchmarks.end_to_end import EndToEndConfig, EndToEndResult, run_end_to_end
-from benchmarks.inference import Backend, InferenceResult, backends_for, fastest, sweep_batches
+from benchmarks.end_to_end import CPU_END_TO_END, GPU_END_TO_END, EndToEndConfig, EndToEndResult, run_end_to_end
+from benchmarks.host import measure_host_cost
+from benchmarks.inference import CPU_BACKENDS, Backend, InferenceResult, backends_for, fastest, sweep_batches
 from benchmarks.machine import Hardware, cpu_facts, machine_facts, machine_slug, peak_rss_mib, resolve_hardware
 from benchmarks.models import BenchModel, Models
 from benchmarks.peers import BASELINES, BaselineResult, run_baseline, run_torch_peer
@@ -67,10 +69,11 @@ def run_suite(config: RunConfig, *, cache_dir: Path | None = None, progress: boo
         photos = prepare_photos(config, suite, Path(scratch), progress)
         run = Run(config, suite, hardware, photos, Models(config, Path(scratch), cache_dir, photos.paths[: suite.images]))
         decode, decoded = bench_decoders(photos.paths[: suite.images], run.models.size, suite, hardware)
+        host = measure_host_cost(photos.paths[: suite.images], run.models.size)
         inference = measure_inference(run, decoded)
-        e2e = measure_end_to_end(run, inference, "fp32" if hardware.kind == "cpu" else "fp16")
-        # On a CPU, the same model quantized too: `unet-batch` runs the bundled INT8 file there.
-        e2e_int8 = measure_end_to_end(run, inference, "int8") if hardware.kind == "cpu" else None
+        plan = CPU_END_TO_END if hardware.kind == "cpu" else GPU_END_TO_END
+        e2e_runs = {key: measure_end_to_end(run, inference, *what) for key, what in plan.items()}
+        e2e = e2e_runs["end_to_end"]
         baselines = measure_peers(run, e2e)
     load = facts["cpu"]["load_average_1min"], cpu_facts()["load_average_1min"]  # at the start and at the end
     results = {
@@ -82,8 +85,9 @@ def run_suite(config: RunConfig, *, cache_dir: Path | None = None, progress: boo
         "machine": facts | {"load_average_1min_at_end": load[1]},
         "settings": settings(run, inference, e2e.model),
         "decode": [asdict(r) for r in decode],
+        "host_cost": asdict(host),
         "inference": [asdict(r) for r in inference],
-        **end_to_end_sections(e2e, e2e_int8, baselines),
+        **end_to_end_sections(e2e_runs, baselines),
         "memory": memory_summary(inference, e2e.result),
         "notes": run_notes(run, *load),
         "duration_seconds": round(time.perf_counter() - started, 1),
@@ -134,8 +138,9 @@ def sweep_plan(config: RunConfig, suite: SuiteConfig, hardware: Hardware, models
     for backend in backends_for(hardware):
         if config.model:
             model = models.user(backend.graph_precision)
-            fits = model.precision == backend.graph_precision or backend.name == "cpu"
-            if fits and not any(planned.path == model.path for planned, _ in plan):  # a user's INT8 file fits both CPU backends
+            fits = model.precision == backend.graph_precision or backend.name in CPU_BACKENDS
+            # a user's INT8 file fits both precisions of a CPU runtime: it runs once per runtime
+            if fits and not any(planned.path == model.path and b.runtime == backend.runtime for planned, b in plan):
                 plan.append((model, labelled(backend, model.precision)))
         chosen = widths if backend.name != "tensorrt" or suite.tensorrt_all_widths else [e2e_width]
         plan += [(models.random(w, backend.graph_precision), backend) for w in chosen if w is not None]
@@ -143,8 +148,8 @@ def sweep_plan(config: RunConfig, suite: SuiteConfig, hardware: Hardware, models
 
 
 def labelled(backend: Backend, precision: str) -> Backend:
-    """The CPU provider running a user's FP16 graph is labelled FP16."""
-    if backend.name != "cpu" or precision == backend.precision:
+    """A CPU runtime running a user's FP16 graph is labelled FP16."""
+    if backend.name not in CPU_BACKENDS or precision == backend.precision:
         return backend
     return Backend(backend.name, backend.provider, precision, backend.device_id, precision)
 
@@ -154,13 +159,18 @@ def best_row(inference: list[InferenceResult], model: BenchModel, backend: str) 
     return fastest([r for r in inference if (r.model, r.backend, r.precision) == (model.name, backend, model.precision)])
 
 
-def measure_end_to_end(run: Run, inference: list[InferenceResult], precision: str) -> EndToEnd:
-    """``unet-batch segment`` with the run's model at ``precision``, at the fastest batch the sweep found for it."""
+def measure_end_to_end(run: Run, inference: list[InferenceResult], precision: str, backend: str) -> EndToEnd:
+    """``unet-batch segment`` with the run's model at ``precision`` on ``backend`` (its ``--runtime`` on a CPU), at the
+    fastest batch the sweep found for that model on that backend."""
     model = run.models.for_e2e(precision)
-    reference = best_row(inference, model, "cpu" if run.hardware.kind == "cpu" else "cuda")
+    reference = best_row(inference, model, backend)
     batch = reference.batch_size if reference else run.suite.batch_sizes[0]
-    config = EndToEndConfig(batch, min(run.suite.e2e_images, len(run.photos.paths)), run.suite.e2e_repeats)
-    log.info("end to end: %s %s, batch %d, %d photos x %d runs", model.name, precision, batch, config.images, config.repeats)
+    runtime = ("openvino" if backend == "openvino" else "onnxruntime") if backend in CPU_BACKENDS else None
+    config = EndToEndConfig(batch, min(run.suite.e2e_images, len(run.photos.paths)), run.suite.e2e_repeats, runtime)
+    log.info(
+        "end to end: %s %s%s, batch %d, %d photos x %d runs",
+        model.name, precision, f" with {runtime}" if runtime else "", batch, config.images, config.repeats,
+    )  # fmt: skip
     return EndToEnd(model, run_end_to_end(run.photos.folder, model, run.hardware, config), reference)
 
 
@@ -187,14 +197,28 @@ def settings(run: Run, inference: list[InferenceResult], e2e_model: BenchModel) 
     }
 
 
-def end_to_end_sections(e2e: EndToEnd, e2e_int8: EndToEnd | None, baselines: list[BaselineResult]) -> dict:
-    """The end-to-end runs, the peers, and the ratios between them and inference alone."""
+def end_to_end_sections(runs: dict[str, EndToEnd], baselines: list[BaselineResult]) -> dict:
+    """The end-to-end runs, the peers, and the ratios between them, inference alone and each other (INT8 over FP32,
+    OpenVINO over ONNX Runtime); on a GPU the CPU's sections are None."""
+    sections: dict = {key: None for key in CPU_END_TO_END} | {key.replace("end_to_end", "ratios"): None for key in CPU_END_TO_END}
+    sections["baselines"] = [asdict(r) for r in baselines]
+    for key, e2e in runs.items():
+        sections[key] = asdict(e2e.result)
+        found = ratios(e2e.result, baselines, e2e.reference)
+        found |= relative_to(e2e, runs.get(key.replace("_int8", "")), "fp32")
+        found |= relative_to(e2e, runs.get(key.replace("_openvino", "")), "onnxruntime")
+        sections[key.replace("end_to_end", "ratios")] = found
+    return sections
+
+
+def relative_to(e2e: EndToEnd, other: EndToEnd | None, name: str) -> dict:
+    """``e2e`` over ``other`` (the FP32 run of an INT8 one, ONNX Runtime's run of OpenVINO's), end to end and in
+    inference alone; nothing when there is no such other run."""
+    if other is None or other is e2e:
+        return {}
     return {
-        "end_to_end": asdict(e2e.result),
-        "end_to_end_int8": asdict(e2e_int8.result) if e2e_int8 else None,
-        "baselines": [asdict(r) for r in baselines],
-        "ratios": ratios(e2e.result, baselines, e2e.reference),
-        "ratios_int8": int8_ratios(e2e_int8, e2e, baselines) if e2e_int8 else None,
+        f"end_to_end_over_{name}": speedup(e2e.result, other.result),
+        f"inference_over_{name}": speedup(e2e.reference, other.reference),
     }
 
 
@@ -212,14 +236,6 @@ def ratios(e2e: EndToEndResult, baselines: list[BaselineResult], reference: Infe
         out["end_to_end_over_inference"] = speed / rate
         out["inference_reference"] = dict(label=reference.label, model=reference.model, batch_size=reference.batch_size)
         out["inference_reference"]["images_per_second"] = rate
-    return out
-
-
-def int8_ratios(int8: EndToEnd, fp32: EndToEnd, baselines: list[BaselineResult]) -> dict:
-    """:func:`ratios` of the INT8 end-to-end run, and INT8 over FP32 end to end and in inference alone."""
-    out = ratios(int8.result, baselines, int8.reference)
-    out["end_to_end_over_fp32"] = speedup(int8.result, fp32.result)
-    out["inference_over_fp32"] = speedup(int8.reference, fp32.reference)
     return out
 
 
@@ -282,8 +298,8 @@ def failures(results: dict) -> list[str]:
         for r in results["inference"]
         if r["status"] == "failed"
     ]
-    for key, what in (("end_to_end", "end to end"), ("end_to_end_int8", "end to end, INT8")):
+    for key in CPU_END_TO_END:
         if (results.get(key) or {}).get("status") == "failed":
-            found.append(f"{what}: {results[key]['reason']}")
+            found.append(f"{key.replace('_', ' ')}: {results[key]['reason']}")
     found += [f"baseline {r['label']}: {r['reason']}" for r in results["baselines"] if r["status"] == "failed"]
     return found

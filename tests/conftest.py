@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,32 @@ from batch.core.contract import IMAGENET_MEAN, IMAGENET_STD
 
 REPO = Path(__file__).resolve().parents[1]
 CARVANA = REPO.parent / "shared" / "data" / "carvana"
+
+# ---- the CPU runtime: a cache of the session's own, and ONNX Runtime by default ---------------------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def runtime_cache(tmp_path_factory) -> Iterator[Path]:
+    """``runtime auto``'s cache (batch.inference.runtime_choice) in a folder of the test session, never the user's
+    ~/.cache; set in the environment, so command subprocesses and Ray workers use it too."""
+    folder = tmp_path_factory.mktemp("xdg-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(folder))
+        yield folder / "carvana-unet"
+
+
+@pytest.fixture(autouse=True)
+def onnxruntime_measured_faster(monkeypatch) -> None:
+    """``runtime auto`` measures ONNX Runtime faster in every test (a fake measurement, cached like a real one), so
+    that no test's masks depend on which runtime won a race on a busy machine. tests/test_runtime_choice.py
+    measures for real."""
+    from batch.inference import runtime_choice
+
+    def fake(networks: dict, x: np.ndarray, rounds: int = runtime_choice.MEASURE_ROUNDS) -> dict[str, float]:
+        return {label: 2.0 if label == "onnxruntime" else 1.0 for label in networks}
+
+    monkeypatch.setattr(runtime_choice, "measure_rates", fake)
+
 
 # ---- GPU hosts: a gpu test that skips there fails ---------------------------------------------------
 

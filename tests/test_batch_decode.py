@@ -102,7 +102,9 @@ def test_probe_enforces_the_pixel_limit(tmp_path: Path):
 def test_jpeg_decodes_at_the_smallest_dct_scale_that_covers_the_model_size(tmp_path: Path):
     assert draft_request((1280, 1918), (320, 480)) == (479, 320)  # libjpeg's 1/4 scale rounds up to 480x320
     assert draft_request((1280, 1918), (160, 240)) == (239, 160)  # 1/8
-    assert draft_request((1280, 1918), (640, 960)) == (1918, 1280)  # 1/2 would give 959 < 960 columns
+    assert draft_request((1280, 1918), (640, 960)) == (959, 640)  # 1/2 gives 959 columns: near enough to stretch to 960
+    assert draft_request((1280, 1918), (640, 990)) == (1918, 1280)  # 959 is 3% short of 990: full size
+    assert draft_request((1280, 1918), (352, 528)) == (959, 640)  # 1/4's 480 is 9% short of 528: 1/2
     assert draft_request((5, 7), (64, 96)) == (7, 5)  # upscaling: full size
     write_photo(tmp_path / "car.jpg", (1280, 1918), seed=0)
     with Image.open(tmp_path / "car.jpg") as im:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import zlib
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -10,7 +11,9 @@ import pytest
 from PIL import Image
 
 from batch.core.masks import read_mask, rle_decode
-from batch.runs.formats import encode, encode_png_mask, outline, output_paths
+from batch.runs.config import RunConfig
+from batch.runs.formats import encode, encode_png1_mask, encode_png_mask, outline, output_paths
+from batch.runs.mask_png import zlib_from_runs
 from batch.runs.outputs import write_submission
 from batch.runs.storage import LocalFolder
 
@@ -51,6 +54,58 @@ def test_png_of_an_empty_and_a_full_mask():
     for value in (0, 255):
         with Image.open(io.BytesIO(encode_png_mask(np.full((3, 1), value, np.uint8)))) as im:
             assert np.asarray(im).tolist() == [[value]] * 3
+
+
+def scanlines(rows: np.ndarray) -> bytes:
+    """What a PNG's zlib stream must inflate to: each row after a filter byte 0."""
+    return np.concatenate([np.zeros((rows.shape[0], 1), np.uint8), rows], axis=1).tobytes()
+
+
+def run_of(length: int, width: int, start: int = 2) -> np.ndarray:
+    rows = np.zeros((3, width), np.uint8)
+    rows[1, start : start + length] = 255
+    return rows
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        np.zeros((5, 7), np.uint8),
+        np.full((3, 300), 255, np.uint8),  # runs across rows, through the filter bytes
+        np.full((1, 1), 255, np.uint8),
+        np.zeros((1, 1), np.uint8),
+        *(run_of(length, length + 5) for length in (1, 2, 3, 257, 258, 259, 260, 261, 516, 517, 518, 519)),
+        run_of(40, 60, start=0),  # a row that starts with a non-zero byte
+        np.random.default_rng(0).integers(0, 256, (20, 33), dtype=np.uint8),  # no runs: literals of every value
+        (np.random.default_rng(1).random((50, 61)) > 0.5).astype(np.uint8) * 255,
+        np.tile(np.array([[0, 255]], np.uint8), (400, 700)),  # every byte a run: a skewed, long block
+    ],
+    ids=lambda rows: f"{rows.shape[0]}x{rows.shape[1]}",
+)
+def test_the_deflate_stream_from_runs_inflates_to_the_scanlines(rows: np.ndarray):
+    assert zlib.decompress(zlib_from_runs(rows)) == scanlines(rows)  # zlib checks the Adler-32 from the runs too
+
+
+def test_png_of_a_real_mask_is_as_small_as_zlibs_run_length_strategy(mask):
+    big = np.kron(mask, np.ones((32, 32), np.uint8))  # (1184, 1696): a car-sized mask with long runs
+    data = encode_png_mask(big)
+    with Image.open(io.BytesIO(data)) as im:
+        np.testing.assert_array_equal(np.asarray(im), big)
+    rle = zlib.compressobj(6, zlib.DEFLATED, zlib.MAX_WBITS, 9, zlib.Z_RLE)  # what the encoder wrote before
+    assert len(data) <= len(rle.compress(scanlines(big)) + rle.flush()) + 64  # the PNG's header and chunks
+
+
+def test_png1_is_a_1_bit_mask_read_back_as_the_same_car(mask, tmp_path: Path):
+    data = encode_png1_mask(mask)
+    with Image.open(io.BytesIO(data)) as im:
+        assert (im.format, im.mode, im.size) == ("PNG", "1", (53, 37))
+    (tmp_path / "m.png").write_bytes(data)
+    np.testing.assert_array_equal(read_mask(tmp_path / "m.png"), mask == 255)
+    big = np.kron(mask, np.ones((32, 32), np.uint8))  # at a photo's size, where the bytes are mostly runs
+    assert len(encode_png1_mask(big)) < 0.9 * len(encode_png_mask(big))
+    assert output_paths(tmp_path, PurePosixPath("car.jpg"), ("png1",)) == {"png1": tmp_path / "car.png"}
+    with pytest.raises(ValueError, match="png and png1 are the same file"):
+        RunConfig("in", "out", formats=("png", "png1"))
 
 
 def test_gif_is_a_kaggle_palette_mask(mask, tmp_path: Path):

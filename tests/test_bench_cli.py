@@ -46,13 +46,33 @@ def test_run_writes_three_well_formed_files(smoke_run):
     assert {r["precision"] for r in results["inference"]} == {"fp32", "int8"}  # INT8 beside FP32 on the CPU
     assert results["end_to_end_int8"]["status"] == "ok" and results["end_to_end_int8"]["precision"] == "int8"
     assert results["ratios_int8"]["end_to_end_over_fp32"] > 0 and results["ratios_int8"]["inference_over_fp32"] > 0
+    assert {r["backend"] for r in results["inference"]} == {"cpu", "openvino"}  # both CPU runtimes, side by side
+    assert (results["end_to_end"]["runtime"], results["end_to_end_openvino"]["runtime"]) == ("onnxruntime", "openvino")
+    assert results["end_to_end_int8_openvino"]["status"] == "ok" and results["ratios_int8_openvino"]["end_to_end_over_fp32"] > 0
+    assert (
+        results["ratios_openvino"]["end_to_end_over_onnxruntime"] > 0
+        and results["ratios_openvino"]["end_to_end_over_inference"] > 0
+    )
+    host = results["host_cost"]
+    assert host["status"] == "ok" and host["total_ms"] > 0 and host["gpu_host_photos_per_second"] > 0
+    assert set(host["ms_per_photo"]) == {"read", "decode", "upsample", "encode", "write", "encode png1"}
     assert results["memory"]["benchmark_peak_rss_mib"] > 0
     machine = results["machine"]
+    assert isinstance(machine["cpu"]["flags"], list) and machine["packages"]["openvino"]
     assert machine["cpu"]["usable_cores"] >= 1 and machine["packages"]["onnxruntime"] and "commit" in machine["git"]
 
     markdown = (out / "results.md").read_text()
-    for heading in ("## Summary", "## Inference sweep", "## End-to-end stages", "## Memory", "## Machine"):
+    for heading in (
+        "## Summary",
+        "## Inference sweep",
+        "## End-to-end stages",
+        "## Host cost per photo",
+        "## Memory",
+        "## Machine",
+    ):
         assert heading in markdown
+    assert "OpenVINO / ONNX Runtime, end to end" in markdown and "unet-batch segment, unet-w4 FP32, openvino" in markdown
+    assert "CPU flags" in markdown and "photos/s" in markdown
     assert "end to end / naive torch eager" in markdown and "end to end / inference alone" in markdown
     assert "INT8 / FP32, end to end" in markdown and "unet-batch segment, unet-w4 INT8" in markdown
     with Image.open(out / "results.png") as png:

@@ -129,6 +129,30 @@ def test_cpu_sweep_measures_each_batch_with_flops(bench_model, bench_photos):
     assert fastest(sweep) in sweep
 
 
+def test_openvino_sweeps_beside_onnxruntime_on_the_cpu(bench_model, bench_photos):
+    openvino = [backend for backend in backends_for(CPU) if backend.name == "openvino"]
+    assert [(b.label, b.runtime, b.on_gpu) for b in openvino] == [
+        ("OpenVINO CPU FP32", "openvino", False),
+        ("OpenVINO CPU INT8", "openvino", False),
+    ]
+    sweep = sweep_batches(bench_model, openvino[0], decoded_photos(bench_photos), SweepConfig((1, 2), warmup=1, repeats=2))
+    assert [(r.batch_size, r.status, r.backend) for r in sweep] == [(1, "ok", "openvino"), (2, "ok", "openvino")]
+
+
+def test_host_cost_times_each_stage_of_a_photo_on_one_core(bench_photos):
+    from benchmarks.host import GPU_HOST_CORES, car_scores, measure_host_cost
+
+    result = measure_host_cost(photo_paths(bench_photos)[:3], SIZE)
+    assert result.status == "ok" and result.photos == 3, result.reason
+    assert set(result.ms_per_photo) == {"read", "decode", "upsample", "encode", "write", "encode png1"}
+    stages = sum(result.ms_per_photo[s] for s in ("read", "decode", "upsample", "encode", "write"))
+    assert result.total_ms == pytest.approx(stages, abs=0.01)  # each figure rounded to a microsecond
+    assert result.gpu_host_photos_per_second == pytest.approx(GPU_HOST_CORES * 1000 / result.total_ms, rel=1e-3)
+    assert 0.2 < (car_scores(SIZE) > 0).mean() < 0.6  # a car-sized blob
+    failed = measure_host_cost([bench_photos / "missing.jpg"], SIZE)
+    assert failed.status == "failed" and "missing.jpg" in failed.reason
+
+
 def test_sweep_stops_before_a_batch_over_the_time_budget(bench_model, bench_photos):
     budget = SweepConfig((1, 2, 4), warmup=0, repeats=1, max_batch_seconds=1e-9)
     sweep = sweep_batches(bench_model, backends_for(CPU)[0], decoded_photos(bench_photos), budget)
@@ -199,6 +223,11 @@ def test_end_to_end_reads_the_runner_report_and_leaves_set_up_out(bench_model, b
     assert result.stage_ms_per_image["infer"] == pytest.approx(1.5e3 / 4)
     assert result.peak_rss_mib > 0 and result.repeats == 2
     assert result.command[2:4] == ["segment", str(bench_photos)] and "--limit" in result.command
+    assert "--runtime" not in result.command  # the runner's default
+    openvino = run_end_to_end(
+        bench_photos, bench_model, CPU, EndToEndConfig(batch_size=2, images=4, repeats=1, runtime="openvino")
+    )
+    assert openvino.command[openvino.command.index("--runtime") + 1] == "openvino"
 
 
 def test_end_to_end_failure_keeps_the_runner_message(bench_model, bench_photos, tmp_path, monkeypatch):
@@ -291,7 +320,12 @@ def test_sweep_plan_runs_every_width_and_the_end_to_end_model():
     from benchmarks.config import RunConfig
 
     cpu = planned(RunConfig(suite="quick", width=8), "cpu", PlannedModels())
-    assert cpu == [(f"unet-w{w}", "cpu", precision, precision) for precision in ("fp32", "int8") for w in (8, 16, 32, 64)]
+    assert cpu == [
+        (f"unet-w{w}", runtime, precision, precision)
+        for runtime in ("cpu", "openvino")  # ONNX Runtime and OpenVINO side by side
+        for precision in ("fp32", "int8")
+        for w in (8, 16, 32, 64)
+    ]
     gpu = planned(RunConfig(suite="quick"), "cuda", PlannedModels())
     assert [row for row in gpu if row[1] == "cuda"] == [
         *[(f"unet-w{w}", "cuda", "fp16", "fp16") for w in (16, 32, 64)],
@@ -306,9 +340,11 @@ def test_sweep_plan_runs_a_users_fp16_model_on_the_cpu_labelled_fp16(tmp_path):
     from benchmarks.config import RunConfig
 
     plan = planned(RunConfig(suite="quick", model=tmp_path / "mine.onnx"), "cpu", PlannedModels("fp16"))
-    assert plan[0] == ("mine", "cpu", "fp16", "fp16")
-    assert [row[0] for row in plan[1:] if row[2] == "fp32"] == ["unet-w16", "unet-w32", "unet-w64"]
-    assert [row[0] for row in plan if row[2] == "int8"] == ["unet-w16", "unet-w32", "unet-w64"]  # FP16 is not quantized
+    assert [row for row in plan if row[0] == "mine"] == [("mine", "cpu", "fp16", "fp16"), ("mine", "openvino", "fp16", "fp16")]
+    for runtime in ("cpu", "openvino"):
+        ran = [row for row in plan if row[1] == runtime]
+        assert [row[0] for row in ran if row[2] == "fp32"] == ["unet-w16", "unet-w32", "unet-w64"]
+        assert [row[0] for row in ran if row[2] == "int8"] == ["unet-w16", "unet-w32", "unet-w64"]  # FP16 is not quantized
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from batch.cli.options import DEVICE, LOCATION, SHOWN_FAILURES, Command, InputEr
 from batch.core.devices import cpu_count
 from batch.core.errors import CarvanaError
 from batch.core.extras import require
-from batch.inference.config import DECODERS, defaults
+from batch.inference.config import DECODERS, RUNTIMES, defaults
 from batch.runs.config import ENGINES, ClusterConfig, RunConfig
 from batch.runs.formats import FORMATS
 
@@ -94,7 +94,14 @@ def sigterm_as_interrupt() -> Iterator[None]:
     help=f"local engine: decode and writer threads each [default: CPU cores, {cpu_count()} here]; --engine ray: inference "
     "actors [default: one per GPU, else one per node]",
 )
-@click.option("--threads", type=click.IntRange(min=1), help=f"ONNX Runtime threads [default: CPU cores, {cpu_count()} here]")
+@click.option(
+    "--runtime",
+    type=click.Choice(RUNTIMES, case_sensitive=False),
+    default=SEGMENT["runtime"],
+    help="what runs the model on the CPU. auto: the faster of ONNX Runtime and OpenVINO on this CPU for this model "
+    "(timed once, cached in ~/.cache/carvana-unet); a GPU always runs ONNX Runtime's CUDA provider",
+)
+@click.option("--threads", type=click.IntRange(min=1), help=f"inference threads [default: CPU cores, {cpu_count()} here]")
 @click.option(
     "--read-timeout",
     type=click.FloatRange(0, 24 * 3600, min_open=True),

@@ -49,6 +49,7 @@ SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # stored sideways: height and width swap
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 
 Source = str | Path | BinaryIO
+NEAR_SCALE = 0.98  # a DCT scale this close below the target is decoded at and stretched (959 -> 960 px)
 
 
 class ImageError(CarvanaError):
@@ -82,8 +83,9 @@ def load_resized_rgb(path: Source, size: tuple[int, int]) -> tuple[np.ndarray, t
     and the photo's (H, W) as shown.
 
     JPEGs are decoded at the smallest DCT scale (Pillow's draft mode: 1/2, 1/4 or 1/8) no smaller
-    than ``size`` (:func:`draft_request`), so a 1918x1280 photo bound for 480x320 is decoded at
-    480x320 directly. The remaining resize is Pillow's antialiased bilinear filter. Grayscale,
+    than ``size``, or at most 2% smaller (:func:`draft_request`), so a 1918x1280 photo bound for
+    480x320 is decoded at 480x320 directly, and one bound for 960x640 at 959x640. The remaining
+    resize is Pillow's antialiased bilinear filter. Grayscale,
     CMYK, palette, 16-bit and RGBA inputs become 8-bit RGB (alpha dropped; 16-bit values keep their
     top 8 bits). The EXIF orientation (a phone photo stored sideways) is applied after the resize,
     on the small image: the model sees the car upright, and the mask lines up with the photo as shown.
@@ -135,10 +137,19 @@ def draft_request(original: tuple[int, int], size: tuple[int, int]) -> tuple[int
     scale by floor division of the size it is given (1918 // 480 = 3, so only 1/2): asking for
     exactly the target would decode a 1918x1280 photo at 959x640 on its way to 480x320, three
     times the work. Ask instead for the floor-divided size of the scale we want.
+
+    A scale that lands just short of ``size`` (:data:`NEAR_SCALE`: 1918 px / 2 = 959 px for 960) is taken too:
+    stretching 959 columns to 960 loses nothing the model sees, where the full-size decode and a resize
+    over 2.5 megapixels would cost four times the decode.
     """
     (full_h, full_w), (h, w) = original, size
     for scale in (8, 4, 2):
-        if full_w // scale and full_h // scale and -(-full_w // scale) >= w and -(-full_h // scale) >= h:
+        if (
+            full_w // scale
+            and full_h // scale
+            and -(-full_w // scale) >= w * NEAR_SCALE
+            and -(-full_h // scale) >= h * NEAR_SCALE
+        ):
             return full_w // scale, full_h // scale
     return full_w, full_h
 

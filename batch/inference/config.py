@@ -13,6 +13,7 @@ from pathlib import Path
 from batch.core.devices import DeviceError, parse_device
 
 DECODERS = ("auto", "dali", "pillow")
+RUNTIMES = ("auto", "onnxruntime", "openvino")  # what runs the model on the CPU (a GPU always runs ONNX Runtime's CUDA)
 DEFAULT_BATCH_SIZE = {"cpu": 8, "cuda": 32}  # photos per inference batch when none is given
 
 
@@ -27,7 +28,8 @@ class SegmenterConfig:
     batch_size: int | None = None  # None: 32 on a GPU, 8 on the CPU
     decoder: str = "auto"  # auto (DALI on a GPU, Pillow on the CPU) | dali | pillow
     workers: int | None = None  # decode and post-processing (writer) threads each; None: CPU cores
-    threads: int | None = None  # ONNX Runtime intra-op threads; None: CPU cores
+    threads: int | None = None  # inference threads (ONNX Runtime's intra-op, OpenVINO's); None: CPU cores
+    runtime: str = "auto"  # auto (the faster on this CPU for this model, measured once) | onnxruntime | openvino
     read_timeout: float = 60.0  # seconds one photo's read may take before it is failed (a hung network filesystem)
 
     def __post_init__(self) -> None:
@@ -39,12 +41,28 @@ class SegmenterConfig:
             raise ValueError(str(e)) from e
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, not {self.decoder!r}")
+        object.__setattr__(self, "runtime", str(self.runtime).strip().lower())
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {self.runtime!r}")
+        conflict = runtime_device_conflict(self.runtime, self.device)
+        if conflict:
+            raise ValueError(conflict)
         for name in ("batch_size", "workers", "threads"):
             check_positive(name, getattr(self, name))
         if not 0 < self.read_timeout <= 24 * 3600:
             raise ValueError(f"read_timeout must be between 0 and a day, in seconds, not {self.read_timeout}")
         if self.threshold is not None and not 0 < self.threshold < 1:
             raise ValueError(f"threshold must be a probability strictly between 0 and 1, not {self.threshold}")
+
+
+def runtime_device_conflict(runtime: str, device: str) -> str | None:
+    """Why ``runtime`` cannot run on ``device`` (OpenVINO on a CUDA GPU), or None when it can."""
+    if runtime == "openvino" and device.startswith("cuda"):
+        return (
+            f"runtime openvino runs on the CPU only, not on {device}: a GPU runs ONNX Runtime's CUDA provider. "
+            "Use --device cpu with --runtime openvino, or --runtime onnxruntime (or auto) on the GPU"
+        )
+    return None
 
 
 def check_positive(name: str, value: int | None) -> None:

@@ -1,11 +1,14 @@
-"""Inference stage: the exported model in ONNX Runtime, on the CPU or a CUDA GPU.
+"""Inference stage: the exported model in ONNX Runtime or OpenVINO on the CPU, or ONNX Runtime on a CUDA GPU.
 
 - :func:`load_model` reads and checks the ONNX file and its contract (batch/core/contract.py), then
-  opens an ``InferenceSession`` with explicit providers. ``cuda`` that cannot be honoured (no CUDA
-  provider in this onnxruntime, no GPU, missing CUDA libraries) is a :class:`DeviceError`, never a
-  silent CPU run; ``auto`` picks the GPU when it works and says which it took.
-- :class:`CpuPredictor`: host arrays in, low-resolution scores out; the upsample + threshold to each
-  photo's size (:func:`batch.inference.postprocess.upsample_threshold`) runs later, in the writer threads.
+  opens it as a :class:`Network` (:mod:`batch.inference.runtime_choice` says which runtime): an
+  ``InferenceSession`` with explicit providers, or OpenVINO's compiled model on the CPU. ``cuda``
+  that cannot be honoured (no CUDA provider in this onnxruntime, no GPU, missing CUDA libraries) is
+  a :class:`DeviceError`, never a silent CPU run; ``auto`` picks the GPU when it works and says which
+  it took.
+- :class:`CpuPredictor`: host arrays in, low-resolution scores out, through either runtime; the
+  upsample + threshold to each photo's size (:func:`batch.inference.postprocess.upsample_threshold`)
+  runs later, in the writer threads.
 - :class:`BoundPredictor`: IOBinding on the session's device (the CUDA path). Inputs come as device
   buffers (DALI's GPU output) or are uploaded once, every batch padded to one shape; only the
   low-resolution scores come back to the host, and the writers upsample them as on the CPU. It
@@ -37,23 +40,58 @@ from batch.inference.postprocess import (
     unsure_band,
     upsample_threshold,
 )
-from batch.inference.runtime import CUDA_OPTIONS, CUDA_PROVIDER, ModelError, device_for_precision, open_session, session_options
+from batch.inference.runtime import CUDA_PROVIDER, ModelError, OnnxRuntimeNetwork, device_for_precision
+from batch.inference.runtime_choice import RuntimeChoice, RuntimeRequest, open_network
 
 log = logging.getLogger(__name__)
 
-ELEMENT_TYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32", "tensor(float16)": "float16"}
+
+class Network(Protocol):
+    """A compiled model, whatever runs it: :class:`~batch.inference.runtime.OnnxRuntimeNetwork` or
+    :class:`~batch.inference.openvino_runtime.OpenVinoNetwork`."""
+
+    name: str  # the runtime: onnxruntime | openvino
+    provider: str  # what runs the graph: ONNX Runtime's execution provider, or "OpenVINO CPU"
+    precision: str  # the arithmetic: as exported, or OpenVINO's inference precision (f32, bf16)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """A batch of the model's input (batch.core.contract.prepare_input) -> its (N, 1, h, w) scores."""
+        ...
+
+    def describe(self) -> dict[str, str]:
+        """The runtime's name, version and precision."""
+        ...
 
 
 @dataclass
 class Model:
     path: Path
     contract: ModelContract
-    session: ort.InferenceSession
+    network: Network
+    runtime: RuntimeChoice  # which runtime runs it, and why
     device: str  # "cpu" or "cuda:N"
-    provider: str  # the execution provider running the graph
-    input_name: str
-    output_name: str
-    output_dtype: str  # "float32" or "float16"
+
+    @property
+    def provider(self) -> str:
+        return self.network.provider
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        """The ONNX Runtime session (the IOBinding path); a :class:`ModelError` when OpenVINO runs the model."""
+        return self.onnxruntime_network().session
+
+    @property
+    def input_name(self) -> str:
+        return self.onnxruntime_network().input_name
+
+    @property
+    def output_name(self) -> str:
+        return self.onnxruntime_network().output_name
+
+    def onnxruntime_network(self) -> OnnxRuntimeNetwork:
+        if not isinstance(self.network, OnnxRuntimeNetwork):
+            raise ModelError(f"{self.path} runs under {self.network.name}, which has no ONNX Runtime session")
+        return self.network
 
     @property
     def on_gpu(self) -> bool:
@@ -62,6 +100,10 @@ class Model:
     @property
     def device_index(self) -> int:
         return int(self.device.split(":")[1]) if self.on_gpu else 0
+
+    def describe_runtime(self) -> dict:
+        """report.json's ``runtime``: which runtime runs the model, its version and precision, and why it was chosen."""
+        return self.runtime.describe(self.network.describe()["version"])
 
     def describe(self) -> dict:
         c = self.contract
@@ -123,29 +165,20 @@ def check_graph_io(path: Path, contract: ModelContract, inputs: list, outputs: l
         raise ModelError(f"{path}: output '{outputs[0].name}' has shape {out_dims}; expected (N, 1, H, W)")
 
 
-def load_model(path: Path, device: str = "auto", threads: int | None = None, verbose: bool = False) -> Model:
-    """Open ``path`` on ``device`` (auto, cpu, cuda, cuda:N); :class:`ModelError` / :class:`DeviceError` on failure."""
+def load_model(
+    path: Path, device: str = "auto", threads: int | None = None, verbose: bool = False, runtime: str = "auto"
+) -> Model:
+    """Open ``path`` on ``device`` (auto, cpu, cuda, cuda:N) with ``runtime`` (auto, onnxruntime, openvino: see
+    :mod:`batch.inference.runtime_choice`); :class:`ModelError` / :class:`DeviceError` on failure."""
     device = parse_device(device)
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist")
     contract = read_contract(path)
     device = device_for_precision(device, contract.precision, path)  # INT8: CPU only
-    session = open_session(path, device, session_options(threads, verbose), cuda_options=CUDA_OPTIONS)
-    provider = session.get_providers()[0]
-    on_gpu = provider == CUDA_PROVIDER
-    (image,) = session.get_inputs()
-    output = session.get_outputs()[0]
-    return Model(
-        path=path,
-        contract=contract,
-        session=session,
-        device=f"cuda:{device.index}" if on_gpu else "cpu",
-        provider=provider,
-        input_name=image.name,
-        output_name=output.name,
-        output_dtype=ELEMENT_TYPES[output.type],  # float or float16: checked by read_contract
-    )
+    network, choice = open_network(path, contract, device, RuntimeRequest(runtime, threads, verbose))
+    on_gpu = network.provider == CUDA_PROVIDER
+    return Model(path, contract, network, choice, device=f"cuda:{device.index}" if on_gpu else "cpu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,7 +245,7 @@ class LowResScores:
 
 
 class CpuPredictor:
-    """ONNX Runtime on host arrays; post-processing deferred to the writers."""
+    """The model's network (ONNX Runtime or OpenVINO) on host arrays; post-processing deferred to the writers."""
 
     def __init__(self, model: Model, threshold: float, tta: bool, clock: StageClock | None = None):
         self.model = model
@@ -223,7 +256,7 @@ class CpuPredictor:
 
     def run(self, x: np.ndarray) -> np.ndarray:
         with self.clock("infer"):
-            scores = self.model.session.run([self.model.output_name], {self.model.input_name: x})[0]  # (N, 1, h, w)
+            scores = self.model.network.run(x)  # (N, 1, h, w)
         return scores.astype(np.float32, copy=False)
 
     def predict(self, batch: Batch) -> list[LowResScores]:

@@ -1,5 +1,8 @@
 """ONNX Runtime sessions on an explicit device: the one place that builds execution-provider lists.
 
+:class:`OnnxRuntimeNetwork` is a session as the runner runs it, the peer of OpenVINO's
+(:mod:`batch.inference.openvino_runtime`); :mod:`batch.inference.runtime_choice` says which of the two runs a model.
+
 - ``cpu``: the CPU provider.
 - ``cuda[:N]``: the CUDA provider on GPU N (TensorRT first, when asked for). One that cannot be
   honoured (no such provider in this onnxruntime, no GPU, missing CUDA libraries, a session that
@@ -29,6 +32,7 @@ from batch.core.errors import CarvanaError
 from batch.core.extras import require
 
 if TYPE_CHECKING:
+    import numpy as np
     import onnxruntime as ort
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,7 @@ PROVIDER_FIXES = {
 CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC"}
 
 ModelSource = str | Path | bytes  # an .onnx file, or a serialized model
+AS_EXPORTED = "as exported"  # ONNX Runtime computes in the file's own precision (FP32, FP16 or INT8)
 
 
 class ModelError(CarvanaError):
@@ -195,6 +200,25 @@ def open_gpu_session(
         return unavailable(f"ONNX Runtime could not start its {label} provider ({why_cuda_failed(not_found)}; -v shows its log)")
     log.info("running on GPU %d with ONNX Runtime's %s provider", device.index, label)
     return session
+
+
+class OnnxRuntimeNetwork:
+    """An ONNX Runtime session as the runner runs it: a batch of the model's input -> its (N, 1, h, w) scores."""
+
+    name = "onnxruntime"
+    precision = AS_EXPORTED
+
+    def __init__(self, session: ort.InferenceSession):
+        self.session = session
+        self.provider: str = session.get_providers()[0]  # the execution provider running the graph
+        self.input_name: str = session.get_inputs()[0].name
+        self.output_name: str = session.get_outputs()[0].name
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: x})[0]
+
+    def describe(self) -> dict[str, str]:
+        return {"name": self.name, "version": onnxruntime().__version__, "precision": self.precision}
 
 
 # ---------------------------------------------------------------------------------------------

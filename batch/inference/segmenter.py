@@ -74,7 +74,10 @@ class Segmenter:
     :class:`~batch.core.devices.DeviceError`. ``threshold``: car probability cut (default: the model's).
     ``batch_size``: images per inference (default 32 on a GPU, 8 on the CPU). ``decoder``: ``auto``
     (DALI's nvJPEG on a GPU, Pillow on the CPU), ``dali`` or ``pillow``. ``workers``: decode and
-    post-processing threads each; ``threads``: ONNX Runtime's (default: this process's CPU cores).
+    post-processing threads each; ``threads``: the runtime's (default: this process's CPU cores).
+    ``runtime``: what runs the model on the CPU: ``auto`` (the faster of ONNX Runtime and OpenVINO on this CPU
+    for this model, measured on first use and cached: :mod:`batch.inference.runtime_choice`), ``onnxruntime``
+    or ``openvino``; a GPU always runs ONNX Runtime's CUDA provider.
     ``clock``: where the stage times go (the folder runner's report); a new one by default.
 
     Raises ``ValueError`` for bad options, :class:`~batch.inference.runtime.ModelError` for a model that cannot be
@@ -93,6 +96,7 @@ class Segmenter:
         workers: int | None = None,
         threads: int | None = None,
         read_timeout: float = SegmenterConfig.read_timeout,
+        runtime: str = SegmenterConfig.runtime,
         *,
         clock: StageClock | None = None,
     ):
@@ -106,6 +110,7 @@ class Segmenter:
             workers=workers,
             threads=threads,
             read_timeout=read_timeout,
+            runtime=runtime,
         )
         self.clock = clock or StageClock()
         self.streaming = threading.Lock()
@@ -114,7 +119,9 @@ class Segmenter:
         with self.clock("setup"):
             path = self.config.model or default_model_path(self.config.device)
             verbose = logging.getLogger("batch").isEnabledFor(logging.DEBUG)  # -v: ONNX Runtime's warnings too
-            self.model: Model = load_model(path, self.config.device, threads=self.config.threads, verbose=verbose)
+            self.model: Model = load_model(
+                path, self.config.device, threads=self.config.threads, verbose=verbose, runtime=self.config.runtime
+            )
             self.threshold: float = self.model.contract.threshold if self.config.threshold is None else self.config.threshold
             self.batch_size: int = self.config.batch_size or DEFAULT_BATCH_SIZE["cuda" if self.model.on_gpu else "cpu"]
             self.workers: int = self.config.workers or cpu_count()
@@ -140,6 +147,7 @@ class Segmenter:
         return {
             "device": self.device,
             "provider": self.model.provider,
+            "runtime": self.model.describe_runtime(),
             "decoder": self.decoder.name,
             "pillow_fallbacks": self.decoder.pillow_fallbacks,
             "model": self.model.describe(),
@@ -151,7 +159,8 @@ class Segmenter:
 
     def __repr__(self) -> str:
         return (
-            f"Segmenter(model={str(self.model.path)!r}, device={self.device!r}, decoder={self.decoder.name!r}, "
+            f"Segmenter(model={str(self.model.path)!r}, device={self.device!r}, runtime={self.model.runtime.runtime!r}, "
+            f"decoder={self.decoder.name!r}, "
             f"batch_size={self.batch_size}, threshold={self.threshold}, tta={self.tta})"
         )
 

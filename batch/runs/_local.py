@@ -49,7 +49,11 @@ class LocalEngine:
 
     def summary(self) -> str:
         s = self.segmenter
-        return f"{s.model.path.name} on {s.device}, decoder {s.decoder.name}, batch {s.batch_size}"
+        runtime = s.model.runtime
+        return (
+            f"{s.model.path.name} on {s.device} with {runtime.runtime} ({runtime.precision}, by {runtime.chosen_by}), "
+            f"decoder {s.decoder.name}, batch {s.batch_size}"
+        )
 
     def process(self, jobs: list[Job], source: Storage, output: Storage, results: Results, progress: bool) -> None:
         """The jobs in chunks, each recorded in the crash journal first (batch.runs.journal): a photo that kills this

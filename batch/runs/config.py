@@ -10,7 +10,7 @@ from pathlib import Path
 
 from batch.core.errors import CarvanaError
 from batch.inference.config import SegmenterConfig, check_positive
-from batch.runs.formats import FORMATS
+from batch.runs.formats import FORMATS, conflicting_formats
 from batch.runs.report import REPORT_NAME
 from batch.runs.storage import as_location, is_uri
 
@@ -43,6 +43,9 @@ class RunConfig(SegmenterConfig):
         unknown = [f for f in formats if f not in FORMATS]
         if unknown:
             raise ValueError(f"unknown format(s) {unknown}; choose from {', '.join(FORMATS)}")
+        conflict = conflicting_formats(formats)
+        if conflict:
+            raise ValueError(conflict)
         object.__setattr__(self, "formats", formats)
         check_positive("limit", self.limit)
 

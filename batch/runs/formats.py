@@ -7,17 +7,16 @@ run are removed by the next run (:func:`batch.core.files.remove_stale_temporarie
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image
 
-from batch.core.images import PNG_SIGNATURE
 from batch.core.masks import rle_encode
+from batch.runs.mask_png import encode_png
 
-FORMATS = ("png", "gif", "rle", "overlay", "cutout")
+FORMATS = ("png", "png1", "gif", "rle", "overlay", "cutout")
+SAME_FILE = ("png", "png1")  # two encodings of one file: a run writes one of them
 PHOTO_FORMATS = ("overlay", "cutout")  # formats that need the full-size photo
 SUBMISSION_NAME = "submission.csv"
 CONFIDENCE_NAME = "confidence.csv"  # photo,confidence: which masks a person should look at first
@@ -33,6 +32,7 @@ def output_paths(output_dir: Path, rel: PurePosixPath, formats: tuple[str, ...])
     base = output_dir.joinpath(*rel.parts)
     names = {
         "png": base.with_suffix(".png"),
+        "png1": base.with_suffix(".png"),
         "gif": base.with_suffix(".gif"),
         "rle": output_dir.joinpath(RLE_DIR, *rel.parts).with_name(rel.name + ".rle"),
         "overlay": base.with_name(f"{base.stem}_overlay.jpg"),
@@ -46,24 +46,25 @@ def output_paths(output_dir: Path, rel: PurePosixPath, formats: tuple[str, ...])
 
 
 def encode_png_mask(mask: np.ndarray) -> bytes:
-    """8-bit grayscale PNG of ``mask`` (H, W) uint8.
+    """8-bit grayscale PNG of ``mask`` (H, W) uint8, deflated from its runs (batch.runs.mask_png: 2 ms at 1918x1280,
+    where zlib takes 5 ms and Pillow, trying five row filters, several times that)."""
+    return encode_png(mask, mask.shape[1], 8)
 
-    Written directly rather than through Pillow: Pillow tries five PNG row filters per row, which
-    for a two-valued mask costs more than everything else in the pipeline; unfiltered rows with
-    zlib's run-length strategy are 3x faster and smaller.
+
+def encode_png1_mask(mask: np.ndarray) -> bytes:
+    """1-bit grayscale PNG of ``mask`` (H, W) uint8: black background, white car (any non-zero value).
+
+    A quarter smaller than the 8-bit file (3.5 kB instead of 4.8 kB at 1918x1280); image tools read it, but
+    code that expects 0/255 pixel values reads 0/1 (Pillow: mode "1", a bool array).
     """
-    height, width = mask.shape
-    rows = np.empty((height, width + 1), dtype=np.uint8)  # each row: filter type 0, then the pixels
-    rows[:, 0] = 0
-    rows[:, 1:] = mask
-    compressor = zlib.compressobj(6, zlib.DEFLATED, zlib.MAX_WBITS, 9, zlib.Z_RLE)
-    pixels = compressor.compress(rows.data) + compressor.flush()
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit, grayscale, no interlace
-    return PNG_SIGNATURE + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", pixels) + png_chunk(b"IEND", b"")
+    return encode_png(np.packbits(mask != 0, axis=1), mask.shape[1], 1)
 
 
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+def conflicting_formats(formats: tuple[str, ...]) -> str | None:
+    """Why ``formats`` cannot be written together (png and png1 are the same file), or None."""
+    if all(fmt in formats for fmt in SAME_FILE):
+        return "formats png and png1 are the same file (NAME.png, 8-bit or 1-bit): choose one"
+    return None
 
 
 def encode_gif_mask(mask: np.ndarray) -> bytes:
@@ -147,5 +148,5 @@ def encode(fmt: str, mask: np.ndarray, photo: Image.Image | None = None) -> byte
         if photo is None:
             raise ValueError(f"format {fmt} needs the photo")
         return encode_overlay(photo, mask) if fmt == "overlay" else encode_cutout(photo, mask)
-    encoders = {"png": encode_png_mask, "gif": encode_gif_mask, "rle": encode_rle}
+    encoders = {"png": encode_png_mask, "png1": encode_png1_mask, "gif": encode_gif_mask, "rle": encode_rle}
     return encoders[fmt](mask)

@@ -195,6 +195,7 @@ class RayEngine:
             "stages": stages,
             "device": first.get("device", self.device),
             "provider": first.get("provider", ""),
+            "runtime": first.get("runtime", {}),
             "decoder": first.get("decoder", ""),
             "pillow_fallbacks": sum(state["pillow_fallbacks"] for state in states),
             "model": model,

@@ -35,6 +35,7 @@ class Report:
     formats: list[str]
     threshold: float  # probability threshold used
     tta: bool
+    runtime: dict = field(default_factory=dict)  # name, version, precision, chosen_by (flag, measurement, ...), reason, rates
     interrupted: bool = False  # stopped by Ctrl-C or SIGTERM before the end
     stopped: str = ""  # why the run stopped before the end on its own (inference failing batch after batch); "" if it did not
     engine: str = "local"  # "local" (this process) or "ray" (batch.runs.ray_engine)
@@ -54,10 +55,13 @@ class Report:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, self.to_json())
 
+    def runtime_note(self) -> str:
+        return f" with {self.runtime['name']}" if self.runtime.get("name") else ""
+
     def summary(self) -> str:
         line = (
             f"{self.processed} segmented, {self.skipped} already done, {len(self.failed)} failed "
-            f"in {self.seconds:.1f} s ({self.images_per_second:.1f} img/s on {self.device}"
+            f"in {self.seconds:.1f} s ({self.images_per_second:.1f} img/s on {self.device}{self.runtime_note()}"
             + (f", decoder {self.decoder})" if self.decoder else ")")
         )
         line += (" - interrupted" if self.interrupted else "") + (" - stopped early" if self.stopped else "")

@@ -1,0 +1,117 @@
+"""OpenVINO on the CPU: the peer of ONNX Runtime's CPU provider (:mod:`batch.inference.runtime`).
+
+OpenVINO reads the ONNX files of ``unet-export`` as they are (the uint8 input, the normalization in
+the graph, INT8's QDQ pairs) and compiles them for this CPU's instruction set; on CPUs with AVX-512
+VNNI, BF16 or AMX it runs them faster than ONNX Runtime runs the same file. Which of the two runs a
+model is :mod:`batch.inference.runtime_choice`'s business; this module only opens one.
+
+Precision: OpenVINO's CPU plugin computes a float model in bf16 by default where the CPU has bf16
+instructions, which changes the numbers (masks within Dice 0.9999 of FP32 for the bundled model, but
+not guaranteed for any model). Here the precision is always asked for explicitly: ``f32`` (the
+numbers of ONNX Runtime's FP32 to ~1e-5) unless ``bf16`` is asked for, which
+:mod:`batch.inference.runtime_choice` does only for a model whose bf16 masks were verified.
+
+openvino is imported inside the functions, so this module imports without the ``cpu`` extra.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from batch.core.contract import ModelContract
+from batch.core.devices import cpu_count
+from batch.core.extras import require
+from batch.core.logs import first_line
+from batch.inference.runtime import ModelError
+
+if TYPE_CHECKING:
+    import openvino as ov
+
+PRECISIONS = ("f32", "bf16")  # OpenVINO's inference precisions used here (its INFERENCE_PRECISION_HINT)
+PROVIDER = "OpenVINO CPU"  # how reports name what runs the graph, beside ONNX Runtime's provider names
+
+
+def openvino():
+    """The openvino module; :class:`~batch.core.extras.MissingExtra` naming the extra when it is not installed."""
+    return require("openvino", "cpu", what="--runtime openvino")
+
+
+def installed() -> bool:
+    """Whether openvino can be imported (``runtime auto`` measures it only then)."""
+    try:
+        openvino()
+    except ImportError:
+        return False
+    return True
+
+
+def version() -> str:
+    return openvino().__version__.split("-")[0]
+
+
+def cpu_capabilities() -> tuple[str, ...]:
+    """What OpenVINO's CPU plugin can use here (``FP32``, ``INT8``, ``BF16``, ...): BF16 only on CPUs with bf16
+    instructions (AVX-512 BF16, AMX)."""
+    return tuple(openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def compile_config(threads: int | None, precision: str) -> dict[str, object]:
+    """One stream of ``threads`` threads (the runner feeds one batch at a time), the precision asked for.
+
+    LATENCY with one stream spends every thread on the batch at hand, as ONNX Runtime's intra-op pool
+    does; threads are not pinned to cores, because the decode and writer threads share those cores.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"OpenVINO precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    return {
+        "PERFORMANCE_HINT": "LATENCY",
+        "NUM_STREAMS": 1,
+        "INFERENCE_NUM_THREADS": threads or cpu_count(),
+        "INFERENCE_PRECISION_HINT": precision,
+        "ENABLE_CPU_PINNING": False,
+    }
+
+
+class OpenVinoNetwork:
+    """A model compiled by OpenVINO for this CPU: a batch of the model's input -> its (N, 1, h, w) scores.
+
+    The graph's batch stays dynamic; its height and width are fixed to the model's input size (the
+    runner feeds no other), which lets OpenVINO plan its memory once instead of on every call.
+    Not for two threads at once (the runner's inference runs in one thread).
+    """
+
+    name = "openvino"
+    provider = PROVIDER
+
+    def __init__(self, path: Path, contract: ModelContract, threads: int | None = None, precision: str = "f32"):
+        self.precision = precision
+        self.compiled = compile_model(path, contract, compile_config(threads, precision))
+        self.request = self.compiled.create_infer_request()
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """The scores for ``x``, in the output's dtype: a copy (the request reuses its output buffer); ``x`` is
+        read in place."""
+        return self.request.infer({0: x}, share_inputs=True)[0]
+
+    def describe(self) -> dict[str, str]:
+        return {"name": self.name, "version": version(), "precision": self.precision}
+
+
+def compile_model(path: Path, contract: ModelContract, config: dict[str, object]) -> ov.CompiledModel:
+    """``path`` read and compiled for the CPU; :class:`ModelError` naming the file when OpenVINO cannot."""
+    ov = openvino()
+    core = ov.Core()
+    height, width = contract.input_size
+    shape = [-1, height, width, 3] if contract.input_layout == "NHWC" else [-1, 3, height, width]
+    try:
+        model = core.read_model(str(path))
+        model.reshape(shape)
+        return core.compile_model(model, "CPU", config)
+    except Exception as e:  # openvino raises RuntimeError and its own exception types
+        raise ModelError(
+            f"{path}: OpenVINO {version()} cannot compile this model ({first_line(e)}); "
+            "run it with ONNX Runtime (--runtime onnxruntime)"
+        ) from e
