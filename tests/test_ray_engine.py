@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path, PurePosixPath
 
@@ -19,20 +20,21 @@ from batch.runs.storage import open_location
 
 ray = pytest.importorskip("ray", reason="the Ray engine needs the 'ray' extra")
 
-from batch.runs.ray_engine import SegmentWorker  # noqa: E402  (after the skip: it imports ray)
+from batch.runs.ray_engine import SegmentWorker, ray_session_folder  # noqa: E402  (after the skip: it imports ray)
 
 PHOTOS = 10  # two calls of an actor at --batch-size 2 (CALL_BATCHES batches a call) and a remainder
 BAD = {"bad/empty.jpg": b"", "bad/notes.png": b"shopping list"}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
-    """One local Ray cluster for the test session: 2 CPUs, no dashboard; the engine joins it. A run that
-    makes no progress for two minutes fails rather than holding CI (Ray's default waits 30 minutes)."""
+    """One local Ray cluster for this file's tests: 2 CPUs, no dashboard; the engine joins it. Its session folder
+    (Ray's logs) goes with it."""
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    ray.data.DataContext.get_current().execution_no_progress_timeout_s = 120
+    session = ray_session_folder()
     yield
     ray.shutdown()
+    shutil.rmtree(session, ignore_errors=True)
 
 
 @pytest.fixture
