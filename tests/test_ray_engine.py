@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path, PurePosixPath
 
 import pytest
 from click.testing import CliRunner
-from conftest import write_photo
+from conftest import REPO, write_photo
 
 from batch.cli import main
 from batch.core.devices import parse_device
@@ -270,3 +273,98 @@ def test_a_broken_engine_stops_the_run_with_a_report(photos: Path, tmp_path: Pat
     assert "inference failed on 3 batches in a row" in report.stopped
     assert report.processed == 0
     assert json.loads((tmp_path / "masks" / "report.json").read_text())["stopped"] == report.stopped
+
+
+def test_a_rerun_with_nothing_to_do_starts_no_ray(photos: Path, tmp_path: Path, tiny_onnx: Path, monkeypatch):
+    from batch.runs import ray_engine
+
+    out = tmp_path / "masks"
+    shutil.rmtree(photos / "bad")  # (a rerun retries failed photos)
+    assert segment(photos, out, "--model", tiny_onnx).exit_code == 0
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a run with nothing to do")
+
+    monkeypatch.setattr(ray_engine, "ray_session", no_ray)
+    monkeypatch.setattr(ray_engine.ray, "init", no_ray)
+    rerun = segment(photos, out, "--model", tiny_onnx, "--engine", "ray")
+    assert rerun.exit_code == 0, rerun.output
+    assert f"0 segmented, {PHOTOS} already done" in rerun.output
+    assert "decoder )" not in rerun.output
+    last = json.loads((out / ".unet-batch" / "history.jsonl").read_text().splitlines()[-1])
+    assert (last["engine"], last["workers"], last["processed"], last["skipped"]) == ("ray", 0, 0, PHOTOS)
+    assert last["model"]["path"] == str(tiny_onnx)
+
+
+def run_python(code: str, **options) -> subprocess.Popen:
+    """``code`` in a fresh Python, this repository importable (Ray's workers inherit PYTHONPATH)."""
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **options)  # fmt: skip
+
+
+def session_folder(pid: int) -> list[Path]:
+    """The Ray session folder a driver of this pid started (Ray names it after the driver's pid)."""
+    return list(Path(tempfile.gettempdir(), "ray").glob(f"session_*_{pid}"))
+
+
+def test_a_ray_run_prints_only_its_own_lines_and_leaves_no_ray_behind(photos: Path, tmp_path: Path, tiny_onnx: Path):
+    command = f"from batch.cli import main; main(['segment', {str(photos)!r}, {str(tmp_path / 'masks')!r}, '--model', " \
+              f"{str(tiny_onnx)!r}, '--engine', 'ray', '--no-progress'])"  # fmt: skip
+    driver = run_python(command)
+    out, err = driver.communicate(timeout=120)
+    assert driver.returncode == 1, err  # the bad files
+    lines = [line for line in err.splitlines() if line.strip()]
+    ours = [line for line in lines if line.startswith("INFO batch.") or line.startswith("  ") or "photo(s) failed" in line]
+    assert lines == ours, err  # no token-auth warning, no core_worker.cc error, no Ray notice
+    assert any(line.startswith("INFO batch.runs.ray_engine: Ray ready in") for line in lines)
+    assert f"{PHOTOS} segmented" in out
+    assert not session_folder(driver.pid)  # Ray's session folder (its logs) goes with the run
+
+
+SLEEPER = """
+import pathlib, time
+from batch.core.timing import StageClock
+from batch.runs.config import ClusterConfig, RunConfig
+from batch.runs.ray_engine import RayEngine, SegmentWorker
+from batch.runs.run import run
+
+class Sleeper(SegmentWorker):  # segments nothing: tells the test it has started, then waits to be killed
+    def segment(self, items, results):
+        pathlib.Path({marker!r}).touch()
+        time.sleep(600)
+
+config = RunConfig({photos!r}, {out!r}, model={model!r}, progress=False)
+run(config, RayEngine(config, ClusterConfig(workers=1), StageClock(), worker=Sleeper))
+"""
+
+
+def test_a_killed_drivers_local_ray_does_not_outlive_it(photos: Path, tmp_path: Path, tiny_onnx: Path):
+    from batch.runs._ray_reaper import descendants
+
+    marker = tmp_path / "segmenting"
+    driver = run_python(SLEEPER.format(marker=str(marker), photos=str(photos), out=str(tmp_path / "masks"), model=str(tiny_onnx)))
+    deadline = time.monotonic() + 90
+    while not marker.exists() and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), driver.communicate(timeout=10)[1] if driver.poll() is not None else "no call within 90 s"
+    ray_processes = descendants(driver.pid)  # the GCS, the raylet, their agents, the actor: all started by the driver
+    assert len(ray_processes) >= 4
+
+    driver.kill()  # SIGKILL: no chance to stop anything
+    driver.communicate(timeout=10)
+    deadline = time.monotonic() + 20
+    while any(is_running(*process) for process in ray_processes) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [process for process in ray_processes if is_running(*process)]
+    assert not session_folder(driver.pid)
+
+
+def is_running(pid: int, started: str) -> bool:
+    """Whether the process ``pid`` that started at ``started`` (a /proc stat field) is still there (a zombie is not)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[19] == started and fields[0] != "Z"
