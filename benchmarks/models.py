@@ -163,11 +163,9 @@ def export_random(width: int, depth: int, size: tuple[int, int], *, fp16: bool, 
         ) from e
     log.info("exporting a random-weight U-Net, width %d, %s (%dx%d)", width, "fp16" if fp16 else "fp32", *size)
     torch.manual_seed(seed)
-    model = UNet(UNetConfig(width=width, depth=depth)).eval()
-    provenance = {"benchmark": "random weights, exported by unet-bench"}
-    export_model(
-        TrainedModel(model, IMAGENET_MEAN, IMAGENET_STD, provenance=provenance), out, ExportOptions(fp16=fp16, input_size=size)
-    )
+    trained = TrainedModel(UNet(UNetConfig(width=width, depth=depth)).eval(), IMAGENET_MEAN, IMAGENET_STD,
+                           provenance={"benchmark": "random weights, exported by unet-bench"})  # fmt: skip
+    export_model(trained, out, ExportOptions(fp16=fp16, input_size=size))
 
 
 def int8_model(fp32: BenchModel, photos: list[Path], *, folder: Path, cache_dir: Path | None) -> BenchModel:

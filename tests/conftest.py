@@ -279,35 +279,41 @@ def sharp_checkpoint(tiny_checkpoint: Path, parity_photos: Path, tmp_path_factor
     FP16 parity and blank-mask checks need real boundaries on the photos they check, with logits of a
     trained net's size (~ +-5). Same file format as unet-train's (unet.checkpoint.save_checkpoint).
     """
+    from unet.checkpoint import load_checkpoint
+
+    return fine_tune(load_checkpoint(tiny_checkpoint), parity_photos, steps=60, lr=2e-2, out=tmp_path_factory.mktemp("sharp"))
+
+
+def fine_tune(state: dict, parity_photos: Path, steps: int, lr: float, out: Path) -> Path:
+    """``state``'s network trained ``steps`` full-batch steps on the parity photos (at half their size), saved as
+    ``out/best.pt`` in unet-train's format. One thread and a fixed seed: the same weights on every machine."""
     import torch
     import torch.nn.functional as F
 
     from batch.core.images import load_resized_rgb
     from batch.core.masks import read_mask
-    from unet.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+    from unet.checkpoint import model_from_checkpoint, save_checkpoint
 
-    state = load_checkpoint(tiny_checkpoint)
-    size = tuple(state["input_size"])  # (64, 96): half the photos' size
     photos = sorted(parity_photos.glob("*.jpg"))
-    images = np.stack([load_resized_rgb(p, size)[0] for p in photos])  # (6, 64, 96, 3)
+    images = np.stack([load_resized_rgb(p, (64, 96))[0] for p in photos])  # (6, 64, 96, 3)
     masks = np.stack([read_mask(parity_photos.parent / "train_masks" / f"{p.stem}_mask.gif")[::2, ::2] for p in photos])
     mean, std = (torch.tensor(state[key]).view(1, 3, 1, 1) for key in ("pixel_mean", "pixel_std"))
     x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std  # (6, 3, 64, 96)
     y = torch.from_numpy(masks).float()[:, None]  # (6, 1, 64, 96)
     model = model_from_checkpoint(state).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: one thread beats two fighting over shared cores
     torch.manual_seed(0)
     try:
-        for _ in range(60):
+        for _ in range(steps):
             loss = F.binary_cross_entropy_with_logits(model(x), y)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
     finally:
         torch.set_num_threads(threads)
-    path = tmp_path_factory.mktemp("sharp") / "best.pt"
+    path = out / "best.pt"
     fields = {key: value for key, value in state.items() if key not in ("kind", "format")}
     save_checkpoint({**fields, "model": model.eval().state_dict()}, path)
     return path

@@ -9,12 +9,10 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
-import torch
-import torch.nn.functional as F
 from click.testing import CliRunner
+from conftest import fine_tune
 from test_export import random_photos, relative_diff, run_onnx, torch_logits
 
 from batch.core.contract import ModelContract
@@ -22,7 +20,7 @@ from export.cli import main
 from export.config import ExportError, ExportOptions
 from export.onnx_export import export_checkpoint
 from export.quantize import find_float_nodes
-from unet.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from unet.checkpoint import load_checkpoint
 from unet.config import UNetConfig
 from unet.model import refold
 
@@ -38,36 +36,11 @@ def folded_checkpoint(sharp_checkpoint: Path, parity_photos: Path, tmp_path_fact
     Refolded weights alone repeat each logit over its 2x2 block: blocky boundaries whose pixels sit on the
     threshold, where INT8's error flips them. A few steps on the parity photos make them sharp again.
     """
-    from batch.core.images import load_resized_rgb
-    from batch.core.masks import read_mask
-
     state = load_checkpoint(sharp_checkpoint)
     unfolded = UNetConfig.from_dict(state["model_config"])
     folded = replace(unfolded, fold=2)
     state = {**state, "model": refold(state["model"], unfolded, folded), "model_config": folded.to_dict()}
-    photos = sorted(parity_photos.glob("*.jpg"))
-    images = np.stack([load_resized_rgb(p, (64, 96))[0] for p in photos])  # (6, 64, 96, 3)
-    masks = np.stack([read_mask(parity_photos.parent / "train_masks" / f"{p.stem}_mask.gif")[::2, ::2] for p in photos])
-    mean, std = (torch.tensor(state[key]).view(1, 3, 1, 1) for key in ("pixel_mean", "pixel_std"))
-    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std  # (6, 3, 64, 96)
-    y = torch.from_numpy(masks).float()[:, None]  # (6, 1, 64, 96)
-    model = model_from_checkpoint(state).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as sharp_checkpoint: tiny tensors, and the same weights on every machine
-    torch.manual_seed(0)
-    try:
-        for _ in range(STEPS):
-            loss = F.binary_cross_entropy_with_logits(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    finally:
-        torch.set_num_threads(threads)
-    path = tmp_path_factory.mktemp("folded") / "best.pt"
-    fields = {key: value for key, value in state.items() if key not in ("kind", "format")}
-    save_checkpoint({**fields, "model": model.eval().state_dict()}, path)
-    return path
+    return fine_tune(state, parity_photos, steps=STEPS, lr=1e-2, out=tmp_path_factory.mktemp("folded"))
 
 
 @pytest.fixture(scope="module")

@@ -243,7 +243,7 @@ class RayEngine:
             "stages": stages,
             "device": first.get("device", self.device),
             "provider": first.get("provider", ""),
-            "decoder": first.get("decoder", config.decoder),
+            "decoder": first.get("decoder", ""),  # nothing decoded: the summary line leaves it out
             "pillow_fallbacks": sum(state["pillow_fallbacks"] for state in states),
             "model": model,
             "batch_size": first.get("batch_size", config.batch_size or DEFAULT_BATCH_SIZE[self.device]),

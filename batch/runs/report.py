@@ -57,7 +57,8 @@ class Report:
     def summary(self) -> str:
         line = (
             f"{self.processed} segmented, {self.skipped} already done, {len(self.failed)} failed "
-            f"in {self.seconds:.1f} s ({self.images_per_second:.1f} img/s on {self.device}, decoder {self.decoder})"
+            f"in {self.seconds:.1f} s ({self.images_per_second:.1f} img/s on {self.device}"
+            + (f", decoder {self.decoder})" if self.decoder else ")")
         )
         line += (" - interrupted" if self.interrupted else "") + (" - stopped early" if self.stopped else "")
         least = self.confidence.get("least", [])[:LEAST_SHOWN]

@@ -122,6 +122,8 @@ def _process(
         interruption = e
     except InferenceError as e:  # Ray wraps an actor's InferenceError; its ``cause`` is the actor's own
         stopped = first_line(getattr(e, "cause", e))
+    except SegmentError as e:  # an engine that could not go on (its workers out of reach): still a report
+        stopped = str(e)
     stopped = lock.lost or stopped
     report = _finish(
         config, plan, output, clock, results,
