@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 from click.testing import CliRunner
-from conftest import REPO, write_photo
+from conftest import REPO, remove_ray_session, write_photo
 
 from batch.cli import main
 from batch.core.devices import parse_device
@@ -37,7 +37,7 @@ def ray_cluster():
     session = ray_session_folder()
     yield
     ray.shutdown()
-    shutil.rmtree(session, ignore_errors=True)
+    remove_ray_session(session)
 
 
 @pytest.fixture

@@ -273,8 +273,9 @@ class RaySession:
 @contextlib.contextmanager
 def ray_session(address: str | None, verbose: bool = False) -> Iterator[RaySession]:
     """Ray for a run. The session this process has already opened (a notebook, a benchmark, the tests), else the
-    cluster at ``address`` or ``RAY_ADDRESS``, else a local one started here with every core and GPU of this host,
-    stopped at the end with its folder of logs (kept with ``verbose``), and by the reaper if this process is killed."""
+    cluster at ``address`` or ``RAY_ADDRESS`` (or the one ``ray start`` made on this host), else a local one started
+    here with every core and GPU of this host, stopped at the end with its folder of logs (kept with ``verbose``),
+    and by the reaper if this process is killed."""
     if ray.is_initialized():
         yield RaySession(*_resources())
         return
@@ -293,7 +294,7 @@ def ray_session(address: str | None, verbose: bool = False) -> Iterator[RaySessi
             f"cannot start or reach {where} ({first_line(e)}); check --address / RAY_ADDRESS, or `ray status` there"
         ) from e
     session = RaySession(*_resources())
-    if address is None:
+    if ray._private.worker.global_worker.node.is_head():  # started here (not a cluster `ray start` made on this host)
         session.reaper = _start_reaper(keep=ray_session_folder() if verbose else "")
     try:
         yield session
@@ -566,7 +567,8 @@ class _Dispatch:
         try:
             outcome = ray.get(ref)
         except ray.exceptions.RayActorError as e:  # the actor died: its process, or its node
-            log.warning("a worker was lost (%s): its %d photo(s) go to another one", first_line(e), len(call.jobs))
+            log.warning("a worker died (its process or its node): its %d photo(s) go to another one", len(call.jobs))
+            log.debug("the worker's end: %s", e)
             self.retried.add(call.key)
             self.queue.appendleft(call)
             if actor in self.alive:
