@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -394,13 +392,3 @@ def s3_bucket(s3_endpoint: str, monkeypatch, request) -> str:
     store = open_location(f"s3://{bucket}")
     store.fs.mkdir(bucket)
     return f"s3://{bucket}"
-
-
-def remove_ray_session(folder: str | Path) -> None:
-    """A Ray session's folder (its sockets and logs), once its processes have stopped writing there: a test cluster
-    leaves nothing in the temporary folder."""
-    for _ in range(10):
-        shutil.rmtree(folder, ignore_errors=True)
-        time.sleep(0.3)
-        if not Path(folder).exists():
-            return

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import timedelta
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -50,15 +51,20 @@ def test_a_second_run_into_a_locked_prefix_is_refused_naming_the_holder(photos: 
     assert LOCK not in store.list_files(hidden=True)  # and it leaves no lock behind
 
 
+def later(monkeypatch, seconds: float) -> None:
+    """Move the lock's clock ``seconds`` on (S3 stamps its objects itself, to the second: no waiting in the tests)."""
+    now = lock._now()
+    monkeypatch.setattr(lock, "_now", lambda: now + timedelta(seconds=seconds))
+
+
 def test_a_killed_runs_lock_is_taken_over_once_its_lease_expires(photos: Path, tiny_onnx: Path, s3_bucket: str,
                                                                  monkeypatch, caplog):  # fmt: skip
-    monkeypatch.setattr(lock, "LEASE", 2.5)  # S3 stamps objects to the second: leases of a few seconds at least
     out = f"{s3_bucket}/masks"
     store = open_location(out)
     BucketLock(store).take()  # a run killed right after taking its lock: nobody renews it
 
     assert segment(photos, out, tiny_onnx).exit_code == 2  # still fresh
-    time.sleep(2.6)
+    later(monkeypatch, lock.LEASE + 1)
     result = segment(photos, out, tiny_onnx)
     assert result.exit_code == 0, result.output
     assert "took over the lock" in caplog.text
@@ -67,13 +73,12 @@ def test_a_killed_runs_lock_is_taken_over_once_its_lease_expires(photos: Path, t
 
 
 def test_of_two_runs_taking_over_a_stale_lock_one_wins(s3_bucket: str, monkeypatch):
-    monkeypatch.setattr(lock, "LEASE", 0.5)
     store = open_location(f"{s3_bucket}/masks")
     BucketLock(store).take()
-    time.sleep(0.8)
+    later(monkeypatch, lock.LEASE + 1)
     first, second = BucketLock(store), BucketLock(store)
     stale = first.find()
-    assert stale is not None and second.find() == stale  # both judge the same version stale
+    assert stale is not None and stale.age() > lock.LEASE and second.find() == stale  # both judge it stale
 
     assert first.take_over(stale)
     assert not second.take_over(stale)  # the version it judged is gone: it does not share the lock
@@ -81,20 +86,23 @@ def test_of_two_runs_taking_over_a_stale_lock_one_wins(s3_bucket: str, monkeypat
 
 
 def test_a_live_run_renews_its_lock_and_a_run_that_lost_it_says_so(s3_bucket: str, monkeypatch):
-    monkeypatch.setattr(lock, "LEASE", 2.5)  # renewed every 0.6 s; S3 stamps objects to the second
+    monkeypatch.setattr(lock, "LEASE", 0.4)  # renewed every 0.1 s
     store = open_location(f"{s3_bucket}/masks")
     with BucketLock(store).held() as held:
-        time.sleep(3.0)  # longer than the lease: only renewals keep it fresh
-        with pytest.raises(StorageError, match="another unet-batch run is writing"):
-            BucketLock(store).take()
-
+        first = held.tag
+        wait_until(lambda: held.tag != first)  # renewed: a new version, written on the condition of the last
         thief = BucketLock(store)  # a run that took it over while this one could not reach the store
         thief.tag = thief.write()
-        deadline = time.monotonic() + 5
-        while not held.lost and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: held.lost)
         assert "another run took over the lock" in held.lost
     assert holder(store)["run"] == thief.record["run"]  # the run that lost it leaves the other's lock alone
+
+
+def wait_until(condition, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "not within 10 s"
+        time.sleep(0.02)
 
 
 def test_other_object_stores_refuse_a_lock_left_behind_and_say_how_to_remove_it():

@@ -14,11 +14,12 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 from click.testing import CliRunner
-from conftest import REPO, remove_ray_session, write_photo
+from conftest import REPO, write_photo
 
 from batch.cli import main
 from batch.core.devices import parse_device
 from batch.core.timing import StageClock
+from batch.runs._ray_reaper import remove_folder
 from batch.runs.storage import open_location
 
 ray = pytest.importorskip("ray", reason="the Ray engine needs the 'ray' extra")
@@ -37,7 +38,7 @@ def ray_cluster():
     session = ray_session_folder()
     yield
     ray.shutdown()
-    remove_ray_session(session)
+    remove_folder(session)
 
 
 @pytest.fixture
@@ -242,12 +243,12 @@ def test_bench_scaling_measures_each_worker_count_beside_the_local_engine(photos
     result = CliRunner().invoke(bench, list(map(str, args)), catch_exceptions=False)
     assert result.exit_code == 0, result.output
     rows = json.loads((out / "results.json").read_text())["rows"]
-    assert [(row["engine"], row["workers"], row["photos"]) for row in rows] == [
-        ("local", 1, PHOTOS),
-        ("ray", 1, PHOTOS),
-        ("local", 1, PHOTOS),
+    assert [(row["engine"], row["workers"], row["nodes"], row["photos"]) for row in rows] == [
+        ("local", 1, 1, PHOTOS),
+        ("ray", 1, 1, PHOTOS),
+        ("local", 1, 1, PHOTOS),
     ]
-    assert "| ray | 1 |" in (out / "results.md").read_text()
+    assert "| ray | 1 | 1 |" in (out / "results.md").read_text()
 
 
 def fails_to_infer() -> type:

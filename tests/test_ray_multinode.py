@@ -7,14 +7,18 @@ another node (the crash journal lives beside the outputs). Every run here is bou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import pytest
-from conftest import remove_ray_session, write_photo
+from conftest import REPO, write_photo
 
 from batch.core.timing import StageClock
 from batch.runs.config import ClusterConfig, RunConfig
@@ -25,7 +29,7 @@ from batch.runs.storage import open_location
 ray = pytest.importorskip("ray", reason="the Ray engine needs the 'ray' extra")
 
 from batch.runs.journal import CRASHED  # noqa: E402
-from batch.runs.ray_engine import RayEngine, SegmentWorker, ray_session_folder  # noqa: E402  (after the skip)
+from batch.runs.ray_engine import RayEngine, SegmentWorker, simulated_cluster  # noqa: E402  (after the skip)
 
 NODES = 3
 PHOTOS = 24
@@ -35,24 +39,10 @@ FAST_HEALTH_CHECKS = {"health_check_initial_delay_ms": 0, "health_check_period_m
 
 @pytest.fixture(scope="module")
 def cluster():
-    """The head (no CPUs: the driver only, as a cluster's head often is) and NODES worker nodes; a lost node is noticed
-    within ~2 s. Ray's session folder and the address file ``Cluster`` writes go with it."""
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": FAST_HEALTH_CHECKS})
-    try:
-        for _ in range(NODES):
-            cluster.add_node(num_cpus=2)
-        ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
-        session = ray_session_folder()
+    """The head (no CPUs: the driver only, as a cluster's head often is) and NODES worker nodes of 2 logical CPUs; a lost
+    node is noticed within ~2 s."""
+    with simulated_cluster(NODES, cpus_per_node=2, system_config=FAST_HEALTH_CHECKS) as cluster:
         yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        address_file = Path(session).parent / "ray_current_cluster"
-        if address_file.is_file() and address_file.read_text().strip() == cluster.address:
-            address_file.unlink()  # else a later plain ray.init() would try to join this cluster
-        remove_ray_session(session)
 
 
 @pytest.fixture
@@ -119,6 +109,33 @@ def counted_once(report: Report) -> None:
     assert sum(worker["processed"] for worker in report.per_worker.values()) == report.processed
 
 
+def test_the_documented_command_on_a_cluster_with_a_bucket(cluster, nodes, photos: Path, tmp_path: Path, tiny_onnx: Path,
+                                                          s3_bucket: str):  # fmt: skip
+    """docs/scale-out.md's command, from another process, against the cluster's head address and S3 in and out (the
+    nodes get the bucket's AWS_* variables from the command's environment)."""
+    expected = local_outputs(photos, tmp_path / "local", tiny_onnx)
+    store_in = open_location(f"{s3_bucket}/photos")
+    for path in sorted(photos.rglob("*.jpg")):
+        store_in.write(PurePosixPath(path.relative_to(photos).as_posix()), path.read_bytes())
+    command = [sys.executable, "-m", "batch.cli", "segment", f"{s3_bucket}/photos", f"{s3_bucket}/masks", "--model",
+               str(tiny_onnx), "--format", "png", "--format", "rle", "--engine", "ray", "--address", cluster.address,
+               "--no-progress"]  # fmt: skip
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=RUN_SECONDS)
+
+    assert result.returncode == 0, result.stderr
+    assert f"{PHOTOS} segmented" in result.stdout
+    store_out = open_location(f"{s3_bucket}/masks")
+    assert bucket_outputs(store_out) == expected
+    report = json.loads(store_out.read(PurePosixPath("report.json")))
+    assert (report["engine"], report["workers"]) == ("ray", NODES)  # one per node; none on the head without CPUs
+
+
+def bucket_outputs(store) -> dict[str, bytes]:
+    return {rel.as_posix(): data for rel, data in store.read_many(store.list_files(hidden=True)).items()
+            if rel.name != "report.json" and ".unet-batch" not in rel.parts}  # fmt: skip
+
+
 def test_actors_spread_over_the_nodes_as_planned(cluster, nodes, photos: Path, tmp_path: Path, tiny_onnx: Path):
     expected = local_outputs(photos, tmp_path / "local", tiny_onnx)
     config = RunConfig(photos, tmp_path / "ray", model=tiny_onnx, formats=("png", "rle"), batch_size=2, progress=False)
@@ -176,9 +193,7 @@ def test_a_node_lost_mid_run_costs_nothing(cluster, nodes, photos: Path, tmp_pat
     assert (report.processed, report.failed, report.stopped) == (PHOTOS, [], "")
     counted_once(report)
     store_out = open_location(f"{s3_bucket}/masks")
-    outputs = {rel.as_posix(): data for rel, data in store_out.read_many(store_out.list_files(hidden=True)).items()
-               if rel.name != "report.json" and ".unet-batch" not in rel.parts}  # fmt: skip
-    assert outputs == expected  # masks, RLE files and submission.csv (one row per photo), byte for byte
+    assert bucket_outputs(store_out) == expected  # masks, RLE files and submission.csv (one row per photo), byte for byte
     assert not [rel for rel in store_out.list_files(hidden=True) if "journal" in rel.parts]
 
 
@@ -216,3 +231,28 @@ def test_a_poison_photo_is_failed_when_its_actor_comes_back_on_another_node(clus
     assert {worker["node"] for worker in report.per_worker.values()} - set(lost)  # the actor came back elsewhere
     assert len(list((tmp_path / "masks").rglob("*.png"))) == PHOTOS - 1
     assert not list((tmp_path / "masks" / ".unet-batch" / "journal").glob("*"))  # the run's journals are gone
+
+
+def test_bench_scaling_runs_over_actors_and_simulated_nodes(cluster, nodes, photos: Path, tmp_path: Path, tiny_onnx: Path,
+                                                           monkeypatch):  # fmt: skip
+    from click.testing import CliRunner
+
+    from benchmarks import scaling
+    from benchmarks.cli import main as bench
+
+    @contextlib.contextmanager
+    def this_cluster(count: int) -> Iterator[int]:  # the module's nodes stand for the simulated ones
+        assert count == NODES
+        yield count
+
+    monkeypatch.setattr(scaling, "simulated_nodes", this_cluster)
+    out = tmp_path / "bench"
+    args = ["scaling", "--images", photos, "--model", tiny_onnx, "--workers", "1", "--nodes", NODES, "--out", out,
+            "--no-progress"]  # fmt: skip
+    result = CliRunner().invoke(bench, list(map(str, args)), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    document = json.loads((out / "results.json").read_text())
+    rows = [(row["engine"], row["workers"], row["nodes"], row["photos"]) for row in document["rows"]]
+    assert rows == [("local", 1, 1, PHOTOS), ("ray", 1, NODES, PHOTOS), ("ray", NODES, NODES, PHOTOS), ("local", 1, 1, PHOTOS)]
+    assert set(document["cluster_start_seconds"]) == {"ray", f"{NODES} simulated nodes"}
+    assert f"| ray | {NODES} | {NODES} |" in (out / "results.md").read_text()

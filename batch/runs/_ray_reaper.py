@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TextIO
@@ -78,7 +79,16 @@ def reap(processes: dict[int, str], session: str | None) -> None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)  # Ray's agents ignore SIGTERM once their raylet is gone
     if session:
-        shutil.rmtree(session, ignore_errors=True)
+        remove_folder(session)
+
+
+def remove_folder(folder: str | Path) -> None:
+    """Remove ``folder`` (a Ray session's), again while processes that were stopping write their last lines there."""
+    for _ in range(10):
+        shutil.rmtree(folder, ignore_errors=True)
+        time.sleep(0.2)
+        if not os.path.exists(folder):
+            return
 
 
 def main(stream: TextIO) -> None:

@@ -337,6 +337,39 @@ def _start_reaper(keep: str) -> subprocess.Popen | None:
     return reaper
 
 
+@contextlib.contextmanager
+def simulated_cluster(nodes: int, cpus_per_node: int, system_config: dict | None = None) -> Iterator[Any]:
+    """A Ray cluster of ``nodes`` nodes on this machine (Ray's ``ray.cluster_utils.Cluster``), joined by this process:
+    a head without CPUs (the driver's, as on a real cluster) and ``nodes`` nodes of ``cpus_per_node`` logical CPUs.
+    For the tests and ``unet-bench scaling``: the nodes share this machine's cores. Yields the ``Cluster`` (its
+    ``add_node`` / ``remove_node`` simulate nodes joining and lost); on the way out it stops, and its session
+    folder and the address file ``Cluster`` writes go with it."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": system_config or {}})
+    session = ""
+    try:
+        for _ in range(nodes):
+            cluster.add_node(num_cpus=cpus_per_node)
+        with quiet_loggers(QUIET_START):
+            ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+        session = ray_session_folder()
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if session:
+            _forget_cluster(Path(session).parent / "ray_current_cluster", cluster.address)
+            _ray_reaper.reap({}, session)
+
+
+def _forget_cluster(address_file: Path, address: str) -> None:
+    """Remove the file through which a later plain ``ray.init()`` would join a cluster now gone."""
+    with contextlib.suppress(OSError):
+        if address_file.read_text().strip() == address:
+            address_file.unlink()
+
+
 # ---------------------------------------------------------------------------------------------
 # Calls: lists of photos for an actor.
 
