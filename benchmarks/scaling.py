@@ -63,16 +63,6 @@ class ScalingRow:
     ratio_to_local: float  # steady rate over the local engine's (the mean of its runs before and after the Ray ones)
 
 
-@dataclass(frozen=True)
-class Measured:
-    """A run's report and where it ran."""
-
-    engine: str
-    workers: int
-    nodes: int
-    report: Report
-
-
 def run_scaling(config: ScalingConfig) -> tuple[list[ScalingRow], dict[str, float]]:
     """The rows (local, Ray per worker count, Ray per node count, local again) and each cluster's start in seconds."""
     from batch.runs.run import run
@@ -86,44 +76,34 @@ def run_scaling(config: ScalingConfig) -> tuple[list[ScalingRow], dict[str, floa
             runs = RunConfig(input_dir=config.images, output_dir=Path(scratch, name), **chosen)
             return run(runs, engine, ClusterConfig(config.address, workers))
 
-        measured = [Measured("local", 1, 1, segment("local-before"))]
+        reports = [("local", 1, 1, segment("local-before"))]  # (engine, workers, nodes, report)
         if config.worker_counts:
-            with timed_cluster(starts, "ray", ray_cluster(config.address)) as nodes:
-                for count in config.worker_counts:
-                    measured.append(Measured("ray", count, nodes, segment(f"ray-{count}", "ray", count)))
-        for nodes in config.node_counts:
-            with timed_cluster(starts, f"{nodes} simulated nodes", simulated_nodes(nodes)):
-                report = segment(f"ray-{nodes}-nodes", "ray")
-                measured.append(Measured("ray", report.workers, nodes, report))
-        measured.append(Measured("local", 1, 1, segment("local-after")))
-    baseline = (steady_rate(measured[0].report) + steady_rate(measured[-1].report)) / 2  # before and after: drift
-    return [row(entry, baseline) for entry in measured], starts
+            with cluster(starts, "ray", config.address) as nodes:
+                reports += [("ray", n, nodes, segment(f"ray-{n}", "ray", n)) for n in config.worker_counts]
+        for count in config.node_counts:
+            with cluster(starts, f"{count} simulated nodes", nodes=count):
+                report = segment(f"ray-{count}-nodes", "ray")
+                reports.append(("ray", report.workers, count, report))
+        reports.append(("local", 1, 1, segment("local-after")))
+    baseline = (steady_rate(reports[0][3]) + steady_rate(reports[-1][3])) / 2  # before and after: drift
+    return [row(*entry, baseline) for entry in reports], starts
 
 
 @contextlib.contextmanager
-def timed_cluster(starts: dict[str, float], name: str, cluster: contextlib.AbstractContextManager[int]) -> Iterator[int]:
-    """Enter ``cluster`` (which yields its number of nodes with CPUs), recording in ``starts`` how long that took."""
+def cluster(starts: dict[str, float], name: str, address: str | None = None, nodes: int = 0) -> Iterator[int]:
+    """The cluster at ``address`` (else a local Ray), or ``nodes`` nodes simulated on this machine with its cores split
+    between them; yields its number of nodes with CPUs, recording in ``starts`` how long it took to start."""
+    from batch.runs.ray_engine import ray_session, simulated_cluster
+
     started = time.perf_counter()
-    with cluster as nodes:
-        starts[name] = round(time.perf_counter() - started, 2)
-        yield nodes
-
-
-@contextlib.contextmanager
-def ray_cluster(address: str | None) -> Iterator[int]:
-    from batch.runs.ray_engine import ray_session
-
+    if nodes:
+        with simulated_cluster(nodes, cpus_per_node=max(1, cpu_count() // nodes)):
+            starts[name] = round(time.perf_counter() - started, 2)
+            yield nodes
+        return
     with ray_session(address) as session:
+        starts[name] = round(time.perf_counter() - started, 2)
         yield session.nodes
-
-
-@contextlib.contextmanager
-def simulated_nodes(nodes: int) -> Iterator[int]:
-    """``nodes`` nodes on this machine, its cores split between them (at least one logical CPU each)."""
-    from batch.runs.ray_engine import simulated_cluster
-
-    with simulated_cluster(nodes, cpus_per_node=max(1, cpu_count() // nodes)):
-        yield nodes
 
 
 def steady_rate(report: Report) -> float:
@@ -131,13 +111,12 @@ def steady_rate(report: Report) -> float:
     return report.processed / busy if busy > 0 else 0.0
 
 
-def row(entry: Measured, baseline: float) -> ScalingRow:
-    report = entry.report
+def row(engine: str, workers: int, nodes: int, report: Report, baseline: float) -> ScalingRow:
     return ScalingRow(
-        engine=entry.engine,
+        engine=engine,
         model=report.model["path"],
-        workers=entry.workers,
-        nodes=entry.nodes,
+        workers=workers,
+        nodes=nodes,
         device=report.device,
         photos=report.processed,
         seconds=report.seconds,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -251,27 +252,33 @@ def test_bench_scaling_measures_each_worker_count_beside_the_local_engine(photos
     assert "| ray | 1 | 1 |" in (out / "results.md").read_text()
 
 
-def fails_to_infer() -> type:
-    """A worker whose engine is broken: the stream gives up (InferenceError), as after three failed batches in a row."""
+def fails_with(error: Exception) -> type:
+    """A worker whose every call raises ``error``: a broken engine (the stream gives up with an InferenceError after three
+    failed batches in a row), or a bug."""
 
-    class FailsToInfer(SegmentWorker):
-        def __call__(self, batch):
-            from batch.inference.segmenter import InferenceError
+    class Fails(SegmentWorker):
+        def __call__(self, call):
+            raise error
 
-            raise InferenceError("inference failed on 3 batches in a row")
-
-    return FailsToInfer
+    return Fails
 
 
-def test_a_broken_engine_stops_the_run_with_a_report(photos: Path, tmp_path: Path, tiny_onnx: Path, ray_cluster):
+@pytest.mark.parametrize(
+    ("error", "stopped"),
+    [("inference failed on 3 batches in a row", "inference failed on 3 batches in a row"), ("a bug", "a worker failed: a bug")],
+)
+def test_a_broken_engine_stops_the_run_with_a_report(error: str, stopped: str, photos: Path, tmp_path: Path, tiny_onnx: Path,
+                                                     ray_cluster):  # fmt: skip
+    from batch.inference.segmenter import InferenceError
     from batch.runs.config import ClusterConfig, RunConfig
     from batch.runs.ray_engine import RayEngine
     from batch.runs.run import run
 
+    raised = InferenceError(error) if error.startswith("inference") else ValueError(error)
     config = RunConfig(input_dir=photos, output_dir=tmp_path / "masks", model=tiny_onnx, progress=False)
-    report = run(config, RayEngine(config, ClusterConfig(workers=1), StageClock(), worker=fails_to_infer()))
+    report = run(config, RayEngine(config, ClusterConfig(workers=1), StageClock(), worker=fails_with(raised)))
 
-    assert "inference failed on 3 batches in a row" in report.stopped
+    assert report.stopped == stopped
     assert report.processed == 0
     assert json.loads((tmp_path / "masks" / "report.json").read_text())["stopped"] == report.stopped
 
@@ -320,6 +327,7 @@ def test_a_ray_run_prints_only_its_own_lines_and_leaves_no_ray_behind(photos: Pa
     ours = [line for line in lines if line.startswith("INFO batch.") or line.startswith("  ") or "photo(s) failed" in line]
     assert lines == ours, err  # no token-auth warning, no core_worker.cc error, no Ray notice
     assert any(line.startswith("INFO batch.runs.ray_engine: Ray ready in") for line in lines)
+    assert any("a local Ray on one host adds its start-up" in line for line in lines)  # where --engine local is faster
     assert f"{PHOTOS} segmented" in out
     assert not session_folder(driver.pid)  # Ray's session folder (its logs) goes with the run
 
@@ -369,3 +377,24 @@ def is_running(pid: int, started: str) -> bool:
     except OSError:
         return False
     return fields[19] == started and fields[0] != "Z"
+
+
+@pytest.mark.parametrize(
+    ("address", "photos", "engine"),
+    [(None, 5000, "local"), ("head:6379", 10, "local"), ("head:6379", 5000, "ray")],
+)
+def test_engine_auto_uses_ray_for_a_named_cluster_and_enough_photos(address, photos, engine, monkeypatch, caplog):
+    from batch.runs.config import ClusterConfig
+    from batch.runs.run import choose_engine
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    caplog.set_level(logging.INFO, logger="batch.runs.run")
+    assert choose_engine(ClusterConfig(address=address), photos) == engine
+    assert f"--engine auto: {engine}" in caplog.text
+
+
+def test_engine_auto_without_a_cluster_runs_the_local_engine(photos: Path, tmp_path: Path, tiny_onnx: Path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    result = segment(photos, tmp_path / "masks", "--model", tiny_onnx, "--engine", "auto")
+    assert result.exit_code == 1, result.output  # the bad files
+    assert json.loads((tmp_path / "masks" / "report.json").read_text())["engine"] == "local"

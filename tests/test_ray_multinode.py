@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -218,6 +219,7 @@ def test_a_poison_photo_is_failed_when_its_actor_comes_back_on_another_node(clus
     poison, marker = "lot1/car05.jpg", tmp_path / "poison-node"
     config = RunConfig(photos, tmp_path / "masks", model=tiny_onnx, batch_size=2, progress=False)
     lost = []
+    before = temporary_files()
 
     def lose_the_poisoned_node() -> None:
         lost.append(wait_for(marker))
@@ -231,21 +233,27 @@ def test_a_poison_photo_is_failed_when_its_actor_comes_back_on_another_node(clus
     assert {worker["node"] for worker in report.per_worker.values()} - set(lost)  # the actor came back elsewhere
     assert len(list((tmp_path / "masks").rglob("*.png"))) == PHOTOS - 1
     assert not list((tmp_path / "masks" / ".unet-batch" / "journal").glob("*"))  # the run's journals are gone
+    assert temporary_files() <= before  # no journal, no model copy left in /tmp by the actors (issue 22 item 9)
+
+
+def temporary_files() -> set[str]:
+    """What the temporary folder holds, but for pytest's folders and Ray's (the test cluster's session)."""
+    return {name for name in os.listdir(tempfile.gettempdir()) if not name.startswith(("pytest-", "ray"))}
 
 
 def test_bench_scaling_runs_over_actors_and_simulated_nodes(cluster, nodes, photos: Path, tmp_path: Path, tiny_onnx: Path,
                                                            monkeypatch):  # fmt: skip
     from click.testing import CliRunner
 
-    from benchmarks import scaling
+    from batch.runs import ray_engine
     from benchmarks.cli import main as bench
 
     @contextlib.contextmanager
-    def this_cluster(count: int) -> Iterator[int]:  # the module's nodes stand for the simulated ones
+    def this_cluster(count: int, cpus_per_node: int) -> Iterator[object]:  # the module's nodes stand for the simulated ones
         assert count == NODES
-        yield count
+        yield cluster
 
-    monkeypatch.setattr(scaling, "simulated_nodes", this_cluster)
+    monkeypatch.setattr(ray_engine, "simulated_cluster", this_cluster)
     out = tmp_path / "bench"
     args = ["scaling", "--images", photos, "--model", tiny_onnx, "--workers", "1", "--nodes", NODES, "--out", out,
             "--no-progress"]  # fmt: skip

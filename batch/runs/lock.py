@@ -238,11 +238,13 @@ class BucketLock(Held):
         try:
             with self.store.errors(writable=False):
                 info = self.store.fs.info(self.key, refresh=True)  # not a listing's cached answer
-                holder = json.loads(self.store.fs.cat_file(self.key))
+                body = self.store.fs.cat_file(self.key)
         except StorageError as e:
             if isinstance(e.__cause__, FileNotFoundError):
                 return None
             raise
+        try:
+            holder = json.loads(body)
         except ValueError:
             holder = {}  # not ours to read: still a lock
         written = info.get("LastModified") or info.get("created") or _now()

@@ -58,7 +58,7 @@ from batch.inference.decode import Item
 from batch.inference.model import read_contract
 from batch.inference.segmenter import InferenceError, Segmenter
 from batch.runs import _ray_reaper
-from batch.runs.config import ClusterConfig, RunConfig, SegmentError
+from batch.runs.config import RAY_PAYS_OFF, ClusterConfig, RunConfig, SegmentError
 from batch.runs.journal import CRASHED, CrashJournal
 from batch.runs.outputs import Results, write_all
 from batch.runs.plan import Job
@@ -162,7 +162,8 @@ class RayEngine:
     ):
         self.config, self.cluster, self.clock = config, cluster, clock
         self.worker = worker or SegmentWorker
-        self.start = photos != 0 or self._cluster_decides_model()
+        self.photos = photos
+        self.needs_ray = photos != 0 or self._cluster_decides_model()
         self.actors: ActorPlan | None = None
         self.pool: _Pool | None = None
         self.tally = Tally()
@@ -175,7 +176,7 @@ class RayEngine:
 
     @contextlib.contextmanager
     def open(self) -> Iterator[None]:
-        if not self.start:
+        if not self.needs_ray:
             yield
             return
         started = time.perf_counter()
@@ -191,7 +192,23 @@ class RayEngine:
                     "Ray ready in %.1f s: cluster %.1f s, %d worker(s) started with the model %.1f s",
                     ready - started, reached - started, self.actors.count, ready - reached,
                 )  # fmt: skip
+                self._advise(session, ready - started)
                 yield
+
+    def _advise(self, session: RaySession, startup: float) -> None:
+        """Say so when Ray cannot pay off: on one host with at most one GPU (the local engine does the same work without
+        Ray's start-up and daemons), or for few photos."""
+        if session.started_here and session.resources.get("GPU", 0) <= 1:
+            log.info(
+                "a local Ray on one host adds its start-up (%.1f s) and daemons to the work of the local engine, which "
+                "would do it alone (--engine local, or --engine auto); Ray pays off on a cluster or with several GPUs",
+                startup,
+            )
+        elif self.photos is not None and self.photos < RAY_PAYS_OFF:
+            log.info(
+                "%d photos to do: Ray's start-up (%.1f s) is a large part of a run this small (--engine auto uses Ray "
+                "from %d photos)", self.photos, startup, RAY_PAYS_OFF,
+            )  # fmt: skip
 
     def summary(self) -> str:
         if self.actors is None:
@@ -262,6 +279,7 @@ class RaySession:
 
     resources: dict[str, float]  # CPU, GPU totals of the nodes alive
     nodes: int  # nodes alive with CPUs (a head started with none runs no actor)
+    started_here: bool = False  # a local Ray started for the run (not a cluster it joined)
     reaper: subprocess.Popen | None = None
 
     def remember_processes(self) -> None:
@@ -290,11 +308,12 @@ def ray_session(address: str | None, verbose: bool = False) -> Iterator[RaySessi
             )
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+        auth = "; a cluster with token authentication also needs RAY_AUTH_MODE=token and its token here" if address else ""
         raise ClusterError(
-            f"cannot start or reach {where} ({first_line(e)}); check --address / RAY_ADDRESS, or `ray status` there"
+            f"cannot start or reach {where} ({first_line(e)}); check --address / RAY_ADDRESS, or `ray status` there{auth}"
         ) from e
-    session = RaySession(*_resources())
-    if ray._private.worker.global_worker.node.is_head():  # started here (not a cluster `ray start` made on this host)
+    session = RaySession(*_resources(), started_here=ray._private.worker.global_worker.node.is_head())
+    if session.started_here:  # (not a cluster the run joined, one `ray start` made on this host included)
         session.reaper = _start_reaper(keep=ray_session_folder() if verbose else "")
     try:
         yield session
@@ -599,6 +618,10 @@ class _Dispatch:
         self.load[actor] -= 1
         try:
             outcome = ray.get(ref)
+        except ray.exceptions.RayTaskError as e:  # raised by the worker's code: the run stops, with its report
+            if isinstance(e, InferenceError):
+                raise  # the model or device unusable: the skeleton reports the worker's own message
+            raise InferenceError(f"a worker failed: {first_line(e.cause)}") from e
         except ray.exceptions.RayActorError as e:  # the actor died: its process, or its node
             log.warning("a worker died (its process or its node): its %d photo(s) go to another one", len(call.jobs))
             log.debug("the worker's end: %s", e)
