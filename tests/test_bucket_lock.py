@@ -111,3 +111,26 @@ def test_other_object_stores_refuse_a_lock_left_behind_and_say_how_to_remove_it(
         BucketLock(store).take()
     assert "delete memory://unet-batch-lock-test/masks/.unet-batch.lock" in str(refused.value)
     assert not store.fs.exists(store.key(LOCK))  # released: fsspec's memory store is this process's
+
+
+def test_a_run_whose_lock_was_taken_over_ends_saying_so(photos: Path, tiny_onnx: Path, s3_bucket: str, monkeypatch):
+    from batch.core.timing import StageClock
+    from batch.runs._local import LocalEngine
+    from batch.runs.config import RunConfig
+    from batch.runs.run import run
+
+    monkeypatch.setattr(lock, "LEASE", 0.4)  # renewed every 0.1 s
+    thief = None
+
+    class CutOff(LocalEngine):  # while it segments, another run takes its lock over (it was cut off from the store)
+        def process(self, jobs, source, output, results, progress):
+            nonlocal thief
+            super().process(jobs, source, output, results, progress)
+            thief = BucketLock(output)
+            thief.tag = thief.write()
+            time.sleep(1.0)  # the run's next renewals find it
+
+    config = RunConfig(photos, f"{s3_bucket}/masks", model=tiny_onnx, progress=False)
+    report = run(config, CutOff(config, StageClock()))
+    assert "another run took over the lock" in report.stopped and report.processed == 3
+    assert holder(open_location(f"{s3_bucket}/masks"))["run"] == thief.record["run"]  # left to the other run

@@ -8,8 +8,8 @@ The engine opens once the plan says how many photos there are to do: ``--engine 
 that number, and a Ray run with nothing to do never starts Ray. A run that cannot start raises
 :class:`SegmentError` and leaves nothing behind (an OUTPUT_DIR made for it is removed again, still
 empty). Per-photo problems never stop it: they are listed in ``report.failed``, and so are the
-photos of a batch whose inference failed. When inference fails on
-several batches in a row the run stops there, with ``report.stopped`` saying why. On KeyboardInterrupt
+photos of a batch whose inference failed. When inference fails on several batches in a row the run
+stops there, with ``report.stopped`` saying why. On KeyboardInterrupt
 (or SIGTERM turned into one by the CLI) the finished outputs stay, the report is written with
 ``interrupted: true``, and the interrupt propagates. See docs/batch.md for the options and the report.
 """
@@ -110,7 +110,7 @@ def _process(
     lock: Held,
 ) -> Report:  # fmt: skip
     """The run proper: the engine segments the jobs; the report is written whatever happens, then an interrupt propagates.
-    A bucket lock taken over meanwhile (``lock.lost``) stops it as a failing engine does."""
+    A bucket lock taken over meanwhile (``lock.lost``) ends it as a failing engine does: ``report.stopped`` says so."""
     results = Results()
     for job, reason in plan.refused:
         results.fail(job, reason)
