@@ -175,23 +175,30 @@ def tradeoff(masks_dir, limit, sizes, widths, depths, run_dirs, device, out_dir,
     default=(1, 2),
     help="Ray worker counts (repeatable).",
 )
+@click.option(
+    "--nodes",
+    "node_counts",
+    type=click.IntRange(min=1),
+    multiple=True,
+    help="Also run on this many nodes simulated on this machine (repeatable; one actor per node, the cores split).",
+)
 @click.option("--device", type=DEVICE, default="auto", help="auto: the GPUs when there are, else the CPU.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N photos [default: all].")
 @click.option("--address", help="Ray cluster [default: $RAY_ADDRESS, else a local Ray using every GPU and core here].")
 @out_option("unet-bench-scaling", "results.json and results.md")
 @no_progress_option
 @verbose_option
-def scaling(images, model, worker_counts, device, limit, address, out_dir, no_progress, verbose):
-    """Images/s of `unet-batch segment --engine ray` against the number of workers, beside the local engine's
-    (the same photos and model): how a host's GPUs, or a cluster's nodes, add up."""
+def scaling(images, model, worker_counts, node_counts, device, limit, address, out_dir, no_progress, verbose):
+    """Images/s of `unet-batch segment --engine ray` against the number of workers, and of simulated nodes, beside
+    the local engine's (the same photos and model): how a host's GPUs, or a cluster's nodes, add up."""
     require("onnxruntime", "cpu", what="unet-bench scaling")
     require("ray", "ray", what="unet-bench scaling")
     from benchmarks.scaling import ScalingConfig, render, run_scaling, write_scaling
 
     with exit_on(CarvanaError, ValueError):
-        config = ScalingConfig(images, model, worker_counts, device, limit, address, progress=not no_progress)
+        config = ScalingConfig(images, model, worker_counts, node_counts, device, limit, address, progress=not no_progress)
         with setup_logging(verbose):
-            rows = run_scaling(config)
-            paths = write_scaling(rows, out_dir)
-    click.echo(render(rows), nl=False)
+            rows, starts = run_scaling(config)
+            paths = write_scaling(rows, starts, out_dir)
+    click.echo(render(rows, starts), nl=False)
     click.echo(f"wrote {paths['json']} and {paths['md']}")

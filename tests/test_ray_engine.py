@@ -4,35 +4,42 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path, PurePosixPath
 
 import pytest
 from click.testing import CliRunner
-from conftest import write_photo
+from conftest import REPO, write_photo
 
 from batch.cli import main
 from batch.core.devices import parse_device
 from batch.core.timing import StageClock
+from batch.runs._ray_reaper import remove_folder
 from batch.runs.storage import open_location
 
 ray = pytest.importorskip("ray", reason="the Ray engine needs the 'ray' extra")
 
-from batch.runs.ray_engine import SegmentWorker  # noqa: E402  (after the skip: it imports ray)
+from batch.runs.ray_engine import SegmentWorker, ray_session_folder  # noqa: E402  (after the skip: it imports ray)
 
 PHOTOS = 10  # two calls of an actor at --batch-size 2 (CALL_BATCHES batches a call) and a remainder
 BAD = {"bad/empty.jpg": b"", "bad/notes.png": b"shopping list"}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
-    """One local Ray cluster for the test session: 2 CPUs, no dashboard; the engine joins it. A run that
-    makes no progress for two minutes fails rather than holding CI (Ray's default waits 30 minutes)."""
+    """One local Ray cluster for this file's tests: 2 CPUs, no dashboard; the engine joins it. Its session folder
+    (Ray's logs) goes with it."""
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    ray.data.DataContext.get_current().execution_no_progress_timeout_s = 120
+    session = ray_session_folder()
     yield
     ray.shutdown()
+    remove_folder(session)
 
 
 @pytest.fixture
@@ -237,62 +244,157 @@ def test_bench_scaling_measures_each_worker_count_beside_the_local_engine(photos
     result = CliRunner().invoke(bench, list(map(str, args)), catch_exceptions=False)
     assert result.exit_code == 0, result.output
     rows = json.loads((out / "results.json").read_text())["rows"]
-    assert [(row["engine"], row["workers"], row["photos"]) for row in rows] == [
-        ("local", 1, PHOTOS),
-        ("ray", 1, PHOTOS),
-        ("local", 1, PHOTOS),
+    assert [(row["engine"], row["workers"], row["nodes"], row["photos"]) for row in rows] == [
+        ("local", 1, 1, PHOTOS),
+        ("ray", 1, 1, PHOTOS),
+        ("local", 1, 1, PHOTOS),
     ]
-    assert "| ray | 1 |" in (out / "results.md").read_text()
+    assert "| ray | 1 | 1 |" in (out / "results.md").read_text()
 
 
-def fails_to_infer() -> type:
-    """A worker whose engine is broken: the stream gives up (InferenceError), as after three failed batches in a row."""
+def fails_with(error: Exception) -> type:
+    """A worker whose every call raises ``error``: a broken engine (the stream gives up with an InferenceError after three
+    failed batches in a row), or a bug."""
 
-    class FailsToInfer(SegmentWorker):
-        def __call__(self, batch):
-            from batch.inference.segmenter import InferenceError
+    class Fails(SegmentWorker):
+        def __call__(self, call):
+            raise error
 
-            raise InferenceError("inference failed on 3 batches in a row")
-
-    return FailsToInfer
+    return Fails
 
 
-def test_a_broken_engine_stops_the_run_with_a_report(photos: Path, tmp_path: Path, tiny_onnx: Path, ray_cluster):
+@pytest.mark.parametrize(
+    ("error", "stopped"),
+    [("inference failed on 3 batches in a row", "inference failed on 3 batches in a row"), ("a bug", "a worker failed: a bug")],
+)
+def test_a_broken_engine_stops_the_run_with_a_report(error: str, stopped: str, photos: Path, tmp_path: Path, tiny_onnx: Path,
+                                                     ray_cluster):  # fmt: skip
+    from batch.inference.segmenter import InferenceError
     from batch.runs.config import ClusterConfig, RunConfig
     from batch.runs.ray_engine import RayEngine
     from batch.runs.run import run
 
+    raised = InferenceError(error) if error.startswith("inference") else ValueError(error)
     config = RunConfig(input_dir=photos, output_dir=tmp_path / "masks", model=tiny_onnx, progress=False)
-    report = run(config, RayEngine(config, ClusterConfig(workers=1), StageClock(), worker=fails_to_infer()))
+    report = run(config, RayEngine(config, ClusterConfig(workers=1), StageClock(), worker=fails_with(raised)))
 
-    assert "inference failed on 3 batches in a row" in report.stopped
+    assert report.stopped == stopped
     assert report.processed == 0
     assert json.loads((tmp_path / "masks" / "report.json").read_text())["stopped"] == report.stopped
 
 
-def test_a_ray_rerun_with_nothing_to_do_never_starts_ray(photos: Path, tmp_path: Path, tiny_onnx: Path, ray_cluster, monkeypatch):
+def test_a_rerun_with_nothing_to_do_starts_no_ray(photos: Path, tmp_path: Path, tiny_onnx: Path, monkeypatch):
     from batch.runs import ray_engine
 
     out = tmp_path / "masks"
-    assert segment(photos, out, "--model", tiny_onnx, "--batch-size", "2").exit_code == 1  # the local engine did the work
-    for name in BAD:  # failed photos are retried by a rerun: take them away, so that nothing is left to do
-        (photos / name).unlink()
+    shutil.rmtree(photos / "bad")  # (a rerun retries failed photos)
+    assert segment(photos, out, "--model", tiny_onnx).exit_code == 0
 
     def no_ray(*args, **kwargs):
-        raise AssertionError("Ray was started with nothing to do")
+        raise AssertionError("Ray was started for a run with nothing to do")
 
     monkeypatch.setattr(ray_engine, "ray_session", no_ray)
-    rerun = segment(photos, out, "--model", tiny_onnx, "--batch-size", "2", "--engine", "ray")
-    assert rerun.exit_code == 0 and "decoder )" not in rerun.output, rerun.output
+    monkeypatch.setattr(ray_engine.ray, "init", no_ray)
+    rerun = segment(photos, out, "--model", tiny_onnx, "--engine", "ray")
+    assert rerun.exit_code == 0, rerun.output
     assert f"0 segmented, {PHOTOS} already done" in rerun.output
+    assert "decoder )" not in rerun.output
+    last = json.loads((out / ".unet-batch" / "history.jsonl").read_text().splitlines()[-1])
+    assert (last["engine"], last["workers"], last["processed"], last["skipped"]) == ("ray", 0, 0, PHOTOS)
+    assert last["model"]["path"] == str(tiny_onnx)
 
 
-def test_rays_routine_lines_are_kept_out_of_a_runs_output(monkeypatch):
-    import logging
+def run_python(code: str, **options) -> subprocess.Popen:
+    """``code`` in a fresh Python, this repository importable (Ray's workers inherit PYTHONPATH)."""
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **options)  # fmt: skip
 
-    from batch.runs import ray_engine
 
-    name = "ray._private.authentication.authentication_token_setup"  # "Token authentication is enabled ..."
-    monkeypatch.setattr(logging.getLogger(name), "level", logging.NOTSET)
-    ray_engine._quiet_ray()
-    assert not logging.getLogger(name).isEnabledFor(logging.WARNING)
+def session_folder(pid: int) -> list[Path]:
+    """The Ray session folder a driver of this pid started (Ray names it after the driver's pid)."""
+    return list(Path(tempfile.gettempdir(), "ray").glob(f"session_*_{pid}"))
+
+
+def test_a_ray_run_prints_only_its_own_lines_and_leaves_no_ray_behind(photos: Path, tmp_path: Path, tiny_onnx: Path):
+    command = f"from batch.cli import main; main(['segment', {str(photos)!r}, {str(tmp_path / 'masks')!r}, '--model', " \
+              f"{str(tiny_onnx)!r}, '--engine', 'ray', '--no-progress'])"  # fmt: skip
+    driver = run_python(command)
+    out, err = driver.communicate(timeout=120)
+    assert driver.returncode == 1, err  # the bad files
+    lines = [line for line in err.splitlines() if line.strip()]
+    ours = [line for line in lines if line.startswith("INFO batch.") or line.startswith("  ") or "photo(s) failed" in line]
+    assert lines == ours, err  # no token-auth warning, no core_worker.cc error, no Ray notice
+    assert any(line.startswith("INFO batch.runs.ray_engine: Ray ready in") for line in lines)
+    assert any("a local Ray on one host adds its start-up" in line for line in lines)  # where --engine local is faster
+    assert f"{PHOTOS} segmented" in out
+    assert not session_folder(driver.pid)  # Ray's session folder (its logs) goes with the run
+
+
+SLEEPER = """
+import pathlib, time
+from batch.core.timing import StageClock
+from batch.runs.config import ClusterConfig, RunConfig
+from batch.runs.ray_engine import RayEngine, SegmentWorker
+from batch.runs.run import run
+
+class Sleeper(SegmentWorker):  # segments nothing: tells the test it has started, then waits to be killed
+    def segment(self, items, results):
+        pathlib.Path({marker!r}).touch()
+        time.sleep(600)
+
+config = RunConfig({photos!r}, {out!r}, model={model!r}, progress=False)
+run(config, RayEngine(config, ClusterConfig(workers=1), StageClock(), worker=Sleeper))
+"""
+
+
+def test_a_killed_drivers_local_ray_does_not_outlive_it(photos: Path, tmp_path: Path, tiny_onnx: Path):
+    from batch.runs._ray_reaper import descendants
+
+    marker = tmp_path / "segmenting"
+    driver = run_python(SLEEPER.format(marker=str(marker), photos=str(photos), out=str(tmp_path / "masks"), model=str(tiny_onnx)))
+    deadline = time.monotonic() + 90
+    while not marker.exists() and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), driver.communicate(timeout=10)[1] if driver.poll() is not None else "no call within 90 s"
+    ray_processes = descendants(driver.pid)  # the GCS, the raylet, their agents, the actor: all started by the driver
+    assert len(ray_processes) >= 4
+
+    driver.kill()  # SIGKILL: no chance to stop anything
+    driver.communicate(timeout=10)
+    deadline = time.monotonic() + 20
+    while any(is_running(*process) for process in ray_processes) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [process for process in ray_processes if is_running(*process)]
+    assert not session_folder(driver.pid)
+
+
+def is_running(pid: int, started: str) -> bool:
+    """Whether the process ``pid`` that started at ``started`` (a /proc stat field) is still there (a zombie is not)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[19] == started and fields[0] != "Z"
+
+
+@pytest.mark.parametrize(
+    ("address", "photos", "engine"),
+    [(None, 5000, "local"), ("head:6379", 10, "local"), ("head:6379", 5000, "ray")],
+)
+def test_engine_auto_uses_ray_for_a_named_cluster_and_enough_photos(address, photos, engine, monkeypatch, caplog):
+    from batch.runs.config import ClusterConfig
+    from batch.runs.run import choose_engine
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    caplog.set_level(logging.INFO, logger="batch.runs.run")
+    assert choose_engine(ClusterConfig(address=address), photos) == engine
+    assert f"--engine auto: {engine}" in caplog.text
+
+
+def test_engine_auto_without_a_cluster_runs_the_local_engine(photos: Path, tmp_path: Path, tiny_onnx: Path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    result = segment(photos, tmp_path / "masks", "--model", tiny_onnx, "--engine", "auto")
+    assert result.exit_code == 1, result.output  # the bad files
+    assert json.loads((tmp_path / "masks" / "report.json").read_text())["engine"] == "local"

@@ -83,16 +83,18 @@ def sigterm_as_interrupt() -> Iterator[None]:
     "--engine",
     type=click.Choice(ENGINES),
     default="local",
-    help="local: this process; ray: inference actors on a Ray cluster (the 'ray' extra; docs/scale-out.md)",
+    help="local: this process; ray: inference actors on a Ray cluster (the 'ray' extra; docs/scale-out.md); auto: ray "
+    "when a cluster is named (--address, RAY_ADDRESS) and there are enough photos to do for its start-up to pay off",
 )
 @click.option(
-    "--address", help="--engine ray: the Ray cluster [default: $RAY_ADDRESS, else a local Ray using every GPU and core here]"
+    "--address",
+    help="--engine ray or auto: the Ray cluster [default: $RAY_ADDRESS, else a local Ray using every GPU and core here]",
 )
 @click.option(
     "--workers",
     type=click.IntRange(min=1),
     help=f"local engine: decode and writer threads each [default: CPU cores, {cpu_count()} here]; --engine ray: inference "
-    "actors [default: one per GPU, else one per node]",
+    "actors [default: one per GPU, else one per node]; --engine auto: as for the local engine (per actor on Ray)",
 )
 @click.option(
     "--runtime",
@@ -126,6 +128,8 @@ def segment_command(input_dir: Path | str, output_dir: Path | str, engine: str, 
     if engine == "ray":
         require("ray", "ray", what="--engine ray")
         cluster = ClusterConfig(address=address, workers=options.pop("workers"))
+    elif engine == "auto":
+        cluster = ClusterConfig(address=address)
     try:
         config = RunConfig(input_dir=input_dir, output_dir=output_dir, **options)
     except ValueError as e:

@@ -14,7 +14,8 @@ from batch.runs.formats import FORMATS, conflicting_formats
 from batch.runs.report import REPORT_NAME
 from batch.runs.storage import as_location, is_uri
 
-ENGINES = ("local", "ray")
+ENGINES = ("local", "ray", "auto")
+RAY_PAYS_OFF = 1000  # photos to do from which --engine auto uses a named Ray cluster (docs/scale-out.md, "Start-up")
 
 
 class SegmentError(CarvanaError):

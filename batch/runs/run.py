@@ -1,19 +1,22 @@
 """A run over a folder or a bucket (``unet-batch segment``, :func:`batch.segment`): one skeleton, either engine.
 
-    locations -> inputs -> engine opened -> OUTPUT_DIR locked -> plan (resume, conflicts) -> clean
+    locations -> inputs -> OUTPUT_DIR locked -> plan (resume, conflicts) -> engine opened -> clean
       -> engine.process(jobs)  [local: this process's Segmenter; ray: actors on a cluster]
       -> submission.csv (--format rle) -> report.json
 
-Everything that can refuse the run happens before OUTPUT_DIR is touched, and a run that cannot start
-raises :class:`SegmentError` and leaves nothing behind. Per-photo problems never stop it: they are listed
-in ``report.failed``, and so are the photos of a batch whose inference failed. When inference fails on
-several batches in a row the run stops there, with ``report.stopped`` saying why. On KeyboardInterrupt
+The engine opens once the plan says how many photos there are to do: ``--engine auto`` chooses with
+that number, and a Ray run with nothing to do never starts Ray. A run that cannot start raises
+:class:`SegmentError` and leaves nothing behind (an OUTPUT_DIR made for it is removed again, still
+empty). Per-photo problems never stop it: they are listed in ``report.failed``, and so are the
+photos of a batch whose inference failed. When inference fails on several batches in a row the run
+stops there, with ``report.stopped`` saying why. On KeyboardInterrupt
 (or SIGTERM turned into one by the CLI) the finished outputs stay, the report is written with
 ``interrupted: true``, and the interrupt propagates. See docs/batch.md for the options and the report.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import time
@@ -27,8 +30,8 @@ from batch.core.logs import first_line
 from batch.core.timing import StageClock
 from batch.core.version import package_version
 from batch.inference.segmenter import InferenceError
-from batch.runs.config import ClusterConfig, RunConfig, SegmentError
-from batch.runs.lock import output_folder
+from batch.runs.config import ENGINES, RAY_PAYS_OFF, ClusterConfig, RunConfig, SegmentError
+from batch.runs.lock import Held, output_folder
 from batch.runs.manifest import MadeBy, append_history, check_and_record, finish_overwrite
 from batch.runs.outputs import Results, read_confidence, write_confidence, write_report, write_submission
 from batch.runs.plan import Job, Plan, make_plan
@@ -66,7 +69,7 @@ def segment(
 
     ``options`` are :class:`~batch.runs.config.RunConfig`'s fields (``model``, ``device``, ``formats``,
     ``tta``, ``overwrite``, ``progress``, ...) with its defaults; a bad one raises ``ValueError`` or
-    ``TypeError``. ``engine``: ``local`` or ``ray`` (``cluster`` says which cluster). Otherwise as :func:`run`.
+    ``TypeError``. ``engine``: ``local``, ``ray`` (``cluster`` says which cluster) or ``auto``. Otherwise as :func:`run`.
 
     Example:
         >>> report = batch.segment("photos/", "masks/", device="cpu", formats=("png", "rle"))
@@ -77,33 +80,37 @@ def segment(
 def run(config: RunConfig, engine: str | Engine = "local", cluster: ClusterConfig | None = None) -> Report:
     """Segment every photo under ``config.input_dir``; write outputs and the report; return the report.
 
-    ``engine``: ``"local"``, ``"ray"`` (on ``cluster``), or an :class:`Engine` made by the caller.
+    ``engine``: ``"local"``, ``"ray"`` (on ``cluster``), ``"auto"`` (:func:`choose_engine`), or an :class:`Engine`
+    made by the caller.
     """
     started = time.perf_counter()
     clock = StageClock()
     source, output = _open_locations(config)
     with clock("discover"):
         inputs = _find_inputs(config, source, output)
-    runner = _make_engine(engine, config, cluster, clock)
     try:
-        with runner.open(), output_folder(output):
+        with output_folder(output) as lock:
             with clock("discover"):
                 plan = make_plan(source, output, inputs, config.formats, config.overwrite, read_confidence(output).keys())
-            log.info("%d photos: %d to segment, %d already done, %d refused; %s", plan.size, len(plan.jobs),
-                     len(plan.done), len(plan.refused), runner.summary())  # fmt: skip
-            output.clean()
-            path, sha256, threshold = runner.model_identity()
-            made = MadeBy(sha256, path, threshold, config.tta, config.formats)
-            check_and_record(output, made, config.overwrite)
-            return _process(config, plan, source, output, runner, clock, started)
-    except StorageError as e:  # the output folder cannot be made or is locked by another run
+            runner = _make_engine(engine, config, cluster, clock, len(plan.jobs))
+            with runner.open():
+                log.info("%d photos: %d to segment, %d already done, %d refused; %s", plan.size, len(plan.jobs),
+                         len(plan.done), len(plan.refused), runner.summary())  # fmt: skip
+                output.clean()
+                path, sha256, threshold = runner.model_identity()
+                made = MadeBy(sha256, path, threshold, config.tta, config.formats)
+                check_and_record(output, made, config.overwrite)
+                return _process(config, plan, source, output, runner, clock, started, lock)
+    except StorageError as e:  # the output location cannot be made or is locked by another run
         raise SegmentError(str(e)) from e
 
 
 def _process(
-    config: RunConfig, plan: Plan, source: Storage, output: Storage, engine: Engine, clock: StageClock, started: float
-) -> Report:
-    """The run proper: the engine segments the jobs; the report is written whatever happens, then an interrupt propagates."""
+    config: RunConfig, plan: Plan, source: Storage, output: Storage, engine: Engine, clock: StageClock, started: float,
+    lock: Held,
+) -> Report:  # fmt: skip
+    """The run proper: the engine segments the jobs; the report is written whatever happens, then an interrupt propagates.
+    A bucket lock taken over meanwhile (``lock.lost``) ends it as a failing engine does: ``report.stopped`` says so."""
     results = Results()
     for job, reason in plan.refused:
         results.fail(job, reason)
@@ -115,8 +122,9 @@ def _process(
         interruption = e
     except InferenceError as e:  # Ray wraps an actor's InferenceError; its ``cause`` is the actor's own
         stopped = first_line(getattr(e, "cause", e))
-    except SegmentError as e:  # an engine that could not start its workers (a Ray cluster out of reach): still a report
+    except SegmentError as e:  # an engine that could not go on (its workers out of reach): still a report
         stopped = str(e)
+    stopped = lock.lost or stopped
     report = _finish(
         config, plan, output, clock, results,
         lambda: _make_report(config, plan, results, time.perf_counter() - started, interruption is not None, stopped,
@@ -129,9 +137,15 @@ def _process(
     return report
 
 
-def _make_engine(engine: str | Engine, config: RunConfig, cluster: ClusterConfig | None, clock: StageClock) -> Engine:
+def _make_engine(
+    engine: str | Engine, config: RunConfig, cluster: ClusterConfig | None, clock: StageClock, photos: int
+) -> Engine:
+    """The engine named (``auto``: :func:`choose_engine`) for ``photos`` photos to segment."""
     if not isinstance(engine, str):
         return engine
+    cluster = cluster or ClusterConfig()
+    if engine == "auto":
+        engine = choose_engine(cluster, photos)
     if engine == "local":
         from batch.runs._local import LocalEngine
 
@@ -139,8 +153,25 @@ def _make_engine(engine: str | Engine, config: RunConfig, cluster: ClusterConfig
     if engine == "ray":
         from batch.runs.ray_engine import RayEngine  # imports ray: only when asked for
 
-        return RayEngine(config, cluster or ClusterConfig(), clock)
-    raise SegmentError(f"engine must be 'local' or 'ray', not {engine!r}")
+        return RayEngine(config, cluster, clock, photos=photos)
+    raise SegmentError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+
+
+def choose_engine(cluster: ClusterConfig, photos: int) -> str:
+    """``--engine auto``: Ray when a cluster is named (``--address``, ``RAY_ADDRESS``) and there are enough photos to do
+    for its start-up to pay off (:data:`RAY_PAYS_OFF`), else this process. One host's cores or GPU are the local
+    engine's to use: Ray adds its start-up and its daemons to the same work (docs/scale-out.md, "Start-up")."""
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        log.info("--engine auto: local (no Ray cluster named: --address or RAY_ADDRESS)")
+        return "local"
+    if photos < RAY_PAYS_OFF:
+        log.info("--engine auto: local (%d photos to do; Ray's start-up pays off from about %d)", photos, RAY_PAYS_OFF)
+        return "local"
+    if importlib.util.find_spec("ray") is None:
+        raise SegmentError(f"--engine auto chose Ray for the cluster at {address}, but it is not installed: pip install '.[ray]'")
+    log.info("--engine auto: ray (%d photos to do on the cluster at %s)", photos, address)
+    return "ray"
 
 
 def _make_report(
