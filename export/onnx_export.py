@@ -112,12 +112,12 @@ def export_model(trained: TrainedModel, out: str | Path, options: ExportOptions 
     size = choose_input_size(trained, options)
     check_output_path(out)
     contract = make_contract(trained, size, options)
-    net = fold_batchnorm(trained.net)
+    net = take_block_major_channels(fold_batchnorm(trained.net))
     check_weights(net, options.fp16)
     if options.fp16:
         net = net.half()
     wrapper = UInt8UNet(net, contract.pixel_mean, contract.pixel_std, options.layout).eval()
-    proto = trace(wrapper, contract, options.opset, translate_fold(trained.net.config))
+    proto = trace(wrapper, contract, options.opset, translate_fold())
     finish(proto, contract)
     onnx.checker.check_model(proto, full_check=True)
     write_atomic(proto, out)
@@ -226,22 +226,45 @@ def find_conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Sequential, str, str]]
     return pairs
 
 
-def translate_fold(config: UNetConfig) -> dict:
-    """The exporter's translation of a folded U-Net's space-to-depth: ONNX ``SpaceToDepth``, then a ``Gather`` of channels.
+def block_major_order(config: UNetConfig) -> list[int]:
+    """For each channel of ONNX ``SpaceToDepth``'s output, block-major (channel ``b C + c`` holds pixel ``b`` of
+    the block, of input channel ``c``), the channel of ``pixel_unshuffle``'s output, channel-major
+    (``c f^2 + b``), that holds the same values."""
+    channels, blocks = config.in_channels, config.fold**2
+    return [channel * blocks + block for block in range(blocks) for channel in range(channels)]
+
+
+def take_block_major_channels(net: nn.Module) -> nn.Module:
+    """``net`` (the export's own copy), its first convolution's input channels reordered to ``SpaceToDepth``'s order.
+
+    A folded U-Net's ``pixel_unshuffle`` orders channels colour-major, ONNX ``SpaceToDepth`` block-major.
+    Rather than a ``Gather`` that moves the values into the network's order, the convolution that reads them
+    takes its weights in ``SpaceToDepth``'s order (exact: the same sums, term for term). The graph is then
+    plain ``SpaceToDepth -> Conv``, which runtimes map to their kernels; OpenVINO 2026.4 fuses a channel
+    ``Gather`` into the next convolution wrongly (logits off by 35%), which this shape never meets.
+    An unfolded network is returned as it is.
+    """
+    config = net.config
+    if config.fold == 1:
+        return net
+    first = net.stem[0]  # the stem's first Conv2d: the only reader of the folded input
+    with torch.no_grad():
+        first.weight.copy_(first.weight[:, block_major_order(config)].clone())
+    return net
+
+
+def translate_fold() -> dict:
+    """The exporter's translation of a folded U-Net's space-to-depth: ONNX ``SpaceToDepth`` alone.
 
     The exporter's own translation of ``aten::pixel_unshuffle`` is Reshape -> Transpose -> Reshape with a
-    dozen nodes of shape arithmetic, because ONNX ``SpaceToDepth`` orders the channels block-major (channel
-    ``(i f + j) C + c`` holds pixel ``(i, j)`` of input channel ``c``) and ``pixel_unshuffle`` channel-major
-    (``c f^2 + i f + j``). Gathering SpaceToDepth's channels into pixel_unshuffle's order is the same function
-    (exact: it moves values) in two plain nodes that runtimes map to their space-to-depth kernels. The
-    unfold needs nothing: ``pixel_shuffle`` becomes ``DepthToSpace`` in CRD mode, its exact order.
+    dozen nodes of shape arithmetic, because ``SpaceToDepth`` orders the channels block-major and
+    ``pixel_unshuffle`` channel-major. One ``SpaceToDepth`` is right for a network whose first convolution
+    reads block-major channels: :func:`take_block_major_channels` makes the export's copy so. The unfold
+    needs nothing: ``pixel_shuffle`` becomes ``DepthToSpace`` in CRD mode, its exact order.
     """
-    channels, blocks = config.in_channels, config.fold**2
-    order = [block * channels + channel for channel in range(channels) for block in range(blocks)]
 
     def space_to_depth(self, downscale_factor: int):
-        x = onnx_op.SpaceToDepth(self, blocksize=downscale_factor)  # (N, f^2 C, H/f, W/f), block-major
-        return onnx_op.Gather(x, onnx_op.Constant(value_ints=order), axis=1)  # channel-major, as pixel_unshuffle
+        return onnx_op.SpaceToDepth(self, blocksize=downscale_factor)  # (N, f^2 C, H/f, W/f), block-major
 
     return {torch.ops.aten.pixel_unshuffle.default: space_to_depth}
 

@@ -25,7 +25,7 @@ from unet.config import UNetConfig
 from unet.model import refold
 
 PRECISIONS = {"fp32": ["--fp32"], "fp16": ["--fp16"], "int8": ["--int8", "--calibrate", "{photos}"]}
-FOLD_OPS = ("SpaceToDepth", "Gather", "DepthToSpace")
+FOLD_OPS = ("SpaceToDepth", "DepthToSpace")
 STEPS = 40  # of fine-tuning after the refold
 
 
@@ -78,17 +78,18 @@ def test_every_precision_passes_verification_and_states_the_multiple_of_8(folded
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_fold_and_unfold_are_space_to_depth_and_depth_to_space(folded_exports, precision):
-    """No Reshape/Transpose chain with shape arithmetic: SpaceToDepth, a Gather of its channels, DepthToSpace."""
+    """No Reshape/Transpose chain with shape arithmetic, no Gather of channels: SpaceToDepth read by the stem's first
+    convolution (its weights in SpaceToDepth's channel order), DepthToSpace."""
     graph = graph_of(folded_exports, precision)
     ops = [node.op_type for node in graph.node]
-    assert [op for op in ops if op in FOLD_OPS] == ["SpaceToDepth", "Gather", "DepthToSpace"]
+    assert [op for op in ops if op in FOLD_OPS] == ["SpaceToDepth", "DepthToSpace"] and "Gather" not in ops
     assert not {"Reshape", "Shape"} & set(ops) and ops.count("Transpose") == 1  # the NHWC input's
     found = {node.op_type: node for node in graph.node if node.op_type in FOLD_OPS}
     attributes = {op: {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute} for op, node in found.items()}
     assert attributes["SpaceToDepth"] == {"blocksize": 2}
     assert attributes["DepthToSpace"] == {"blocksize": 2, "mode": b"CRD"}  # pixel_shuffle's channel order
     convs = [node for node in graph.node if node.op_type == "Conv"]
-    assert found["Gather"].output[0] in convs[0].input and convs[-1].output[0] in found["DepthToSpace"].input
+    assert found["SpaceToDepth"].output[0] in convs[0].input and convs[-1].output[0] in found["DepthToSpace"].input
 
 
 def test_int8_keeps_the_fold_ops_stem_and_head_in_float(folded_exports):
@@ -122,3 +123,15 @@ def test_a_size_that_is_not_a_multiple_of_8_is_refused(folded_checkpoint, tmp_pa
     with pytest.raises(ExportError, match=r"\(depth 2, fold 2\): .* multiples of 8. Try --input-size 64x96 or 72x96"):
         export_checkpoint(folded_checkpoint, tmp_path / "m.onnx", ExportOptions(input_size=(68, 96)))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_openvino_computes_the_folded_export_as_pytorch_does(folded_exports, folded_checkpoint, parity_photos):
+    """OpenVINO 2026.4 fused the channel Gather the export once put after SpaceToDepth into the stem's convolution
+    wrongly (logits off by 35% on the 640x960 model); the export's graph has no such Gather now."""
+    pytest.importorskip("openvino")
+    from export.config import VerifyOptions
+    from export.verify import verify_parity
+
+    options = VerifyOptions(limit=3, runtime="openvino")
+    report = verify_parity(folded_checkpoint, folded_exports["fp32"][0], parity_photos, options, progress=False)
+    assert report.passed and max(image.rel_logit_diff for image in report.images) <= 1e-4, "\n".join(report.lines())
