@@ -139,7 +139,7 @@ def to_onnx(
     if report is not None:
         click.echo("\n".join(report.lines()))
         if not report.passed:
-            raise click.ClickException(explain_failure(report, out, int8))
+            raise click.ClickException(explain_failure(report, out, int8, verify.runtime))
         if verify.openvino_precision == "bf16":
             click.echo(record_bf16(out, report))
     click.echo(describe(out, contract))
@@ -172,9 +172,15 @@ def choose_verify_device(device: str, int8: bool, out: Path) -> str:
     return str(device_for_precision(device, "int8", out)) if int8 else device
 
 
-def explain_failure(report, out: Path, int8: bool) -> str:
+def explain_failure(report, out: Path, int8: bool, runtime: str) -> str:
     """Why ``out`` was not written, and what to try instead."""
     instead = "an FP32 export (--fp32 without --int8)" if int8 else "--fp32"
+    if report.failed and runtime == "openvino":
+        return (
+            f"{len(report.failed)} of {len(report.images)} photos out of tolerance under OpenVINO: {out} was not written. "
+            "Verify under ONNX Runtime (--runtime onnxruntime): if that passes, OpenVINO computes this graph differently "
+            "from PyTorch, and unet-batch should run it with --runtime onnxruntime."
+        )
     if report.failed:
         return (
             f"{len(report.failed)} of {len(report.images)} photos out of tolerance: {out} was not written. "
