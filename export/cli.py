@@ -15,7 +15,17 @@ from batch.cli.options import DEVICE, SIZE, Group, exit_on, setup_logging, versi
 from batch.core.contract import ModelContract
 from batch.core.devices import DeviceError
 from batch.core.extras import require
-from export.config import LAYOUTS, MAX_OPSET, MIN_OPSET, ExportError, ExportOptions, QuantizeOptions, VerifyOptions
+from export.config import (
+    LAYOUTS,
+    MAX_OPSET,
+    MIN_OPSET,
+    OPENVINO_PRECISIONS,
+    VERIFY_RUNTIMES,
+    ExportError,
+    ExportOptions,
+    QuantizeOptions,
+    VerifyOptions,
+)
 
 CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
 
@@ -67,6 +77,19 @@ def main() -> None:
     "--verify-limit", type=click.IntRange(min=1), default=VerifyOptions.limit, help="Photos to check (spread over the folder)."
 )
 @click.option("--device", type=DEVICE, default="auto", help="ONNX Runtime device for --verify (cuda: CUDA provider).")
+@click.option(
+    "--runtime",
+    type=click.Choice(VERIFY_RUNTIMES),
+    default=VerifyOptions.runtime,
+    help="What runs the file for --verify: ONNX Runtime on --device, or OpenVINO on the CPU.",
+)
+@click.option(
+    "--openvino-precision",
+    type=click.Choice(OPENVINO_PRECISIONS),
+    default=VerifyOptions.openvino_precision,
+    help="With --runtime openvino: the precision OpenVINO computes in. A bf16 check that passes is recorded, and "
+    "unet-batch --runtime auto may then run the file at bf16 on this CPU.",
+)
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def to_onnx(
@@ -82,15 +105,20 @@ def to_onnx(
     verify_dir,
     verify_limit,
     device,
+    runtime,
+    openvino_precision,
     no_progress,
     verbose,
 ):
     """Export CHECKPOINT (best.pt or last.pt from unet-train) to an ONNX model at --out."""
     check_int8_options(int8, calibrate_dir)
+    check_verify_options(verify_dir)
     require("torch", "train", what="unet-export")
     require("onnx", "train", what="unet-export")
     if verify_dir is not None or int8:
         require("onnxruntime", "cpu", what="unet-export --int8" if int8 else "unet-export --verify")
+    if verify_dir is not None and runtime == "openvino":
+        require("openvino", "cpu", what="unet-export --verify --runtime openvino")
     from export.verify import VerifyError, export_verified
     from unet.checkpoint import CheckpointError
 
@@ -101,13 +129,28 @@ def to_onnx(
         if verify_dir is None:
             contract, report = export(checkpoint, out), None
         else:
-            verify = VerifyOptions(limit=verify_limit, device=choose_verify_device(device, int8, out))
+            verify = VerifyOptions(
+                limit=verify_limit,
+                device=device if runtime == "openvino" else choose_verify_device(device, int8, out),
+                runtime=runtime,
+                openvino_precision=openvino_precision,
+            )
             contract, report = export_verified(checkpoint, out, verify_dir, export, verify, progress=not no_progress)
     if report is not None:
         click.echo("\n".join(report.lines()))
         if not report.passed:
             raise click.ClickException(explain_failure(report, out, int8))
+        if verify.openvino_precision == "bf16":
+            click.echo(record_bf16(out, report))
     click.echo(describe(out, contract))
+
+
+def record_bf16(out: Path, report) -> str:
+    """Record on this machine that OpenVINO's bf16 masks of ``out`` passed, so that ``--runtime auto`` may use them."""
+    from batch.inference.runtime_choice import cache_folder, record_verification
+
+    record_verification(out, "bf16", report.min_dice, len(report.images) - len(report.untested))
+    return f"recorded in {cache_folder()}: unet-batch --runtime auto may run {out.name} at bf16 on this CPU"
 
 
 def choose_exporter(options: ExportOptions, quantization: QuantizeOptions | None, calibrate_dir: Path | None, progress: bool):
@@ -152,6 +195,15 @@ def check_int8_options(int8: bool, calibrate_dir: Path | None) -> None:
         raise click.UsageError("--calibrate is for --int8 exports: add --int8, or leave out --calibrate")
     if int8 and click.get_current_context().get_parameter_source("fp16") is ParameterSource.COMMANDLINE:
         raise click.UsageError("--int8 quantizes the FP32 graph: leave out --fp16/--fp32")
+
+
+def check_verify_options(verify_dir: Path | None) -> None:
+    """--runtime and --openvino-precision say how to verify: without --verify they would do nothing."""
+    context = click.get_current_context()
+    given = [f"--{name.replace('_', '-')}" for name in ("runtime", "openvino_precision")
+             if context.get_parameter_source(name) is ParameterSource.COMMANDLINE]  # fmt: skip
+    if given and verify_dir is None:
+        raise click.UsageError(f"{' and '.join(given)} choose how --verify checks the file: add --verify DIR")
 
 
 def describe(out: Path, contract: ModelContract) -> str:

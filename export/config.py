@@ -10,11 +10,14 @@ from dataclasses import dataclass
 
 from batch.core.devices import parse_device
 from batch.core.errors import CarvanaError
+from batch.inference.config import RUNTIMES, runtime_device_conflict
 
 DEFAULT_OPSET = 18  # the exporter's native opset: no version conversion; ORT >= 1.14, TensorRT 10+ parse it
 MIN_OPSET = 17  # reached through ONNX's version converter (tested); lower ones are not tested
 MAX_OPSET = 21  # highest opset tested here (ONNX Runtime 1.32, CPU provider)
 LAYOUTS = ("NHWC", "NCHW")
+VERIFY_RUNTIMES = tuple(r for r in RUNTIMES if r != "auto")  # verification names the runtime it checks under
+OPENVINO_PRECISIONS = ("f32", "bf16")  # OpenVINO's inference precision (batch.inference.openvino_runtime)
 
 
 class ExportError(CarvanaError):
@@ -50,8 +53,17 @@ class VerifyOptions:
     min_dice: float = 0.999  # FP16 and INT8: full-resolution Dice of the ONNX mask against PyTorch's
     min_car: float = 0.01  # a mask Dice tests something only where PyTorch's car covers this share of the photo, and
     # leaves as much background: on a (near-)empty or (near-)full mask two models agree whatever they compute
+    runtime: str = "onnxruntime"  # what runs the ONNX file: onnxruntime (on ``device``) or openvino (on the CPU)
+    openvino_precision: str = "f32"  # with openvino: f32, or bf16 (judged by its masks, like FP16 and INT8)
 
     def __post_init__(self) -> None:
+        if self.runtime not in VERIFY_RUNTIMES:
+            raise ExportError(f"runtime must be one of {', '.join(VERIFY_RUNTIMES)}, not {self.runtime!r}")
+        if self.openvino_precision not in OPENVINO_PRECISIONS:
+            choices = ", ".join(OPENVINO_PRECISIONS)
+            raise ExportError(f"OpenVINO precision must be one of {choices}, not {self.openvino_precision!r}")
+        if self.openvino_precision != "f32" and self.runtime != "openvino":
+            raise ExportError(f"an OpenVINO precision ({self.openvino_precision}) needs runtime openvino")
         if self.limit < 1:
             raise ExportError(f"limit must be at least 1 photo, not {self.limit}")
         if self.rtol <= 0 or not 0 < self.min_dice <= 1:
@@ -59,6 +71,11 @@ class VerifyOptions:
         if not 0 <= self.min_car < 0.5:
             raise ExportError(f"min_car must be in [0, 0.5), not {self.min_car}")
         object.__setattr__(self, "device", str(parse_device(self.device)))  # a DeviceError names the choices
+        conflict = runtime_device_conflict(self.runtime, self.device)
+        if conflict:
+            raise ExportError(conflict)
+        if self.runtime == "openvino":
+            object.__setattr__(self, "device", "cpu")  # auto: OpenVINO runs on the CPU
 
 
 @dataclass(frozen=True)

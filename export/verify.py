@@ -1,14 +1,17 @@
 """Parity of an exported ONNX model with its PyTorch checkpoint, on real photos.
 
 For each photo: PyTorch FP32 logits (the reference, on CPU) against the ONNX model's on the chosen ONNX
-Runtime provider, both fed the same pixels (``batch.core.images.load_resized_rgb``: training's own
-preprocessing, at the model's recorded input size). Criteria (``ImageParity.failures``):
+Runtime provider, or under OpenVINO on the CPU (``VerifyOptions.runtime``), both fed the same pixels
+(``batch.core.images.load_resized_rgb``: training's own preprocessing, at the model's recorded input
+size). Criteria (``ImageParity.failures``):
 
 - every precision: the ONNX logits are finite, and the mask is not blank where PyTorch finds a car;
 - FP32: ``max |onnx - torch| / max |torch|`` over the image's logits <= ``rtol`` (1e-4);
 - FP16 and INT8: the Dice of the two masks at the photo's full resolution >= ``min_dice`` (0.999), the
   masks made like the Kaggle metric: logits resized bilinearly to the photo's size, then thresholded;
-  FP16 also: the reference's activations within FP16's range.
+  FP16 also: the reference's activations within FP16's range. An FP32 file that OpenVINO computes in
+  bf16 is judged like them, by its masks: that check is what lets ``--runtime auto`` run it at bf16
+  (``batch.inference.runtime_choice.record_verification``).
 
 A mask comparison can only fail where PyTorch's mask has both car and background (``min_car``): two
 empty masks have Dice 1 whatever the export computes. Such a photo is *not tested*
@@ -41,7 +44,9 @@ from batch.core.errors import CarvanaError
 from batch.core.files import spread_evenly, temporary_path
 from batch.core.images import DECODE_ERRORS, is_image_file, load_resized_rgb
 from batch.core.masks import dice
-from batch.inference.runtime import ModelError, check_device, session_options
+from batch.inference import openvino_runtime
+from batch.inference.model import read_contract as read_file_contract
+from batch.inference.runtime import ModelError, OnnxRuntimeNetwork, check_device, session_options
 from batch.inference.runtime import open_session as open_runtime_session
 from export.config import VERIFY_DEFAULTS, VerifyOptions
 from export.onnx_export import FP16_MAX, TrainedModel, check_output_path, export_checkpoint, find_conv_bn_pairs, read_checkpoint
@@ -101,8 +106,8 @@ class ImageParity:
 class ParityReport:
     onnx_path: str
     checkpoint: str
-    precision: str  # of the ONNX model: decides which criterion applies
-    providers: tuple[str, ...]  # ONNX Runtime providers the session actually uses
+    precision: str  # the numbers' (the file's, or bf16 where OpenVINO computes an FP32 file so): decides the criterion
+    providers: tuple[str, ...]  # ONNX Runtime providers the session actually uses, or OpenVINO and its precision
     input_size: tuple[int, int]
     options: VerifyOptions
     images: tuple[ImageParity, ...]
@@ -120,6 +125,11 @@ class ParityReport:
     def untested(self) -> tuple[ImageParity, ...]:
         """Photos within tolerance whose masks could not be compared (PyTorch's mask is empty or full)."""
         return tuple(image for image in self.images if image.untested and not image.failures)
+
+    @property
+    def min_dice(self) -> float:
+        """The lowest mask Dice over the photos whose masks were compared (nan when none were)."""
+        return min((image.dice for image in self.images if not image.untested), default=math.nan)
 
     def lines(self) -> list[str]:
         """The report as text: one row per photo, then a summary."""
@@ -152,14 +162,13 @@ class ParityReport:
         ]
 
     def summary(self) -> str:
-        compared = [image.dice for image in self.images if not image.untested]
         peak = max((i.peak_activation for i in self.images), default=math.nan)
         median_ms = float(np.median([i.onnx_ms for i in self.images])) if self.images else math.nan
         verdict = "PASS" if self.passed else "FAIL" if self.failed or not self.images else "NOT TESTED"
         return (
             f"summary: {sum(i.passed for i in self.images)}/{len(self.images)} photos pass; "
             f"max rel. diff {max((i.rel_logit_diff for i in self.images), default=math.nan):.2e}, "
-            f"min Dice {f'{min(compared):.6f}' if compared else 'n/a (no masks compared)'}, "
+            f"min Dice {'n/a (no masks compared)' if math.isnan(self.min_dice) else f'{self.min_dice:.6f}'}, "
             f"peak activation {peak:.4g} ({FP16_MAX / peak if peak else math.inf:.0f}x below FP16's max), "
             f"median ONNX time {median_ms:.1f} ms/img -> {verdict}"
         )
@@ -188,20 +197,19 @@ def verify_parity(
     photos = pick_photos(Path(images_dir), options.limit)
     checkpoint = Path(checkpoint)
     trained = read_checkpoint(checkpoint)
-    session = open_session(onnx_path, options.device)
-    contract = read_contract(session, onnx_path)
+    network, contract, providers = open_network(onnx_path, options)
     check_same_checkpoint(contract, trained, onnx_path)
-    log.debug("checking %s against %s on %s with %d photos", onnx_path, checkpoint, session.get_providers()[0], len(photos))
-    warm_up(session, contract)
+    log.debug("checking %s against %s on %s with %d photos", onnx_path, checkpoint, providers[0], len(photos))
+    warm_up(network, contract)
     images = tuple(
-        compare(run_both(photo, trained, session, contract), contract, options)
+        compare(run_both(photo, trained, network, contract), contract, options)
         for photo in tqdm(photos, desc="verify", unit="img", disable=not progress)
     )
     return ParityReport(
         onnx_path=str(onnx_path),
         checkpoint=str(checkpoint),
-        precision=contract.precision,
-        providers=tuple(session.get_providers()),
+        precision=judged_precision(contract, options),
+        providers=providers,
         input_size=contract.input_size,
         options=options,
         images=images,
@@ -270,6 +278,35 @@ def check_same_checkpoint(contract: ModelContract, trained: TrainedModel, onnx_p
         )
 
 
+def open_network(onnx_path: str | Path, options: VerifyOptions):
+    """The file as ``options.runtime`` runs it (a network with ``run(x)``), its contract, and what runs it."""
+    if options.runtime == "openvino":
+        return open_openvino(Path(onnx_path), options.openvino_precision)
+    session = open_session(onnx_path, options.device)
+    return OnnxRuntimeNetwork(session), read_contract(session, onnx_path), tuple(session.get_providers())
+
+
+def open_openvino(onnx_path: Path, precision: str):
+    """The file compiled by OpenVINO for this CPU at ``precision``; bf16 only on a CPU that computes it (elsewhere
+    OpenVINO would quietly compute f32, and the check would vouch for what it did not test)."""
+    try:
+        contract = check_verifiable(read_file_contract(onnx_path), onnx_path)
+        if precision == "bf16" and "BF16" not in openvino_runtime.cpu_capabilities():
+            raise VerifyError(f"this CPU has no bf16 instructions, so OpenVINO cannot check {onnx_path} at bf16: verify at f32")
+        network = openvino_runtime.OpenVinoNetwork(onnx_path, contract, precision=precision)
+    except ModelError as e:
+        raise VerifyError(str(e)) from e
+    return network, contract, (f"{openvino_runtime.PROVIDER} {precision}",)
+
+
+def judged_precision(contract: ModelContract, options: VerifyOptions) -> str:
+    """The precision of the numbers, which decides the criterion: the file's, or bf16 where OpenVINO computes an FP32
+    file in bf16."""
+    if options.runtime == "openvino" and options.openvino_precision == "bf16" and contract.precision == "fp32":
+        return "bf16"
+    return contract.precision
+
+
 def open_session(onnx_path: str | Path, device: str):
     """An ONNX Runtime session on ``device`` (batch.inference.runtime: explicit providers, no silent CPU fallback)."""
     try:
@@ -283,6 +320,11 @@ def read_contract(session, onnx_path: str | Path) -> ModelContract:
         contract = ModelContract.from_metadata(session.get_modelmeta().custom_metadata_map, source=str(onnx_path))
     except ContractError as e:
         raise VerifyError(str(e)) from e
+    return check_verifiable(contract, onnx_path)
+
+
+def check_verifiable(contract: ModelContract, onnx_path: str | Path) -> ModelContract:
+    """``contract``, when it is one parity can check: uint8 in, logits out."""
     if contract.input_dtype != "uint8" or contract.output_kind != "logits":
         raise VerifyError(
             f"{onnx_path} takes {contract.input_dtype} and gives {contract.output_kind}; parity checks models from "
@@ -291,10 +333,10 @@ def read_contract(session, onnx_path: str | Path) -> ModelContract:
     return contract
 
 
-def warm_up(session, contract: ModelContract) -> None:
+def warm_up(network, contract: ModelContract) -> None:
     """One untimed run: the first one allocates arenas (and, on CUDA, searches cuDNN algorithms)."""
     blank = np.zeros((*contract.input_size, 3), dtype=np.uint8)
-    run_onnx(session, blank, contract)
+    run_onnx(network, blank, contract)
 
 
 def load_photo(photo: Path, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
@@ -304,12 +346,12 @@ def load_photo(photo: Path, size: tuple[int, int]) -> tuple[np.ndarray, tuple[in
         raise VerifyError(f"cannot read photo {photo}: {e}. Remove it from the folder or re-save it as JPEG/PNG.") from e
 
 
-def run_both(photo: Path, trained: TrainedModel, session, contract: ModelContract) -> Outputs:
-    """The photo, as the runner would feed it, through PyTorch (FP32, CPU, with activations tracked) and ONNX Runtime."""
+def run_both(photo: Path, trained: TrainedModel, network, contract: ModelContract) -> Outputs:
+    """The photo, as the runner would feed it, through PyTorch (FP32, CPU, with activations tracked) and the file's runtime."""
     rgb, original = load_photo(photo, contract.input_size)  # (h, w, 3) uint8
     with track_peak_activation(trained.net) as peak:
         reference = run_reference(trained, rgb)  # (1, 1, h, w) float32
-    logits, ms = run_onnx(session, rgb, contract)  # (1, 1, h, w) float32
+    logits, ms = run_onnx(network, rgb, contract)  # (1, 1, h, w) float32
     return Outputs(photo.name, original, reference, logits, peak[0], ms)
 
 
@@ -322,12 +364,12 @@ def run_reference(trained: TrainedModel, rgb: np.ndarray) -> np.ndarray:
     return trained.net((x - mean) / std).numpy()  # (1, 1, h, w)
 
 
-def run_onnx(session, rgb: np.ndarray, contract: ModelContract) -> tuple[np.ndarray, float]:
+def run_onnx(network, rgb: np.ndarray, contract: ModelContract) -> tuple[np.ndarray, float]:
     """The ONNX model's logits for one (h, w, 3) photo, and the milliseconds the run took."""
     image = rgb[None] if contract.input_layout == "NHWC" else rgb.transpose(2, 0, 1)[None]  # (1, h, w, 3) | (1, 3, h, w)
-    feed = {session.get_inputs()[0].name: np.ascontiguousarray(image)}
+    image = np.ascontiguousarray(image)
     start = time.perf_counter()
-    (logits,) = session.run(None, feed)  # (1, 1, h, w) float32
+    logits = network.run(image)  # (1, 1, h, w) float32
     return logits, 1000 * (time.perf_counter() - start)
 
 
@@ -335,7 +377,8 @@ def compare(outputs: Outputs, contract: ModelContract, options: VerifyOptions) -
     """Score one photo's ONNX logits against the reference: what is out of tolerance, and whether its masks test anything."""
     reference, logits = outputs.reference, outputs.logits
     measured = {"name": outputs.name, "photo_size": outputs.photo_size, "peak_activation": outputs.peak_activation}
-    measured |= {"onnx_ms": outputs.onnx_ms, "judged_by_masks": contract.precision != "fp32"}
+    precision = judged_precision(contract, options)
+    measured |= {"onnx_ms": outputs.onnx_ms, "judged_by_masks": precision != "fp32"}
     if logits.shape != reference.shape:
         mismatch = f"output shape {logits.shape}, expected {reference.shape}"
         return ImageParity(
@@ -361,7 +404,7 @@ def compare(outputs: Outputs, contract: ModelContract, options: VerifyOptions) -
         finite=finite,
         failures=(),
     )
-    failures = find_failures(image, int((~np.isfinite(logits)).sum()), contract.precision, options)
+    failures = find_failures(image, int((~np.isfinite(logits)).sum()), precision, options)
     return replace(image, failures=failures, untested=find_untested(image, options))
 
 

@@ -290,3 +290,68 @@ def test_unet_export_does_not_install_an_fp16_file_it_could_not_verify(no_car, p
         result.output
     )
     assert "or try --fp32, which is verified by its logits" in result.output and list(tmp_path.iterdir()) == []
+
+
+# ---- under OpenVINO (--runtime openvino) -----------------------------------------------------------
+
+
+def openvino_bf16() -> bool:
+    from batch.inference import openvino_runtime
+
+    return openvino_runtime.installed() and "BF16" in openvino_runtime.cpu_capabilities()
+
+
+def test_openvino_runs_the_fp32_file_within_its_logit_tolerance(exported_onnx, sharp_checkpoint, parity_photos):
+    pytest.importorskip("openvino")
+    options = VerifyOptions(limit=3, runtime="openvino")
+    report = verify_parity(sharp_checkpoint, exported_onnx["fp32"], parity_photos, options, progress=False)
+    assert report.passed, "\n".join(report.lines())
+    assert report.precision == "fp32" and report.providers == ("OpenVINO CPU f32",)
+    assert max(image.rel_logit_diff for image in report.images) <= 1e-4
+    assert "OpenVINO CPU f32" in report.lines()[0]
+
+
+def test_openvino_fails_a_drifted_file_as_onnxruntime_does(exported_onnx, sharp_checkpoint, parity_photos, tmp_path):
+    pytest.importorskip("openvino")
+    broken = tampered(exported_onnx["fp32"], tmp_path / "drift.onnx", "net.head.weight", lambda a: a * 1.01)
+    report = verify_parity(sharp_checkpoint, broken, parity_photos, VerifyOptions(limit=2, runtime="openvino"), progress=False)
+    assert not report.passed and all("relative (> 0.0001)" in image.verdict for image in report.images)
+
+
+@pytest.mark.skipif(not openvino_bf16(), reason="needs openvino on a CPU with bf16 instructions (AVX-512 BF16 or AMX)")
+def test_bf16_is_judged_by_its_masks_and_a_pass_lets_auto_consider_it(exported_onnx, sharp_checkpoint, parity_photos, tmp_path):
+    from click.testing import CliRunner
+
+    from batch.core.files import file_sha256
+    from batch.inference.runtime_choice import OPENVINO_BF16, openvino_candidates
+    from export.cli import main
+
+    out = tmp_path / "m.onnx"
+    args = [sharp_checkpoint, "-o", out, "--fp32", "--verify", parity_photos, "--verify-limit", 3, "--runtime", "openvino",
+            "--openvino-precision", "bf16", "--no-progress"]  # fmt: skip
+    assert OPENVINO_BF16 not in openvino_candidates("0" * 64)
+    result = CliRunner().invoke(main, ["to-onnx", *map(str, args)])
+    assert result.exit_code == 0, result.output
+    assert "(bf16, OpenVINO CPU bf16)" in result.output and "mask Dice >= 0.999" in result.output
+    assert "unet-batch --runtime auto may run m.onnx at bf16 on this CPU" in result.output
+    assert OPENVINO_BF16 in openvino_candidates(file_sha256(out))  # auto now times bf16 too
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--runtime", "openvino"], "--runtime choose how --verify checks the file: add --verify DIR"),
+        (["--openvino-precision", "bf16", "--verify", "PHOTOS"], "an OpenVINO precision (bf16) needs runtime openvino"),
+        (["--runtime", "openvino", "--device", "cuda", "--verify", "PHOTOS"], "runtime openvino runs on the CPU only"),
+    ],
+)
+def test_openvino_verification_options_that_cannot_work_are_refused(sharp_checkpoint, parity_photos, tmp_path, args, message):
+    from click.testing import CliRunner
+
+    from export.cli import main
+
+    out = tmp_path / "m.onnx"
+    args = [str(parity_photos) if arg == "PHOTOS" else arg for arg in args]
+    result = CliRunner().invoke(main, ["to-onnx", str(sharp_checkpoint), "-o", str(out), "--fp32", "--no-progress", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and not out.exists()

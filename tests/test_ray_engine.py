@@ -398,3 +398,19 @@ def test_engine_auto_without_a_cluster_runs_the_local_engine(photos: Path, tmp_p
     result = segment(photos, tmp_path / "masks", "--model", tiny_onnx, "--engine", "auto")
     assert result.exit_code == 1, result.output  # the bad files
     assert json.loads((tmp_path / "masks" / "report.json").read_text())["engine"] == "local"
+
+
+def test_removing_a_session_folder_removes_the_link_ray_left_to_it_and_no_other(tmp_path: Path):
+    ours, other = tmp_path / "session_2026_1", tmp_path / "session_2026_2"
+    for folder in (ours, other):
+        (folder / "logs").mkdir(parents=True)
+    latest = tmp_path / "session_latest"
+    latest.symlink_to(other)
+    remove_folder(ours)
+    assert not ours.exists() and latest.is_symlink()  # another session's link stays
+    latest.unlink()
+    latest.symlink_to(ours)
+    remove_folder(other)
+    assert latest.is_symlink()
+    remove_folder(ours)
+    assert not latest.is_symlink() and not latest.exists()

@@ -83,12 +83,17 @@ def reap(processes: dict[int, str], session: str | None) -> None:
 
 
 def remove_folder(folder: str | Path) -> None:
-    """Remove ``folder`` (a Ray session's), again while processes that were stopping write their last lines there."""
+    """Remove ``folder`` (a Ray session's), again while processes that were stopping write their last lines there,
+    and Ray's ``session_latest`` link beside it when the link points at it (it would dangle)."""
     for _ in range(10):
         shutil.rmtree(folder, ignore_errors=True)
         time.sleep(0.2)
         if not os.path.exists(folder):
-            return
+            break
+    latest = Path(folder).parent / "session_latest"
+    with contextlib.suppress(OSError):
+        if os.readlink(latest) == str(folder):
+            latest.unlink()
 
 
 def main(stream: TextIO) -> None:
