@@ -170,8 +170,9 @@ def _interpolate_cells(
     top_row = np.repeat(cell_rows, wide)
     bottom_row = np.minimum(top_row + 1, scores.shape[0] - 1)
     left, right, tx = cols.low[out_cols], cols.high[out_cols], cols.weight[out_cols]
-    top = scores[top_row, left] * (1 - tx) + scores[top_row, right] * tx
-    bottom = scores[bottom_row, left] * (1 - tx) + scores[bottom_row, right] * tx
+    keep = 1 - tx
+    top = scores[top_row, left] * keep + scores[top_row, right] * tx
+    bottom = scores[bottom_row, left] * keep + scores[bottom_row, right] * tx
     tall, out_rows = rows.pixels(top_row)
     ty = rows.weight[out_rows]
     value = np.repeat(top, tall) * (1 - ty) + np.repeat(bottom, tall) * ty
