@@ -1,7 +1,8 @@
 """The host's cost of a photo: read, decode, upsample, encode and write, on one core, as unet-batch's threads do them.
 
 Each photo goes through the runner's own functions (batch.inference.decode's read, header check and Pillow
-decode at the model's input size; batch.inference.postprocess's upsample and threshold to the photo's size;
+decode at the model's input size; the writers' post-processing of a photo's scores, ``LowResScores.mask`` and
+``confidence``: finite check, upsample and threshold to the photo's size, the mask's confidence;
 batch.runs.formats' PNG encoders; batch.core.files' atomic write), one after the other in this thread. The
 figure is CPU time (``time.process_time``: the measuring process does nothing else meanwhile), which a
 shared machine inflates less than wall time; wall time is recorded beside it.
@@ -27,7 +28,8 @@ import numpy as np
 from batch.core.files import write_atomic
 from batch.core.timing import StageClock
 from batch.inference.decode import Item, ReadLimits, decode_with_pillow, probe
-from batch.inference.postprocess import upsample_threshold
+from batch.inference.model import LowResScores
+from batch.inference.postprocess import unsure_band
 from batch.runs.formats import encode
 from benchmarks.config import describe_error
 
@@ -62,8 +64,9 @@ def measure_host_cost(photos: list[Path], size: tuple[int, int]) -> HostCostResu
     """Median CPU milliseconds of each stage over ``photos`` (one untimed pass first: caches, lazy imports)."""
     try:
         with tempfile.TemporaryDirectory(prefix="unet-bench-host-") as scratch:
-            one_photo(photos[0], size, Path(scratch))
-            timings = [one_photo(photo, size, Path(scratch)) for photo in photos]
+            scores = car_scores(size)
+            one_photo(photos[0], scores, Path(scratch))
+            timings = [one_photo(photo, scores, Path(scratch)) for photo in photos]
     except Exception as e:  # noqa: BLE001 - a photo the runner would fail: the result says which error
         return HostCostResult(status="failed", reason=describe_error(e), photos=len(photos), input_size=size)
     medians = {stage: statistics.median(t[stage] for t in timings) for stage in timings[0] if stage != "wall"}
@@ -81,16 +84,19 @@ def measure_host_cost(photos: list[Path], size: tuple[int, int]) -> HostCostResu
     )
 
 
-def one_photo(photo: Path, size: tuple[int, int], scratch: Path) -> dict[str, float]:
-    """CPU ms of each stage for ``photo``, the 1-bit PNG's encoding ("encode png1"), and the wall ms of the 8-bit path."""
+def one_photo(photo: Path, scores: np.ndarray, scratch: Path) -> dict[str, float]:
+    """CPU ms of each stage for ``photo`` at the size of the model ``scores`` come from, the 1-bit PNG's encoding
+    ("encode png1"), and the wall ms of the 8-bit path."""
     clock = StageClock(timer=time.process_time)
     started = time.perf_counter()
     with clock("read"):
         probed = probe((0, Item.from_path(photo)), None, ReadLimits())  # read within limits, header checked
     with clock("decode"):
-        decode_with_pillow(probed, size)
-    with clock("upsample"):
-        mask = upsample_threshold(car_scores(size), probed.info.size, 0.0)
+        decode_with_pillow(probed, scores.shape)
+    prediction = LowResScores(scores, probed.info.size, cut=0.0, band=unsure_band(0.5, "logits"))
+    with clock("upsample"):  # what the writers' "postprocess" does
+        mask = prediction.mask()
+        prediction.confidence()
     with clock("encode"):
         data = encode("png", mask)
     with clock("write"):

@@ -13,7 +13,7 @@ from PIL import Image
 from batch.core.masks import read_mask, rle_decode
 from batch.runs.config import RunConfig
 from batch.runs.formats import encode, encode_png1_mask, encode_png_mask, outline, output_paths
-from batch.runs.mask_png import zlib_from_runs
+from batch.runs.mask_png import changes, equal_runs, pack_bits, zlib_from_runs
 from batch.runs.outputs import write_submission
 from batch.runs.storage import LocalFolder
 
@@ -84,6 +84,28 @@ def run_of(length: int, width: int, start: int = 2) -> np.ndarray:
 )
 def test_the_deflate_stream_from_runs_inflates_to_the_scanlines(rows: np.ndarray):
     assert zlib.decompress(zlib_from_runs(rows)) == scanlines(rows)  # zlib checks the Adler-32 from the runs too
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 7, 8, 9, 15, 16, 17, 1000, 4097])
+def test_changes_are_found_at_every_offset_of_their_64_bit_word(size: int):
+    rng = np.random.default_rng(size)
+    for flat in (rng.integers(0, 2, size).astype(np.uint8), np.zeros(size, np.uint8), np.arange(size, dtype=np.uint8)):
+        np.testing.assert_array_equal(changes(flat), np.flatnonzero(flat[1:] != flat[:-1]))
+
+
+def test_pack_bits_packs_fields_from_their_lowest_bit():
+    rng = np.random.default_rng(5)
+    counts = rng.integers(0, 26, 3000)
+    values = rng.integers(0, 2**30, 3000)  # bits above a field's count are not its own: left out
+    bits = [(int(v) >> b) & 1 for v, c in zip(values, counts) for b in range(c)]
+    bits += [0] * (-len(bits) % 8)
+    assert pack_bits(values, counts) == np.packbits(np.array(bits, np.uint8), bitorder="little").tobytes()
+    assert pack_bits(np.array([5]), np.array([3])) == b"\x05"
+
+
+def test_equal_runs_of_code_lengths():
+    assert equal_runs([0, 0, 0, 8, 8, 1, 0]) == [(0, 3), (8, 2), (1, 1), (0, 1)]
+    assert equal_runs([7]) == [(7, 1)]
 
 
 def test_png_of_a_real_mask_is_as_small_as_zlibs_run_length_strategy(mask):

@@ -16,6 +16,7 @@ from batch.inference.postprocess import (
     threshold_in_output_units,
     upsample_threshold,
 )
+from benchmarks.host import car_scores
 
 
 def smooth_scores(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
@@ -56,6 +57,39 @@ def test_fast_upsample_equals_full_bilinear_then_threshold(source, target):
         assert mask.shape == target and mask.dtype == np.uint8
         assert set(np.unique(mask)) <= {0, 255}
         np.testing.assert_array_equal(mask == 255, bilinear_resize(scores, target) > cut)
+
+
+def random_case(rng: np.random.Generator, kind: int) -> tuple[np.ndarray, float]:
+    """Scores of an odd size and a cut: noise, integers with many scores exactly at the cut, a car, noise with NaN."""
+    shape = tuple(int(n) for n in rng.integers(1, 40, 2))
+    if kind == 0:
+        return rng.normal(0, 1, shape).astype(np.float32), 0.0
+    if kind == 1:
+        return rng.integers(-2, 3, shape).astype(np.float32), float(rng.integers(-1, 2))
+    if kind == 2:
+        return car_scores(shape), float(rng.choice([0.0, 1.0, -2.0]))
+    scores = rng.normal(0, 1, shape).astype(np.float32)
+    scores[rng.random(shape) < 0.3] = np.nan
+    return scores, 0.0
+
+
+def test_fast_upsample_is_exact_on_many_random_sizes_scales_and_ties():
+    """Up- and downscales to odd sizes, cars touching the frame's edges, scores exactly at the cut, NaN."""
+    rng = np.random.default_rng(24)
+    for case in range(600):
+        scores, cut = random_case(rng, case % 4)
+        target = tuple(int(n) for n in rng.integers(1, 200, 2))
+        mask = upsample_threshold(scores, target, cut)
+        assert mask.shape == target and mask.dtype == np.uint8
+        np.testing.assert_array_equal(mask, np.where(bilinear_resize(scores, target) > cut, 255, 0), err_msg=f"case {case}")
+
+
+@pytest.mark.parametrize("source", [(352, 528), (640, 960), (320, 480)])
+def test_fast_upsample_is_exact_on_a_car_at_the_runners_sizes(source):
+    scores = car_scores(source)
+    for cut in (0.0, 7.5, -3.0):
+        expected = bilinear_resize(scores, (1280, 1918)) > cut
+        np.testing.assert_array_equal(upsample_threshold(scores, (1280, 1918), cut) == 255, expected)
 
 
 def test_uniform_scores_need_no_interpolation():

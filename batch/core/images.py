@@ -140,7 +140,10 @@ def draft_request(original: tuple[int, int], size: tuple[int, int]) -> tuple[int
 
     A scale that lands just short of ``size`` (:data:`NEAR_SCALE`: 1918 px / 2 = 959 px for 960) is taken too:
     stretching 959 columns to 960 loses nothing the model sees, where the full-size decode and a resize
-    over 2.5 megapixels would cost four times the decode.
+    over 2.5 megapixels would cost four times the decode. The stretch must stay a resample (3-5 ms):
+    padding the 959 columns with a copy of the last one would leave every column where the mask's
+    upsample does not look for it, up to 2 photo pixels off at the right edge, and a perfect model's
+    Dice on 40 real masks would fall from 0.9998 to 0.9980 (repeating a middle column: 0.9984).
     """
     (full_h, full_w), (h, w) = original, size
     for scale in (8, 4, 2):

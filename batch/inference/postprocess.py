@@ -16,6 +16,7 @@ resize the (h, w) logits bilinearly to the photo's (H, W), then threshold. Two i
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -70,53 +71,113 @@ def source_coordinates(out_size: int, in_size: int) -> tuple[np.ndarray, np.ndar
     return i0, i1, (position - i0).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class _Axis:
+    """Half-pixel bilinear sampling along one axis, grouped by cell: the output pixels whose lower source is
+    ``i`` are ``first[i]`` .. ``first[i + 1] - 1`` (``low`` is sorted, so a cell's pixels are contiguous)."""
+
+    low: np.ndarray  # (out,) source index at or before each output pixel
+    high: np.ndarray  # (out,) the next one, clamped at the last
+    weight: np.ndarray  # (out,) float32 weight of ``high``
+    first: np.ndarray  # (in + 1,) first output pixel of each source cell; the last entry is ``out``
+
+    @classmethod
+    def of(cls, out_size: int, in_size: int) -> _Axis:
+        low, high, weight = source_coordinates(out_size, in_size)
+        first = np.zeros(in_size + 1, np.intp)
+        np.cumsum(np.bincount(low, minlength=in_size), out=first[1:])
+        return cls(low, high, weight, first)
+
+    def pixels(self, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(how many output pixels each of ``cells`` holds, all those pixels in order): one repeat, no loop."""
+        counts = self.first[cells + 1] - self.first[cells]
+        ends = np.cumsum(counts)
+        return counts, np.repeat(self.first[cells] - (ends - counts), counts) + np.arange(ends[-1] if ends.size else 0)
+
+
 def upsample_threshold(scores: np.ndarray, size: tuple[int, int], cut: float) -> np.ndarray:
-    """``scores`` (h, w) -> (H, W) uint8 mask (0 or 255) of ``bilinear_resize(scores) > cut``."""
-    height, width = size
+    """``scores`` (h, w) -> (H, W) uint8 mask (0 or 255) of ``bilinear_resize(scores) > cut``.
+
+    Cell (i, j) holds the output pixels whose top-left source is (i, j); its corners are (i, j), (i + 1, j),
+    (i, j + 1), (i + 1, j + 1), clamped at the last row and column. A cell with all four corners above the
+    cut is car, one with none is background, without arithmetic; only the others (the outline) are
+    interpolated, pixel by pixel, in the same float32 operations as :func:`bilinear_resize`. All the work
+    is confined to the window of cells a corner above the cut can reach (a car's bounding box, about
+    half the frame), and the full-size mask is written once, row by row.
+    """
     scores = np.asarray(scores, dtype=np.float32)
-    y0, y1, wy = source_coordinates(height, scores.shape[0])
-    x0, x1, wx = source_coordinates(width, scores.shape[1])
-
-    # A cell (i, j) holds the output pixels whose top-left source is (i, j); its corners are
-    # (i, j), (i + 1, j), (i, j + 1), (i + 1, j + 1), clamped at the last row and column.
-    above = np.pad(scores > cut, ((0, 1), (0, 1)), mode="edge")  # (h + 1, w + 1)
-    corners = (above[:-1, :-1], above[1:, :-1], above[:-1, 1:], above[1:, 1:])
-    all_above = corners[0] & corners[1] & corners[2] & corners[3]  # (h, w)
-    any_above = corners[0] | corners[1] | corners[2] | corners[3]
-
-    # y0 and x0 are sorted, so a cell's pixels are a block of rows_per_cell x cols_per_cell.
-    rows_per_cell = np.bincount(y0, minlength=scores.shape[0])
-    cols_per_cell = np.bincount(x0, minlength=scores.shape[1])
-
-    # Uniform cells: every output pixel takes its cell's value (a gather of columns, (h, W), then each row
-    # repeated: a copy of whole rows, 10% faster than a gather of them).
-    cell_value = all_above.astype(np.uint8) * MASK_ON  # (h, w)
-    mask = np.repeat(np.take(cell_value, x0, axis=1), rows_per_cell, axis=0)  # (H, W)
-
-    # Mixed cells: interpolate exactly, only at the output pixels they hold.
-    rows, cols = pixels_of_cells(any_above & ~all_above, rows_per_cell, cols_per_cell)
-    if rows.size:
-        ty, tx = wy[rows], wx[cols]
-        top = scores[y0[rows], x0[cols]] * (1 - tx) + scores[y0[rows], x1[cols]] * tx
-        bottom = scores[y1[rows], x0[cols]] * (1 - tx) + scores[y1[rows], x1[cols]] * tx
-        mask[rows, cols] = np.where(top * (1 - ty) + bottom * ty > cut, MASK_ON, 0)
+    above = scores > cut
+    hit_rows = np.flatnonzero(above.any(axis=1))
+    if hit_rows.size == 0:
+        return np.zeros(size, np.uint8)
+    i0, i1 = _cells_reaching(hit_rows)
+    j0, j1 = _cells_reaching(np.flatnonzero(above[i0 : i1 + 1].any(axis=0)))
+    all_above, any_above = _corner_extremes(above[i0 : i1 + 1, j0 : j1 + 1], (i1 - i0, j1 - j0))
+    rows, cols = _Axis.of(size[0], scores.shape[0]), _Axis.of(size[1], scores.shape[1])
+    mask = _uniform_cells(all_above, (i0, j0), rows, cols)
+    mixed = np.flatnonzero(any_above != all_above)
+    if mixed.size:
+        cell_rows, cell_cols = np.divmod(mixed, j1 - j0)
+        _interpolate_cells(mask, scores, cut, (cell_rows + i0, cell_cols + j0), (rows, cols))
     return mask
 
 
-def pixels_of_cells(cells: np.ndarray, rows_per_cell: np.ndarray, cols_per_cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Output (row, col) indices of every pixel in the selected cells; cells (h, w) bool."""
-    ci, cj = np.nonzero(cells)  # (K,) each
-    if ci.size == 0:
-        return ci, cj
-    first_row = np.concatenate([[0], np.cumsum(rows_per_cell)[:-1]])
-    first_col = np.concatenate([[0], np.cumsum(cols_per_cell)[:-1]])
-    tall, wide = int(rows_per_cell.max()), int(cols_per_cell.max())
-    dy = np.arange(tall)[None, :, None]  # (1, tall, 1)
-    dx = np.arange(wide)[None, None, :]  # (1, 1, wide)
-    inside = (dy < rows_per_cell[ci][:, None, None]) & (dx < cols_per_cell[cj][:, None, None])  # (K, tall, wide)
-    rows = np.broadcast_to(first_row[ci][:, None, None] + dy, inside.shape)[inside]
-    cols = np.broadcast_to(first_col[cj][:, None, None] + dx, inside.shape)[inside]
-    return rows, cols
+def _cells_reaching(hits: np.ndarray) -> tuple[int, int]:
+    """The cells (first, past the last) along one axis with a corner among the sorted source indices ``hits``."""
+    return max(int(hits[0]) - 1, 0), int(hits[-1]) + 1
+
+
+def _corner_extremes(above: np.ndarray, cells: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(all four corners above, any corner above) of the first ``cells`` cells of ``above``, each (h, w) bool.
+
+    ``above`` holds one more row (column) than ``cells`` or ends at the scores' last, which is clamped.
+    """
+    all_rows, any_rows = above.copy(), above.copy()
+    np.logical_and(above[:-1], above[1:], out=all_rows[:-1])
+    np.logical_or(above[:-1], above[1:], out=any_rows[:-1])
+    all_above, any_above = all_rows.copy(), any_rows.copy()
+    np.logical_and(all_rows[:, :-1], all_rows[:, 1:], out=all_above[:, :-1])
+    np.logical_or(any_rows[:, :-1], any_rows[:, 1:], out=any_above[:, :-1])
+    return all_above[: cells[0], : cells[1]], any_above[: cells[0], : cells[1]]
+
+
+def _uniform_cells(all_above: np.ndarray, origin: tuple[int, int], rows: _Axis, cols: _Axis) -> np.ndarray:
+    """The (H, W) mask with every pixel of an all-above cell 255, all else 0; ``all_above`` starts at cell ``origin``.
+
+    The window's cells are gathered into its output columns once per cell row (h, W), and each output row
+    is a copy of its cell row's, written straight into the mask: one pass over the full-size mask.
+    """
+    (i0, j0), (i1, j1) = origin, (origin[0] + all_above.shape[0], origin[1] + all_above.shape[1])
+    r0, r1, c0, c1 = rows.first[i0], rows.first[i1], cols.first[j0], cols.first[j1]
+    band = np.zeros((i1 - i0, cols.low.size), np.uint8)
+    band[:, c0:c1] = all_above.view(np.uint8)[:, cols.low[c0:c1] - j0] * np.uint8(MASK_ON)
+    mask = np.empty((rows.low.size, cols.low.size), np.uint8)
+    mask[:r0], mask[r1:] = 0, 0
+    np.take(band, rows.low[r0:r1] - i0, axis=0, out=mask[r0:r1])
+    return mask
+
+
+def _interpolate_cells(
+    mask: np.ndarray, scores: np.ndarray, cut: float, cells: tuple[np.ndarray, np.ndarray], axes: tuple[_Axis, _Axis]
+) -> None:
+    """Write the exact thresholded bilinear value of every output pixel of ``cells`` (rows, cols) into ``mask``.
+
+    Along columns first, once per (cell row, output column), then along rows per pixel: the same float32
+    operations, in the same order, as :func:`bilinear_resize`.
+    """
+    (cell_rows, cell_cols), (rows, cols) = cells, axes
+    wide, out_cols = cols.pixels(cell_cols)
+    top_row = np.repeat(cell_rows, wide)
+    bottom_row = np.minimum(top_row + 1, scores.shape[0] - 1)
+    left, right, tx = cols.low[out_cols], cols.high[out_cols], cols.weight[out_cols]
+    keep = 1 - tx
+    top = scores[top_row, left] * keep + scores[top_row, right] * tx
+    bottom = scores[bottom_row, left] * keep + scores[bottom_row, right] * tx
+    tall, out_rows = rows.pixels(top_row)
+    ty = rows.weight[out_rows]
+    value = np.repeat(top, tall) * (1 - ty) + np.repeat(bottom, tall) * ty
+    flat = out_rows * mask.shape[1] + np.repeat(out_cols, tall)
+    mask.reshape(-1)[flat] = (value > cut).view(np.uint8) * np.uint8(MASK_ON)
 
 
 def bilinear_resize(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:

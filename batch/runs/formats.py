@@ -46,7 +46,7 @@ def output_paths(output_dir: Path, rel: PurePosixPath, formats: tuple[str, ...])
 
 
 def encode_png_mask(mask: np.ndarray) -> bytes:
-    """8-bit grayscale PNG of ``mask`` (H, W) uint8, deflated from its runs (batch.runs.mask_png: 2 ms at 1918x1280,
+    """8-bit grayscale PNG of ``mask`` (H, W) uint8, deflated from its runs (batch.runs.mask_png: 1.5 ms at 1918x1280,
     where zlib takes 5 ms and Pillow, trying five row filters, several times that)."""
     return encode_png(mask, mask.shape[1], 8)
 

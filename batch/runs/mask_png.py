@@ -87,8 +87,7 @@ def scanline_runs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """
     height, width = rows.shape
     stride = width + 1
-    flat = rows.reshape(-1)
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1  # byte i differs from byte i - 1 (flat: 10x faster than 2-D)
+    change = changes(rows.reshape(-1)) + 1  # byte i differs from byte i - 1 (flat: 10x faster than 2-D)
     change = change[change % width != 0]  # a row's first byte follows the filter byte, not the row before
     inside = change // width * stride + change % width + 1
     row = np.arange(height)
@@ -99,6 +98,21 @@ def scanline_runs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     values = np.zeros(starts.size, np.int64)
     values[pixel] = rows[starts[pixel] // stride, starts[pixel] % stride - 1]
     return starts, values, height * stride
+
+
+def changes(flat: np.ndarray) -> np.ndarray:
+    """The sorted indices ``i`` where ``flat[i + 1] != flat[i]``.
+
+    The comparison is one pass; its few hits are found 8 at a time, in the comparison read as 64-bit
+    words, which is 5x faster than ``np.flatnonzero`` over the 2.45 million bytes of a 1918x1280 mask.
+    """
+    n = flat.size - 1
+    differs = np.empty(-(-max(n, 0) // 8) * 8, bool)
+    differs[n:] = False
+    np.not_equal(flat[1:], flat[:-1], out=differs[:n])
+    words = np.flatnonzero(differs.view(np.uint64) != 0)
+    hits = np.flatnonzero(differs.reshape(-1, 8)[words])
+    return words[hits // 8] * 8 + hits % 8
 
 
 def tokens(values: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -127,48 +141,54 @@ def deflate_block(symbols: np.ndarray, extra_values: np.ndarray, extra_bits: np.
     counts[END_OF_BLOCK] += 1
     code_lengths = huffman_lengths(counts, MAX_CODE_BITS)
     codes = reversed_codes(code_lengths)
-    header = block_header(code_lengths)
-    # Per token: its Huffman code, the extra bits of a length, the distance code (one bit, 0) of a match.
-    fields = np.zeros((symbols.size, 3, 2), np.int64)
-    fields[:, 0] = np.stack([codes[symbols], code_lengths[symbols]], axis=1)
-    fields[:, 1] = np.stack([extra_values, extra_bits], axis=1)
-    fields[:, 2, 1] = is_match
-    end = [[codes[END_OF_BLOCK], code_lengths[END_OF_BLOCK]]]
-    return pack_bits(np.concatenate([np.array(header, np.int64).reshape(-1, 2), fields.reshape(-1, 2), end]))
+    header = np.array(block_header(code_lengths), np.int64).reshape(-1, 2)
+    # One field per token: its Huffman code, then the extra bits of a length, then a match's distance code (one bit, 0).
+    token_bits = code_lengths[symbols]
+    token_values = codes[symbols] | (extra_values << token_bits)
+    values = np.concatenate([header[:, 0], token_values, [codes[END_OF_BLOCK]]])
+    counts = np.concatenate([header[:, 1], token_bits + extra_bits + is_match, [code_lengths[END_OF_BLOCK]]])
+    return pack_bits(values, counts)
 
 
 def block_header(code_lengths: np.ndarray) -> list[tuple[int, int]]:
     """BFINAL, BTYPE=2, and the two alphabets' code lengths, themselves Huffman-coded (RFC 1951 3.2.7)."""
     used = max(257, int(np.flatnonzero(code_lengths)[-1]) + 1)
-    sequence = [*map(int, code_lengths[:used]), 1]  # then the one distance code: 1 bit
+    sequence = [*code_lengths[:used].tolist(), 1]  # then the one distance code: 1 bit
     coded = run_length_code_lengths(sequence)  # (symbol 0..18, extra value, extra bits)
     cl_counts = np.bincount([symbol for symbol, _, _ in coded], minlength=19)
     cl_lengths = huffman_lengths(cl_counts, MAX_CODE_LENGTH_BITS)
-    cl_codes = reversed_codes(cl_lengths)
-    order = [int(cl_lengths[symbol]) for symbol in CODE_LENGTH_ORDER]
+    cl_codes, cl_lengths = reversed_codes(cl_lengths).tolist(), cl_lengths.tolist()
+    order = [cl_lengths[symbol] for symbol in CODE_LENGTH_ORDER]
     sent = max(4, max(i for i, length in enumerate(order) if length) + 1)
     fields = [(1, 1), (2, 2), (used - 257, 5), (0, 5), (sent - 4, 4)] + [(length, 3) for length in order[:sent]]
     for symbol, value, bits in coded:
-        fields += [(int(cl_codes[symbol]), int(cl_lengths[symbol])), (value, bits)]
+        fields += [(cl_codes[symbol], cl_lengths[symbol]), (value, bits)]
     return fields
 
 
 def run_length_code_lengths(sequence: list[int]) -> list[tuple[int, int, int]]:
     """Code lengths as the code-length alphabet writes them: zeros in runs (17: 3-10, 18: 11-138), the rest as they are."""
-    coded, i = [], 0
-    while i < len(sequence):
-        run = 1
-        while i + run < len(sequence) and sequence[i + run] == sequence[i] and run < 138:
-            run += 1
-        if sequence[i] == 0 and run >= 11:
-            coded.append((18, run - 11, 7))
-        elif sequence[i] == 0 and run >= 3:
-            coded.append((17, run - 3, 3))
-        else:
-            run = 1
-            coded.append((sequence[i], 0, 0))
-        i += run
+    coded = []
+    for value, length in equal_runs(sequence):
+        while length > 0:
+            run = min(length, 138)
+            if value == 0 and run >= 11:
+                coded.append((18, run - 11, 7))
+            elif value == 0 and run >= 3:
+                coded.append((17, run - 3, 3))
+            else:
+                run = 1
+                coded.append((value, 0, 0))
+            length -= run
     return coded
+
+
+def equal_runs(sequence: list[int]) -> list[tuple[int, int]]:
+    """(value, how many times in a row) of each run of equal values in ``sequence``, in order."""
+    values = np.asarray(sequence)
+    starts = np.flatnonzero(np.diff(values, prepend=values[0] - 1))
+    lengths = np.diff(starts, append=values.size)
+    return list(zip(values[starts].tolist(), lengths.tolist()))
 
 
 def huffman_lengths(counts: np.ndarray, limit: int) -> np.ndarray:
@@ -186,37 +206,51 @@ def huffman_lengths(counts: np.ndarray, limit: int) -> np.ndarray:
 
 
 def tree_depths(counts: np.ndarray) -> np.ndarray:
-    lengths = np.zeros(counts.size, np.int64)
-    heap = [(int(count), [int(symbol)]) for symbol, count in enumerate(counts) if count > 0]
+    """Each symbol's depth in a Huffman tree of ``counts`` (a mask uses a few dozen symbols: plain Python is fastest)."""
+    lengths = [0] * counts.size
+    heap = [(count, [symbol]) for symbol, count in zip(np.flatnonzero(counts).tolist(), counts[counts > 0].tolist())]
     if len(heap) == 1:
-        lengths[heap[0][1]] = 1
-        return lengths
+        lengths[heap[0][1][0]] = 1
     heapq.heapify(heap)
     while len(heap) > 1:
         (count_a, symbols_a), (count_b, symbols_b) = heapq.heappop(heap), heapq.heappop(heap)
-        lengths[symbols_a + symbols_b] += 1
+        for symbol in symbols_a + symbols_b:
+            lengths[symbol] += 1
         heapq.heappush(heap, (count_a + count_b, symbols_a + symbols_b))
-    return lengths
+    return np.array(lengths, np.int64)
 
 
 def reversed_codes(lengths: np.ndarray) -> np.ndarray:
     """Canonical Huffman codes for ``lengths`` (RFC 1951 3.2.2), bit-reversed: deflate packs them from their top bit."""
     codes = np.zeros(lengths.size, np.int64)
-    code = 0
-    for length in range(1, int(lengths.max()) + 1):
-        for symbol in np.flatnonzero(lengths == length):
-            codes[symbol] = int(f"{code:0{length}b}"[::-1], 2)
-            code += 1
-        code <<= 1
+    code, previous = 0, 0
+    used = np.flatnonzero(lengths)
+    for symbol, length in sorted(zip(used.tolist(), lengths[used].tolist()), key=lambda pair: pair[1]):  # stable
+        code <<= length - previous
+        codes[symbol] = int(f"{code:0{length}b}"[::-1], 2)
+        code, previous = code + 1, length
     return codes
 
 
-def pack_bits(fields: np.ndarray) -> bytes:
-    """(value, bit count) fields -> bytes, each value's bits from its lowest, the first field in the lowest bits."""
-    values, counts = fields[:, 0], fields[:, 1]
-    field = np.repeat(np.arange(len(fields)), counts)
-    bit = np.arange(field.size) - np.repeat(np.cumsum(counts) - counts, counts)
-    return np.packbits(((values[field] >> bit) & 1).astype(np.uint8), bitorder="little").tobytes()
+PACKED_FIELD_BYTES = 4  # a field of up to 25 bits, shifted by up to 7, spans at most 4 bytes
+
+
+def pack_bits(values: np.ndarray, counts: np.ndarray) -> bytes:
+    """Fields (``values``, ``counts`` bits each, up to 25) -> bytes, each value's bits from its lowest, the first
+    field in the lowest bits.
+
+    Each field is shifted to its bit offset and its (at most 4) bytes are summed into the bytes it spans: fields
+    never share a bit, so the sum is their bitwise or, and a few ``bincount`` calls pack them all.
+    """
+    ends = np.cumsum(counts)
+    size = -(-int(ends[-1]) // 8) if ends.size else 0
+    starts = ends - counts
+    shifted = (values & ((1 << counts) - 1)) << (starts & 7)
+    byte = starts >> 3
+    packed = np.zeros(size + PACKED_FIELD_BYTES, np.float64)
+    for k in range(PACKED_FIELD_BYTES):
+        packed += np.bincount(byte + k, weights=(shifted >> (8 * k)) & 0xFF, minlength=packed.size)
+    return packed[:size].astype(np.uint8).tobytes()
 
 
 def adler32(starts: np.ndarray, values: np.ndarray, lengths: np.ndarray, total: int) -> bytes:
