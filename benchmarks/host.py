@@ -28,7 +28,6 @@ import numpy as np
 from batch.core.files import write_atomic
 from batch.core.timing import StageClock
 from batch.inference.decode import Item, ReadLimits, decode_with_pillow, probe
-from batch.inference.model import LowResScores
 from batch.inference.postprocess import unsure_band
 from batch.runs.formats import encode
 from benchmarks.config import describe_error
@@ -87,6 +86,8 @@ def measure_host_cost(photos: list[Path], size: tuple[int, int]) -> HostCostResu
 def one_photo(photo: Path, scores: np.ndarray, scratch: Path) -> dict[str, float]:
     """CPU ms of each stage for ``photo`` at the size of the model ``scores`` come from, the 1-bit PNG's encoding
     ("encode png1"), and the wall ms of the 8-bit path."""
+    from batch.inference.model import LowResScores  # it imports onnx: after the suite checked the extras
+
     clock = StageClock(timer=time.process_time)
     started = time.perf_counter()
     with clock("read"):
