@@ -174,8 +174,8 @@ def start_hanging_run(tmp_path: Path, model: Path, *options: str) -> tuple[subpr
         write_photo(tmp_path / "in" / f"p{i}.jpg", SIZE, seed=i)
     (tmp_path / "in" / "stuck.jpg").write_bytes((tmp_path / "in" / "p0.jpg").read_bytes())
     out = tmp_path / "out"
-    command = [sys.executable, "-c", HANGING_RUN, "segment", str(tmp_path / "in"), str(out), "--model", str(model),
-               "--no-progress", "--batch-size", "2", *options]  # fmt: skip
+    command = [sys.executable, "-X", "faulthandler", "-c", HANGING_RUN, "segment", str(tmp_path / "in"), str(out),
+               "--model", str(model), "--no-progress", "--batch-size", "2", *options]  # fmt: skip
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), out
 
 
@@ -200,7 +200,11 @@ def test_a_stuck_read_does_not_keep_a_signal_from_stopping_the_run(tmp_path: Pat
     time.sleep(1)
     started = time.monotonic()
     process.send_signal(sig)
-    _, stderr = process.communicate(timeout=30)
+    try:
+        _, stderr = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack: where the run hung
+        pytest.fail(f"the run did not stop within 30 s of signal {sig.name}:\n{process.communicate(timeout=30)[1]}")
     assert process.returncode == code, stderr
     assert time.monotonic() - started < 15 and report_of(out)["interrupted"] is True
 
