@@ -24,7 +24,7 @@ pytest.importorskip("openvino")
 
 
 class FakeMeasurement:
-    """``measure_rates`` as a table: each runtime's images per second; counts the measurements made."""
+    """``measure_rates`` as a table: each runtime's images per CPU-second; counts the measurements made."""
 
     def __init__(self, rates: dict[str, float]):
         self.rates, self.calls = rates, 0
@@ -36,7 +36,7 @@ class FakeMeasurement:
 
 @pytest.fixture
 def measured(monkeypatch):
-    """Install a fake measurement with the given rates (img/s by candidate label); returns it."""
+    """Install a fake measurement with the given rates (images per CPU-second by candidate label); returns it."""
 
     def install(**rates: float) -> FakeMeasurement:
         fake = FakeMeasurement({label.replace("_", " "): rate for label, rate in rates.items()})
@@ -129,7 +129,7 @@ def test_auto_follows_the_measurement_and_caches_it(tiny_onnx: Path, own_cache: 
         first = load_model(tiny_onnx, "cpu")
     assert (first.runtime.runtime, first.runtime.chosen_by, first.provider) == ("openvino", "measurement", "OpenVINO CPU")
     assert first.runtime.rates == {"onnxruntime": 10.0, "openvino f32": 20.0}
-    assert "20.0 img/s on this CPU against onnxruntime 10.0" in first.runtime.reason
+    assert "20.0 images per CPU-second on this CPU against onnxruntime 10.0" in first.runtime.reason
     assert any("chosen by measurement" in r.getMessage() for r in caplog.records)
     entries = json.loads(own_cache.read_text())["choices"]
     assert [(e["runtime"], e["precision"], e["model"]) for e in entries.values()] == [("openvino", "f32", "tiny.onnx")]
