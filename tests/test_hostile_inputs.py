@@ -156,7 +156,9 @@ def test_a_fifo_in_a_photos_place_fails_that_photo_without_blocking(tmp_path: Pa
 
 
 HANGING_RUN = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as a terminal delivers it: a job a script starts
+# in the background inherits SIGINT ignored (POSIX), and Python then leaves it ignored
 from batch.inference import decode
 real = decode.read_regular_file
 def read(path, max_bytes):
