@@ -116,9 +116,10 @@ def search_file(path: str, pattern: str) -> str | None:
 def cpu_facts() -> dict[str, object]:
     memory_kib = search_file("/proc/meminfo", r"^MemTotal:\s*(\d+) kB")
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    cpu = cpu_signature()
     return {
-        "model": search_file("/proc/cpuinfo", r"^model name\s*:\s*(.+)$") or platform.processor() or None,
-        "flags": list(cpu_signature().notable),  # the instruction sets the runtimes' kernels choose by (AVX2, VNNI, BF16, AMX)
+        "model": cpu.name or None,
+        "flags": list(cpu.notable),  # the instruction sets the runtimes' kernels choose by (AVX2, VNNI, BF16, AMX)
         "logical_cores": os.cpu_count(),
         "usable_cores": cpu_count(),
         "memory_gib": round(int(memory_kib) / 2**20, 1) if memory_kib else None,

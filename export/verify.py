@@ -291,7 +291,7 @@ def open_openvino(onnx_path: Path, precision: str):
     OpenVINO would quietly compute f32, and the check would vouch for what it did not test)."""
     try:
         contract = check_verifiable(read_file_contract(onnx_path), onnx_path)
-        if precision == "bf16" and "BF16" not in openvino_runtime.cpu_capabilities():
+        if precision == "bf16" and not openvino_runtime.computes_bf16():
             raise VerifyError(f"this CPU has no bf16 instructions, so OpenVINO cannot check {onnx_path} at bf16: verify at f32")
         network = openvino_runtime.OpenVinoNetwork(onnx_path, contract, precision=precision)
     except ModelError as e:

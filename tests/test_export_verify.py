@@ -298,7 +298,7 @@ def test_unet_export_does_not_install_an_fp16_file_it_could_not_verify(no_car, p
 def openvino_bf16() -> bool:
     from batch.inference import openvino_runtime
 
-    return openvino_runtime.installed() and "BF16" in openvino_runtime.cpu_capabilities()
+    return openvino_runtime.installed() and openvino_runtime.computes_bf16()
 
 
 def test_openvino_runs_the_fp32_file_within_its_logit_tolerance(exported_onnx, sharp_checkpoint, parity_photos):

@@ -58,6 +58,11 @@ def cpu_capabilities() -> tuple[str, ...]:
     return tuple(openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
 
+def computes_bf16() -> bool:
+    """Whether OpenVINO computes bf16 on this CPU (where it cannot, asking for bf16 quietly gives f32)."""
+    return "BF16" in cpu_capabilities()
+
+
 def compile_config(threads: int | None, precision: str) -> dict[str, object]:
     """One stream of ``threads`` threads (the runner feeds one batch at a time), the precision asked for.
 

@@ -203,7 +203,7 @@ def measure_and_choose(trial: Trial, onnx: OnnxRuntimeNetwork | None, cache: Cho
 def openvino_candidates(sha256: str) -> list[Candidate]:
     """OpenVINO at f32, and at bf16 where this CPU has bf16 and the model's bf16 masks were verified here."""
     candidates = [OPENVINO_F32]
-    if "BF16" in openvino_runtime.cpu_capabilities() and bf16_verified(sha256):
+    if openvino_runtime.computes_bf16() and bf16_verified(sha256):
         candidates.append(OPENVINO_BF16)
     return candidates
 

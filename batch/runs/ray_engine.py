@@ -380,7 +380,7 @@ def simulated_cluster(nodes: int, cpus_per_node: int, system_config: dict | None
         cluster.shutdown()
         if session:
             _forget_cluster(Path(session).parent / "ray_current_cluster", cluster.address)
-            _ray_reaper.reap({}, session)
+            _ray_reaper.remove_folder(session)
 
 
 def _forget_cluster(address_file: Path, address: str) -> None:
