@@ -91,7 +91,7 @@ def source_megapixels(paths: Sequence[Path]) -> float:
 
 def pillow_runner(job: DecodeJob, pool: ThreadPoolExecutor, draft: bool) -> Callable[[], list]:
     def decode(path: Path) -> np.ndarray:
-        return load_resized_rgb(path, job.size)[0] if draft else load_resized_rgb_no_draft(path, job.size)
+        return load_resized_rgb(path, job.size).pixels if draft else load_resized_rgb_no_draft(path, job.size)
 
     return lambda: list(pool.map(decode, job.paths))
 

@@ -28,7 +28,7 @@ import numpy as np
 from batch.core.files import write_atomic
 from batch.core.timing import StageClock
 from batch.inference.decode import Item, ReadLimits, decode_with_pillow, probe
-from batch.inference.postprocess import unsure_band
+from batch.inference.postprocess import score_extent, unsure_band
 from batch.runs.formats import encode
 from benchmarks.config import describe_error
 
@@ -93,8 +93,9 @@ def one_photo(photo: Path, scores: np.ndarray, scratch: Path) -> dict[str, float
     with clock("read"):
         probed = probe((0, Item.from_path(photo)), None, ReadLimits())  # read within limits, header checked
     with clock("decode"):
-        decode_with_pillow(probed, scores.shape)
-    prediction = LowResScores(scores, probed.info.size, cut=0.0, band=unsure_band(0.5, "logits"))
+        fitted = decode_with_pillow(probed, scores.shape)
+    extent = score_extent(fitted.content, scores.shape, scores.shape)  # a padded decode: the photo's scores only
+    prediction = LowResScores(scores, probed.info.size, cut=0.0, band=unsure_band(0.5, "logits"), extent=extent)
     with clock("upsample"):  # what the writers' "postprocess" does
         mask = prediction.mask()
         prediction.confidence()

@@ -179,7 +179,7 @@ def load_calibration(photos: Sequence[Path], contract: ModelContract, count: int
     for photo in spread_evenly(eligible, count) if eligible else []:
         try:
             data = photo.read_bytes()
-            rgb, _ = load_resized_rgb(io.BytesIO(data), contract.input_size)  # (h, w, 3) uint8
+            rgb = load_resized_rgb(io.BytesIO(data), contract.input_size).pixels  # (h, w, 3) uint8
         except DECODE_ERRORS as e:
             log.warning("calibration: skipped %s, which cannot be read (%s)", photo, first_line(e))
             continue

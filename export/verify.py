@@ -42,7 +42,7 @@ from batch.core.contract import ContractError, ModelContract, probability_to_log
 from batch.core.devices import DeviceError
 from batch.core.errors import CarvanaError
 from batch.core.files import spread_evenly, temporary_path
-from batch.core.images import DECODE_ERRORS, is_image_file, load_resized_rgb
+from batch.core.images import DECODE_ERRORS, Fitted, is_image_file, load_resized_rgb
 from batch.core.masks import dice
 from batch.inference import openvino_runtime
 from batch.inference.model import read_contract as read_file_contract
@@ -339,7 +339,7 @@ def warm_up(network, contract: ModelContract) -> None:
     run_onnx(network, blank, contract)
 
 
-def load_photo(photo: Path, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+def load_photo(photo: Path, size: tuple[int, int]) -> Fitted:
     try:
         return load_resized_rgb(photo, size)
     except DECODE_ERRORS as e:
@@ -348,11 +348,13 @@ def load_photo(photo: Path, size: tuple[int, int]) -> tuple[np.ndarray, tuple[in
 
 def run_both(photo: Path, trained: TrainedModel, network, contract: ModelContract) -> Outputs:
     """The photo, as the runner would feed it, through PyTorch (FP32, CPU, with activations tracked) and the file's runtime."""
-    rgb, original = load_photo(photo, contract.input_size)  # (h, w, 3) uint8
+    fitted = load_photo(photo, contract.input_size)  # pixels (h, w, 3) uint8
     with track_peak_activation(trained.net) as peak:
-        reference = run_reference(trained, rgb)  # (1, 1, h, w) float32
-    logits, ms = run_onnx(network, rgb, contract)  # (1, 1, h, w) float32
-    return Outputs(photo.name, original, reference, logits, peak[0], ms)
+        reference = run_reference(trained, fitted.pixels)  # (1, 1, h, w) float32
+    logits, ms = run_onnx(network, fitted.pixels, contract)  # (1, 1, h, w) float32
+    height, width = fitted.content  # the photo's part (a padded decode); a U-Net's logits are its input's size
+    crop = (..., slice(height), slice(width))
+    return Outputs(photo.name, fitted.shown, reference[crop], logits[crop], peak[0], ms)
 
 
 @torch.inference_mode()

@@ -322,7 +322,7 @@ def fine_tune(state: dict, parity_photos: Path, steps: int, lr: float, out: Path
     from unet.checkpoint import model_from_checkpoint, save_checkpoint
 
     photos = sorted(parity_photos.glob("*.jpg"))
-    images = np.stack([load_resized_rgb(p, (64, 96))[0] for p in photos])  # (6, 64, 96, 3)
+    images = np.stack([load_resized_rgb(p, (64, 96)).pixels for p in photos])  # (6, 64, 96, 3)
     masks = np.stack([read_mask(parity_photos.parent / "train_masks" / f"{p.stem}_mask.gif")[::2, ::2] for p in photos])
     mean, std = (torch.tensor(state[key]).view(1, 3, 1, 1) for key in ("pixel_mean", "pixel_std"))
     x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std  # (6, 3, 64, 96)

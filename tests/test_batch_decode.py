@@ -102,7 +102,7 @@ def test_probe_enforces_the_pixel_limit(tmp_path: Path):
 def test_jpeg_decodes_at_the_smallest_dct_scale_that_covers_the_model_size(tmp_path: Path):
     assert draft_request((1280, 1918), (320, 480)) == (479, 320)  # libjpeg's 1/4 scale rounds up to 480x320
     assert draft_request((1280, 1918), (160, 240)) == (239, 160)  # 1/8
-    assert draft_request((1280, 1918), (640, 960)) == (959, 640)  # 1/2 gives 959 columns: near enough to stretch to 960
+    assert draft_request((1280, 1918), (640, 960)) == (959, 640)  # 1/2 gives 959 columns: near enough to pad to 960
     assert draft_request((1280, 1918), (640, 990)) == (1918, 1280)  # 959 is 3% short of 990: full size
     assert draft_request((1280, 1918), (352, 528)) == (959, 640)  # 1/4's 480 is 9% short of 528: 1/2
     assert draft_request((5, 7), (64, 96)) == (7, 5)  # upscaling: full size
@@ -111,7 +111,8 @@ def test_jpeg_decodes_at_the_smallest_dct_scale_that_covers_the_model_size(tmp_p
         im.draft("RGB", draft_request((1280, 1918), (320, 480)))
         assert im.size == (480, 320)
         im.load()
-    fast, original = load_resized_rgb(tmp_path / "car.jpg", (320, 480))
+    fitted = load_resized_rgb(tmp_path / "car.jpg", (320, 480))
+    fast, original = fitted.pixels, fitted.shown
     with Image.open(tmp_path / "car.jpg") as im:
         full = np.asarray(im.convert("RGB").resize((480, 320), Image.Resampling.BILINEAR))
     assert original == (1280, 1918) and fast.shape == full.shape
@@ -121,7 +122,8 @@ def test_jpeg_decodes_at_the_smallest_dct_scale_that_covers_the_model_size(tmp_p
 def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path: Path):
     values = np.linspace(0, 65535, 48 * 64).reshape(48, 64).astype(np.uint16)
     Image.fromarray(values).save(tmp_path / "g16.png")
-    rgb, original = load_resized_rgb(tmp_path / "g16.png", (48, 64))
+    fitted = load_resized_rgb(tmp_path / "g16.png", (48, 64))
+    rgb, original = fitted.pixels, fitted.shown
     assert original == (48, 64)
     np.testing.assert_array_equal(rgb[..., 0], (values >> 8).astype(np.uint8))
     assert (rgb[..., 0] == rgb[..., 2]).all()
@@ -133,8 +135,9 @@ def test_odd_modes_decode_close_to_the_rgb_photo(tmp_path: Path, mode: str, fmt:
     write_photo(reference, (64, 96), seed=3)
     odd = tmp_path / f"odd.{fmt.lower()}"
     write_photo(odd, (64, 96), seed=3, fmt=fmt, mode=mode)
-    expected, _ = load_resized_rgb(reference, (32, 48))
-    got, original = load_resized_rgb(odd, (32, 48))
+    expected = load_resized_rgb(reference, (32, 48)).pixels
+    fitted = load_resized_rgb(odd, (32, 48))
+    got, original = fitted.pixels, fitted.shown
     assert got.shape == (32, 48, 3) and got.dtype == np.uint8 and original == (64, 96)
     if mode in ("L", "LA"):
         expected = np.repeat(np.asarray(Image.fromarray(expected).convert("L"))[..., None], 3, axis=2)
@@ -288,7 +291,7 @@ def test_decoded_images_are_resized_and_bad_arrays_named(tmp_path: Path):
     images, failures, kinds = run_decoder(PillowDecoder((32, 48), batch_size=4, workers=2), items)
     assert sorted(images) == ["array", "pil"] and set(kinds) == {"pillow"}
     np.testing.assert_array_equal(images["pil"], images["array"])
-    expected, _ = load_resized_rgb(tmp_path / "a.png", (32, 48))  # a PNG has no draft mode: the file's own pixels
+    expected = load_resized_rgb(tmp_path / "a.png", (32, 48)).pixels  # a PNG has no draft mode: the file's own pixels
     np.testing.assert_array_equal(images["pil"], expected)
     assert (
         failures["gray array"] == "a uint8 array of shape (48, 72); pass an (H, W, 3) uint8 RGB array "
@@ -341,3 +344,36 @@ def test_dali_streams_of_any_length_and_a_stream_closed_early_leave_nothing_behi
     later, failures, _ = run_decoder(decoder, items[4:])
     assert sorted(later) == ["4.jpg", "5.jpg"] and not failures
     np.testing.assert_array_equal(later["4.jpg"], run_decoder(decoder, items[4:5])[0]["4.jpg"])
+
+
+def test_a_dct_scale_just_short_of_the_model_size_is_padded_not_stretched(tmp_path: Path):
+    """190x128 at DCT 1/2 is 95x64: one column short of 96x64, so the decode is padded with its last column."""
+    write_photo(tmp_path / "car.jpg", (128, 190), seed=4)
+    fitted = load_resized_rgb(tmp_path / "car.jpg", (64, 96))
+    with Image.open(tmp_path / "car.jpg") as im:
+        im.draft("RGB", draft_request((128, 190), (64, 96)))
+        half = np.asarray(im.convert("RGB"))  # (64, 95, 3): libjpeg's 1/2 scale, nothing resampled
+    assert fitted.shown == (128, 190) and fitted.content == (64, 95) and fitted.pixels.shape == (64, 96, 3)
+    np.testing.assert_array_equal(fitted.pixels[:, :95], half)
+    np.testing.assert_array_equal(fitted.pixels[:, 95], half[:, 94])
+    sideways = tmp_path / "sideways.jpg"  # stored 128x190 and shown upright as 190x128: the padding follows the view
+    with Image.open(tmp_path / "car.jpg") as im:
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        im.transpose(Image.Transpose.ROTATE_90).save(sideways, quality=95, exif=exif)
+    turned = load_resized_rgb(sideways, (64, 96))
+    assert turned.shown == (128, 190) and turned.content == (64, 95)
+    np.testing.assert_array_equal(turned.pixels[:, 95], turned.pixels[:, 94])
+    far = load_resized_rgb(tmp_path / "car.jpg", (64, 100))  # 95 is 5% short of 100: resized, all of it the photo
+    assert far.content == (64, 100)
+
+
+def test_the_pillow_decoder_tells_what_of_each_input_is_the_photo(tmp_path: Path, tiny_onnx: Path):
+    truth = write_photo(tmp_path / "short.jpg", (128, 190), seed=5)
+    write_photo(tmp_path / "exact.jpg", (128, 192), seed=6)
+    items = [Item.from_path(tmp_path / "short.jpg"), Item.from_path(tmp_path / "exact.jpg")]
+    (batch,) = PillowDecoder((64, 96), batch_size=2, workers=1).batches(items)
+    assert batch.contents == [(64, 95), (64, 96)] and batch.pixels.shape == (2, 64, 96, 3)
+    short, exact = CpuPredictor(load_model(tiny_onnx, "cpu"), threshold=0.5, tta=False).predict(batch)
+    assert short.extent == (64.0, 95.0) and exact.extent is None  # the tiny model's scores are its input's size
+    assert short.mask().shape == (128, 190) and dice(short.mask() > 0, truth) > 0.9

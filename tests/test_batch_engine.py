@@ -30,7 +30,7 @@ def host_batch(tmp_path: Path) -> tuple[Batch, list[np.ndarray]]:
     for i, size in enumerate(SIZES):
         photo, mask = synthetic_pair(np.random.default_rng(i), *size)
         Image.fromarray(photo).save(tmp_path / f"{i}.png")
-        pixels.append(load_resized_rgb(tmp_path / f"{i}.png", (64, 96))[0])
+        pixels.append(load_resized_rgb(tmp_path / f"{i}.png", (64, 96)).pixels)
         truths.append(mask)
     items = [Item(f"{i}.png", path=tmp_path / f"{i}.png") for i in range(len(SIZES))]
     return Batch(items, list(range(len(SIZES))), SIZES, decoder="pillow", pixels=np.stack(pixels)), truths

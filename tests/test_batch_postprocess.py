@@ -9,10 +9,15 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from batch.core.images import pad_edges
+from batch.core.masks import area_fraction, dice
 from batch.inference.postprocess import (
     average_flipped,
     bilinear_resize,
     build_postprocess_model,
+    mask_confidence,
+    photo_scores,
+    score_extent,
     threshold_in_output_units,
     upsample_threshold,
 )
@@ -134,3 +139,39 @@ def test_postprocess_graph_averages_the_flipped_prediction():
     assert (masks[0, 0] != expected).mean() < 1e-4
     # and the flip matters: without un-flipping, the masks would differ
     assert not np.array_equal(expected, upsample_threshold((scores + flipped)[0, 0] / 2, (64, 96), 0.0))
+
+
+@pytest.mark.parametrize("extent", [(40, 59), (40, 59.5), (39.25, 60), (1, 1)])
+def test_scores_of_a_padded_photo_are_upsampled_from_the_photos_part_only(extent):
+    scores = smooth_scores(np.random.default_rng(7), (40, 60))
+    scores[:, 59:] = 1e6 if extent[1] <= 59 else scores[:, 59:]  # padding's scores: never read past the extent
+    expected = bilinear_resize(scores, (123, 187), extent) > 0.3
+    np.testing.assert_array_equal(upsample_threshold(scores, (123, 187), 0.3, extent) > 0, expected)
+    if extent == (40, 59):  # a whole number of columns: exactly the scores cut to them
+        np.testing.assert_array_equal(expected, bilinear_resize(scores[:, :59], (123, 187)) > 0.3)
+
+
+def test_bilinear_reference_over_a_fractional_extent_by_hand():
+    row = np.array([[0.0, 1.0, 9.0]], dtype=np.float32)  # 1.5 columns -> 3: sample at -0.25, 0.25, 0.75 (1 clamped to 1)
+    np.testing.assert_allclose(bilinear_resize(row, (1, 3), (1, 1.5)), [[0.0, 0.25, 0.75]])
+
+
+def test_an_extent_outside_the_scores_is_refused():
+    with pytest.raises(ValueError, match="not within"):
+        photo_scores(np.zeros((4, 6), np.float32), (4, 7))
+    assert score_extent((64, 96), (64, 96), (32, 48)) is None
+    assert score_extent((64, 95), (64, 96), (32, 48)) == (32.0, 47.5)
+
+
+def test_a_perfect_model_on_a_padded_decode_puts_the_outline_where_it_is():
+    """Scores that are the truth at the model's size (a 190x128 photo decoded 95x64, padded to 96x64): read over
+    the photo's 95 columns they give back its mask; read over all 96 they stretch it to the right."""
+    yy, xx = np.mgrid[:128, :190]
+    mask = ((yy - 70) / 40) ** 2 + ((xx - 120) / 68) ** 2 < 1  # a car reaching towards the right edge
+    fraction = pad_edges(area_fraction(mask, (64, 95)), (64, 96)) / 255
+    logits = np.log(np.clip(fraction, 1e-3, 1 - 1e-3) / np.clip(1 - fraction, 1e-3, 1)).astype(np.float32)
+    extent = score_extent((64, 95), (64, 96), logits.shape)
+    placed = dice(upsample_threshold(logits, mask.shape, 0.0, extent) > 0, mask)
+    stretched = dice(upsample_threshold(logits, mask.shape, 0.0) > 0, mask)
+    assert placed > 0.995 and placed > stretched + 0.002
+    assert mask_confidence(photo_scores(logits, extent)[0], 0.0, (-1.0, 1.0)) > 0.9

@@ -42,7 +42,7 @@ def photo_paths(folder: Path) -> list[Path]:
 
 
 def decoded_photos(folder: Path) -> np.ndarray:
-    return np.stack([load_resized_rgb(p, SIZE)[0] for p in photo_paths(folder)])  # (N, 32, 48, 3) uint8
+    return np.stack([load_resized_rgb(p, SIZE).pixels for p in photo_paths(folder)])  # (N, 32, 48, 3) uint8
 
 
 # ---- decode -----------------------------------------------------------------------------------------
@@ -63,7 +63,7 @@ def test_decoders_report_rates_and_skip_the_gpu_decoder_on_cpu(bench_photos):
 def test_full_decode_matches_draft_decode_where_draft_does_not_apply(tmp_path):
     png = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(png)
-    np.testing.assert_array_equal(load_resized_rgb_no_draft(png, SIZE), load_resized_rgb(png, SIZE)[0])
+    np.testing.assert_array_equal(load_resized_rgb_no_draft(png, SIZE), load_resized_rgb(png, SIZE).pixels)
 
 
 def test_source_megapixels_of_real_photos(carvana_dir):

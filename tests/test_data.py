@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from conftest import write_photo
 from PIL import Image
 
 from unet.data import DataError, cache_samples, car_id, pair_files, resolve_size, split_by_car
@@ -92,3 +93,15 @@ def test_unreadable_mask_names_the_file(kaggle_dir):
     bad.write_bytes(b"not a gif")
     with pytest.raises(DataError, match="000000000002_03_mask.gif"):
         cache_samples(pair_files(kaggle_dir).samples, (32, 48), keep_full_masks=False, workers=1, desc="test")
+
+
+def test_a_photo_just_short_of_the_training_size_is_padded_and_so_is_its_target(tmp_path):
+    """As the runner decodes it: 190x128 at DCT 1/2 is 95x64, padded to 96x64, not stretched; the target too."""
+    (tmp_path / "images").mkdir(), (tmp_path / "masks").mkdir()
+    truth = write_photo(tmp_path / "images" / "car_01.jpg", (128, 190), seed=2)
+    Image.fromarray(truth.astype(np.uint8) * 255).save(tmp_path / "masks" / "car_01.png")
+    cached = cache_samples(pair_files(tmp_path).samples, (64, 96), keep_full_masks=True, workers=1, desc="test")
+    assert cached.contents == [(64, 95)] and cached.targets.shape == (1, 64, 96)
+    np.testing.assert_array_equal(cached.targets[0, :, 95], cached.targets[0, :, 94])
+    blocks = truth.reshape(64, 2, 95, 2).mean(axis=(1, 3))  # each target pixel: the car fraction of its 2x2 block
+    assert np.abs(cached.targets[0, :, :95] / 255 - blocks).max() < 0.01

@@ -133,8 +133,8 @@ def test_a_sideways_phone_photo_is_masked_as_viewers_show_it(tmp_path: Path, tin
     assert Image.open(out / "phone_cutout.png").size == (96, 64)
     with batch.Segmenter(tiny_onnx, device="cpu", decoder=decoder) as segmenter:
         assert segmenter(phone).shape == (64, 96)
-    pixels, size = load_resized_rgb(phone, (32, 48))
-    assert pixels.shape == (32, 48, 3) and size == (64, 96)
+    fitted = load_resized_rgb(phone, (32, 48))
+    assert fitted.pixels.shape == (32, 48, 3) and fitted.shown == (64, 96) and fitted.content == (32, 48)
 
 
 # -- 3. and 5. reads are bounded ------------------------------------------------------------------------------

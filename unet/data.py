@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from batch.core.errors import CarvanaError
 from batch.core.files import DuplicateNameError, index_by_stem
-from batch.core.images import is_image_file, load_resized_rgb
+from batch.core.images import is_image_file, load_resized_rgb, pad_edges
 from batch.core.masks import MaskError, area_fraction, read_mask
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,7 @@ class CachedSet:
     images: np.ndarray  # (N, H, W, 3) uint8
     targets: np.ndarray  # (N, H, W) uint8, the mask's car fraction per pixel * 255 (soft at edges)
     full_masks: list[tuple[np.ndarray, tuple[int, int]]] | None  # (np.packbits(mask), (H0, W0)) per image
+    contents: list[tuple[int, int]]  # (h, w) of each image that is the photo (the rest: its edges repeated)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -155,22 +156,23 @@ class CachedSet:
         return np.unpackbits(packed, count=shape[0] * shape[1]).reshape(shape).astype(bool)
 
 
-def load_pair(sample: Sample, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Decode one pair: the resized photo, the resized soft target, and the full-resolution mask."""
+def load_pair(sample: Sample, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
+    """Decode one pair: the photo at ``size``, the soft target at ``size``, the full-resolution mask, and the (h, w)
+    of the first two that is the photo (the runner's decode: a photo a little short of ``size`` is padded)."""
     try:
-        image, original = load_resized_rgb(sample.image, size)
+        fitted = load_resized_rgb(sample.image, size)
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise DataError(f"cannot read photo {sample.image}: {e}. Re-save it as JPEG or PNG, or remove it.") from e
     try:
         mask = read_mask(sample.mask)
     except MaskError as e:
         raise DataError(str(e)) from e
-    if mask.shape != original:
+    if mask.shape != fitted.shown:
         raise DataError(
             f"mask {sample.mask} is {mask.shape[1]}x{mask.shape[0]} but photo {sample.image} is "
-            f"{original[1]}x{original[0]}: a mask must have its photo's size"
+            f"{fitted.shown[1]}x{fitted.shown[0]}: a mask must have its photo's size"
         )
-    return image, area_fraction(mask, size), mask
+    return fitted.pixels, pad_edges(area_fraction(mask, fitted.content), size), mask, fitted.content
 
 
 def cache_samples(
@@ -180,10 +182,14 @@ def cache_samples(
     images = np.empty((len(samples), height, width, 3), np.uint8)
     targets = np.empty((len(samples), height, width), np.uint8)
     full_masks = [] if keep_full_masks else None
+    contents = []
     with ThreadPoolExecutor(max(1, workers)) as pool:
         pairs = pool.map(lambda s: load_pair(s, size), samples)
-        for i, (image, target, mask) in enumerate(tqdm(pairs, total=len(samples), desc=desc, unit="img", disable=not progress)):
+        for i, (image, target, mask, content) in enumerate(
+            tqdm(pairs, total=len(samples), desc=desc, unit="img", disable=not progress)
+        ):
             images[i], targets[i] = image, target
+            contents.append(content)
             if full_masks is not None:
                 full_masks.append((np.packbits(mask), mask.shape))
-    return CachedSet([s.name for s in samples], images, targets, full_masks)
+    return CachedSet([s.name for s in samples], images, targets, full_masks, contents)

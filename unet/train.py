@@ -394,7 +394,9 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 logits = model(normalize(x, cfg)).float()
             losses.append(bce_dice_loss(logits, y).item() * len(idx))
-            scores.extend(full_resolution_dice(logits[j], data.full_mask(i)) for j, i in enumerate(idx))
+            for j, i in enumerate(idx):
+                height, width = data.contents[i]  # the photo's part of the input; U-Net scores are the input's size
+                scores.append(full_resolution_dice(logits[j, :, :height, :width], data.full_mask(i)))
         return sum(losses) / len(data), scores
 
 

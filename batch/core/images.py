@@ -49,7 +49,7 @@ SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # stored sideways: height and width swap
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 
 Source = str | Path | BinaryIO
-NEAR_SCALE = 0.98  # a DCT scale this close below the target is decoded at and stretched (959 -> 960 px)
+NEAR_SCALE = 0.98  # a DCT scale this close below the target is decoded at and padded (959 -> 960 px)
 
 
 class ImageError(CarvanaError):
@@ -78,30 +78,66 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def load_resized_rgb(path: Source, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode ``path`` as RGB resized to ``size`` = (H, W), upright as viewers show it; return it (H, W, 3 uint8)
-    and the photo's (H, W) as shown.
+@dataclass(frozen=True)
+class Fitted:
+    """A photo at a model's input size: what the network sees, and what of it is the photo."""
+
+    pixels: np.ndarray  # (H, W, 3) uint8 RGB at the model's size
+    content: tuple[int, int]  # (h, w): the photo fills pixels[:h, :w]; any rows and columns past it repeat its edge
+    shown: tuple[int, int] | None = None  # the photo's (H, W) as viewers show it (None for a decoded image: its size)
+
+
+def load_resized_rgb(path: Source, size: tuple[int, int]) -> Fitted:
+    """Decode ``path`` as RGB at ``size`` = (H, W), upright as viewers show it.
 
     JPEGs are decoded at the smallest DCT scale (Pillow's draft mode: 1/2, 1/4 or 1/8) no smaller
     than ``size``, or at most 2% smaller (:func:`draft_request`), so a 1918x1280 photo bound for
-    480x320 is decoded at 480x320 directly, and one bound for 960x640 at 959x640. The remaining
-    resize is Pillow's antialiased bilinear filter. Grayscale,
-    CMYK, palette, 16-bit and RGBA inputs become 8-bit RGB (alpha dropped; 16-bit values keep their
-    top 8 bits). The EXIF orientation (a phone photo stored sideways) is applied after the resize,
-    on the small image: the model sees the car upright, and the mask lines up with the photo as shown.
+    480x320 is decoded at 480x320 directly, and one bound for 960x640 at 959x640. What lands that close
+    is padded, not resampled (:func:`fit_rgb`); anything else is resized with Pillow's antialiased
+    bilinear filter. Grayscale, CMYK, palette, 16-bit and RGBA inputs become 8-bit RGB (alpha dropped;
+    16-bit values keep their top 8 bits). The EXIF orientation (a phone photo stored sideways) is
+    applied to the small image: the model sees the car upright, and the mask lines up with the photo as
+    shown.
     """
     with Image.open(path) as im:
         orientation = exif_orientation(im)
         stored = (im.height, im.width)
         grid = size[::-1] if orientation in SWAPPING_ORIENTATIONS else size  # the target in the stored grid
         im.draft("RGB", draft_request(stored, grid))
-        upright = orient(resized_rgb_image(im, grid), orientation)
-        return np.asarray(upright), shown_size(stored, orientation)
+        rgb = to_rgb(im)
+        if not fits_by_padding((rgb.height, rgb.width), grid):
+            rgb = resized_rgb_image(rgb, grid)
+        fitted = fit_rgb(orient(rgb, orientation), size)
+        return Fitted(fitted.pixels, fitted.content, shown_size(stored, orientation))
 
 
-def resize_rgb(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """Any Pillow image as 8-bit RGB resized to ``size`` = (H, W) (antialiased bilinear): (H, W, 3) uint8."""
-    return np.asarray(resized_rgb_image(image, size))
+def fit_rgb(image: Image.Image, size: tuple[int, int]) -> Fitted:
+    """Any Pillow image as 8-bit RGB at ``size`` = (H, W): padded when it is at most 2% short of it on each side
+    (:data:`NEAR_SCALE`; its last row and column repeated), else resized (antialiased bilinear)."""
+    rgb = to_rgb(image)
+    content = (rgb.height, rgb.width)
+    if not fits_by_padding(content, size):
+        return Fitted(np.asarray(resized_rgb_image(rgb, size)), size)
+    return Fitted(pad_edges(np.asarray(rgb), size), content)
+
+
+def fits_by_padding(content: tuple[int, int], size: tuple[int, int]) -> bool:
+    """Whether an image of ``content`` (H, W) goes into ``size`` by repeating its edges: no side longer, none
+    more than 2% shorter. Padding keeps every pixel where the mask's upsample puts it; a resize of a 959-px
+    side to 960 px would move them by up to one pixel at twice the cost of the decode."""
+    return all(size_side * NEAR_SCALE <= side <= size_side for side, size_side in zip(content, size))
+
+
+def pad_edges(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``pixels`` (h, w, ...) in the top-left corner of a (H, W, ...) array, its last column and row repeated."""
+    (height, width), (h, w) = size, pixels.shape[:2]
+    if (h, w) == (height, width):
+        return pixels
+    padded = np.empty((height, width, *pixels.shape[2:]), pixels.dtype)
+    padded[:h, :w] = pixels
+    padded[:h, w:] = pixels[:, -1:]
+    padded[h:] = padded[h - 1 : h]
+    return padded
 
 
 def resized_rgb_image(image: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -139,11 +175,12 @@ def draft_request(original: tuple[int, int], size: tuple[int, int]) -> tuple[int
     times the work. Ask instead for the floor-divided size of the scale we want.
 
     A scale that lands just short of ``size`` (:data:`NEAR_SCALE`: 1918 px / 2 = 959 px for 960) is taken too:
-    stretching 959 columns to 960 loses nothing the model sees, where the full-size decode and a resize
-    over 2.5 megapixels would cost four times the decode. The stretch must stay a resample (3-5 ms):
-    padding the 959 columns with a copy of the last one would leave every column where the mask's
-    upsample does not look for it, up to 2 photo pixels off at the right edge, and a perfect model's
-    Dice on 40 real masks would fall from 0.9998 to 0.9980 (repeating a middle column: 0.9984).
+    the decode is padded to ``size`` (:func:`fit_rgb`) and the mask's upsample reads only the scores of the
+    photo's own columns (``Fitted.content``), so every mask pixel stays where a stretch would have moved it
+    by up to one pixel, for no resampling pass at all (where the full-size decode and a resize over
+    2.5 megapixels would cost four times the decode). Padding without that crop would leave the photo's
+    right edge up to 2 photo pixels off: a perfect model's Dice on 40 real masks would fall from 0.9998 to
+    0.9980.
     """
     (full_h, full_w), (h, w) = original, size
     for scale in (8, 4, 2):

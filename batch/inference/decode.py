@@ -6,7 +6,8 @@ Every :class:`Decoder` turns a stream of items into a stream of :class:`Batch` a
 entries, each tagged with the items' positions in the input so that the caller can restore its order:
 
 - :class:`PillowDecoder`: a thread pool running :func:`batch.core.images.load_resized_rgb` (JPEG draft
-  mode + antialiased bilinear, the preprocessing training used). Yields host uint8 NHWC pixels.
+  mode + antialiased bilinear, or padding where a DCT scale lands just short of the model's size: the
+  preprocessing training used). Yields host uint8 NHWC pixels and what of each is the photo.
 - :class:`DaliDecoder`: NVIDIA DALI, ``"mixed"`` backend (nvJPEG, hardware decoder) on a GPU or
   ``"cpu"`` backend, fed file bytes through ``external_source``. Resizing and the model's own input
   preparation (layout, dtype, normalization, the mirrored copy for TTA) run inside the pipeline, on
@@ -41,13 +42,14 @@ from batch.core.errors import CarvanaError
 from batch.core.files import FileRefused, read_regular_file
 from batch.core.images import (
     DECODE_ERRORS,
+    Fitted,
     ImageError,
     ImageInfo,
+    fit_rgb,
     has_jpeg_end,
     load_resized_rgb,
     pillow_message,
     probe_image,
-    resize_rgb,
 )
 from batch.core.logs import first_line
 
@@ -108,6 +110,7 @@ class Batch:
     pixels: np.ndarray | None = None  # (N, H, W, 3) uint8 RGB at the model's size (Pillow)
     model_input: Any = None  # model-ready input (numpy on the host, OrtValue on a GPU, padded to the batch size) (DALI)
     model_input_flipped: Any = None  # the same for the mirrored images (TTA)
+    contents: list[tuple[int, int]] | None = None  # each image's (h, w) in the top-left of the model's input; None: all of it
 
     def __len__(self) -> int:
         return len(self.items)
@@ -265,12 +268,12 @@ def as_pil_image(item: Item) -> Image.Image:
     return Image.fromarray(image)
 
 
-def decode_with_pillow(probed: Probed, size: tuple[int, int]) -> np.ndarray:
-    """(H, W, 3) uint8 at ``size``; :class:`ImageError` with the reason when Pillow cannot decode it."""
+def decode_with_pillow(probed: Probed, size: tuple[int, int]) -> Fitted:
+    """The image at ``size`` (batch.core.images.fit_rgb); :class:`ImageError` with the reason when Pillow cannot decode it."""
     try:
         if probed.image is not None:
-            return resize_rgb(probed.image, size)
-        pixels, _ = load_resized_rgb(io.BytesIO(probed.data), size)
+            return fit_rgb(probed.image, size)
+        fitted = load_resized_rgb(io.BytesIO(probed.data), size)
     except MemoryError as e:
         raise ImageError(f"{probed.item.name}: not enough memory to decode it; free memory or downscale the photo") from e
     except DECODE_ERRORS as e:
@@ -278,7 +281,7 @@ def decode_with_pillow(probed: Probed, size: tuple[int, int]) -> np.ndarray:
     except Exception as e:  # a decoder bug on one odd file must not stop the run
         log.debug("Pillow failed on %s", probed.item.name, exc_info=True)
         raise ImageError(f"{probed.item.name}: decoder error {type(e).__name__}: {e}") from e
-    return pixels
+    return fitted
 
 
 def decode_fix(error: Exception) -> str:
@@ -325,13 +328,19 @@ def pillow_batch(probed: list[Probed], pool: DaemonPool, size: tuple[int, int]) 
         else:
             decoded.append((item, result))
     if decoded:
-        yield Batch(
-            items=[p.item for p, _ in decoded],
-            positions=[p.position for p, _ in decoded],
-            sizes=[p.info.size for p, _ in decoded],
-            decoder="pillow",
-            pixels=np.stack([pixels for _, pixels in decoded]),  # (N, H, W, 3)
-        )
+        yield host_batch(decoded, "pillow")
+
+
+def host_batch(decoded: list[tuple[Probed, Fitted]], decoder: str) -> Batch:
+    """One batch of images decoded on the host, in the order given."""
+    return Batch(
+        items=[p.item for p, _ in decoded],
+        positions=[p.position for p, _ in decoded],
+        sizes=[p.info.size for p, _ in decoded],
+        decoder=decoder,
+        pixels=np.stack([fitted.pixels for _, fitted in decoded]),  # (N, H, W, 3)
+        contents=[fitted.content for _, fitted in decoded],
+    )
 
 
 @dataclass
@@ -349,7 +358,7 @@ class PillowDecoder:
     def batches(self, items: Iterable[Item]) -> Iterator[Batch | Failure]:
         """Reading, checking and decoding overlap in the pool; batches keep the input order."""
         with DaemonPool(self.workers, "pillow") as pool:
-            ready: list[tuple[Probed, np.ndarray]] = []
+            ready: list[tuple[Probed, Fitted]] = []
             entries = enumerate(items)
             for (position, item), result in ordered_map(pool, self.probe_and_decode, entries, window=2 * self.batch_size):
                 if isinstance(result, ImageError):
@@ -357,23 +366,14 @@ class PillowDecoder:
                     continue
                 ready.append(result)
                 if len(ready) == self.batch_size:
-                    yield self.stack(ready)
+                    yield host_batch(ready, self.name)
                     ready = []
             if ready:
-                yield self.stack(ready)
+                yield host_batch(ready, self.name)
 
-    def probe_and_decode(self, entry: tuple[int, Item]) -> tuple[Probed, np.ndarray]:
+    def probe_and_decode(self, entry: tuple[int, Item]) -> tuple[Probed, Fitted]:
         probed = probe(entry, self.max_pixels, self.limits)
         return probed, decode_with_pillow(probed, self.size)
-
-    def stack(self, ready: list[tuple[Probed, np.ndarray]]) -> Batch:
-        return Batch(
-            items=[p.item for p, _ in ready],
-            positions=[p.position for p, _ in ready],
-            sizes=[p.info.size for p, _ in ready],
-            decoder=self.name,
-            pixels=np.stack([pixels for _, pixels in ready]),  # (N, H, W, 3)
-        )
 
     def close(self) -> None:
         pass

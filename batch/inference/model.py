@@ -34,8 +34,11 @@ from batch.core.errors import CarvanaError
 from batch.core.timing import StageClock
 from batch.inference.decode import Batch
 from batch.inference.postprocess import (
+    Extent,
     average_flipped,
     mask_confidence,
+    photo_scores,
+    score_extent,
     threshold_in_output_units,
     unsure_band,
     upsample_threshold,
@@ -229,6 +232,7 @@ class LowResScores:
     size: tuple[int, int]  # the photo's (H, W)
     cut: float  # threshold in the output's units
     band: tuple[float, float]  # the scores of unsure pixels, in the output's units (mask_confidence)
+    extent: Extent | None = None  # the scores' rows and columns that cover the photo (a padded decode); None: all
 
     def mask(self) -> np.ndarray:
         """The full-size mask; :class:`NonFiniteOutput` when the scores are not all finite numbers (a NaN is
@@ -238,10 +242,22 @@ class LowResScores:
                 "the model returned NaN or infinite scores for this photo, so no mask was written; the model file "
                 "may be damaged or mis-exported: check it with `unet-export --verify`, or use another model"
             )
-        return upsample_threshold(self.scores, self.size, self.cut)
+        return upsample_threshold(self.scores, self.size, self.cut, self.extent)
 
     def confidence(self) -> float:
-        return mask_confidence(self.scores, self.cut, self.band)
+        return mask_confidence(photo_scores(self.scores, self.extent)[0], self.cut, self.band)
+
+
+def low_res_scores(
+    batch: Batch, scores: np.ndarray, contract: ModelContract, cut: float, band: tuple[float, float]
+) -> list[LowResScores]:
+    """One :class:`LowResScores` per image of ``batch`` from its (N, 1, h, w) ``scores``, each knowing what of them
+    covers its photo."""
+    contents = batch.contents or [contract.input_size] * len(batch)
+    return [
+        LowResScores(scores[i, 0], size, cut, band, score_extent(content, contract.input_size, scores.shape[2:]))
+        for i, (size, content) in enumerate(zip(batch.sizes, contents))
+    ]
 
 
 class CpuPredictor:
@@ -268,7 +284,7 @@ class CpuPredictor:
             if flipped is None:
                 flipped = prepare_input(mirrored(batch.pixels), contract)
             scores = average_flipped(scores, self.run(flipped))
-        return [LowResScores(scores[i, 0], size, self.cut, self.band) for i, size in enumerate(batch.sizes)]
+        return low_res_scores(batch, scores, self.model.contract, self.cut, self.band)
 
 
 class BoundPredictor:
@@ -347,4 +363,4 @@ class BoundPredictor:
             scores = self._run(self._to_device(batch, flipped=False), len(batch))
             if self.tta:
                 scores = average_flipped(scores, self._run(self._to_device(batch, flipped=True), len(batch)))
-        return [LowResScores(scores[i, 0], size, self.cut, self.band) for i, size in enumerate(batch.sizes)]
+        return low_res_scores(batch, scores, self.model.contract, self.cut, self.band)

@@ -62,9 +62,38 @@ def mask_confidence(scores: np.ndarray, cut: float, band: tuple[float, float]) -
     return max(0.0, 1.0 - unsure / car)
 
 
-def source_coordinates(out_size: int, in_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Half-pixel bilinear sampling along one axis: (i0, i1, weight of i1), each (out_size,)."""
-    position = (np.arange(out_size, dtype=np.float64) + 0.5) * (in_size / out_size) - 0.5
+Extent = tuple[float, float]  # the rows and columns of a model's scores that cover the photo (the rest: padding)
+
+
+def photo_scores(scores: np.ndarray, extent: Extent | None) -> tuple[np.ndarray, Extent]:
+    """``scores`` (h, w) float32 without the rows and columns wholly past ``extent`` (None: all of them), and the extent.
+
+    A photo decoded a little short of the model's size is padded (``batch.core.images.fit_rgb``); its scores
+    cover ``content * scores / model input`` rows and columns, a fraction where the model's output is
+    smaller than its input.
+    """
+    scores = np.asarray(scores, dtype=np.float32)
+    if extent is None:
+        return scores, (float(scores.shape[0]), float(scores.shape[1]))
+    if not all(0 < e <= side for e, side in zip(extent, scores.shape)):
+        raise ValueError(f"extent {extent} is not within the scores' {scores.shape[0]}x{scores.shape[1]}")
+    return scores[: math.ceil(extent[0]), : math.ceil(extent[1])], extent
+
+
+def score_extent(content: tuple[int, int], input_size: tuple[int, int], score_size: tuple[int, int]) -> Extent | None:
+    """The scores' rows and columns covering a photo that fills ``content`` (h, w) of the model's ``input_size``."""
+    if tuple(content) == tuple(input_size):
+        return None
+    return (content[0] * score_size[0] / input_size[0], content[1] * score_size[1] / input_size[1])
+
+
+def source_coordinates(out_size: int, in_size: int, extent: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Half-pixel bilinear sampling along one axis: (i0, i1, weight of i1), each (out_size,).
+
+    The output spans the first ``extent`` source pixels (default: all ``in_size``), clamped at the last one.
+    """
+    scale = (in_size if extent is None else extent) / out_size
+    position = (np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5
     position = np.clip(position, 0.0, in_size - 1)
     i0 = np.floor(position).astype(np.intp)
     i1 = np.minimum(i0 + 1, in_size - 1)
@@ -82,8 +111,8 @@ class _Axis:
     first: np.ndarray  # (in + 1,) first output pixel of each source cell; the last entry is ``out``
 
     @classmethod
-    def of(cls, out_size: int, in_size: int) -> _Axis:
-        low, high, weight = source_coordinates(out_size, in_size)
+    def of(cls, out_size: int, in_size: int, extent: float) -> _Axis:
+        low, high, weight = source_coordinates(out_size, in_size, extent)
         first = np.zeros(in_size + 1, np.intp)
         np.cumsum(np.bincount(low, minlength=in_size), out=first[1:])
         return cls(low, high, weight, first)
@@ -95,8 +124,8 @@ class _Axis:
         return counts, np.repeat(self.first[cells] - (ends - counts), counts) + np.arange(ends[-1] if ends.size else 0)
 
 
-def upsample_threshold(scores: np.ndarray, size: tuple[int, int], cut: float) -> np.ndarray:
-    """``scores`` (h, w) -> (H, W) uint8 mask (0 or 255) of ``bilinear_resize(scores) > cut``.
+def upsample_threshold(scores: np.ndarray, size: tuple[int, int], cut: float, extent: Extent | None = None) -> np.ndarray:
+    """``scores`` (h, w) -> (H, W) uint8 mask (0 or 255) of ``bilinear_resize(scores, size, extent) > cut``.
 
     Cell (i, j) holds the output pixels whose top-left source is (i, j); its corners are (i, j), (i + 1, j),
     (i, j + 1), (i + 1, j + 1), clamped at the last row and column. A cell with all four corners above the
@@ -105,7 +134,7 @@ def upsample_threshold(scores: np.ndarray, size: tuple[int, int], cut: float) ->
     is confined to the window of cells a corner above the cut can reach (a car's bounding box, about
     half the frame), and the full-size mask is written once, row by row.
     """
-    scores = np.asarray(scores, dtype=np.float32)
+    scores, extent = photo_scores(scores, extent)
     above = scores > cut
     hit_rows = np.flatnonzero(above.any(axis=1))
     if hit_rows.size == 0:
@@ -113,7 +142,7 @@ def upsample_threshold(scores: np.ndarray, size: tuple[int, int], cut: float) ->
     i0, i1 = _cells_reaching(hit_rows)
     j0, j1 = _cells_reaching(np.flatnonzero(above[i0 : i1 + 1].any(axis=0)))
     all_above, any_above = _corner_extremes(above[i0 : i1 + 1, j0 : j1 + 1], (i1 - i0, j1 - j0))
-    rows, cols = _Axis.of(size[0], scores.shape[0]), _Axis.of(size[1], scores.shape[1])
+    rows, cols = _Axis.of(size[0], scores.shape[0], extent[0]), _Axis.of(size[1], scores.shape[1], extent[1])
     mask = _uniform_cells(all_above, (i0, j0), rows, cols)
     mixed = np.flatnonzero(any_above != all_above)
     if mixed.size:
@@ -180,11 +209,12 @@ def _interpolate_cells(
     mask.reshape(-1)[flat] = (value > cut).view(np.uint8) * np.uint8(MASK_ON)
 
 
-def bilinear_resize(scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Plain half-pixel bilinear resize of (h, w) -> (H, W) float32: the reference the tests check against."""
-    y0, y1, wy = source_coordinates(size[0], scores.shape[0])
-    x0, x1, wx = source_coordinates(size[1], scores.shape[1])
-    scores = np.asarray(scores, dtype=np.float32)
+def bilinear_resize(scores: np.ndarray, size: tuple[int, int], extent: Extent | None = None) -> np.ndarray:
+    """Plain half-pixel bilinear resize of (h, w) -> (H, W) float32 (of the scores within ``extent``): the reference
+    the tests check against."""
+    scores, extent = photo_scores(scores, extent)
+    y0, y1, wy = source_coordinates(size[0], scores.shape[0], extent[0])
+    x0, x1, wx = source_coordinates(size[1], scores.shape[1], extent[1])
     top = scores[y0][:, x0] * (1 - wx) + scores[y0][:, x1] * wx  # (H, W)
     bottom = scores[y1][:, x0] * (1 - wx) + scores[y1][:, x1] * wx
     return top * (1 - wy[:, None]) + bottom * wy[:, None]
