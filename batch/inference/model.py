@@ -254,9 +254,10 @@ def low_res_scores(
     """One :class:`LowResScores` per image of ``batch`` from its (N, 1, h, w) ``scores``, each knowing what of them
     covers its photo."""
     contents = batch.contents or [contract.input_size] * len(batch)
+    extents = [score_extent(content, contract.input_size, scores.shape[2:]) for content in contents]
     return [
-        LowResScores(scores[i, 0], size, cut, band, score_extent(content, contract.input_size, scores.shape[2:]))
-        for i, (size, content) in enumerate(zip(batch.sizes, contents))
+        LowResScores(photo_scores(scores[i, 0], extent)[0], size, cut, band, extent)
+        for i, (size, extent) in enumerate(zip(batch.sizes, extents))
     ]
 
 

@@ -77,7 +77,7 @@ def photo_scores(scores: np.ndarray, extent: Extent | None) -> tuple[np.ndarray,
         return scores, (float(scores.shape[0]), float(scores.shape[1]))
     if not all(0 < e <= side for e, side in zip(extent, scores.shape)):
         raise ValueError(f"extent {extent} is not within the scores' {scores.shape[0]}x{scores.shape[1]}")
-    return scores[: math.ceil(extent[0]), : math.ceil(extent[1])], extent
+    return np.ascontiguousarray(scores[: math.ceil(extent[0]), : math.ceil(extent[1])]), extent  # whole rows: 2x faster passes
 
 
 def score_extent(content: tuple[int, int], input_size: tuple[int, int], score_size: tuple[int, int]) -> Extent | None:
