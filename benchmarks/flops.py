@@ -20,12 +20,15 @@ def unet_macs(config: Mapping, size: tuple[int, int]) -> int:
     """MACs of one forward pass of the U-Net described by ``config`` on one image of ``size`` (H, W).
 
     ``config`` has the keys of ``unet.model.UNetConfig.to_dict()`` (also stored as JSON in an exported
-    model's ``model_config`` metadata): width, depth, in_channels, out_channels, upsample.
+    model's ``model_config`` metadata): width, depth, in_channels, out_channels, upsample, fold. A fold of
+    ``f`` (space-to-depth) runs the U-Net at 1/f of ``size`` on f^2 times the input and output channels.
     """
-    width, depth = int(config["width"]), int(config["depth"])
-    cin, cout = int(config.get("in_channels", 3)), int(config.get("out_channels", 1))
+    width, depth, fold = int(config["width"]), int(config["depth"]), int(config.get("fold", 1))
+    cin, cout = int(config.get("in_channels", 3)) * fold**2, int(config.get("out_channels", 1)) * fold**2
     upsample = config.get("upsample", "transpose")
-    height, img_width = size
+    if size[0] % fold or size[1] % fold:
+        raise ValueError(f"input size {size[0]}x{size[1]} is not a multiple of the fold {fold}")
+    height, img_width = size[0] // fold, size[1] // fold
     multiple = 2**depth
     if height % multiple or img_width % multiple:
         raise ValueError(f"input size {height}x{img_width} is not a multiple of 2**depth = {multiple}")

@@ -86,6 +86,7 @@ def count_macs_with_hooks(config, size):
         {"width": 4, "depth": 2},
         {"width": 3, "depth": 3, "upsample": "bilinear"},
         {"width": 8, "depth": 1, "in_channels": 1, "out_channels": 2},
+        {"width": 4, "depth": 2, "fold": 2},
     ],
 )
 def test_unet_macs_match_a_count_of_the_real_network(config):
