@@ -28,7 +28,7 @@ import numpy as np
 from batch.core.files import write_atomic
 from batch.core.timing import StageClock
 from batch.inference.decode import Item, ReadLimits, decode_with_pillow, probe
-from batch.inference.postprocess import photo_scores, score_extent, unsure_band
+from batch.inference.postprocess import score_extent, unsure_band
 from batch.runs.formats import encode
 from benchmarks.config import describe_error
 
@@ -96,7 +96,7 @@ def one_photo(photo: Path, scores: np.ndarray, scratch: Path) -> dict[str, float
         fitted = decode_with_pillow(probed, scores.shape)
     extent = score_extent(fitted.content, scores.shape, scores.shape)  # a padded decode: the photo's scores only
     with clock("upsample"):  # the predictor's crop to the photo's scores, then what the writers' "postprocess" does
-        prediction = LowResScores(photo_scores(scores, extent)[0], probed.info.size, 0.0, unsure_band(0.5, "logits"), extent)
+        prediction = LowResScores(scores, probed.info.size, 0.0, unsure_band(0.5, "logits"), extent)
         mask = prediction.mask()
         prediction.confidence()
     with clock("encode"):

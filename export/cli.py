@@ -146,11 +146,15 @@ def to_onnx(
 
 
 def record_bf16(out: Path, report) -> str:
-    """Record on this machine that OpenVINO's bf16 masks of ``out`` passed, so that ``--runtime auto`` may use them."""
-    from batch.inference.runtime_choice import cache_folder, record_verification
+    """Record on this machine how OpenVINO's bf16 masks of ``out`` did, so that ``--runtime auto`` may use them."""
+    from batch.inference.runtime_choice import MIN_BF16_DICE, cache_folder, record_verification
 
-    record_verification(out, "bf16", report.min_dice, len(report.images) - len(report.untested))
-    return f"recorded in {cache_folder()}: unet-batch --runtime auto may run {out.name} at bf16 on this CPU"
+    if record_verification(out, "bf16", report.min_dice, len(report.images)):
+        return f"recorded in {cache_folder()}: unet-batch --runtime auto may run {out.name} at bf16 on this CPU"
+    return (
+        f"recorded in {cache_folder()}: the bf16 masks' min Dice {report.min_dice:.6f} is below the {MIN_BF16_DICE} that "
+        f"unet-batch --runtime auto asks, so it runs {out.name} at f32"
+    )
 
 
 def choose_exporter(options: ExportOptions, quantization: QuantizeOptions | None, calibrate_dir: Path | None, progress: bool):

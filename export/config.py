@@ -10,14 +10,13 @@ from dataclasses import dataclass
 
 from batch.core.devices import parse_device
 from batch.core.errors import CarvanaError
-from batch.inference.config import RUNTIMES, runtime_device_conflict
+from batch.inference.config import OPENVINO_PRECISIONS, RUNTIMES, runtime_device_conflict
 
 DEFAULT_OPSET = 18  # the exporter's native opset: no version conversion; ORT >= 1.14, TensorRT 10+ parse it
 MIN_OPSET = 17  # reached through ONNX's version converter (tested); lower ones are not tested
 MAX_OPSET = 21  # highest opset tested here (ONNX Runtime 1.32, CPU provider)
 LAYOUTS = ("NHWC", "NCHW")
 VERIFY_RUNTIMES = tuple(r for r in RUNTIMES if r != "auto")  # verification names the runtime it checks under
-OPENVINO_PRECISIONS = ("f32", "bf16")  # OpenVINO's inference precision (batch.inference.openvino_runtime)
 
 
 class ExportError(CarvanaError):

@@ -249,7 +249,7 @@ def take_block_major_channels(net: nn.Module) -> nn.Module:
         return net
     first = net.stem[0]  # the stem's first Conv2d: the only reader of the folded input
     with torch.no_grad():
-        first.weight.copy_(first.weight[:, block_major_order(config)].clone())
+        first.weight.copy_(first.weight[:, block_major_order(config)])  # indexing copies: no alias
     return net
 
 

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from batch.core.contract import ContractError, ModelContract, probability_to_logit
+from batch.core.contract import ContractError, ModelContract, prepare_input, probability_to_logit
 from batch.core.devices import DeviceError
 from batch.core.errors import CarvanaError
 from batch.core.files import spread_evenly, temporary_path
@@ -236,6 +236,7 @@ def export_verified(
         check_device(options.device)
     except DeviceError as e:
         raise VerifyError(str(e)) from e
+    check_openvino_precision(options.runtime, options.openvino_precision, out)
     pick_photos(Path(images_dir), options.limit)
     staged = temporary_path(out)
     try:
@@ -280,19 +281,24 @@ def check_same_checkpoint(contract: ModelContract, trained: TrainedModel, onnx_p
 
 def open_network(onnx_path: str | Path, options: VerifyOptions):
     """The file as ``options.runtime`` runs it (a network with ``run(x)``), its contract, and what runs it."""
+    check_openvino_precision(options.runtime, options.openvino_precision, onnx_path)
     if options.runtime == "openvino":
         return open_openvino(Path(onnx_path), options.openvino_precision)
     session = open_session(onnx_path, options.device)
     return OnnxRuntimeNetwork(session), read_contract(session, onnx_path), tuple(session.get_providers())
 
 
+def check_openvino_precision(runtime: str, precision: str, onnx_path: str | Path) -> None:
+    """bf16 is checked only on a CPU that computes it: elsewhere OpenVINO would quietly compute f32, and the check
+    would vouch for what it did not test. Checked before the export too, which takes seconds to minutes."""
+    if runtime == "openvino" and precision == "bf16" and not openvino_runtime.computes_bf16():
+        raise VerifyError(f"this CPU has no bf16 instructions, so OpenVINO cannot check {onnx_path} at bf16: verify at f32")
+
+
 def open_openvino(onnx_path: Path, precision: str):
-    """The file compiled by OpenVINO for this CPU at ``precision``; bf16 only on a CPU that computes it (elsewhere
-    OpenVINO would quietly compute f32, and the check would vouch for what it did not test)."""
+    """The file compiled by OpenVINO for this CPU at ``precision``."""
     try:
         contract = check_verifiable(read_file_contract(onnx_path), onnx_path)
-        if precision == "bf16" and not openvino_runtime.computes_bf16():
-            raise VerifyError(f"this CPU has no bf16 instructions, so OpenVINO cannot check {onnx_path} at bf16: verify at f32")
         network = openvino_runtime.OpenVinoNetwork(onnx_path, contract, precision=precision)
     except ModelError as e:
         raise VerifyError(str(e)) from e
@@ -368,8 +374,7 @@ def run_reference(trained: TrainedModel, rgb: np.ndarray) -> np.ndarray:
 
 def run_onnx(network, rgb: np.ndarray, contract: ModelContract) -> tuple[np.ndarray, float]:
     """The ONNX model's logits for one (h, w, 3) photo, and the milliseconds the run took."""
-    image = rgb[None] if contract.input_layout == "NHWC" else rgb.transpose(2, 0, 1)[None]  # (1, h, w, 3) | (1, 3, h, w)
-    image = np.ascontiguousarray(image)
+    image = prepare_input(rgb[None], contract)  # (1, h, w, 3) | (1, 3, h, w) uint8 (check_verifiable)
     start = time.perf_counter()
     logits = network.run(image)  # (1, 1, h, w) float32
     return logits, 1000 * (time.perf_counter() - start)

@@ -3,7 +3,8 @@
     unet-batch segment VAL OUT                     # masks
     python scripts/error_anatomy.py OUT TRUTH      # TRUTH: the true masks (NAME.png, NAME.gif or NAME_mask.gif)
 
-For every mask in OUT with a true mask in TRUTH, the pixels where the two disagree are binned by their
+For every PNG mask in OUT with a true mask in TRUTH (matched by name as `unet-batch evaluate` matches them),
+the pixels where the two disagree are binned by their
 distance to the true outline: within 1 px, within 3 px, within 10 px, farther (a shadow taken for car, a
 missed antenna). The distance is the chessboard one (a pixel is within r px of the outline when its
 (2r + 1)-square holds both car and background in the truth). Prints a markdown table of the shares of all
@@ -18,14 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from batch.core.masks import read_mask
+from batch.evaluation import TRUTH_SUFFIXES, image_files, index_masks
 from batch.runs.formats import outline
 
 RADII = (1, 3, 10)  # px from the true outline
-
-
-def truth_of(name: str, truth: Path) -> Path | None:
-    candidates = (truth / f"{name}.png", truth / f"{name}.gif", truth / f"{name}_mask.gif")
-    return next((path for path in candidates if path.is_file()), None)
 
 
 def wrong_by_distance(predicted: np.ndarray, true: np.ndarray) -> np.ndarray:
@@ -36,13 +33,12 @@ def wrong_by_distance(predicted: np.ndarray, true: np.ndarray) -> np.ndarray:
 
 
 def main(out: Path, truth: Path) -> None:
-    totals, photos = np.zeros(len(RADII) + 1, np.int64), 0
-    for mask in sorted(out.glob("*.png")):
-        true_path = truth_of(mask.stem, truth)
-        if true_path is None or mask.stem.endswith("_cutout"):
-            continue
-        totals += wrong_by_distance(read_mask(mask) > 0, read_mask(true_path) > 0)
-        photos += 1
+    masks, truths = index_masks(image_files(out, (".png",))), index_masks(image_files(truth, TRUTH_SUFFIXES))
+    names = sorted(masks.keys() & truths.keys())  # matched as `unet-batch evaluate` matches them
+    totals = sum(
+        (wrong_by_distance(read_mask(masks[name]), read_mask(truths[name])) for name in names), np.zeros(len(RADII) + 1, np.int64)
+    )
+    photos = len(names)
     if not photos:
         raise SystemExit(f"no mask in {out} has a true mask in {truth}")
     share = totals[:-1] / max(totals[-1], 1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -84,7 +84,7 @@ class Fitted:
 
     pixels: np.ndarray  # (H, W, 3) uint8 RGB at the model's size
     content: tuple[int, int]  # (h, w): the photo fills pixels[:h, :w]; any rows and columns past it repeat its edge
-    shown: tuple[int, int] | None = None  # the photo's (H, W) as viewers show it (None for a decoded image: its size)
+    shown: tuple[int, int]  # the photo's (H, W) as viewers show it
 
 
 def load_resized_rgb(path: Source, size: tuple[int, int]) -> Fitted:
@@ -106,19 +106,18 @@ def load_resized_rgb(path: Source, size: tuple[int, int]) -> Fitted:
         im.draft("RGB", draft_request(stored, grid))
         rgb = to_rgb(im)
         if not fits_by_padding((rgb.height, rgb.width), grid):
-            rgb = resized_rgb_image(rgb, grid)
-        fitted = fit_rgb(orient(rgb, orientation), size)
-        return Fitted(fitted.pixels, fitted.content, shown_size(stored, orientation))
+            rgb = resized_rgb_image(rgb, grid)  # before orienting: the transposition then moves the small image
+        return replace(fit_rgb(orient(rgb, orientation), size), shown=shown_size(stored, orientation))
 
 
 def fit_rgb(image: Image.Image, size: tuple[int, int]) -> Fitted:
     """Any Pillow image as 8-bit RGB at ``size`` = (H, W): padded when it is at most 2% short of it on each side
     (:data:`NEAR_SCALE`; its last row and column repeated), else resized (antialiased bilinear)."""
     rgb = to_rgb(image)
-    content = (rgb.height, rgb.width)
-    if not fits_by_padding(content, size):
-        return Fitted(np.asarray(resized_rgb_image(rgb, size)), size)
-    return Fitted(pad_edges(np.asarray(rgb), size), content)
+    shown = (rgb.height, rgb.width)
+    if not fits_by_padding(shown, size):
+        return Fitted(np.asarray(resized_rgb_image(rgb, size)), size, shown)
+    return Fitted(pad_edges(np.asarray(rgb), size), shown, shown)
 
 
 def fits_by_padding(content: tuple[int, int], size: tuple[int, int]) -> bool:

@@ -14,6 +14,7 @@ from batch.core.devices import DeviceError, parse_device
 
 DECODERS = ("auto", "dali", "pillow")
 RUNTIMES = ("auto", "onnxruntime", "openvino")  # what runs the model on the CPU (a GPU always runs ONNX Runtime's CUDA)
+OPENVINO_PRECISIONS = ("f32", "bf16")  # OpenVINO's inference precisions used here (its INFERENCE_PRECISION_HINT)
 DEFAULT_BATCH_SIZE = {"cpu": 8, "cuda": 32}  # photos per inference batch when none is given
 
 

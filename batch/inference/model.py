@@ -234,6 +234,9 @@ class LowResScores:
     band: tuple[float, float]  # the scores of unsure pixels, in the output's units (mask_confidence)
     extent: Extent | None = None  # the scores' rows and columns that cover the photo (a padded decode); None: all
 
+    def __post_init__(self) -> None:
+        self.scores = photo_scores(self.scores, self.extent)[0]  # the photo's own, contiguous: made once, read twice
+
     def mask(self) -> np.ndarray:
         """The full-size mask; :class:`NonFiniteOutput` when the scores are not all finite numbers (a NaN is
         never car, so thresholding it would write an empty mask that a rerun then keeps as done)."""
@@ -245,7 +248,7 @@ class LowResScores:
         return upsample_threshold(self.scores, self.size, self.cut, self.extent)
 
     def confidence(self) -> float:
-        return mask_confidence(photo_scores(self.scores, self.extent)[0], self.cut, self.band)
+        return mask_confidence(self.scores, self.cut, self.band)
 
 
 def low_res_scores(
@@ -255,10 +258,7 @@ def low_res_scores(
     covers its photo."""
     contents = batch.contents or [contract.input_size] * len(batch)
     extents = [score_extent(content, contract.input_size, scores.shape[2:]) for content in contents]
-    return [
-        LowResScores(photo_scores(scores[i, 0], extent)[0], size, cut, band, extent)
-        for i, (size, extent) in enumerate(zip(batch.sizes, extents))
-    ]
+    return [LowResScores(scores[i, 0], size, cut, band, extent) for i, (size, extent) in enumerate(zip(batch.sizes, extents))]
 
 
 class CpuPredictor:

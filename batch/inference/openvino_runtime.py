@@ -25,12 +25,12 @@ from batch.core.contract import ModelContract
 from batch.core.devices import cpu_count
 from batch.core.extras import require
 from batch.core.logs import first_line
+from batch.inference.config import OPENVINO_PRECISIONS
 from batch.inference.runtime import ModelError
 
 if TYPE_CHECKING:
     import openvino as ov
 
-PRECISIONS = ("f32", "bf16")  # OpenVINO's inference precisions used here (its INFERENCE_PRECISION_HINT)
 PROVIDER = "OpenVINO CPU"  # how reports name what runs the graph, beside ONNX Runtime's provider names
 
 
@@ -69,8 +69,8 @@ def compile_config(threads: int | None, precision: str) -> dict[str, object]:
     LATENCY with one stream spends every thread on the batch at hand, as ONNX Runtime's intra-op pool
     does; threads are not pinned to cores, because the decode and writer threads share those cores.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"OpenVINO precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision not in OPENVINO_PRECISIONS:
+        raise ValueError(f"OpenVINO precision must be one of {', '.join(OPENVINO_PRECISIONS)}, not {precision!r}")
     return {
         "PERFORMANCE_HINT": "LATENCY",
         "NUM_STREAMS": 1,

@@ -15,6 +15,7 @@ resize the (h, w) logits bilinearly to the photo's (H, W), then threshold. Two i
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -111,10 +112,13 @@ class _Axis:
     first: np.ndarray  # (in + 1,) first output pixel of each source cell; the last entry is ``out``
 
     @classmethod
+    @functools.lru_cache(maxsize=32)  # one per (photo size, score size): a folder's photos share a few
     def of(cls, out_size: int, in_size: int, extent: float) -> _Axis:
         low, high, weight = source_coordinates(out_size, in_size, extent)
         first = np.zeros(in_size + 1, np.intp)
         np.cumsum(np.bincount(low, minlength=in_size), out=first[1:])
+        for shared in (low, high, weight, first):  # cached, read by every writer thread
+            shared.setflags(write=False)
         return cls(low, high, weight, first)
 
     def pixels(self, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -87,7 +87,7 @@ def remove_folder(folder: str | Path) -> None:
     and Ray's ``session_latest`` link beside it when the link points at it (it would dangle)."""
     for _ in range(10):
         shutil.rmtree(folder, ignore_errors=True)
-        time.sleep(0.2)
+        time.sleep(0.2)  # a process still stopping may write its last lines after the removal
         if not os.path.exists(folder):
             break
     latest = Path(folder).parent / "session_latest"

@@ -5,6 +5,7 @@ its defaults from them)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,3 +67,13 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         check_positive("workers", self.workers)
+
+    @property
+    def named_address(self) -> str | None:
+        """The cluster the run names: ``address``, else ``RAY_ADDRESS``; None for a local Ray started for the run."""
+        return resolve_ray_address(self.address)
+
+
+def resolve_ray_address(address: str | None) -> str | None:
+    """``address``, else the ``RAY_ADDRESS`` environment variable, else None."""
+    return address or os.environ.get("RAY_ADDRESS") or None

@@ -16,6 +16,7 @@ import contextlib
 import json
 import re
 from collections.abc import Iterator
+from pathlib import PurePosixPath
 
 from batch.runs.manifest import STATE_FOLDER
 from batch.runs.storage import Storage
@@ -27,12 +28,17 @@ CRASHED = (
 JOURNALS = STATE_FOLDER / "journal"
 
 
+def journal_path(key: str) -> PurePosixPath:
+    """Where the journal of worker ``key`` is kept, relative to OUTPUT_DIR."""
+    return JOURNALS / f"{re.sub(r'[^A-Za-z0-9_-]', '_', key)}.json"
+
+
 class CrashJournal:
     """The crash journal of one worker (``key``: "local", or a Ray actor's id, which survives its restarts)."""
 
     def __init__(self, output: Storage, key: str):
         self.output = output
-        self.path = JOURNALS / f"{re.sub(r'[^A-Za-z0-9_-]', '_', key)}.json"
+        self.path = journal_path(key)
         state = self.read()
         self.suspects: set[str] = set(state.get("suspects", ()))
         self.poisoned: set[str] = set(state.get("poisoned", ()))

@@ -58,8 +58,8 @@ from batch.inference.decode import Item
 from batch.inference.model import read_contract
 from batch.inference.segmenter import InferenceError, Segmenter
 from batch.runs import _ray_reaper
-from batch.runs.config import RAY_PAYS_OFF, ClusterConfig, RunConfig, SegmentError
-from batch.runs.journal import CRASHED, CrashJournal
+from batch.runs.config import RAY_PAYS_OFF, ClusterConfig, RunConfig, SegmentError, resolve_ray_address
+from batch.runs.journal import CRASHED, CrashJournal, journal_path
 from batch.runs.outputs import Results, write_all
 from batch.runs.plan import Job
 from batch.runs.storage import Storage, open_location
@@ -167,11 +167,12 @@ class RayEngine:
         self.actors: ActorPlan | None = None
         self.pool: _Pool | None = None
         self.tally = Tally()
+        self._model_identity: tuple[str, str, float] | None = None
 
     def _cluster_decides_model(self) -> bool:
         """Whether only the cluster knows the model of the run: the bundled one, for GPUs that a named cluster may
         have (a local Ray has this host's, which the driver sees too)."""
-        named = self.cluster.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()
+        named = self.cluster.named_address or ray.is_initialized()
         return bool(named) and self.config.model is None and parse_device(self.config.device).kind == "auto"
 
     @contextlib.contextmanager
@@ -235,10 +236,13 @@ class RayEngine:
         return device_kind(parse_device(self.config.device))
 
     def model_identity(self) -> tuple[str, str, float]:
-        """The model the actors load: the driver's file, or the bundled one for the actors' device."""
-        path = Path(self.config.model or default_model_path(self.device))
-        threshold = self.config.threshold if self.config.threshold is not None else read_contract(path).threshold
-        return str(path), file_sha256(path), threshold
+        """The model the actors load: the driver's file, or the bundled one for the actors' device (hashed once: the
+        run records it and the report names it)."""
+        if self._model_identity is None:
+            path = Path(self.config.model or default_model_path(self.device))
+            threshold = self.config.threshold if self.config.threshold is not None else read_contract(path).threshold
+            self._model_identity = (str(path), file_sha256(path), threshold)
+        return self._model_identity
 
     def describe(self) -> dict[str, Any]:
         """The local engine's fields (from the workers' states; the model as the user named it), plus the
@@ -255,7 +259,7 @@ class RayEngine:
             model["path"] = str(config.model)  # not the actors' copy
         if not model:
             path, _, threshold = self.model_identity()
-            model = {"path": str(config.model or path), "threshold": threshold}
+            model = {"path": path, "threshold": threshold}
         return {
             "stages": stages,
             "device": first.get("device", self.device),
@@ -284,9 +288,10 @@ class RaySession:
     reaper: subprocess.Popen | None = None
 
     def remember_processes(self) -> None:
-        """Tell the reaper about the processes Ray has started since (the actors' workers)."""
+        """Tell the reaper about the processes Ray has started since (the actors' workers); the session's folder, to
+        remove or to keep (``-v``), it was told when it started."""
         if self.reaper is not None:
-            _ray_reaper.watch(self.reaper.stdin, ray_session_folder(), exclude=self.reaper.pid)
+            _ray_reaper.watch(self.reaper.stdin, "", exclude=self.reaper.pid)
 
 
 @contextlib.contextmanager
@@ -298,7 +303,7 @@ def ray_session(address: str | None, verbose: bool = False) -> Iterator[RaySessi
     if ray.is_initialized():
         yield RaySession(*_resources())
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = resolve_ray_address(address)
     try:
         with quiet_loggers({} if verbose else QUIET_START):
             ray.init(
@@ -427,9 +432,8 @@ def _forget_journals(output: Storage, keys: set[str]) -> None:
     """The journals of the calls retried (crashes, lost nodes): their photos are counted now, and the next run splits
     its photos otherwise. The journals of calls that never crashed are gone already."""
     for key in sorted(keys):
-        journal = CrashJournal(output, key)
         with contextlib.suppress(OSError):
-            output.remove(journal.path)
+            output.remove(journal_path(key))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -610,8 +614,12 @@ class _Dispatch:
         for when, actor in [entry for entry in self.later if entry[0] <= now]:
             self.later.remove((when, actor))
             self.probes[self.ready(actor)] = actor
-        timeout = min([5.0] + [when - now for when, _ in self.later])
-        done, _ = ray.wait([*self.running, *self.probes], num_returns=1, timeout=max(0.1, timeout))
+        timeout = max(0.1, min([5.0] + [when - now for when, _ in self.later]))
+        waiting = [*self.running, *self.probes]
+        if not waiting:  # only probes not yet due: ray.wait([]) returns at once, whatever its timeout
+            time.sleep(timeout)
+            return []
+        done, _ = ray.wait(waiting, num_returns=1, timeout=timeout)
         return done
 
     def returned(self, ref: ray.ObjectRef) -> None:

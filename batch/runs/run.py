@@ -16,7 +16,6 @@ stops there, with ``report.stopped`` saying why. On KeyboardInterrupt
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import time
@@ -25,6 +24,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
+from batch.core.extras import require
 from batch.core.images import is_image_file
 from batch.core.logs import first_line
 from batch.core.timing import StageClock
@@ -84,6 +84,7 @@ def run(config: RunConfig, engine: str | Engine = "local", cluster: ClusterConfi
     made by the caller.
     """
     started = time.perf_counter()
+    check_engine(engine)
     clock = StageClock()
     source, output = _open_locations(config)
     with clock("discover"):
@@ -143,33 +144,36 @@ def _make_engine(
     """The engine named (``auto``: :func:`choose_engine`) for ``photos`` photos to segment."""
     if not isinstance(engine, str):
         return engine
-    cluster = cluster or ClusterConfig()
+    cluster, engine_asked = cluster or ClusterConfig(), engine
     if engine == "auto":
         engine = choose_engine(cluster, photos)
     if engine == "local":
         from batch.runs._local import LocalEngine
 
         return LocalEngine(config, clock)
-    if engine == "ray":
-        from batch.runs.ray_engine import RayEngine  # imports ray: only when asked for
+    require("ray", "ray", what=f"--engine {engine_asked}")
+    from batch.runs.ray_engine import RayEngine  # imports ray: only when asked for
 
-        return RayEngine(config, cluster, clock, photos=photos)
-    raise SegmentError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    return RayEngine(config, cluster, clock, photos=photos)
+
+
+def check_engine(engine: str | Engine) -> None:
+    """Refuse an unknown engine name before anything is listed or locked."""
+    if isinstance(engine, str) and engine not in ENGINES:
+        raise SegmentError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
 
 
 def choose_engine(cluster: ClusterConfig, photos: int) -> str:
     """``--engine auto``: Ray when a cluster is named (``--address``, ``RAY_ADDRESS``) and there are enough photos to do
     for its start-up to pay off (:data:`RAY_PAYS_OFF`), else this process. One host's cores or GPU are the local
     engine's to use: Ray adds its start-up and its daemons to the same work (docs/scale-out.md, "Start-up")."""
-    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    address = cluster.named_address
     if not address:
         log.info("--engine auto: local (no Ray cluster named: --address or RAY_ADDRESS)")
         return "local"
     if photos < RAY_PAYS_OFF:
         log.info("--engine auto: local (%d photos to do; Ray's start-up pays off from about %d)", photos, RAY_PAYS_OFF)
         return "local"
-    if importlib.util.find_spec("ray") is None:
-        raise SegmentError(f"--engine auto chose Ray for the cluster at {address}, but it is not installed: pip install '.[ray]'")
     log.info("--engine auto: ray (%d photos to do on the cluster at %s)", photos, address)
     return "ray"
 
