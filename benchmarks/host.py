@@ -63,9 +63,9 @@ def measure_host_cost(photos: list[Path], size: tuple[int, int]) -> HostCostResu
     """Median CPU milliseconds of each stage over ``photos`` (one untimed pass first: caches, lazy imports)."""
     try:
         with tempfile.TemporaryDirectory(prefix="unet-bench-host-") as scratch:
-            scores = car_scores(size)
-            one_photo(photos[0], scores, Path(scratch))
-            timings = [one_photo(photo, scores, Path(scratch)) for photo in photos]
+            scores, row = car_scores(size), np.empty((*size, 3), np.uint8)
+            one_photo(photos[0], scores, row, Path(scratch))
+            timings = [one_photo(photo, scores, row, Path(scratch)) for photo in photos]
     except Exception as e:  # noqa: BLE001 - a photo the runner would fail: the result says which error
         return HostCostResult(status="failed", reason=describe_error(e), photos=len(photos), input_size=size)
     medians = {stage: statistics.median(t[stage] for t in timings) for stage in timings[0] if stage != "wall"}
@@ -83,27 +83,28 @@ def measure_host_cost(photos: list[Path], size: tuple[int, int]) -> HostCostResu
     )
 
 
-def one_photo(photo: Path, scores: np.ndarray, scratch: Path) -> dict[str, float]:
-    """CPU ms of each stage for ``photo`` at the size of the model ``scores`` come from, the 1-bit PNG's encoding
-    ("encode png1"), and the wall ms of the 8-bit path."""
+def one_photo(photo: Path, scores: np.ndarray, row: np.ndarray, scratch: Path) -> dict[str, float]:
+    """CPU ms of each stage for ``photo`` at the size of the model ``scores`` come from (decoded into ``row``, a batch's
+    (H, W, 3) row), the 1-bit PNG's encoding ("encode png1"), and the wall ms of the 8-bit path."""
     from batch.inference.model import LowResScores  # it imports onnx: after the suite checked the extras
 
     clock = StageClock(timer=time.process_time)
     started = time.perf_counter()
     with clock("read"):
         probed = probe((0, Item.from_path(photo)), None, ReadLimits())  # read within limits, header checked
-    with clock("decode"):
+    with clock("decode"):  # into its row of a batch, as the decoder's batches are made
         fitted = decode_with_pillow(probed, scores.shape)
+        fitted.place(row)
     extent = score_extent(fitted.content, scores.shape, scores.shape)  # a padded decode: the photo's scores only
     with clock("upsample"):  # the predictor's crop to the photo's scores, then what the writers' "postprocess" does
         prediction = LowResScores(scores, probed.info.size, 0.0, unsure_band(0.5, "logits"), extent)
-        mask = prediction.mask()
+        mask = prediction.full_mask()  # the outline's cells, interpolated: the mask's pixels or runs follow from them
         prediction.confidence()
     with clock("encode"):
-        data = encode("png", mask)
+        data = encode("png", mask)  # from the mask's runs, as the writers do
     with clock("write"):
         write_atomic(scratch / "mask.png", data)
     wall = 1e3 * (time.perf_counter() - started)
     with clock("encode png1"):
-        encode("png1", mask)
+        encode("png1", mask)  # from its pixels
     return {stage: 1e3 * seconds for stage, seconds in clock.seconds.items()} | {"wall": wall}

@@ -2,10 +2,10 @@
 backend and width.
 
 On the CPU both runtimes run every model, side by side, as the runner opens them (``unet-batch --runtime``:
-OpenVINO at f32 inference precision); a plain ``session.run`` (or OpenVINO's infer request) is the real path
-there. On a GPU the input batch is copied to the device once and the output stays there (I/O binding),
-so the figure is the network's own speed, not PCIe copies; ``run_with_iobinding`` returns after the
-provider's stream is synchronized.
+OpenVINO at f32 inference precision, each runtime's threads split into streams) and as the runner feeds them:
+a call runs as many batches at once as the network has streams, each from its own thread. On a GPU the input
+batch is copied to the device once and the output stays there (I/O binding), so the figure is the network's
+own speed, not PCIe copies; ``run_with_iobinding`` returns after the provider's stream is synchronized.
 Like timm's benchmark, a batch that runs out of GPU memory is retried once at half the size.
 """
 
@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -97,7 +99,7 @@ def make_session(model: BenchModel, backend: Backend, max_batch: int, cache_dir:
     if backend.name == "openvino":
         return openvino_runtime.OpenVinoNetwork(model.path, model.contract)
     if not backend.on_gpu:
-        return runtime.open_session(model.path, "cpu")
+        return runtime.open_cpu_network(model.path)
     cuda = {"cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": 1}
     tensorrt = tensorrt_options(model, max_batch, cache_dir) if backend.provider == TENSORRT else None
     try:
@@ -132,14 +134,21 @@ def model_input(images: np.ndarray, model: BenchModel, batch: int) -> np.ndarray
     return prepare_input(images[np.arange(batch) % len(images)], model.contract)  # (batch, ...) as the runner feeds it
 
 
-def runner(session, backend: Backend, batch: np.ndarray) -> Callable[[], None]:
-    """A no-argument function that runs one batch (device-resident input and output on a GPU)."""
-    if backend.name == "openvino":
-        return lambda: session.run(batch)
+def runner(session, backend: Backend, batch: np.ndarray) -> tuple[Callable[[], None], int]:
+    """A no-argument function that runs one call (device-resident input and output on a GPU), and the images it runs:
+    on the CPU, one batch per stream of the network, at once, as the runner keeps that many in flight."""
     if backend.on_gpu:
-        return bound_runner(session, batch, "cuda", backend.device_id)
-    feed = {session.get_inputs()[0].name: batch}
-    return lambda: session.run(None, feed)
+        return bound_runner(session, batch, "cuda", backend.device_id), len(batch)
+    if session.streams == 1:
+        return partial(session.run, batch), len(batch)
+    pool = ThreadPoolExecutor(session.streams, thread_name_prefix="bench-stream")  # its threads end with the function
+
+    def run() -> None:
+        for scores in pool.map(session.run, [batch] * session.streams):
+            del scores
+
+    run.pool = pool
+    return run, session.streams * len(batch)
 
 
 def bound_runner(session, batch: np.ndarray, device_type: str, device_id: int) -> Callable[[], None]:
@@ -171,7 +180,8 @@ class InferenceResult:
     status: str  # "ok", "skipped", "oom", "failed"
     reason: str | None = None
     images_per_second: Stats | None = None
-    seconds_per_batch: Stats | None = None
+    seconds_per_batch: Stats | None = None  # of a batch, with ``streams`` batches running at once
+    streams: int = 1  # batches run at once (a CPU runtime's streams)
     gflop_per_image: float | None = None
     achieved_tflops: float | None = None  # at the median rate
     peak_tflops: float | None = None  # datasheet dense tensor peak of the card at this precision
@@ -267,9 +277,9 @@ def over_budget(results: list[InferenceResult], batch: int, budget_s: float) -> 
 def measure_batch(session, trial: Trial, batch: int, sweep: SweepConfig) -> InferenceResult:
     """Warm up (at least once: the first run allocates), time ``sweep.repeats`` calls, and relate the rate to FLOPs."""
     model, backend = trial.model, trial.backend
-    run = runner(session, backend, model_input(trial.images, model, batch))
+    run, images = runner(session, backend, model_input(trial.images, model, batch))
     seconds = time_calls(run, warmup=max(sweep.warmup, 1), repeats=sweep.repeats)
-    rate = rates([batch] * sweep.repeats, seconds)
+    rate = rates([images] * sweep.repeats, seconds)
     gflop = model.gflops(model.contract.input_size)
     achieved = gflop * rate.median / 1e3 if gflop is not None else None
     peak = peak_tflops(backend.gpu_name, backend.precision) if backend.on_gpu else None
@@ -279,6 +289,7 @@ def measure_batch(session, trial: Trial, batch: int, sweep: SweepConfig) -> Infe
         "ok",
         images_per_second=rate,
         seconds_per_batch=summarize(seconds),
+        streams=images // batch,
         gflop_per_image=gflop,
         achieved_tflops=achieved,
         peak_tflops=peak,

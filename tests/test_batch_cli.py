@@ -220,7 +220,7 @@ def test_an_engine_that_keeps_failing_stops_the_run_with_a_report(
     broken = RuntimeError("CUDA failure 700: an illegal memory access was encountered")
     calls = failing_inference(broken, when=lambda call: call > 1)
     out = tmp_path / "out"
-    result = segment(photo_tree, out, "--model", tiny_onnx, "--batch-size", "1")
+    result = segment(photo_tree, out, "--model", tiny_onnx, "--batch-size", "1", "--threads", "1")  # one stream: in turn
     assert result.exit_code == 1, result.output
     report = report_of(out)
     assert report["processed"] == 1 and len(calls) == 4  # one good batch, then three failed ones in a row

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batch.core.masks import read_mask, rle_decode
+from batch.core.masks import FullMask, MaskRuns, changes, read_mask, rle_decode, true_at
 from batch.runs.config import RunConfig
 from batch.runs.formats import encode, encode_png1_mask, encode_png_mask, outline, output_paths
-from batch.runs.mask_png import changes, equal_runs, pack_bits, zlib_from_runs
+from batch.runs.mask_png import equal_runs, pack_bits, zlib_from_runs
 from batch.runs.outputs import write_submission
 from batch.runs.storage import LocalFolder
 
@@ -83,7 +83,20 @@ def run_of(length: int, width: int, start: int = 2) -> np.ndarray:
     ids=lambda rows: f"{rows.shape[0]}x{rows.shape[1]}",
 )
 def test_the_deflate_stream_from_runs_inflates_to_the_scanlines(rows: np.ndarray):
-    assert zlib.decompress(zlib_from_runs(rows)) == scanlines(rows)  # zlib checks the Adler-32 from the runs too
+    runs = MaskRuns.of(rows)
+    np.testing.assert_array_equal(runs.pixels(), rows)
+    assert zlib.decompress(zlib_from_runs(runs)) == scanlines(rows)  # zlib checks the Adler-32 from the runs too
+
+
+def test_stretches_that_are_not_maximal_runs_make_the_same_stream():
+    """A mask made from a model's scores comes as stretches that may continue the value before them."""
+    rows = (np.random.default_rng(2).random((30, 41)) > 0.7).astype(np.uint8) * 255
+    maximal = MaskRuns.of(rows)
+    extra = np.union1d(maximal.starts, np.arange(0, rows.size, 5))  # every fifth pixel starts a stretch too
+    split = MaskRuns(rows.shape, extra, rows.reshape(-1)[extra])
+    np.testing.assert_array_equal(split.pixels(), rows)
+    assert zlib_from_runs(split) == zlib_from_runs(maximal)
+    assert encode_png_mask(FullMask(lambda: rows, lambda: split)) == encode_png_mask(rows)
 
 
 @pytest.mark.parametrize("size", [0, 1, 2, 7, 8, 9, 15, 16, 17, 1000, 4097])
@@ -91,6 +104,7 @@ def test_changes_are_found_at_every_offset_of_their_64_bit_word(size: int):
     rng = np.random.default_rng(size)
     for flat in (rng.integers(0, 2, size).astype(np.uint8), np.zeros(size, np.uint8), np.arange(size, dtype=np.uint8)):
         np.testing.assert_array_equal(changes(flat), np.flatnonzero(flat[1:] != flat[:-1]))
+        np.testing.assert_array_equal(true_at(flat.reshape(1, -1) == 1), np.flatnonzero(flat == 1))
 
 
 def test_pack_bits_packs_fields_from_their_lowest_bit():

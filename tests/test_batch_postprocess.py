@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from batch.core.images import pad_edges
-from batch.core.masks import area_fraction, dice
+from batch.core.masks import FullMask, area_fraction, dice
 from batch.inference.postprocess import (
     average_flipped,
     bilinear_resize,
@@ -20,7 +20,9 @@ from batch.inference.postprocess import (
     score_extent,
     threshold_in_output_units,
     upsample_threshold,
+    upsample_threshold_runs,
 )
+from batch.runs.formats import encode_png_mask
 from benchmarks.host import car_scores
 
 
@@ -87,6 +89,7 @@ def test_fast_upsample_is_exact_on_many_random_sizes_scales_and_ties():
         mask = upsample_threshold(scores, target, cut)
         assert mask.shape == target and mask.dtype == np.uint8
         np.testing.assert_array_equal(mask, np.where(bilinear_resize(scores, target) > cut, 255, 0), err_msg=f"case {case}")
+        np.testing.assert_array_equal(upsample_threshold_runs(scores, target, cut).pixels(), mask, err_msg=f"case {case}")
 
 
 @pytest.mark.parametrize("source", [(352, 528), (640, 960), (320, 480)])
@@ -95,11 +98,18 @@ def test_fast_upsample_is_exact_on_a_car_at_the_runners_sizes(source):
     for cut in (0.0, 7.5, -3.0):
         expected = bilinear_resize(scores, (1280, 1918)) > cut
         np.testing.assert_array_equal(upsample_threshold(scores, (1280, 1918), cut) == 255, expected)
+        runs = upsample_threshold_runs(scores, (1280, 1918), cut)  # the runner's PNG path: no pixels made
+        np.testing.assert_array_equal(runs.pixels() == 255, expected)
+        from_runs = FullMask(make_pixels=lambda: pytest.fail("the PNG needs no pixels"), make_runs=lambda runs=runs: runs)
+        assert encode_png_mask(from_runs) == encode_png_mask(expected.astype(np.uint8) * 255)
 
 
 def test_uniform_scores_need_no_interpolation():
-    assert (upsample_threshold(np.full((8, 12), 3.0, np.float32), (50, 70), 0.0) == 255).all()
-    assert (upsample_threshold(np.full((8, 12), -3.0, np.float32), (50, 70), 0.0) == 0).all()
+    for value, expected in ((3.0, 255), (-3.0, 0)):
+        scores = np.full((8, 12), value, np.float32)
+        assert (upsample_threshold(scores, (50, 70), 0.0) == expected).all()
+        runs = upsample_threshold_runs(scores, (50, 70), 0.0)
+        assert runs.values.tolist() == [expected] * 50 and runs.starts.tolist() == list(range(0, 50 * 70, 70))
 
 
 def test_thresholds_in_output_units():

@@ -91,7 +91,9 @@ def read_regular_file(path: str | Path, max_bytes: int) -> bytes:
         if info.st_size > max_bytes:
             raise FileRefused(f"is {info.st_size / 2**20:.0f} MiB, more than the {max_bytes / 2**20:.0f} MiB limit")
         with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read(max_bytes + 1)
+            data = f.read(info.st_size + 1)  # a buffer of the file's size (not of the limit), and a byte to see growth
+            if len(data) > info.st_size:
+                data += f.read(max_bytes + 1 - len(data))
     finally:
         os.close(fd)
     if len(data) > max_bytes:  # it grew after the check

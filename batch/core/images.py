@@ -80,11 +80,29 @@ def is_image_file(path: Path) -> bool:
 
 @dataclass(frozen=True)
 class Fitted:
-    """A photo at a model's input size: what the network sees, and what of it is the photo."""
+    """A photo fitted to a model's input size: what the network sees, and what of it is the photo.
 
-    pixels: np.ndarray  # (H, W, 3) uint8 RGB at the model's size
-    content: tuple[int, int]  # (h, w): the photo fills pixels[:h, :w]; any rows and columns past it repeat its edge
+    The photo is kept at the size it was decoded at; the rows and columns it is short of the model's size are
+    filled with its edge where the pixels are placed (:meth:`place`, into a batch) or asked for (:attr:`pixels`).
+    """
+
+    photo: np.ndarray  # (h, w, 3) uint8 RGB: the photo at the size it was decoded or resized to, at most the model's
+    size: tuple[int, int]  # the model's input (H, W)
     shown: tuple[int, int]  # the photo's (H, W) as viewers show it
+
+    @property
+    def content(self) -> tuple[int, int]:
+        """(h, w): the photo fills ``pixels[:h, :w]``; any rows and columns past it repeat its edge."""
+        return self.photo.shape[0], self.photo.shape[1]
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """(H, W, 3) uint8 RGB at the model's size."""
+        return pad_edges(self.photo, self.size)
+
+    def place(self, out: np.ndarray) -> None:
+        """Write :attr:`pixels` into ``out`` ((H, W, 3) uint8, a batch's row): one copy of the photo."""
+        pad_edges(self.photo, self.size, out)
 
 
 def load_resized_rgb(path: Source, size: tuple[int, int]) -> Fitted:
@@ -116,8 +134,8 @@ def fit_rgb(image: Image.Image, size: tuple[int, int]) -> Fitted:
     rgb = to_rgb(image)
     shown = (rgb.height, rgb.width)
     if not fits_by_padding(shown, size):
-        return Fitted(np.asarray(resized_rgb_image(rgb, size)), size, shown)
-    return Fitted(pad_edges(np.asarray(rgb), size), shown, shown)
+        rgb = resized_rgb_image(rgb, size)
+    return Fitted(np.asarray(rgb), tuple(size), shown)
 
 
 def fits_by_padding(content: tuple[int, int], size: tuple[int, int]) -> bool:
@@ -127,16 +145,18 @@ def fits_by_padding(content: tuple[int, int], size: tuple[int, int]) -> bool:
     return all(size_side * NEAR_SCALE <= side <= size_side for side, size_side in zip(content, size))
 
 
-def pad_edges(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """``pixels`` (h, w, ...) in the top-left corner of a (H, W, ...) array, its last column and row repeated."""
+def pad_edges(pixels: np.ndarray, size: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
+    """``pixels`` (h, w, ...) in the top-left corner of a (H, W, ...) array (``out``, or a new one; ``pixels`` itself
+    when it is that size already and no ``out`` is given), its last column and row repeated."""
     (height, width), (h, w) = size, pixels.shape[:2]
-    if (h, w) == (height, width):
-        return pixels
-    padded = np.empty((height, width, *pixels.shape[2:]), pixels.dtype)
-    padded[:h, :w] = pixels
-    padded[:h, w:] = pixels[:, -1:]
-    padded[h:] = padded[h - 1 : h]
-    return padded
+    if out is None:
+        if (h, w) == (height, width):
+            return pixels
+        out = np.empty((height, width, *pixels.shape[2:]), pixels.dtype)
+    out[:h, :w] = pixels
+    out[:h, w:] = pixels[:, -1:]
+    out[h:] = out[h - 1 : h]
+    return out
 
 
 def resized_rgb_image(image: Image.Image, size: tuple[int, int]) -> Image.Image:

@@ -1,4 +1,4 @@
-"""Binary masks without torch: reading, Kaggle run-length encoding, Dice and IoU.
+"""Binary masks without torch: reading, their rows' runs, Kaggle run-length encoding, Dice and IoU.
 
 Shared by the trainer (``unet/``) and the batch runner, which must run without torch. A mask file
 and a run-length encoding come from outside (a user's folder, a submission CSV): both are checked
@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,86 @@ RLE_FIX = "encode the mask again (`unet-batch segment --format rle` writes Kaggl
 
 class MaskError(CarvanaError):
     """A mask file or run-length encoding that cannot be read; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class MaskRuns:
+    """A mask (or any (H, B) uint8 rows) as the stretches of equal values along its rows: each stretch's first pixel
+    and value. A mask is a few runs per row (background, car, background), so what is done with its runs (a PNG's
+    deflate stream) costs far less than a pass over its 2.45 million pixels at 1918x1280.
+
+    Every row's first pixel starts a stretch; two stretches in a row may hold the same value (a stretch need not be
+    a maximal run).
+    """
+
+    size: tuple[int, int]  # (H, W)
+    starts: np.ndarray  # (k,) int64 flat indices r * W + c, ascending
+    values: np.ndarray  # (k,) uint8: the value from each start to the next (or to the row's end)
+
+    def __post_init__(self) -> None:
+        height, width = self.size
+        if self.starts.shape != self.values.shape or height < 1 or width < 1:
+            raise ValueError(f"runs of a {height}x{width} mask need one value per start")
+
+    @classmethod
+    def of(cls, rows: np.ndarray) -> MaskRuns:
+        """The maximal runs of ``rows`` ((H, W) uint8): one comparison of neighbouring pixels."""
+        rows = np.ascontiguousarray(rows, dtype=np.uint8)
+        height, width = rows.shape
+        flat = rows.reshape(-1)
+        change = changes(flat) + 1  # pixel i differs from pixel i - 1 (flat: 10x faster than 2-D)
+        starts = np.union1d(change[change % width != 0], np.arange(height, dtype=np.int64) * width)
+        return cls((height, width), starts, flat[starts])
+
+    def pixels(self) -> np.ndarray:
+        """The (H, W) uint8 rows."""
+        lengths = np.diff(self.starts, append=self.size[0] * self.size[1])
+        return np.repeat(self.values, lengths).reshape(self.size)
+
+
+@dataclass
+class FullMask:
+    """A photo's full-size mask in the forms its writers need, each made once, on first use: its pixels (the
+    (H, W) uint8 array, 0 or 255) or its rows' runs (what a PNG is deflated from, made without the pixels)."""
+
+    make_pixels: Callable[[], np.ndarray]
+    make_runs: Callable[[], MaskRuns]
+
+    @classmethod
+    def of(cls, pixels: np.ndarray) -> FullMask:
+        return cls(lambda: pixels, lambda: MaskRuns.of(pixels))
+
+    @cached_property
+    def pixels(self) -> np.ndarray:
+        return self.make_pixels()
+
+    @cached_property
+    def runs(self) -> MaskRuns:
+        return self.make_runs()
+
+
+def changes(flat: np.ndarray) -> np.ndarray:
+    """The sorted indices ``i`` where ``flat[i + 1] != flat[i]``: one comparison, its few hits found by :func:`true_at`."""
+    n = flat.size - 1
+    differs = np.empty(-(-max(n, 0) // 8) * 8, bool)
+    differs[n:] = False
+    np.not_equal(flat[1:], flat[:-1], out=differs[:n])
+    return true_at(differs)
+
+
+def true_at(flags: np.ndarray) -> np.ndarray:
+    """The sorted flat indices of the True values of the bool array ``flags``.
+
+    A sparse array's hits are found 8 at a time, in the array read as 64-bit words (padded to a whole word,
+    when it is not, in a copy): 5x faster than ``np.flatnonzero`` over the 2.45 million bytes of a 1918x1280
+    mask.
+    """
+    flat = np.ascontiguousarray(flags).reshape(-1)
+    if flat.size % 8:
+        flat = np.concatenate((flat, np.zeros(8 - flat.size % 8, bool)))
+    words = np.flatnonzero(flat.view(np.uint64) != 0)
+    hits = np.flatnonzero(flat.reshape(-1, 8)[words])
+    return words[hits // 8] * 8 + hits % 8
 
 
 def read_mask(path: str | Path, max_pixels: int | None = None) -> np.ndarray:

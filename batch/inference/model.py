@@ -31,17 +31,18 @@ from onnx import TensorProto
 from batch.core.contract import ContractError, ModelContract, prepare_input
 from batch.core.devices import parse_device
 from batch.core.errors import CarvanaError
+from batch.core.masks import FullMask
 from batch.core.timing import StageClock
 from batch.inference.decode import Batch
 from batch.inference.postprocess import (
     Extent,
     average_flipped,
     mask_confidence,
+    outline,
     photo_scores,
     score_extent,
     threshold_in_output_units,
     unsure_band,
-    upsample_threshold,
 )
 from batch.inference.runtime import CUDA_PROVIDER, ModelError, OnnxRuntimeNetwork, device_for_precision
 from batch.inference.runtime_choice import RuntimeChoice, RuntimeRequest, open_network
@@ -56,9 +57,10 @@ class Network(Protocol):
     name: str  # the runtime: onnxruntime | openvino
     provider: str  # what runs the graph: ONNX Runtime's execution provider, or "OpenVINO CPU"
     precision: str  # the arithmetic: as exported, or OpenVINO's inference precision (f32, bf16)
+    streams: int  # batches it runs at once, each called from its own thread
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        """A batch of the model's input (batch.core.contract.prepare_input) -> its (N, 1, h, w) scores."""
+        """A batch of the model's input (batch.core.contract.prepare_input) -> its (N, 1, h, w) scores; thread-safe."""
         ...
 
     def describe(self) -> dict[str, str]:
@@ -105,8 +107,9 @@ class Model:
         return int(self.device.split(":")[1]) if self.on_gpu else 0
 
     def describe_runtime(self) -> dict:
-        """report.json's ``runtime``: which runtime runs the model, its version and precision, and why it was chosen."""
-        return self.runtime.describe(self.network.describe()["version"])
+        """report.json's ``runtime``: which runtime runs the model, its version and precision, why it was chosen, and
+        how many batches it runs at once."""
+        return self.runtime.describe(self.network.describe()["version"]) | {"streams": self.network.streams}
 
     def describe(self) -> dict:
         c = self.contract
@@ -201,6 +204,10 @@ class Prediction(Protocol):
         """The full-size mask: (H, W) uint8, 0 = background, 255 = car."""
         ...
 
+    def full_mask(self) -> FullMask:
+        """The same mask, its pixels or its rows' runs made as a writer needs them."""
+        ...
+
     def confidence(self) -> float:
         """How sure the model is of the mask, in [0, 1] (:func:`batch.inference.postprocess.mask_confidence`); NaN where
         the path that made the mask did not measure it."""
@@ -208,6 +215,8 @@ class Prediction(Protocol):
 
 
 class Predictor(Protocol):
+    streams: int  # batches to have in flight: ``predict`` is called from that many threads at once
+
     def predict(self, batch: Batch) -> Sequence[Prediction]:
         """One prediction per image of ``batch``, in order; raises what ONNX Runtime raises (out of memory, ...)."""
         ...
@@ -238,14 +247,20 @@ class LowResScores:
         self.scores = photo_scores(self.scores, self.extent)[0]  # the photo's own, contiguous: made once, read twice
 
     def mask(self) -> np.ndarray:
-        """The full-size mask; :class:`NonFiniteOutput` when the scores are not all finite numbers (a NaN is
-        never car, so thresholding it would write an empty mask that a rerun then keeps as done)."""
+        """The full-size mask (:meth:`full_mask`'s pixels)."""
+        return self.full_mask().pixels
+
+    def full_mask(self) -> FullMask:
+        """The full-size mask, as pixels or runs on demand; :class:`NonFiniteOutput` when the scores are not all
+        finite numbers (a NaN is never car, so thresholding it would write an empty mask that a rerun then keeps
+        as done)."""
         if not np.isfinite(self.scores).all():
             raise NonFiniteOutput(
                 "the model returned NaN or infinite scores for this photo, so no mask was written; the model file "
                 "may be damaged or mis-exported: check it with `unet-export --verify`, or use another model"
             )
-        return upsample_threshold(self.scores, self.size, self.cut, self.extent)
+        made = outline(self.scores, self.size, self.cut, self.extent)
+        return FullMask(made.pixels, made.runs)
 
     def confidence(self) -> float:
         return mask_confidence(self.scores, self.cut, self.band)
@@ -270,6 +285,7 @@ class CpuPredictor:
         self.cut = threshold_in_output_units(threshold, model.contract.output_kind)
         self.band = unsure_band(threshold, model.contract.output_kind)
         self.clock = clock or StageClock()
+        self.streams = model.network.streams
 
     def run(self, x: np.ndarray) -> np.ndarray:
         with self.clock("infer"):
@@ -312,6 +328,7 @@ class BoundPredictor:
         self.model = model
         self.tta = tta
         self.batch_size = batch_size
+        self.streams = 1  # one device, one binding at a time
         self.clock = clock or StageClock()
         self.device_type = device_type or ("cuda" if model.on_gpu else "cpu")
         self.device_id = model.device_index

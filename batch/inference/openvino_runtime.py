@@ -26,7 +26,7 @@ from batch.core.devices import cpu_count
 from batch.core.extras import require
 from batch.core.logs import first_line
 from batch.inference.config import OPENVINO_PRECISIONS
-from batch.inference.runtime import ModelError
+from batch.inference.runtime import Lanes, ModelError
 
 if TYPE_CHECKING:
     import openvino as ov
@@ -64,16 +64,18 @@ def computes_bf16() -> bool:
 
 
 def compile_config(threads: int | None, precision: str) -> dict[str, object]:
-    """One stream of ``threads`` threads (the runner feeds one batch at a time), the precision asked for.
+    """``threads`` threads spent as OpenVINO's THROUGHPUT hint splits them into streams, the precision asked for.
 
-    LATENCY with one stream spends every thread on the batch at hand, as ONNX Runtime's intra-op pool
-    does; threads are not pinned to cores, because the decode and writer threads share those cores.
+    Streams run batches side by side and never wait for each other, where one stream of all the threads
+    waits at every layer for its slowest thread, and in a run the decode and writer threads take turns on
+    the same cores: on the project's 2-core VM, two streams of one thread run the bundled INT8 file at
+    28.4-31.1 images/s against 24.9-25.9 for one stream of two (inference alone). Threads are not pinned
+    to cores, because the decode and writer threads share those cores.
     """
     if precision not in OPENVINO_PRECISIONS:
         raise ValueError(f"OpenVINO precision must be one of {', '.join(OPENVINO_PRECISIONS)}, not {precision!r}")
     return {
-        "PERFORMANCE_HINT": "LATENCY",
-        "NUM_STREAMS": 1,
+        "PERFORMANCE_HINT": "THROUGHPUT",
         "INFERENCE_NUM_THREADS": threads or cpu_count(),
         "INFERENCE_PRECISION_HINT": precision,
         "ENABLE_CPU_PINNING": False,
@@ -81,11 +83,11 @@ def compile_config(threads: int | None, precision: str) -> dict[str, object]:
 
 
 class OpenVinoNetwork:
-    """A model compiled by OpenVINO for this CPU: a batch of the model's input -> its (N, 1, h, w) scores.
+    """A model compiled by OpenVINO for this CPU: a batch of the model's input -> its (N, 1, h, w) scores, up to
+    ``streams`` batches at once from as many threads (an infer request each).
 
     The graph's batch stays dynamic; its height and width are fixed to the model's input size (the
     runner feeds no other), which lets OpenVINO plan its memory once instead of on every call.
-    Not for two threads at once (the runner's inference runs in one thread).
     """
 
     name = "openvino"
@@ -94,12 +96,14 @@ class OpenVinoNetwork:
     def __init__(self, path: Path, contract: ModelContract, threads: int | None = None, precision: str = "f32"):
         self.precision = precision
         self.compiled = compile_model(path, contract, compile_config(threads, precision))
-        self.request = self.compiled.create_infer_request()
+        self.streams = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        self.requests = Lanes(self.compiled.create_infer_request() for _ in range(self.streams))
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        """The scores for ``x``, in the output's dtype: a copy (the request reuses its output buffer); ``x`` is
+        """The scores for ``x``, in the output's dtype: a copy (a request reuses its output buffer); ``x`` is
         read in place."""
-        return self.request.infer({0: x}, share_inputs=True)[0]
+        with self.requests.take() as request:
+            return request.infer({0: x}, share_inputs=True)[0]
 
     def describe(self) -> dict[str, str]:
         return {"name": self.name, "version": version(), "precision": self.precision}

@@ -4,11 +4,13 @@ The reference semantics are those of ``torch.nn.functional.interpolate(mode="bil
 align_corners=False)`` and ONNX ``Resize(mode="linear", coordinate_transformation_mode="half_pixel")``:
 resize the (h, w) logits bilinearly to the photo's (H, W), then threshold. Two implementations:
 
-- :func:`upsample_threshold` (CPU, numpy): exact, but only interpolates where it matters. Bilinear
+- :func:`outline` (CPU, numpy): exact, but only interpolates where it matters. Bilinear
   interpolation is a convex combination of the four surrounding source values, so an output pixel
   whose four sources are all above (or all below) the threshold is decided without arithmetic.
   Only the thin band of source cells that straddle the threshold (the car's outline) is
-  interpolated: a 1918x1280 mask costs about as much as copying it.
+  interpolated. From that :class:`Outline` the mask is painted (:func:`upsample_threshold`: a
+  1918x1280 mask costs about as much as copying it) or traced into its rows' runs
+  (:func:`upsample_threshold_runs`: what the PNG is made from, without the 2.45 MB of pixels).
 - :func:`build_postprocess_model` (GPU): a tiny ONNX graph (flip-average for TTA, Resize, Greater,
   Cast) that ONNX Runtime's CUDA provider runs on device buffers, so only uint8 masks leave the GPU.
 """
@@ -24,6 +26,7 @@ import numpy as np
 
 from batch.core.contract import probability_to_logit
 from batch.core.extras import require
+from batch.core.masks import MaskRuns, true_at
 
 if TYPE_CHECKING:
     import onnx
@@ -129,30 +132,113 @@ class _Axis:
 
 
 def upsample_threshold(scores: np.ndarray, size: tuple[int, int], cut: float, extent: Extent | None = None) -> np.ndarray:
-    """``scores`` (h, w) -> (H, W) uint8 mask (0 or 255) of ``bilinear_resize(scores, size, extent) > cut``.
+    """``scores`` (h, w) -> (H, W) uint8 mask (0 or 255) of ``bilinear_resize(scores, size, extent) > cut``: the
+    :class:`Outline`'s pixels."""
+    return outline(scores, size, cut, extent).pixels()
+
+
+def upsample_threshold_runs(scores: np.ndarray, size: tuple[int, int], cut: float, extent: Extent | None = None) -> MaskRuns:
+    """The same mask as :func:`upsample_threshold`, as its rows' runs, made without its pixels."""
+    return outline(scores, size, cut, extent).runs()
+
+
+@dataclass(frozen=True)
+class Outline:
+    """A thresholded bilinear upsample, decided cell by cell.
 
     Cell (i, j) holds the output pixels whose top-left source is (i, j); its corners are (i, j), (i + 1, j),
     (i, j + 1), (i + 1, j + 1), clamped at the last row and column. A cell with all four corners above the
-    cut is car, one with none is background, without arithmetic; only the others (the outline) are
-    interpolated, pixel by pixel, in the same float32 operations as :func:`bilinear_resize`. All the work
-    is confined to the window of cells a corner above the cut can reach (a car's bounding box, about
-    half the frame), and the full-size mask is written once, row by row.
+    cut is car, one with none is background, without arithmetic; only the pixels of the others (the
+    outline's cells, "mixed") are interpolated, in the same float32 operations as :func:`bilinear_resize`.
+    All the work is confined to the window of cells a corner above the cut can reach (a car's bounding
+    box, about half the frame). The mask is then either painted (:meth:`pixels`: one pass over it) or
+    traced into its rows' runs (:meth:`runs`: no pass over it at all).
     """
+
+    size: tuple[int, int]  # the mask's (H, W)
+    rows: _Axis
+    cols: _Axis
+    origin: tuple[int, int]  # the window's first cell (i0, j0)
+    all_above: np.ndarray  # (window rows, window cols) bool: the cell's four corners above the cut
+    mixed: np.ndarray  # (window rows, window cols) bool: some corners above the cut, not all
+    mixed_cells: tuple[np.ndarray, np.ndarray]  # (rows, cols) of the mixed cells, row by row
+    mixed_pixels: np.ndarray  # (n,) flat indices r * W + c of the mixed cells' pixels, cell by cell
+    car: np.ndarray  # (n,) bool: which of them are car
+
+    def pixels(self) -> np.ndarray:
+        """The (H, W) uint8 mask: the window's cells gathered into its output columns once per cell row, each output
+        row a copy of its cell row's, written straight into the mask; then the mixed cells' pixels."""
+        (i0, j0), (i1, j1) = self.origin, self.window_end
+        rows, cols = self.rows, self.cols
+        r0, r1, c0, c1 = rows.first[i0], rows.first[i1], cols.first[j0], cols.first[j1]
+        band = np.zeros((i1 - i0, cols.low.size), np.uint8)
+        band[:, c0:c1] = self.all_above.view(np.uint8)[:, cols.low[c0:c1] - j0] * np.uint8(MASK_ON)
+        mask = np.empty(self.size, np.uint8)
+        mask[:r0], mask[r1:] = 0, 0
+        np.take(band, rows.low[r0:r1] - i0, axis=0, out=mask[r0:r1])
+        mask.reshape(-1)[self.mixed_pixels] = self.car.view(np.uint8) * np.uint8(MASK_ON)
+        return mask
+
+    def runs(self) -> MaskRuns:
+        """The mask's rows as stretches of equal value, from the cells alone.
+
+        Along an output row, two neighbouring cells that are not mixed cannot differ (they share two corners),
+        so the value changes only at mixed cells' pixels, or at the first pixel past a mixed cell (which, where
+        the mask is smaller than the scores, may also be past cells with no pixel in the row). The stretches
+        start at every mixed pixel, at every pixel past a mixed cell, and at every row's first pixel.
+        """
+        height, width = self.size
+        rows, cols = self.rows, self.cols
+        # Past each mixed cell: its row's first pixel right of the cell, unless that pixel is a mixed one.
+        cell_rows, past = self.mixed_cells[0], cols.first[self.mixed_cells[1] + 1]
+        inside = past < width
+        cell_rows, past = cell_rows[inside], past[inside]
+        past_mixed, past_value = self.cell_state(cell_rows, cols.low[past])
+        cell_rows, past, past_value = cell_rows[~past_mixed], past[~past_mixed], past_value[~past_mixed]
+        tall, out_rows = rows.pixels(cell_rows)
+        past_starts = out_rows * width + np.repeat(past, tall)
+        # Each row's first pixel, unless it is a mixed one.
+        first_mixed, first_value = self.cell_state(rows.low, np.full(height, cols.low[0]))
+        first_starts = np.flatnonzero(~first_mixed) * width
+        # One sort of (start, value) pairs packed into one integer: the starts are unique.
+        car = self.car.view(np.uint8) * np.uint8(MASK_ON)
+        keyed = np.concatenate((self.mixed_pixels, past_starts, first_starts)) << 8
+        keyed |= np.concatenate((car, np.repeat(past_value, tall), first_value[~first_mixed]))
+        keyed.sort()
+        return MaskRuns(self.size, keyed >> 8, (keyed & 0xFF).astype(np.uint8))
+
+    @property
+    def window_end(self) -> tuple[int, int]:
+        return self.origin[0] + self.all_above.shape[0], self.origin[1] + self.all_above.shape[1]
+
+    def cell_state(self, cell_rows: np.ndarray, cell_cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mixed, value 0 or 255 where not) of the cells (``cell_rows``, ``cell_cols``): past the window, background."""
+        i, j = cell_rows - self.origin[0], cell_cols - self.origin[1]
+        inside = (i >= 0) & (i < self.all_above.shape[0]) & (j >= 0) & (j < self.all_above.shape[1])
+        mixed, value = np.zeros(i.size, bool), np.zeros(i.size, np.uint8)
+        mixed[inside] = self.mixed[i[inside], j[inside]]
+        value[inside] = self.all_above[i[inside], j[inside]] * np.uint8(MASK_ON)
+        return mixed, value
+
+
+def outline(scores: np.ndarray, size: tuple[int, int], cut: float, extent: Extent | None = None) -> Outline:
+    """The :class:`Outline` of ``bilinear_resize(scores, size, extent) > cut``: the window of cells a corner above the cut
+    can reach, which of its cells are car, and the mixed cells' pixels, interpolated."""
     scores, extent = photo_scores(scores, extent)
+    rows, cols = _Axis.of(size[0], scores.shape[0], extent[0]), _Axis.of(size[1], scores.shape[1], extent[1])
     above = scores > cut
     hit_rows = np.flatnonzero(above.any(axis=1))
     if hit_rows.size == 0:
-        return np.zeros(size, np.uint8)
+        nothing, none = np.zeros((0, 0), bool), np.zeros(0, np.intp)
+        return Outline(tuple(size), rows, cols, (0, 0), nothing, nothing, (none, none), none, none.astype(bool))
     i0, i1 = _cells_reaching(hit_rows)
     j0, j1 = _cells_reaching(np.flatnonzero(above[i0 : i1 + 1].any(axis=0)))
     all_above, any_above = _corner_extremes(above[i0 : i1 + 1, j0 : j1 + 1], (i1 - i0, j1 - j0))
-    rows, cols = _Axis.of(size[0], scores.shape[0], extent[0]), _Axis.of(size[1], scores.shape[1], extent[1])
-    mask = _uniform_cells(all_above, (i0, j0), rows, cols)
-    mixed = np.flatnonzero(any_above != all_above)
-    if mixed.size:
-        cell_rows, cell_cols = np.divmod(mixed, j1 - j0)
-        _interpolate_cells(mask, scores, cut, (cell_rows + i0, cell_cols + j0), (rows, cols))
-    return mask
+    mixed = any_above != all_above
+    cell_rows, cell_cols = np.divmod(true_at(mixed), j1 - j0)
+    cells = (cell_rows + i0, cell_cols + j0)
+    pixels, car = _interpolate_cells(scores, cut, cells, (rows, cols), size[1])
+    return Outline(tuple(size), rows, cols, (i0, j0), all_above, mixed, cells, pixels, car)
 
 
 def _cells_reaching(hits: np.ndarray) -> tuple[int, int]:
@@ -174,26 +260,11 @@ def _corner_extremes(above: np.ndarray, cells: tuple[int, int]) -> tuple[np.ndar
     return all_above[: cells[0], : cells[1]], any_above[: cells[0], : cells[1]]
 
 
-def _uniform_cells(all_above: np.ndarray, origin: tuple[int, int], rows: _Axis, cols: _Axis) -> np.ndarray:
-    """The (H, W) mask with every pixel of an all-above cell 255, all else 0; ``all_above`` starts at cell ``origin``.
-
-    The window's cells are gathered into its output columns once per cell row (h, W), and each output row
-    is a copy of its cell row's, written straight into the mask: one pass over the full-size mask.
-    """
-    (i0, j0), (i1, j1) = origin, (origin[0] + all_above.shape[0], origin[1] + all_above.shape[1])
-    r0, r1, c0, c1 = rows.first[i0], rows.first[i1], cols.first[j0], cols.first[j1]
-    band = np.zeros((i1 - i0, cols.low.size), np.uint8)
-    band[:, c0:c1] = all_above.view(np.uint8)[:, cols.low[c0:c1] - j0] * np.uint8(MASK_ON)
-    mask = np.empty((rows.low.size, cols.low.size), np.uint8)
-    mask[:r0], mask[r1:] = 0, 0
-    np.take(band, rows.low[r0:r1] - i0, axis=0, out=mask[r0:r1])
-    return mask
-
-
 def _interpolate_cells(
-    mask: np.ndarray, scores: np.ndarray, cut: float, cells: tuple[np.ndarray, np.ndarray], axes: tuple[_Axis, _Axis]
-) -> None:
-    """Write the exact thresholded bilinear value of every output pixel of ``cells`` (rows, cols) into ``mask``.
+    scores: np.ndarray, cut: float, cells: tuple[np.ndarray, np.ndarray], axes: tuple[_Axis, _Axis], width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(flat index r * ``width`` + c, car) of every output pixel of ``cells`` (rows, cols): its exact thresholded
+    bilinear value.
 
     Along columns first, once per (cell row, output column), then along rows per pixel: the same float32
     operations, in the same order, as :func:`bilinear_resize`.
@@ -209,8 +280,7 @@ def _interpolate_cells(
     tall, out_rows = rows.pixels(top_row)
     ty = rows.weight[out_rows]
     value = np.repeat(top, tall) * (1 - ty) + np.repeat(bottom, tall) * ty
-    flat = out_rows * mask.shape[1] + np.repeat(out_cols, tall)
-    mask.reshape(-1)[flat] = (value > cut).view(np.uint8) * np.uint8(MASK_ON)
+    return out_rows * width + np.repeat(out_cols, tall), value > cut
 
 
 def bilinear_resize(scores: np.ndarray, size: tuple[int, int], extent: Extent | None = None) -> np.ndarray:

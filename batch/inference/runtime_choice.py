@@ -38,27 +38,29 @@ from pathlib import Path
 import numpy as np
 
 from batch.core.contract import ModelContract, prepare_input
-from batch.core.devices import CPU, Device, DeviceError, cpu_count
+from batch.core.devices import Device, DeviceError, cpu_count
 from batch.core.files import file_sha256, write_atomic
 from batch.inference import openvino_runtime
 from batch.inference.config import runtime_device_conflict
 from batch.inference.runtime import (
     AS_EXPORTED,
-    CPU_PROVIDER,
     CUDA_OPTIONS,
     ModelError,
     OnnxRuntimeNetwork,
     onnxruntime,
-    open_session,
+    open_cpu_network,
+    open_gpu_session,
+    providers_for,
     session_options,
 )
 
 log = logging.getLogger(__name__)
 
+GPU_REASON = "a GPU runs ONNX Runtime's CUDA provider"
 MARGIN = 1.05  # OpenVINO is taken by auto only when at least this much faster than ONNX Runtime
 MEASURE_BATCH = 2  # images per timed run: enough to amortize a call, little enough for a large model
 MEASURE_ROUNDS = 5  # timed runs of each runtime, interleaved; each runtime's cheapest counts
-MEASURE = "cpu-seconds per image, cheapest of the rounds"  # how rates are measured: part of the cache key
+MEASURE = "cpu-seconds per image of one stream, cheapest of the rounds"  # how rates are measured: part of the cache key
 MIN_BF16_DICE = 0.999  # bf16 masks must stay this close to FP32's on the verification photos
 CACHE_NAME = "runtimes.json"
 NOTABLE_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8", "avx_vnni")
@@ -124,17 +126,13 @@ def pick_network(path: Path, contract: ModelContract, device: Device, request: R
         if device.kind == "auto":
             log.info("device auto: --runtime openvino runs on the CPU")
         return open_candidate(OPENVINO_F32, path, contract, request), by_flag(OPENVINO_F32)
-    if device.kind == "cpu":
-        if request.runtime == "auto":
-            return choose_on_cpu(path, contract, request, None)
-        return open_candidate(ONNXRUNTIME, path, contract, request), by_flag(ONNXRUNTIME)
-    # auto or cuda: the GPU first (open_session says why it took the CPU, or raises for an explicit cuda)
-    onnx = OnnxRuntimeNetwork(open_session(path, device, ort_options(request), cuda_options=CUDA_OPTIONS))
-    if onnx.provider != CPU_PROVIDER:
-        return onnx, RuntimeChoice("onnxruntime", AS_EXPORTED, "device", "a GPU runs ONNX Runtime's CUDA provider")
-    if request.runtime == "onnxruntime":
-        return onnx, by_flag(ONNXRUNTIME)
-    return choose_on_cpu(path, contract, request, onnx)
+    if device.kind != "cpu":  # auto or cuda: the GPU first (open_gpu_session says why not, or raises for an explicit cuda)
+        session = open_gpu_session(path, device, ort_options(request), providers_for(device, CUDA_OPTIONS))
+        if session is not None:
+            return OnnxRuntimeNetwork(session), RuntimeChoice("onnxruntime", AS_EXPORTED, "device", GPU_REASON)
+    if request.runtime == "auto":
+        return choose_on_cpu(path, contract, request)
+    return open_candidate(ONNXRUNTIME, path, contract, request), by_flag(ONNXRUNTIME)
 
 
 def by_flag(candidate: Candidate) -> RuntimeChoice:
@@ -147,14 +145,14 @@ def ort_options(request: RuntimeRequest):
 
 def open_candidate(candidate: Candidate, path: Path, contract: ModelContract, request: RuntimeRequest):
     if candidate.runtime == "onnxruntime":
-        return OnnxRuntimeNetwork(open_session(path, CPU, ort_options(request)))
+        return open_cpu_network(path, request.threads, request.verbose)
     return openvino_runtime.OpenVinoNetwork(path, contract, request.threads, candidate.precision)
 
 
-def choose_on_cpu(path: Path, contract: ModelContract, request: RuntimeRequest, onnx: OnnxRuntimeNetwork | None):
+def choose_on_cpu(path: Path, contract: ModelContract, request: RuntimeRequest):
     """``auto`` on the CPU: the cached winner for this model and machine, else both measured now (and cached)."""
     if not openvino_runtime.installed():
-        network = onnx or open_candidate(ONNXRUNTIME, path, contract, request)
+        network = open_candidate(ONNXRUNTIME, path, contract, request)
         reason = "auto, and OpenVINO is not installed (pip install '.[cpu]' adds it)"
         return network, RuntimeChoice("onnxruntime", AS_EXPORTED, "installation", reason)
     cache = ChoiceCache(cache_folder())
@@ -164,9 +162,9 @@ def choose_on_cpu(path: Path, contract: ModelContract, request: RuntimeRequest, 
     with cache.locked():
         entry = cache.choice(key)
         if entry is None:
-            return measure_and_choose(Trial(path, contract, request, candidates), onnx, cache, key)
+            return measure_and_choose(Trial(path, contract, request, candidates), cache, key)
     winner, rates = Candidate(entry["runtime"], entry["precision"]), entry["rates"]
-    network = onnx if winner == ONNXRUNTIME and onnx is not None else open_candidate(winner, path, contract, request)
+    network = open_candidate(winner, path, contract, request)
     reason = f"{compare_rates(winner, rates)} (auto; cached in {cache.path})"
     return network, RuntimeChoice(winner.runtime, winner.precision, "cached measurement", reason, rates)
 
@@ -181,13 +179,13 @@ class Trial:
     candidates: list[Candidate]
 
 
-def measure_and_choose(trial: Trial, onnx: OnnxRuntimeNetwork | None, cache: ChoiceCache, key: str):
+def measure_and_choose(trial: Trial, cache: ChoiceCache, key: str):
     """Time every candidate on the model; the winner stays open (the others are dropped) and is cached.
 
     A candidate OpenVINO cannot compile is left out, with a warning: ``auto`` asked for the faster runtime
     that works, and ONNX Runtime (the reference, opened first) does."""
     log.info("runtime auto: timing ONNX Runtime and OpenVINO on %s (once for this model on this machine)", trial.path.name)
-    networks = {ONNXRUNTIME: onnx or open_candidate(ONNXRUNTIME, trial.path, trial.contract, trial.request)}
+    networks = {ONNXRUNTIME: open_candidate(ONNXRUNTIME, trial.path, trial.contract, trial.request)}
     for candidate in trial.candidates[1:]:
         try:
             networks[candidate] = open_candidate(candidate, trial.path, trial.contract, trial.request)

@@ -8,7 +8,7 @@
 
 Every way in goes through :meth:`Segmenter.stream`, the one decode -> infer -> post-process path:
 
-    items -> [decode thread: Pillow pool or DALI] -> queue (2 batches) -> [inference: the calling thread] -> (item, prediction)
+    items -> [decode thread: Pillow pool or DALI] -> queue (2 batches) -> [inference: the runtime's streams] -> (item, prediction)
 
 ``__call__`` and :meth:`Segmenter.predict` feed it images held in memory or named by path and
 finish the masks in a thread pool; a folder run (:mod:`batch.runs`) feeds it the files of
@@ -22,7 +22,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from typing import Any, Literal, Self
@@ -38,6 +38,7 @@ from batch.inference.bundled import default_model_path
 from batch.inference.config import DEFAULT_BATCH_SIZE, SegmenterConfig, segmenter_options
 from batch.inference.decode import (
     Batch,
+    DaemonPool,
     DaliDecoder,
     Decoder,
     DecoderError,
@@ -46,6 +47,7 @@ from batch.inference.decode import (
     PillowDecoder,
     ReadLimits,
     dali_available,
+    ordered_map,
 )
 from batch.inference.model import Model, Prediction, Predictor, load_model, make_predictor
 
@@ -216,7 +218,8 @@ class Segmenter:
         """``(item, prediction)`` or ``(item, Failure)`` for every item, in input order, as inference goes.
 
         Decoding runs in a thread, ahead of inference by at most two batches; inference runs in the
-        thread that iterates, and only as fast as it iterates, so a slow consumer (a writer pool that
+        thread that iterates (or, for a CPU runtime of several streams, that many batches at once in
+        threads of its own), and only as fast as it iterates, so a slow consumer (a writer pool that
         is behind) holds everything back and memory stays bounded whatever the number of items.
         ``prediction.mask()`` makes the full-size mask: on the CPU that is the upsampling, left to the
         consumer so that it can run in a pool. A batch whose inference fails fails its items with an
@@ -238,26 +241,45 @@ class Segmenter:
     def infer(self, entries: Iterable[Batch | Failure]) -> Iterator[tuple[int, Item, Prediction | Failure]]:
         """(position, item, prediction or Failure) for the decoder's entries, in the order they come."""
         failed_in_a_row = 0
-        for entry in entries:
+        for entry, outcome in self.predicted(entries):
             if isinstance(entry, Failure):
                 yield entry.position, entry.item, entry
                 continue
-            try:
-                predictions = self.predictor.predict(entry)
-            except Exception as e:  # onnxruntime's error types; out of memory is the usual one
+            if isinstance(outcome, Exception):  # onnxruntime's error types; out of memory is the usual one
                 failed_in_a_row += 1
                 if failed_in_a_row == FAILED_BATCHES_IN_A_ROW:
                     raise InferenceError(
-                        f"inference failed on {failed_in_a_row} batches in a row, the last with {first_line(e)}; "
+                        f"inference failed on {failed_in_a_row} batches in a row, the last with {first_line(outcome)}; "
                         "stopping (a smaller batch size may fit, or the device is unusable)"
-                    ) from e
-                log.debug("inference failed on a batch of %d", len(entry), exc_info=True)
-                reason = f"inference failed on its batch of {len(entry)} ({first_line(e)}); a smaller batch size may fit"
+                    ) from outcome
+                log.debug("inference failed on a batch of %d", len(entry), exc_info=outcome)
+                reason = f"inference failed on its batch of {len(entry)} ({first_line(outcome)}); a smaller batch size may fit"
                 for position, item in zip(entry.positions, entry.items):
                     yield position, item, Failure(item, InferenceError(f"{item.name}: {reason}"), position)
                 continue
             failed_in_a_row = 0
-            yield from zip(entry.positions, entry.items, predictions)
+            yield from zip(entry.positions, entry.items, outcome)
+
+    def predicted(self, entries: Iterable[Batch | Failure]) -> Iterator[tuple[Batch | Failure, Any]]:
+        """Each entry with its predictions, or the exception inference raised (None for a Failure), in order.
+
+        The predictor's ``streams`` batches run at once, each in a thread of its own (a CPU runtime's streams:
+        :func:`batch.inference.runtime.cpu_streams`); one stream runs in this thread.
+        """
+        streams = self.predictor.streams
+        if streams == 1:
+            yield from ((entry, self.try_predict(entry)) for entry in entries)
+            return
+        with DaemonPool(streams, "infer") as pool:
+            yield from ordered_map(pool, self.try_predict, entries, window=streams)
+
+    def try_predict(self, entry: Batch | Failure) -> Sequence[Prediction] | Exception | None:
+        if isinstance(entry, Failure):
+            return None
+        try:
+            return self.predictor.predict(entry)
+        except Exception as e:  # handed to infer, which fails the batch's items with it
+            return e
 
     # -- lifetime ---------------------------------------------------------------------------------------
 

@@ -52,7 +52,7 @@ class LocalEngine:
         runtime = s.model.runtime
         return (
             f"{s.model.path.name} on {s.device} with {runtime.runtime} ({runtime.precision}, by {runtime.chosen_by}), "
-            f"decoder {s.decoder.name}, batch {s.batch_size}"
+            f"decoder {s.decoder.name}, batch {s.batch_size}{streams_note(s.model.network.streams)}"
         )
 
     def process(self, jobs: list[Job], source: Storage, output: Storage, results: Results, progress: bool) -> None:
@@ -81,3 +81,7 @@ class LocalEngine:
     def model_identity(self) -> tuple[str, str, float]:
         model = self.segmenter.model
         return str(model.path), file_sha256(model.path), self.segmenter.threshold
+
+
+def streams_note(streams: int) -> str:
+    return f", {streams} batches at once" if streams > 1 else ""

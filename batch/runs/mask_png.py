@@ -6,16 +6,17 @@ scan costs 5 ms a mask, as much as decoding the photo. The same deflate stream f
 runs alone: over the PNG's byte stream (each row a filter byte 0, then its pixels), a run of ``L``
 equal bytes is a literal and matches of distance 1 covering the other ``L - 1`` bytes, 258 bytes a
 match at most, which is what zlib's run-length strategy writes. Here the runs are found with one
-comparison of neighbouring pixels (numpy), the matches are laid out for all runs at once, and one
+comparison of neighbouring pixels (:class:`batch.core.masks.MaskRuns`; a mask made from a model's scores
+has its runs without its pixels, batch.inference.postprocess), the matches are laid out for all runs at once, and one
 deflate block with Huffman codes fitted to their counts is packed with numpy: the PNG of a
 1918x1280 mask in about a millisecond, as small as zlib's.
 
 The Adler-32 checksum of the zlib stream is computed from the runs as well (a run of ``L`` bytes of
 value ``v`` adds ``v * L`` to the sum and ``v`` times the sum of its positions' distances from the end
-to the second sum), so no pass over the pixels is made besides the comparison.
+to the second sum), so no pass over the pixels is made at all.
 
-Any (H, B) uint8 rows can be written this way: :func:`encode_png` takes 8-bit grayscale masks
-(0/255) and bit-packed 1-bit masks alike; only its speed depends on the rows being mostly runs.
+Any (H, B) uint8 rows can be written this way: :func:`encode_png` takes the runs of 8-bit grayscale
+masks (0/255) and of bit-packed 1-bit masks alike; only its speed depends on the rows being mostly runs.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import zlib
 import numpy as np
 
 from batch.core.images import PNG_SIGNATURE
+from batch.core.masks import MaskRuns
 
 ZLIB_HEADER = b"\x78\x01"  # deflate, 32 KB window, no dictionary, fastest (what the header check wants: 0x7801 % 31 == 0)
 ADLER_MOD = 65521
@@ -57,20 +59,20 @@ def length_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 LENGTH_SYMBOL, LENGTH_BASE, LENGTH_EXTRA = length_tables()
 
 
-def encode_png(rows: np.ndarray, width: int, bit_depth: int) -> bytes:
-    """A grayscale PNG of ``rows`` ((H, B) uint8: the packed bytes of each row), ``width`` pixels of ``bit_depth`` bits."""
-    height = rows.shape[0]
+def encode_png(runs: MaskRuns, width: int, bit_depth: int) -> bytes:
+    """A grayscale PNG of the rows ``runs`` describe (their packed bytes), ``width`` pixels of ``bit_depth`` bits."""
+    height = runs.size[0]
     header = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)  # grayscale, no interlace
-    return PNG_SIGNATURE + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib_from_runs(rows)) + png_chunk(b"IEND", b"")
+    return PNG_SIGNATURE + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib_from_runs(runs)) + png_chunk(b"IEND", b"")
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def zlib_from_runs(rows: np.ndarray) -> bytes:
-    """The zlib stream of ``rows`` as PNG scanlines (a filter byte 0 before each row), deflated from its runs."""
-    starts, values, stream_length = scanline_runs(np.ascontiguousarray(rows, dtype=np.uint8))
+def zlib_from_runs(runs: MaskRuns) -> bytes:
+    """The zlib stream of the rows as PNG scanlines (a filter byte 0 before each row), deflated from their runs."""
+    starts, values, stream_length = scanline_runs(runs)
     lengths = np.diff(np.append(starts, stream_length))
     symbols, extra_values, extra_bits, is_match = tokens(values, lengths)
     return (
@@ -78,41 +80,24 @@ def zlib_from_runs(rows: np.ndarray) -> bytes:
     )
 
 
-def scanline_runs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+def scanline_runs(runs: MaskRuns) -> tuple[np.ndarray, np.ndarray, int]:
     """Where each run of equal bytes starts in the scanline stream, its byte, and the stream's length.
 
-    Stream position of row ``r``'s filter byte: ``r * (B + 1)``; of its pixel byte ``c``: ``r * (B + 1) + 1 + c``.
-    A run starts at every change between neighbouring bytes of a row, at a filter byte after a row that ends in
-    a non-zero byte, and after a filter byte before a row that starts with one.
+    Stream position of row ``r``'s filter byte (0): ``r * (W + 1)``; of its byte ``c``: ``r * (W + 1) + 1 + c``.
+    The rows' stretches and the filter bytes, in stream order, are merged where a value continues the one before.
     """
-    height, width = rows.shape
+    height, width = runs.size
     stride = width + 1
-    change = changes(rows.reshape(-1)) + 1  # byte i differs from byte i - 1 (flat: 10x faster than 2-D)
-    change = change[change % width != 0]  # a row's first byte follows the filter byte, not the row before
-    inside = change // width * stride + change % width + 1
-    row = np.arange(height)
-    at_filter = row[1:][rows[:-1, -1] != 0] * stride
-    after_filter = row[rows[:, 0] != 0] * stride + 1
-    starts = np.sort(np.concatenate(([0], at_filter, after_filter, inside)))
-    pixel = starts % stride != 0
-    values = np.zeros(starts.size, np.int64)
-    values[pixel] = rows[starts[pixel] // stride, starts[pixel] % stride - 1]
-    return starts, values, height * stride
-
-
-def changes(flat: np.ndarray) -> np.ndarray:
-    """The sorted indices ``i`` where ``flat[i + 1] != flat[i]``.
-
-    The comparison is one pass; its few hits are found 8 at a time, in the comparison read as 64-bit
-    words, which is 5x faster than ``np.flatnonzero`` over the 2.45 million bytes of a 1918x1280 mask.
-    """
-    n = flat.size - 1
-    differs = np.empty(-(-max(n, 0) // 8) * 8, bool)
-    differs[n:] = False
-    np.not_equal(flat[1:], flat[:-1], out=differs[:n])
-    words = np.flatnonzero(differs.view(np.uint64) != 0)
-    hits = np.flatnonzero(differs.reshape(-1, 8)[words])
-    return words[hits // 8] * 8 + hits % 8
+    inside = runs.starts + runs.starts // width + 1  # r * W + c -> r * (W + 1) + 1 + c
+    filters = np.arange(height, dtype=np.int64) * stride
+    positions = np.concatenate((filters, inside))
+    order = np.argsort(positions, kind="stable")
+    positions = positions[order]
+    values = np.concatenate((np.zeros(height, np.int64), runs.values.astype(np.int64)))[order]
+    new = np.empty(values.size, bool)
+    new[0] = True
+    np.not_equal(values[1:], values[:-1], out=new[1:])
+    return positions[new], values[new], height * stride
 
 
 def tokens(values: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -106,7 +106,7 @@ def _write_outputs(item: Item, prediction: Prediction, output: Storage, clock: S
     mask's confidence."""
     job = item.tag
     with clock("postprocess"):
-        mask = prediction.mask()  # (H, W) uint8, 0 or 255
+        mask = prediction.full_mask()  # its pixels or runs, made as the formats need them
         confidence = prediction.confidence()
     with clock("write"):
         photo = None

@@ -35,7 +35,7 @@ class Report:
     formats: list[str]
     threshold: float  # probability threshold used
     tta: bool
-    runtime: dict = field(default_factory=dict)  # name, version, precision, chosen_by (flag, measurement, ...), reason, rates
+    runtime: dict = field(default_factory=dict)  # name, version, precision, chosen_by, reason, rates, streams
     interrupted: bool = False  # stopped by Ctrl-C or SIGTERM before the end
     stopped: str = ""  # why the run stopped before the end on its own (inference failing batch after batch); "" if it did not
     engine: str = "local"  # "local" (this process) or "ray" (batch.runs.ray_engine)
