@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -254,7 +255,7 @@ class LowResScores:
         """The full-size mask, as pixels or runs on demand; :class:`NonFiniteOutput` when the scores are not all
         finite numbers (a NaN is never car, so thresholding it would write an empty mask that a rerun then keeps
         as done)."""
-        if not np.isfinite(self.scores).all():
+        if not self.finite:
             raise NonFiniteOutput(
                 "the model returned NaN or infinite scores for this photo, so no mask was written; the model file "
                 "may be damaged or mis-exported: check it with `unet-export --verify`, or use another model"
@@ -263,7 +264,12 @@ class LowResScores:
         return FullMask(made.pixels, made.runs)
 
     def confidence(self) -> float:
-        return mask_confidence(self.scores, self.cut, self.band)
+        return mask_confidence(self.scores, self.cut, self.band, self.finite)
+
+    @functools.cached_property
+    def finite(self) -> bool:
+        """Whether the scores are all finite numbers (checked once for the mask and its confidence)."""
+        return bool(np.isfinite(self.scores).all())
 
 
 def low_res_scores(

@@ -51,18 +51,19 @@ def unsure_band(threshold: float, output_kind: str) -> tuple[float, float]:
     return 1 / (1 + math.exp(-low)), 1 / (1 + math.exp(-high))
 
 
-def mask_confidence(scores: np.ndarray, cut: float, band: tuple[float, float]) -> float:
+def mask_confidence(scores: np.ndarray, cut: float, band: tuple[float, float], finite: bool | None = None) -> float:
     """How sure the model is of a mask, in [0, 1], from its low-resolution scores: 1 - (unsure pixels / car pixels).
 
     Unsure pixels are those within ``band`` of the cut (probability 0.25..0.75 at the default threshold); a
     mask whose outline is sharp scores near 1, one with a blurred outline or a smeared shadow lower, and a
     mask with no car 0. On the validation cars, the 10 % least confident photos held 8 of the 12 whose
-    Dice is below 0.99 (docs/model.md). NaN or infinite scores give 0.
+    Dice is below 0.99 (docs/model.md). NaN or infinite scores give 0 (``finite``: whether they are all finite,
+    when the caller knows).
     """
     car = int(np.count_nonzero(scores > cut))
-    if car == 0 or not np.isfinite(scores).all():
+    if car == 0 or not (finite if finite is not None else np.isfinite(scores).all()):
         return 0.0
-    unsure = int(np.count_nonzero((scores > band[0]) & (scores < band[1])))
+    unsure = int(np.count_nonzero(scores > band[0])) - int(np.count_nonzero(scores >= band[1]))  # band[0] < s < band[1]
     return max(0.0, 1.0 - unsure / car)
 
 
@@ -204,7 +205,7 @@ class Outline:
         car = self.car.view(np.uint8) * np.uint8(MASK_ON)
         keyed = np.concatenate((self.mixed_pixels, past_starts, first_starts)) << 8
         keyed |= np.concatenate((car, np.repeat(past_value, tall), first_value[~first_mixed]))
-        keyed.sort()
+        keyed.sort(kind="stable")  # timsort: the events come in long ascending runs
         return MaskRuns(self.size, keyed >> 8, (keyed & 0xFF).astype(np.uint8))
 
     @property

@@ -21,6 +21,7 @@ masks (0/255) and of bit-packed 1-bit masks alike; only its speed depends on the
 
 from __future__ import annotations
 
+import functools
 import heapq
 import struct
 import zlib
@@ -88,10 +89,8 @@ def scanline_runs(runs: MaskRuns) -> tuple[np.ndarray, np.ndarray, int]:
     """
     height, width = runs.size
     stride = width + 1
-    inside = runs.starts + runs.starts // width + 1  # r * W + c -> r * (W + 1) + 1 + c
-    filters = np.arange(height, dtype=np.int64) * stride
-    positions = np.concatenate((filters, inside))
-    order = np.argsort(positions, kind="stable")
+    positions = np.concatenate((np.arange(height, dtype=np.int64) * stride, runs.starts + runs.starts // width + 1))
+    order = np.argsort(positions, kind="stable")  # a filter byte before its row's first stretch
     positions = positions[order]
     values = np.concatenate((np.zeros(height, np.int64), runs.values.astype(np.int64)))[order]
     new = np.empty(values.size, bool)
@@ -125,14 +124,24 @@ def deflate_block(symbols: np.ndarray, extra_values: np.ndarray, extra_bits: np.
     counts = np.bincount(symbols, minlength=LITERAL_LENGTH_CODES)
     counts[END_OF_BLOCK] += 1
     code_lengths = huffman_lengths(counts, MAX_CODE_BITS)
-    codes = reversed_codes(code_lengths)
-    header = np.array(block_header(code_lengths), np.int64).reshape(-1, 2)
+    codes, header = huffman_codes(code_lengths.astype(np.uint8).tobytes())
     # One field per token: its Huffman code, then the extra bits of a length, then a match's distance code (one bit, 0).
     token_bits = code_lengths[symbols]
     token_values = codes[symbols] | (extra_values << token_bits)
     values = np.concatenate([header[:, 0], token_values, [codes[END_OF_BLOCK]]])
     counts = np.concatenate([header[:, 1], token_bits + extra_bits + is_match, [code_lengths[END_OF_BLOCK]]])
     return pack_bits(values, counts)
+
+
+@functools.lru_cache(maxsize=256)
+def huffman_codes(code_lengths: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(the codes of :func:`reversed_codes`, the block header's (value, bits) fields (n, 2)) for the literal/length
+    ``code_lengths`` (one byte each): kept for the next mask, whose codes are usually the same."""
+    lengths = np.frombuffer(code_lengths, np.uint8).astype(np.int64)
+    codes, header = reversed_codes(lengths), np.array(block_header(lengths), np.int64).reshape(-1, 2)
+    for table in (codes, header):  # shared by the writer threads
+        table.setflags(write=False)
+    return codes, header
 
 
 def block_header(code_lengths: np.ndarray) -> list[tuple[int, int]]:
@@ -217,25 +226,23 @@ def reversed_codes(lengths: np.ndarray) -> np.ndarray:
     return codes
 
 
-PACKED_FIELD_BYTES = 4  # a field of up to 25 bits, shifted by up to 7, spans at most 4 bytes
-
-
 def pack_bits(values: np.ndarray, counts: np.ndarray) -> bytes:
-    """Fields (``values``, ``counts`` bits each, up to 25) -> bytes, each value's bits from its lowest, the first
+    """Fields (``values``, ``counts`` bits each, up to 32) -> bytes, each value's bits from its lowest, the first
     field in the lowest bits.
 
-    Each field is shifted to its bit offset and its (at most 4) bytes are summed into the bytes it spans: fields
-    never share a bit, so the sum is their bitwise or, and a few ``bincount`` calls pack them all.
+    Each field is shifted to its bit offset in its 32-bit word and summed into that word and the next (a field
+    spans at most two): fields never share a bit, so the sum is their bitwise or, exact in float64 below 2**32,
+    and two ``bincount`` calls pack them all.
     """
     ends = np.cumsum(counts)
     size = -(-int(ends[-1]) // 8) if ends.size else 0
     starts = ends - counts
-    shifted = (values & ((1 << counts) - 1)) << (starts & 7)
-    byte = starts >> 3
-    packed = np.zeros(size + PACKED_FIELD_BYTES, np.float64)
-    for k in range(PACKED_FIELD_BYTES):
-        packed += np.bincount(byte + k, weights=(shifted >> (8 * k)) & 0xFF, minlength=packed.size)
-    return packed[:size].astype(np.uint8).tobytes()
+    shifted = (values & ((1 << counts) - 1)) << (starts & 31)  # below 2**63: a field of 32 bits shifted by 31
+    word = starts >> 5
+    words = -(-size // 4) + 1
+    low = np.bincount(word, weights=shifted & 0xFFFFFFFF, minlength=words)
+    high = np.bincount(word + 1, weights=shifted >> 32, minlength=words + 1)[:words]
+    return (low + high).astype("<u4").view(np.uint8)[:size].tobytes()
 
 
 def adler32(starts: np.ndarray, values: np.ndarray, lengths: np.ndarray, total: int) -> bytes:
