@@ -136,7 +136,7 @@ def test_an_inference_error_fails_its_batch_and_three_in_a_row_stop(
         write_photo(tmp_path / f"{i}.jpg", (64, 96), seed=i)
     photos = [tmp_path / f"{i}.jpg" for i in range(5)]
     out_of_memory = RuntimeError("Failed to allocate memory for requested buffer of size 123")
-    with Segmenter(tiny_onnx, device="cpu", batch_size=2) as segmenter:
+    with Segmenter(tiny_onnx, device="cpu", batch_size=2, threads=1) as segmenter:  # one stream: whole batches
         failing_inference(out_of_memory, when=lambda call: call == 2)
         results = segmenter(photos, errors="return")
         assert [type(r).__name__ for r in results] == ["ndarray", "ndarray", "InferenceError", "InferenceError", "ndarray"]

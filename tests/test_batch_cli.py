@@ -136,7 +136,8 @@ def test_interrupted_run_resumes_consistently(photo_tree: Path, tmp_path: Path, 
     """Ctrl-C after the first batch; plus leftovers a hard kill would leave: a temporary, a stale CSV."""
     out = tmp_path / "out"
     failing_inference(KeyboardInterrupt(), when=lambda call: call == 2)
-    result = segment(photo_tree, out, "--model", tiny_onnx, "--batch-size", "2", "--format", "png", "--format", "rle")
+    one_stream = ("--batch-size", "2", "--threads", "1")  # whole batches, in turn
+    result = segment(photo_tree, out, "--model", tiny_onnx, *one_stream, "--format", "png", "--format", "rle")
     assert result.exit_code == 130
     report = report_of(out)
     assert report["interrupted"] and report["processed"] == 2
@@ -174,7 +175,7 @@ main(sys.argv[1:])
 
 def test_sigterm_stops_like_ctrl_c_and_exits_143(photo_tree: Path, tmp_path: Path, tiny_onnx: Path):
     out = tmp_path / "out"
-    options = ["--model", str(tiny_onnx), "--batch-size", "2", "--no-progress"]
+    options = ["--model", str(tiny_onnx), "--batch-size", "2", "--threads", "1", "--no-progress"]  # one stream: in turn
     command = [sys.executable, "-c", SLOW_SECOND_BATCH, "segment", str(photo_tree), str(out), *options]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -199,7 +200,7 @@ def test_an_inference_error_fails_its_batch_and_the_run_goes_on(
     out_of_memory = RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested buffer")
     failing_inference(out_of_memory, when=lambda call: call == 2)
     out = tmp_path / "out"
-    result = segment(photo_tree, out, "--model", tiny_onnx, "--batch-size", "3")
+    result = segment(photo_tree, out, "--model", tiny_onnx, "--batch-size", "3", "--threads", "1")  # one stream: whole batches
     assert result.exit_code == 1, result.output
     report = report_of(out)
     assert (report["processed"], report["stopped"], report["interrupted"]) == (4, "", False)

@@ -115,6 +115,7 @@ def test_segmenter_and_report_with_openvino(photo_tree: Path, tmp_path: Path, ti
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert (report["runtime"]["name"], report["runtime"]["chosen_by"], report["provider"]) == ("openvino", "flag", "OpenVINO CPU")
+    assert report["runtime"]["streams"] == described["runtime"]["streams"] >= 1  # batches at once, as OpenVINO chose
     assert "with openvino" in result.output
     assert "runtime openvino" in caplog.records[0].getMessage() and "chosen by flag" in caplog.records[0].getMessage()
     assert read_mask(tmp_path / "out" / "a.png").shape == reference[0].shape

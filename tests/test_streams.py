@@ -112,3 +112,67 @@ def test_timed_calls_reuse_their_threads_and_leave_a_stuck_one_behind():
     with pytest.raises(ZeroDivisionError):
         calls.call(lambda: 1 / 0, 5)
     release.set()
+
+
+def test_a_batch_is_shared_evenly_among_the_streams():
+    from batch.inference.decode import Batch, Item
+
+    items = [Item(f"{i}.jpg", data=b"x") for i in range(5)]
+    pixels = np.arange(5 * 2 * 3 * 3, dtype=np.uint8).reshape(5, 2, 3, 3)
+    batch = Batch(items, [10, 11, 12, 13, 14], [(4, 6)] * 5, "pillow", pixels=pixels, contents=[(2, 3)] * 5)
+    shares = batch.split(2)
+    assert [len(share) for share in shares] == [2, 3]
+    assert [p for share in shares for p in share.positions] == batch.positions
+    np.testing.assert_array_equal(np.concatenate([share.pixels for share in shares]), pixels)
+    assert [len(share) for share in batch.split(8)] == [1] * 5 and batch.split(1) == [batch]
+    on_device = Batch(items, list(range(5)), [(4, 6)] * 5, "dali-mixed", model_input=object())
+    assert on_device.split(2) == [on_device]  # a device buffer is not cut
+
+
+def test_a_call_of_two_photos_keeps_both_streams_busy(photo_tree: Path, tiny_onnx: Path, monkeypatch):
+    photos = sorted(p for p in photo_tree.rglob("*.jpg"))[:2]
+    with Segmenter(tiny_onnx, device="cpu", threads=2) as segmenter:
+        running, most = [], [0]
+        real_run = segmenter.predictor.model.network.run
+
+        def counted(x):
+            running.append(1)
+            most[0] = max(most[0], len(running))
+            time.sleep(0.05)
+            running.pop()
+            return real_run(x)
+
+        monkeypatch.setattr(segmenter.predictor.model.network, "run", counted)
+        masks = segmenter(photos)
+    assert most[0] == 2 and len(masks) == 2
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_streams_can_be_asked_for(tiny_onnx: Path, runtime: str):
+    """``streams=1``: every thread on each batch (the least time for one photo); 2: two batches at once."""
+    if runtime == "openvino":
+        pytest.importorskip("openvino")
+    for streams in (1, 2):
+        with Segmenter(tiny_onnx, device="cpu", threads=2, streams=streams, runtime=runtime) as segmenter:
+            assert segmenter.predictor.streams == streams
+            assert segmenter.describe()["runtime"]["streams"] == streams
+
+
+def test_openvino_takes_its_latency_hint_for_one_stream():
+    from batch.inference.openvino_runtime import compile_config
+
+    assert compile_config(2, "f32", 1) == {
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_NUM_THREADS": 2,
+        "INFERENCE_PRECISION_HINT": "f32",
+        "ENABLE_CPU_PINNING": False,
+        "NUM_STREAMS": 1,
+    }
+    assert compile_config(4, "f32", 8)["NUM_STREAMS"] == 4  # at most one a thread
+    assert "NUM_STREAMS" not in compile_config(4, "f32") and compile_config(4, "f32")["PERFORMANCE_HINT"] == "THROUGHPUT"
+    assert cpu_streams(8, 2) == (2, 4) and cpu_streams(2, 8) == (2, 1)
+
+
+def test_streams_must_be_positive(tiny_onnx: Path):
+    with pytest.raises(ValueError, match="streams must be a positive integer"):
+        Segmenter(tiny_onnx, device="cpu", streams=0)

@@ -105,6 +105,12 @@ def sigterm_as_interrupt() -> Iterator[None]:
 )
 @click.option("--threads", type=click.IntRange(min=1), help=f"inference threads [default: CPU cores, {cpu_count()} here]")
 @click.option(
+    "--streams",
+    type=click.IntRange(min=1),
+    help="CPU: batches run at once, the inference threads split among them [default: the runtime's choice for "
+    "throughput]; 1: every thread on each batch (the least time per batch)",
+)
+@click.option(
     "--read-timeout",
     type=click.FloatRange(0, 24 * 3600, min_open=True),
     default=SEGMENT["read_timeout"],

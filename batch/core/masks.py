@@ -33,7 +33,7 @@ class MaskError(CarvanaError):
     """A mask file or run-length encoding that cannot be read; the message names the file and the fix."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays: compared by identity
 class MaskRuns:
     """A mask (or any (H, B) uint8 rows) as the stretches of equal values along its rows: each stretch's first pixel
     and value. A mask is a few runs per row (background, car, background), so what is done with its runs (a PNG's

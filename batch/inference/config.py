@@ -30,6 +30,7 @@ class SegmenterConfig:
     decoder: str = "auto"  # auto (DALI on a GPU, Pillow on the CPU) | dali | pillow
     workers: int | None = None  # decode and post-processing (writer) threads each; None: CPU cores
     threads: int | None = None  # inference threads (ONNX Runtime's intra-op, OpenVINO's); None: CPU cores
+    streams: int | None = None  # CPU batches run at once, the threads split among them; None: the runtime's choice
     runtime: str = "auto"  # auto (the faster on this CPU for this model, measured once) | onnxruntime | openvino
     read_timeout: float = 60.0  # seconds one photo's read may take before it is failed (a hung network filesystem)
 
@@ -48,7 +49,7 @@ class SegmenterConfig:
         conflict = runtime_device_conflict(self.runtime, self.device)
         if conflict:
             raise ValueError(conflict)
-        for name in ("batch_size", "workers", "threads"):
+        for name in ("batch_size", "workers", "threads", "streams"):
             check_positive(name, getattr(self, name))
         if not 0 < self.read_timeout <= 24 * 3600:
             raise ValueError(f"read_timeout must be between 0 and a day, in seconds, not {self.read_timeout}")

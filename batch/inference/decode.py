@@ -115,6 +115,31 @@ class Batch:
     def __len__(self) -> int:
         return len(self.items)
 
+    def split(self, parts: int) -> list[Batch]:
+        """This batch as up to ``parts`` batches of nearly equal size, in order: a CPU runtime's streams each get
+        a share, so that the last batch of a run, or a call of a few photos, keeps every stream busy. A batch
+        whose input is on a device (DALI's GPU buffers) stays whole."""
+        on_device = any(x is not None and not isinstance(x, np.ndarray) for x in (self.model_input, self.model_input_flipped))
+        if parts <= 1 or len(self) <= 1 or on_device:
+            return [self]
+        bounds = [len(self) * k // min(parts, len(self)) for k in range(min(parts, len(self)) + 1)]
+        return [self.rows(slice(start, stop)) for start, stop in zip(bounds[:-1], bounds[1:])]
+
+    def rows(self, rows: slice) -> Batch:
+        def part(x):
+            return None if x is None else x[rows]
+
+        return Batch(
+            self.items[rows],
+            self.positions[rows],
+            self.sizes[rows],
+            self.decoder,
+            pixels=part(self.pixels),
+            model_input=part(self.model_input),
+            model_input_flipped=part(self.model_input_flipped),
+            contents=part(self.contents),
+        )
+
 
 @dataclass(frozen=True)
 class Failure:

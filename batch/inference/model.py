@@ -173,17 +173,23 @@ def check_graph_io(path: Path, contract: ModelContract, inputs: list, outputs: l
 
 
 def load_model(
-    path: Path, device: str = "auto", threads: int | None = None, verbose: bool = False, runtime: str = "auto"
+    path: Path,
+    device: str = "auto",
+    threads: int | None = None,
+    verbose: bool = False,
+    runtime: str = "auto",
+    streams: int | None = None,
 ) -> Model:
     """Open ``path`` on ``device`` (auto, cpu, cuda, cuda:N) with ``runtime`` (auto, onnxruntime, openvino: see
-    :mod:`batch.inference.runtime_choice`); :class:`ModelError` / :class:`DeviceError` on failure."""
+    :mod:`batch.inference.runtime_choice`), its CPU ``threads`` split into ``streams`` (None: the runtime's choice);
+    :class:`ModelError` / :class:`DeviceError` on failure."""
     device = parse_device(device)
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist")
     contract = read_contract(path)
     device = device_for_precision(device, contract.precision, path)  # INT8: CPU only
-    network, choice = open_network(path, contract, device, RuntimeRequest(runtime, threads, verbose))
+    network, choice = open_network(path, contract, device, RuntimeRequest(runtime, threads, verbose, streams))
     on_gpu = network.provider == CUDA_PROVIDER
     return Model(path, contract, network, choice, device=f"cuda:{device.index}" if on_gpu else "cpu")
 

@@ -16,6 +16,7 @@ openvino is imported inside the functions, so this module imports without the ``
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -63,8 +64,9 @@ def computes_bf16() -> bool:
     return "BF16" in cpu_capabilities()
 
 
-def compile_config(threads: int | None, precision: str) -> dict[str, object]:
-    """``threads`` threads spent as OpenVINO's THROUGHPUT hint splits them into streams, the precision asked for.
+def compile_config(threads: int | None, precision: str, streams: int | None = None) -> dict[str, object]:
+    """``threads`` threads split into ``streams`` (None: as OpenVINO's THROUGHPUT hint splits them; 1: its LATENCY
+    hint, every thread on each batch), the precision asked for.
 
     Streams run batches side by side and never wait for each other, where one stream of all the threads
     waits at every layer for its slowest thread, and in a run the decode and writer threads take turns on
@@ -74,12 +76,13 @@ def compile_config(threads: int | None, precision: str) -> dict[str, object]:
     """
     if precision not in OPENVINO_PRECISIONS:
         raise ValueError(f"OpenVINO precision must be one of {', '.join(OPENVINO_PRECISIONS)}, not {precision!r}")
-    return {
-        "PERFORMANCE_HINT": "THROUGHPUT",
+    config = {
+        "PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT",
         "INFERENCE_NUM_THREADS": threads or cpu_count(),
         "INFERENCE_PRECISION_HINT": precision,
         "ENABLE_CPU_PINNING": False,
     }
+    return config | ({"NUM_STREAMS": min(streams, threads or cpu_count())} if streams else {})
 
 
 class OpenVinoNetwork:
@@ -93,15 +96,34 @@ class OpenVinoNetwork:
     name = "openvino"
     provider = PROVIDER
 
-    def __init__(self, path: Path, contract: ModelContract, threads: int | None = None, precision: str = "f32"):
+    def __init__(
+        self, path: Path, contract: ModelContract, threads: int | None = None, precision: str = "f32", streams: int | None = None
+    ):
         self.precision = precision
-        self.compiled = compile_model(path, contract, compile_config(threads, precision))
+        self.compiled = compile_model(path, contract, compile_config(threads, precision, streams))
         self.streams = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         self.requests = Lanes(self.compiled.create_infer_request() for _ in range(self.streams))
+        self.first_call = threading.Lock()
+        self.warm = False  # a call has completed
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """The scores for ``x``, in the output's dtype: a copy (a request reuses its output buffer); ``x`` is
-        read in place."""
+        read in place.
+
+        The first call runs alone, the others waiting for it: OpenVINO's Python binding initializes statics on
+        its first inference, and two threads doing that at once can deadlock (one holds the GIL and waits for
+        the initialization, the other holds the initialization and waits for the GIL; seen with two streams,
+        OpenVINO 2026.4).
+        """
+        if not self.warm:
+            with self.first_call:
+                if not self.warm:
+                    scores = self.infer(x)
+                    self.warm = True
+                    return scores
+        return self.infer(x)
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
         with self.requests.take() as request:
             return request.infer({0: x}, share_inputs=True)[0]
 

@@ -143,7 +143,7 @@ def upsample_threshold_runs(scores: np.ndarray, size: tuple[int, int], cut: floa
     return outline(scores, size, cut, extent).runs()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays: compared by identity
 class Outline:
     """A thresholded bilinear upsample, decided cell by cell.
 

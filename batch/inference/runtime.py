@@ -205,9 +205,9 @@ def open_gpu_session(
     return session
 
 
-def cpu_streams(threads: int) -> tuple[int, int]:
-    """(streams, threads each): how ONNX Runtime spends ``threads`` CPU threads, up to :data:`MAX_CPU_STREAMS` batches
-    at once, the threads split evenly among them.
+def cpu_streams(threads: int, streams: int | None = None) -> tuple[int, int]:
+    """(streams, threads each): how ONNX Runtime spends ``threads`` CPU threads: ``streams`` batches at once (at most
+    one a thread), or by default up to :data:`MAX_CPU_STREAMS`, the threads split evenly among them.
 
     A convolution split over threads waits for its slowest thread at every layer, and in a run the
     decode and writer threads take turns on the same cores; batches run side by side, one thread each,
@@ -215,7 +215,7 @@ def cpu_streams(threads: int) -> tuple[int, int]:
     images/s as two single-thread streams against 15.2-17.2 as one 2-thread stream (inference alone).
     OpenVINO picks its own streams (``PERFORMANCE_HINT`` THROUGHPUT: two of one thread there).
     """
-    streams = max(1, min(threads, MAX_CPU_STREAMS))
+    streams = max(1, min(threads, streams or MAX_CPU_STREAMS))
     return streams, max(1, threads // streams)
 
 
@@ -266,10 +266,12 @@ class OnnxRuntimeNetwork:
         return {"name": self.name, "version": onnxruntime().__version__, "precision": self.precision}
 
 
-def open_cpu_network(model: ModelSource, threads: int | None = None, verbose: bool = False) -> OnnxRuntimeNetwork:
+def open_cpu_network(
+    model: ModelSource, threads: int | None = None, verbose: bool = False, streams: int | None = None
+) -> OnnxRuntimeNetwork:
     """The model on ONNX Runtime's CPU provider, its ``threads`` (default: this process's cores) spent as :func:`cpu_streams`
     says: one shared session when each stream has one thread, else a session per stream."""
-    streams, each = cpu_streams(threads or cpu_count())
+    streams, each = cpu_streams(threads or cpu_count(), streams)
     options = session_options(each, verbose)
     sessions = [open_session(model, CPU, options) for _ in range(1 if each == 1 else streams)]
     return OnnxRuntimeNetwork(*sessions, streams=streams)

@@ -73,6 +73,7 @@ class RuntimeRequest:
     runtime: str = "auto"
     threads: int | None = None  # None: this process's cores
     verbose: bool = False  # ONNX Runtime's warnings in the log
+    streams: int | None = None  # CPU batches at once, the threads split among them; None: the runtime's choice
 
 
 @dataclass(frozen=True)
@@ -145,8 +146,8 @@ def ort_options(request: RuntimeRequest):
 
 def open_candidate(candidate: Candidate, path: Path, contract: ModelContract, request: RuntimeRequest):
     if candidate.runtime == "onnxruntime":
-        return open_cpu_network(path, request.threads, request.verbose)
-    return openvino_runtime.OpenVinoNetwork(path, contract, request.threads, candidate.precision)
+        return open_cpu_network(path, request.threads, request.verbose, request.streams)
+    return openvino_runtime.OpenVinoNetwork(path, contract, request.threads, candidate.precision, request.streams)
 
 
 def choose_on_cpu(path: Path, contract: ModelContract, request: RuntimeRequest):
@@ -297,6 +298,7 @@ def machine_key(sha256: str, request: RuntimeRequest, candidates: list[Candidate
         "cpu": cpu.name,
         "flags": " ".join(cpu.flags),
         "threads": request.threads or cpu_count(),
+        "streams": request.streams,
         "onnxruntime": onnxruntime().__version__,
         "openvino": openvino_runtime.version(),
         "measure": MEASURE,

@@ -99,6 +99,7 @@ class Segmenter:
         threads: int | None = None,
         read_timeout: float = SegmenterConfig.read_timeout,
         runtime: str = SegmenterConfig.runtime,
+        streams: int | None = None,
         *,
         clock: StageClock | None = None,
     ):
@@ -113,6 +114,7 @@ class Segmenter:
             threads=threads,
             read_timeout=read_timeout,
             runtime=runtime,
+            streams=streams,
         )
         self.clock = clock or StageClock()
         self.streaming = threading.Lock()
@@ -122,7 +124,7 @@ class Segmenter:
             path = self.config.model or default_model_path(self.config.device)
             verbose = logging.getLogger("batch").isEnabledFor(logging.DEBUG)  # -v: ONNX Runtime's warnings too
             self.model: Model = load_model(
-                path, self.config.device, threads=self.config.threads, verbose=verbose, runtime=self.config.runtime
+                path, self.config.device, self.config.threads, verbose, self.config.runtime, self.config.streams
             )
             self.threshold: float = self.model.contract.threshold if self.config.threshold is None else self.config.threshold
             self.batch_size: int = self.config.batch_size or DEFAULT_BATCH_SIZE["cuda" if self.model.on_gpu else "cpu"]
@@ -264,14 +266,17 @@ class Segmenter:
         """Each entry with its predictions, or the exception inference raised (None for a Failure), in order.
 
         The predictor's ``streams`` batches run at once, each in a thread of its own (a CPU runtime's streams:
-        :func:`batch.inference.runtime.cpu_streams`); one stream runs in this thread.
+        :func:`batch.inference.runtime.cpu_streams`), each decoded batch split evenly among them (the last
+        batch of a run, or a call of a few photos, would otherwise leave streams idle); one stream runs in
+        this thread.
         """
         streams = self.predictor.streams
         if streams == 1:
             yield from ((entry, self.try_predict(entry)) for entry in entries)
             return
+        shares = (share for entry in entries for share in (entry.split(streams) if isinstance(entry, Batch) else [entry]))
         with DaemonPool(streams, "infer") as pool:
-            yield from ordered_map(pool, self.try_predict, entries, window=streams)
+            yield from ordered_map(pool, self.try_predict, shares, window=streams)
 
     def try_predict(self, entry: Batch | Failure) -> Sequence[Prediction] | Exception | None:
         if isinstance(entry, Failure):
