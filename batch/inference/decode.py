@@ -120,9 +120,10 @@ class Batch:
         a share, so that the last batch of a run, or a call of a few photos, keeps every stream busy. A batch
         whose input is on a device (DALI's GPU buffers) stays whole."""
         on_device = any(x is not None and not isinstance(x, np.ndarray) for x in (self.model_input, self.model_input_flipped))
-        if parts <= 1 or len(self) <= 1 or on_device:
+        parts = min(parts, len(self))
+        if parts <= 1 or on_device:
             return [self]
-        bounds = [len(self) * k // min(parts, len(self)) for k in range(min(parts, len(self)) + 1)]
+        bounds = [len(self) * k // parts for k in range(parts + 1)]
         return [self.rows(slice(start, stop)) for start, stop in zip(bounds[:-1], bounds[1:])]
 
     def rows(self, rows: slice) -> Batch:

@@ -27,7 +27,7 @@ from batch.core.devices import cpu_count
 from batch.core.extras import require
 from batch.core.logs import first_line
 from batch.inference.config import OPENVINO_PRECISIONS
-from batch.inference.runtime import Lanes, ModelError
+from batch.inference.runtime import Lanes, ModelError, cpu_streams
 
 if TYPE_CHECKING:
     import openvino as ov
@@ -76,13 +76,14 @@ def compile_config(threads: int | None, precision: str, streams: int | None = No
     """
     if precision not in OPENVINO_PRECISIONS:
         raise ValueError(f"OpenVINO precision must be one of {', '.join(OPENVINO_PRECISIONS)}, not {precision!r}")
+    threads = threads or cpu_count()
     config = {
         "PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT",
-        "INFERENCE_NUM_THREADS": threads or cpu_count(),
+        "INFERENCE_NUM_THREADS": threads,
         "INFERENCE_PRECISION_HINT": precision,
         "ENABLE_CPU_PINNING": False,
     }
-    return config | ({"NUM_STREAMS": min(streams, threads or cpu_count())} if streams else {})
+    return config | ({"NUM_STREAMS": cpu_streams(threads, streams)[0]} if streams else {})  # at most one a thread
 
 
 class OpenVinoNetwork:
